@@ -1,0 +1,68 @@
+# multicluster-scheduler: every entry point a user or CI needs.
+# `make demo` and `make test` install what they need (venv, tools) on a fresh machine.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLUSTERS ?= c1,c2
+NODES ?= 3
+export MCS_LOCAL_DIR ?= $(CURDIR)/.local
+
+.PHONY: help venv tools up down status demo test unit integration e2e lint clean
+
+help:
+	@echo "make demo    - build tools if needed, start the local environment and show it"
+	@echo "make test    - lint, then unit, integration and end-to-end tests (starts its own environment)"
+	@echo "make tools   - build the control-plane tools into ~/.cache/multicluster-scheduler/tools"
+	@echo "make up      - start clusters ($(CLUSTERS)), NATS and Jaeger; make down stops them"
+	@echo "make status  - show what runs and where"
+
+$(VENV)/.installed: pyproject.toml
+	@echo "==> Python environment in $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+tools: venv
+	@echo "==> Control-plane tools (built once, then cached)"
+	@$(PY) -m localenv tools
+
+up: tools
+	@$(PY) -m localenv up --clusters $(CLUSTERS) --nodes $(NODES)
+
+down: venv
+	@$(PY) -m localenv down
+
+status: venv
+	@$(PY) -m localenv status
+
+demo: up
+	@echo "==> Clusters and their nodes"
+	@source <($(PY) -c 'import json,os;i=json.load(open(os.environ["MCS_LOCAL_DIR"]+"/env.json"));print(f"export KUBECONFIG={i[\"kubeconfig\"]} PATH={i[\"bin_dir\"]}:$$PATH")') && \
+	for ctx in $$(kubectl config get-contexts -o name); do \
+	  echo "--- kubectl --context $$ctx get nodes -o wide"; kubectl --context $$ctx get nodes -o wide; done
+
+lint: venv
+	@echo "==> ruff and mypy"
+	@$(VENV)/bin/ruff check libs services tests
+	@$(VENV)/bin/mypy
+
+unit: venv
+	@$(VENV)/bin/pytest -q tests/unit
+
+integration: tools
+	@$(VENV)/bin/pytest -q tests/integration
+
+e2e: tools
+	@$(VENV)/bin/pytest -q tests/e2e
+
+test: lint tools
+	@echo "==> tests (the integration and e2e layers start their own local environment)"
+	@$(VENV)/bin/pytest -q -ra tests
+
+clean: down
+	rm -rf .local

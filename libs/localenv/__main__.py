@@ -1,0 +1,84 @@
+"""Command line for the local environment: ``python -m localenv up|down|status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .environment import LocalEnvironment
+from .tools import main as build_tools
+
+DEFAULT_ROOT = Path(os.environ.get("MCS_LOCAL_DIR", ".local"))
+
+
+def _print_usage(env: LocalEnvironment) -> None:
+    info = env.info()
+    kubectl = f"{info.bin_dir}/kubectl --kubeconfig {info.kubeconfig}"
+    print()
+    print("The local environment is up:")
+    for name, cluster in info.clusters.items():
+        print(f"  cluster {name:<4} {cluster['server']}  nodes: {', '.join(cluster['nodes'])}")
+    print(f"  NATS      {info.nats_url} (monitoring {info.nats_monitor_url})")
+    print(f"  Jaeger    {info.jaeger_query_url} (OTLP gRPC {info.otlp_grpc_endpoint}, "
+          f"HTTP {info.otlp_http_endpoint})")
+    print()
+    print("Use it with:")
+    print(f"  export KUBECONFIG={info.kubeconfig} PATH={info.bin_dir}:$PATH")
+    print(f"  kubectl --context {next(iter(info.clusters))} get nodes")
+    print(f"or without exporting anything:\n  {kubectl} --context c1 get nodes")
+    print(f"Endpoints for scripts: {env.info_path}; stop it with `make down`.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localenv", description=__doc__)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="environment directory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the clusters, NATS and Jaeger")
+    up.add_argument("--clusters", default=os.environ.get("CLUSTERS", "c1,c2"))
+    up.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "3")))
+    sub.add_parser("down", help="stop everything this environment started")
+    tools = sub.add_parser("tools", help="build the control-plane tools that are missing")
+    tools.add_argument("--force", action="store_true")
+    status = sub.add_parser("status", help="show what runs and where")
+    status.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    args = parser.parse_args(argv)
+
+    if args.command == "tools":
+        build_tools(["--force"] if args.force else [])
+        return 0
+    env = LocalEnvironment(args.root)
+    if args.command == "up":
+        clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
+        if not clusters:
+            parser.error("--clusters needs at least one cluster name")
+        env.up(clusters, nodes=args.nodes, log=lambda m: print(m, flush=True))
+        _print_usage(env)
+        return 0
+    if args.command == "down":
+        env.down()
+        print(f"local environment in {env.root} stopped")
+        return 0
+    rows = env.status()
+    if args.output == "json":
+        print(json.dumps({"root": str(env.root), "processes": rows,
+                          "info": json.loads(env.info_path.read_text()) if env.info_path.exists() else None},
+                         indent=1))
+        return 0
+    if not rows:
+        print(f"nothing is running from {env.root}")
+        return 0
+    print(f"{'PROCESS':<30} {'PID':>8} {'STATE':<8} {'RSS MiB':>8}  LOG")
+    for row in rows:
+        state = "running" if row["running"] else "exited"
+        print(f"{row['name']:<30} {row['pid']:>8} {state:<8} {row['rss_mib']:>8}  {row['log']}")
+    print(f"total RSS: {env.total_rss_bytes() / 2**20:.0f} MiB")
+    if env.info_path.exists():
+        _print_usage(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

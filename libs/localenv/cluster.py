@@ -1,0 +1,251 @@
+"""One local Kubernetes cluster: etcd, control plane and kwok nodes as processes.
+
+A cluster named ``c1`` lives in ``<env>/clusters/c1`` (certificates, etcd data,
+component configs) and runs five processes recorded in the environment's
+process table: ``c1-etcd``, ``c1-kube-apiserver``, ``c1-kube-controller-manager``,
+``c1-kube-scheduler`` and ``c1-kwok``. Its worker nodes (``c1-worker-0`` ...)
+are Node objects managed by kwok, which keeps them Ready with lease heartbeats
+and moves their pods to Running with IPs from each node's pod CIDR.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import pki
+from .processes import ProcessTable
+from .tools import bin_dir, kwok_stages_file
+
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+# A worker the size of a small cloud VM: 4 cores, 16 GiB, 110 pods.
+NODE_CAPACITY = {"cpu": "4", "memory": "16Gi", "pods": "110"}
+NODE_ALLOCATABLE = {"cpu": "3900m", "memory": "15Gi", "pods": "110"}
+
+
+@dataclass
+class ClusterPorts:
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+    kwok: int
+
+
+@dataclass
+class ClusterSpec:
+    """What one cluster is: its name, index (for address ranges), ports and node count."""
+
+    name: str
+    index: int
+    ports: ClusterPorts
+    nodes: int
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def pod_cidr(self) -> str:
+        return f"10.{16 + self.index}.0.0/16"
+
+    @property
+    def service_cidr(self) -> str:
+        return f"10.{96 + self.index}.0.0/16"
+
+    def node_names(self) -> list[str]:
+        return [f"{self.name}-worker-{i}" for i in range(self.nodes)]
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec, root: Path, processes: ProcessTable) -> None:
+        self.spec = spec
+        self.dir = root / "clusters" / spec.name
+        self.processes = processes
+
+    # -- files -------------------------------------------------------------------
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        return self.dir / "admin.kubeconfig"
+
+    def _write_pki(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ca = pki.new_ca(f"{self.spec.name}-ca")
+        ca.write(self.ca_file, self.dir / "ca.key")
+        pki.issue(
+            ca, "kube-apiserver", server=True,
+            dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+            ip_addresses=("127.0.0.1",),
+        ).write(self.dir / "apiserver.crt", self.dir / "apiserver.key")
+        pki.issue(ca, f"{self.spec.name}-admin", organization="system:masters", client=True).write(
+            self.dir / "admin.crt", self.dir / "admin.key"
+        )
+        pki.service_account_keys().write(self.dir / "sa.pub", self.dir / "sa.key")
+
+    def kubeconfig_entry(self) -> dict[str, Any]:
+        """This cluster as (cluster, user, context) entries of a kubeconfig."""
+        name = self.spec.name
+        return {
+            "cluster": {"name": name, "cluster": {
+                "server": self.spec.server,
+                "certificate-authority": str(self.ca_file)}},
+            "user": {"name": f"{name}-admin", "user": {
+                "client-certificate": str(self.dir / "admin.crt"),
+                "client-key": str(self.dir / "admin.key")}},
+            "context": {"name": name, "context": {"cluster": name, "user": f"{name}-admin"}},
+        }
+
+    def _write_component_configs(self) -> None:
+        entry = self.kubeconfig_entry()
+        kubeconfig = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [entry["cluster"]], "users": [entry["user"]],
+            "contexts": [entry["context"]], "current-context": self.spec.name,
+        }
+        self.admin_kubeconfig.write_text(json.dumps(kubeconfig, indent=1))
+        scheduler_config = {
+            "apiVersion": "kubescheduler.config.k8s.io/v1",
+            "kind": "KubeSchedulerConfiguration",
+            "clientConnection": {"kubeconfig": str(self.admin_kubeconfig), "qps": 200, "burst": 400},
+            "leaderElection": {"leaderElect": False},
+        }
+        (self.dir / "scheduler.yaml").write_text(json.dumps(scheduler_config, indent=1))
+
+    # -- processes ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start etcd and the control plane; returns once the API server is ready."""
+        self._write_pki()
+        self._write_component_configs()
+        s, d, b = self.spec, self.dir, bin_dir()
+        p = s.ports
+        self.processes.start(f"{s.name}-etcd", [
+            str(b / "etcd"), "--name", s.name, "--data-dir", str(d / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{p.etcd_client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{p.etcd_client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{p.etcd_peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{p.etcd_peer}",
+            "--initial-cluster", f"{s.name}=http://127.0.0.1:{p.etcd_peer}",
+            "--listen-metrics-urls", "",
+            "--unsafe-no-fsync", "--quota-backend-bytes", str(2 * 1024**3),
+            "--log-level", "warn",
+        ])
+        self.processes.start(f"{s.name}-kube-apiserver", [
+            str(b / "kube-apiserver"),
+            "--etcd-servers", f"http://127.0.0.1:{p.etcd_client}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(p.apiserver),
+            "--tls-cert-file", str(d / "apiserver.crt"), "--tls-private-key-file", str(d / "apiserver.key"),
+            "--client-ca-file", str(self.ca_file),
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", str(d / "sa.pub"),
+            "--service-account-signing-key-file", str(d / "sa.key"),
+            "--service-cluster-ip-range", s.service_cidr,
+            "--authorization-mode", "Node,RBAC",
+            "--allow-privileged=true",
+            "--endpoint-reconciler-type", "none",
+            "--max-requests-inflight", "800", "--max-mutating-requests-inflight", "400",
+            "--profiling=false", "--event-ttl", "2h",
+        ])
+        self.wait_ready()
+        self.processes.start(f"{s.name}-kube-controller-manager", [
+            str(b / "kube-controller-manager"),
+            "--kubeconfig", str(self.admin_kubeconfig),
+            "--leader-elect=false", "--secure-port", "0",
+            "--service-account-private-key-file", str(d / "sa.key"),
+            "--root-ca-file", str(self.ca_file),
+            "--service-cluster-ip-range", s.service_cidr,
+            "--kube-api-qps", "200", "--kube-api-burst", "400",
+            "--concurrent-deployment-syncs", "10", "--concurrent-replicaset-syncs", "10",
+            "--concurrent-gc-syncs", "40",
+        ])
+        self.processes.start(f"{s.name}-kube-scheduler", [
+            str(b / "kube-scheduler"), "--config", str(d / "scheduler.yaml"), "--secure-port", "0",
+        ])
+        self.processes.start(f"{s.name}-kwok", [
+            str(b / "kwok"), "--kubeconfig", str(self.admin_kubeconfig),
+            "--config", str(kwok_stages_file()),
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector", f"{KWOK_NODE_ANNOTATION}=fake",
+            "--cidr", s.pod_cidr, "--node-ip", "127.0.0.1",
+            "--node-lease-duration-seconds", "40",
+            "--server-address", f"127.0.0.1:{p.kwok}", "-v", "WARN",
+        ])
+
+    def stop(self) -> None:
+        for component in ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+            self.processes.stop(f"{self.spec.name}-{component}")
+
+    # -- health and nodes --------------------------------------------------------
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.load_cert_chain(str(self.dir / "admin.crt"), str(self.dir / "admin.key"))
+        return ctx
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.spec.server}/readyz", context=self._ssl_context(),
+                                        timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        apiserver = self.processes.get(f"{self.spec.name}-kube-apiserver")
+        while time.monotonic() < deadline:
+            if self.healthy():
+                return
+            if apiserver is not None and not apiserver.alive():
+                raise RuntimeError(f"{self.spec.name}: kube-apiserver exited; see {apiserver.log}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.spec.name}: API server not ready after {timeout:.0f}s")
+
+    def kubectl(self, *args: str, input_text: str | None = None) -> str:
+        proc = subprocess.run(
+            [str(bin_dir() / "kubectl"), "--kubeconfig", str(self.admin_kubeconfig), *args],
+            input=input_text, capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{self.spec.name}: kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def node_manifest(self, name: str) -> dict[str, Any]:
+        index = int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else 250
+        pod_cidr = f"10.{16 + self.spec.index}.{index}.0/24"  # kwok hands out pod IPs from it
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                "labels": {
+                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64", "type": "kwok",
+                    "node.kubernetes.io/instance-type": "kwok-4c16g",
+                    "topology.kubernetes.io/region": self.spec.name,
+                },
+            },
+            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+            "status": {"capacity": NODE_CAPACITY, "allocatable": NODE_ALLOCATABLE},
+        }
+
+    def add_nodes(self, names: list[str]) -> None:
+        manifests = {"apiVersion": "v1", "kind": "List", "items": [self.node_manifest(n) for n in names]}
+        self.kubectl("apply", "-f", "-", input_text=json.dumps(manifests))
+
+    def wait_nodes_ready(self, names: list[str], timeout: float = 90.0) -> None:
+        self.kubectl("wait", "--for=condition=Ready", f"--timeout={int(timeout)}s",
+                     *(f"node/{n}" for n in names))

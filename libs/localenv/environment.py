@@ -1,0 +1,233 @@
+"""The local environment as a whole: clusters, NATS JetStream and Jaeger.
+
+``LocalEnvironment(root).up(...)`` starts everything under ``root`` (default
+``.local`` in the repository), writes ``root/kubeconfig`` (one context per
+cluster) and ``root/env.json`` (endpoints for scripts and tests), and waits
+until every API server is healthy and every node Ready. ``down()`` stops every
+process it recorded; ``status()`` reports what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cluster import ClusterPorts, ClusterSpec, LocalCluster
+from .processes import ProcessTable
+from .tools import bin_dir, nats_server_binary
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class EnvironmentInfo:
+    """What ``env.json`` holds: everything a script needs to use the environment."""
+
+    root: str
+    kubeconfig: str
+    bin_dir: str
+    clusters: dict[str, dict[str, Any]]
+    nats_url: str
+    nats_monitor_url: str
+    jaeger_query_url: str
+    otlp_grpc_endpoint: str
+    otlp_http_endpoint: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: Path) -> EnvironmentInfo:
+        return cls(**json.loads((root / "env.json").read_text()))
+
+    def cluster_names(self) -> list[str]:
+        return list(self.clusters)
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(200 <= resp.status < 300)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_http(url: str, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _http_ok(url):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not healthy at {url} after {timeout:.0f}s")
+
+
+def jaeger_config(otlp_grpc: int, otlp_http: int, query_http: int, query_grpc: int, health: int) -> str:
+    """Jaeger v2 all-in-one with in-memory storage, every listener on loopback."""
+    config = {
+        "service": {
+            "extensions": ["jaeger_storage", "jaeger_query", "healthcheckv2"],
+            "pipelines": {"traces": {
+                "receivers": ["otlp"], "processors": ["batch"], "exporters": ["jaeger_storage_exporter"]}},
+            "telemetry": {"metrics": {"level": "none"}, "logs": {"level": "warn"}},
+        },
+        "extensions": {
+            "healthcheckv2": {"use_v2": True, "http": {"endpoint": f"127.0.0.1:{health}"}},
+            "jaeger_query": {
+                "storage": {"traces": "memstore"},
+                "http": {"endpoint": f"127.0.0.1:{query_http}"},
+                "grpc": {"endpoint": f"127.0.0.1:{query_grpc}"},
+            },
+            "jaeger_storage": {"backends": {"memstore": {"memory": {"max_traces": 100000}}}},
+        },
+        "receivers": {"otlp": {"protocols": {
+            "grpc": {"endpoint": f"127.0.0.1:{otlp_grpc}"},
+            "http": {"endpoint": f"127.0.0.1:{otlp_http}"}}}},
+        "processors": {"batch": {}},
+        "exporters": {"jaeger_storage_exporter": {"trace_storage": "memstore"}},
+    }
+    return json.dumps(config, indent=1)  # JSON is YAML
+
+
+class LocalEnvironment:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.processes = ProcessTable(self.root)
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / "env.json"
+
+    def info(self) -> EnvironmentInfo:
+        return EnvironmentInfo.load(self.root)
+
+    def running(self) -> bool:
+        return self.info_path.exists() and any(r.alive() for r in self.processes.load())
+
+    # -- up ----------------------------------------------------------------------
+
+    def up(self, clusters: list[str], nodes: int = 3, log: Any = print) -> EnvironmentInfo:
+        """Start the environment; a previous one under the same root is stopped first."""
+        if self.processes.load():
+            log("stopping the previous environment in this directory")
+            self.down()
+        for stale in ("env.json", "kubeconfig"):
+            (self.root / stale).unlink(missing_ok=True)
+        missing = [b for b in ("etcd", "kube-apiserver", "kubectl", "kwok", "jaeger")
+                   if not (bin_dir() / b).exists()]
+        if missing:
+            raise FileNotFoundError(f"tools missing in {bin_dir()}: {', '.join(missing)}; run `make tools`")
+        started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        specs = [
+            ClusterSpec(name, index, ClusterPorts(free_port(), free_port(), free_port(), free_port()), nodes)
+            for index, name in enumerate(clusters)
+        ]
+        local = [LocalCluster(spec, self.root, self.processes) for spec in specs]
+        try:
+            nats = self._start_nats(log)
+            jaeger = self._start_jaeger(log)
+            for cluster in local:
+                log(f"starting cluster {cluster.spec.name} (etcd, kube-apiserver on {cluster.spec.server}, "
+                    "controller-manager, scheduler, kwok)")
+                cluster.start()
+            for cluster in local:
+                cluster.add_nodes(cluster.spec.node_names())
+            for cluster in local:
+                cluster.wait_nodes_ready(cluster.spec.node_names())
+                log(f"  {cluster.spec.name}: {nodes} kwok nodes Ready")
+            _wait_http(nats["monitor"] + "/healthz?js-enabled-only=true", "NATS JetStream")
+            _wait_http(jaeger["health"] + "/status", "Jaeger")
+        except BaseException:
+            log(f"start failed; logs are in {self.processes.logs}; stopping what started")
+            self.down()
+            raise
+        info = EnvironmentInfo(
+            root=str(self.root),
+            kubeconfig=str(self.root / "kubeconfig"),
+            bin_dir=str(bin_dir()),
+            clusters={c.spec.name: {
+                "server": c.spec.server, "context": c.spec.name,
+                "admin_kubeconfig": str(c.admin_kubeconfig), "ca_file": str(c.ca_file),
+                "nodes": c.spec.node_names(), "pod_cidr": c.spec.pod_cidr,
+            } for c in local},
+            nats_url=nats["url"], nats_monitor_url=nats["monitor"],
+            jaeger_query_url=jaeger["query"],
+            otlp_grpc_endpoint=jaeger["otlp_grpc"], otlp_http_endpoint=jaeger["otlp_http"],
+        )
+        self._write_kubeconfig(local)
+        tmp = self.info_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=1))
+        os.replace(tmp, self.info_path)
+        log(f"environment up in {time.monotonic() - started:.1f}s")
+        return info
+
+    def _start_nats(self, log: Any) -> dict[str, str]:
+        port, monitor = free_port(), free_port()
+        store = self.root / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        log(f"starting NATS JetStream on 127.0.0.1:{port}")
+        self.processes.start("nats", [
+            str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+            "-js", "-sd", str(store), "--server_name", "local-env",
+        ])
+        return {"url": f"nats://127.0.0.1:{port}", "monitor": f"http://127.0.0.1:{monitor}"}
+
+    def restart_nats(self) -> None:
+        """Stop and start nats-server on the same port and storage (for recovery tests)."""
+        record = self.processes.get("nats")
+        if record is None:
+            raise RuntimeError("NATS is not part of this environment")
+        self.processes.stop("nats")
+        self.processes.start("nats", record.argv)
+        _wait_http(self.info().nats_monitor_url + "/healthz?js-enabled-only=true", "NATS JetStream")
+
+    def _start_jaeger(self, log: Any) -> dict[str, str]:
+        ports = {k: free_port() for k in ("otlp_grpc", "otlp_http", "query", "query_grpc", "health")}
+        config = self.root / "jaeger.yaml"
+        config.write_text(jaeger_config(ports["otlp_grpc"], ports["otlp_http"], ports["query"],
+                                        ports["query_grpc"], ports["health"]))
+        log(f"starting Jaeger (OTLP 127.0.0.1:{ports['otlp_grpc']}, query http://127.0.0.1:{ports['query']})")
+        self.processes.start("jaeger", [str(bin_dir() / "jaeger"), "--config", str(config)])
+        return {
+            "otlp_grpc": f"127.0.0.1:{ports['otlp_grpc']}",
+            "otlp_http": f"http://127.0.0.1:{ports['otlp_http']}",
+            "query": f"http://127.0.0.1:{ports['query']}",
+            "health": f"http://127.0.0.1:{ports['health']}",
+        }
+
+    def _write_kubeconfig(self, clusters: list[LocalCluster]) -> None:
+        entries = [c.kubeconfig_entry() for c in clusters]
+        kubeconfig = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [e["cluster"] for e in entries],
+            "users": [e["user"] for e in entries],
+            "contexts": [e["context"] for e in entries],
+            "current-context": clusters[0].spec.name,
+        }
+        (self.root / "kubeconfig").write_text(json.dumps(kubeconfig, indent=1))
+
+    # -- down and status ---------------------------------------------------------
+
+    def down(self) -> None:
+        self.processes.stop_all()
+        self.info_path.unlink(missing_ok=True)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [
+            {"name": r.name, "pid": r.pid, "running": r.alive(), "rss_mib": round(r.rss_bytes() / 2**20, 1),
+             "log": r.log}
+            for r in self.processes.load()
+        ]
+
+    def total_rss_bytes(self) -> int:
+        return sum(r.rss_bytes() for r in self.processes.load())

@@ -1,0 +1,253 @@
+"""The message bus: NATS core for quick questions, JetStream for work that must not be lost.
+
+Subjects are ``<prefix>.<kind>.<cluster>`` (kinds: ``elect``, ``candidate``,
+``delegate``, ``status``). Durable work goes through one work-queue stream
+per kind with de-duplication by message id; each stage pulls from a durable
+consumer that its replicas share. Handlers return an :class:`Outcome`; a
+message is acked only when the handler says its effect is stored, and an
+exception means "try again later" (negative ack with back-off). Trace
+context travels in message headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+from opentelemetry import context as otel_context, propagate
+
+from .models import Message, SchemaError, decode
+
+log = logging.getLogger(__name__)
+
+STREAM_KINDS = ("elect", "delegate", "status")
+M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a handler tells the consumer to do with the message."""
+
+    ack: bool
+    delay: float = 0.0
+    note: str = ""
+
+
+ACK = Outcome(True)
+
+
+def retry_later(delay: float, note: str = "") -> Outcome:
+    return Outcome(False, delay, note)
+
+
+Handler = Callable[[M], Awaitable[Outcome]]
+
+
+class Bus:
+    def __init__(self, url: str, prefix: str, client_name: str) -> None:
+        self.url, self.prefix, self.client_name = url, prefix, client_name
+        self.nc: NATS | None = None
+        self.handled: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- naming ------------------------------------------------------------------
+
+    def subject(self, kind: str, cluster: str) -> str:
+        return f"{self.prefix}.{kind}.{cluster}"
+
+    def stream(self, kind: str) -> str:
+        return f"{self.prefix}_{kind}".upper().replace("-", "_")
+
+    # -- connection --------------------------------------------------------------
+
+    async def connect(self, attempts: int | None = None) -> None:
+        """Connect, retrying with back-off while NATS is unreachable (forever by default)."""
+        delay, attempt = 0.5, 0
+        while True:
+            attempt += 1
+            try:
+                self.nc = await nats.connect(
+                    self.url, name=self.client_name, max_reconnect_attempts=-1, reconnect_time_wait=1,
+                    connect_timeout=3, allow_reconnect=True,
+                    disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
+                    error_cb=self._on_error,
+                )
+                log.info("connected to NATS at %s", self.url)
+                return
+            except (OSError, NoRespondersError, NatsTimeoutError, nats.errors.NoServersError) as exc:
+                if attempts is not None and attempt >= attempts:
+                    raise
+                log.warning("NATS unreachable at %s (%s); retrying in %.1fs", self.url,
+                            exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("disconnected from NATS at %s; reconnecting", self.url)
+
+    async def _on_reconnect(self) -> None:
+        log.info("reconnected to NATS at %s", self.url)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", exc)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def _client(self) -> NATS:
+        if self.nc is None:
+            raise RuntimeError("bus not connected")
+        return self.nc
+
+    async def ensure_streams(self) -> None:
+        """Create (or update) the work-queue streams; safe to call from every replica."""
+        js = self._client().jetstream()
+        for kind in STREAM_KINDS:
+            config = StreamConfig(
+                name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
+                retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                duplicate_window=120.0,
+            )
+            try:
+                await js.add_stream(config)
+            except BadRequestError:
+                await js.update_stream(config)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    # -- publishing --------------------------------------------------------------
+
+    @staticmethod
+    def _headers(msg_id: str | None = None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        if msg_id:
+            headers["Nats-Msg-Id"] = msg_id
+        return headers
+
+    async def publish(self, subject: str, message: Message, msg_id: str) -> None:
+        """Publish durably; returns once JetStream has stored it (or knew it already)."""
+        js = self._client().jetstream()
+        await js.publish(subject, message.encode(), headers=self._headers(msg_id))
+
+    async def publish_many(self, items: list[tuple[str, Message, str]]) -> None:
+        """Publish several messages with their acks awaited together."""
+        await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items))
+
+    async def request(self, subject: str, message: Message, reply: type[R], timeout: float) -> R | None:
+        """Ask one responder; None when nobody answers in time."""
+        try:
+            answer = await self._client().request(subject, message.encode(), timeout=timeout,
+                                                  headers=self._headers())
+        except (NoRespondersError, NatsTimeoutError, asyncio.TimeoutError):
+            return None
+        return decode(answer.data, reply)
+
+    # -- serving -----------------------------------------------------------------
+
+    async def respond(self, subject: str, queue: str, model: type[M],
+                      handler: Callable[[M], Awaitable[Message]]) -> None:
+        """Answer requests on ``subject``; replicas in the same ``queue`` share them."""
+
+        async def on_request(msg: Msg) -> None:
+            token = otel_context.attach(propagate.extract(msg.headers or {}))
+            try:
+                answer = await handler(decode(msg.data, model))
+                await msg.respond(answer.encode())
+                self._count(self.handled, subject)
+            except Exception:
+                self._count(self.failed, subject)
+                log.exception("request on %s failed", msg.subject)
+            finally:
+                otel_context.detach(token)
+
+        await self._client().subscribe(subject, queue=queue, cb=on_request)
+
+    def consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
+                *, batch: int = 64, ack_wait: float = 30.0) -> None:
+        """Process a stream's messages on ``subject`` with a durable consumer shared by replicas."""
+        self._tasks.append(asyncio.create_task(
+            self._consume(kind, durable, subject, model, handler, batch, ack_wait),
+            name=f"consume {durable}"))
+
+    async def _consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
+                       batch: int, ack_wait: float) -> None:
+        stream = self.stream(kind)
+        config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_deliver=-1,
+                                max_ack_pending=10_000, deliver_policy=DeliverPolicy.ALL,
+                                filter_subject=subject)
+        while True:
+            try:
+                js = self._client().jetstream()
+                sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+                break
+            except (NotFoundError, NatsTimeoutError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
+                await asyncio.sleep(1)
+        while True:
+            try:
+                messages = await sub.fetch(batch, timeout=5)
+            except (NatsTimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as exc:  # connection trouble: the client reconnects by itself
+                log.warning("fetch on %s failed (%s); retrying", durable, exc)
+                await asyncio.sleep(1)
+                continue
+            await asyncio.gather(*(self._handle(m, model, handler) for m in messages))
+
+    async def _handle(self, msg: Msg, model: type[M], handler: Handler[M]) -> None:
+        token = otel_context.attach(propagate.extract(msg.headers or {}))
+        try:
+            try:
+                message = decode(msg.data, model)
+            except (SchemaError, ValueError) as exc:
+                log.error("dropping unreadable message on %s: %s", msg.subject, exc)
+                self._count(self.failed, msg.subject)
+                await msg.term()
+                return
+            try:
+                outcome = await handler(message)
+            except Exception as exc:
+                deliveries = msg.metadata.num_delivered if msg.metadata else 1
+                delay = min(0.5 * 2 ** min(deliveries, 6), 30)
+                log.warning("handling %s on %s failed (attempt %d, retry in %.1fs): %s",
+                            type(message).__name__, msg.subject, deliveries, delay, exc,
+                            exc_info=not isinstance(exc, (OSError, asyncio.TimeoutError)))
+                self._count(self.failed, msg.subject)
+                await msg.nak(delay=delay)
+                return
+            self._count(self.handled, msg.subject)
+            if outcome.ack:
+                await msg.ack()
+            else:
+                await msg.nak(delay=outcome.delay)
+        except Exception as exc:  # acking itself failed (NATS gone): redelivery will follow
+            log.warning("could not settle message on %s: %s", msg.subject, exc)
+        finally:
+            otel_context.detach(token)
+
+    @staticmethod
+    def _count(counter: dict[str, int], subject: str) -> None:
+        counter[subject] = counter.get(subject, 0) + 1
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of an exception for log lines and Events."""
+    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__

@@ -1,0 +1,49 @@
+"""Names shared with Admiralty's multicluster-scheduler, and our own.
+
+Manifests written for Admiralty (the elect annotation, the namespace label,
+virtual nodes named ``admiralty-<target>``) must work unchanged, so every
+name a user or another tool can see lives here.
+"""
+
+from __future__ import annotations
+
+DOMAIN = "multicluster.admiralty.io"
+
+# What a user writes.
+ELECT_ANNOTATION = f"{DOMAIN}/elect"
+NAMESPACE_LABEL = "multicluster-scheduler"
+NAMESPACE_LABEL_VALUE = "enabled"
+
+# What a proxy pod carries.
+PROXY_SCHEDULER_NAME = "admiralty-proxy"
+SOURCE_MANIFEST_ANNOTATION = f"{DOMAIN}/sourcepod-manifest"
+PROXY_FINALIZER = f"{DOMAIN}/multiclusterForegroundDeletion"
+TRACE_ID_ANNOTATION = f"{DOMAIN}/trace-id"
+
+# What a delegate pod carries (labels, so they can be selected).
+PARENT_CLUSTER_LABEL = f"{DOMAIN}/parent-cluster"
+PARENT_NAMESPACE_LABEL = f"{DOMAIN}/parent-namespace"
+PARENT_NAME_LABEL = f"{DOMAIN}/parent-name"
+PARENT_UID_LABEL = f"{DOMAIN}/parent-uid"
+
+# Virtual nodes: one per target in each source.
+VIRTUAL_NODE_PREFIX = "admiralty-"
+VIRTUAL_NODE_TAINT_KEY = "virtual-kubelet.io/provider"
+VIRTUAL_NODE_TAINT_VALUE = "admiralty"
+VIRTUAL_NODE_TYPE_LABEL = "type"
+VIRTUAL_NODE_TYPE_VALUE = "virtual-kubelet"
+VIRTUAL_NODE_TARGET_LABEL = f"{DOMAIN}/target"
+NODE_ROLE_LABEL = "kubernetes.io/role"
+NODE_LEASE_NAMESPACE = "kube-node-lease"
+
+FIELD_MANAGER = "multicluster-scheduler"
+
+
+def virtual_node_name(target: str) -> str:
+    return f"{VIRTUAL_NODE_PREFIX}{target}"
+
+
+def target_of_virtual_node(node_name: str | None) -> str | None:
+    if node_name and node_name.startswith(VIRTUAL_NODE_PREFIX):
+        return node_name[len(VIRTUAL_NODE_PREFIX):]
+    return None

@@ -1,0 +1,266 @@
+"""Cluster clients and watch-fed caches, on raw JSON for speed.
+
+``KubeClient`` wraps one kubernetes_asyncio ``ApiClient`` (which handles
+kubeconfig, TLS and tokens) but exchanges plain dicts with the API server:
+no model (de)serialisation on the hot path. ``Informer`` keeps an in-memory
+copy of one resource (list, then watch, re-list on 410 Gone) and calls
+handlers on every change; services read from informers, never list per pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.config import load_incluster_config, load_kube_config
+
+from .constants import FIELD_MANAGER
+from .settings import ClusterSettings
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+
+class KubeError(Exception):
+    """A non-2xx answer from an API server."""
+
+    def __init__(self, cluster: str, method: str, path: str, status: int, body: str) -> None:
+        self.cluster, self.status = cluster, status
+        try:
+            self.reason = json.loads(body).get("reason", "")
+            message = json.loads(body).get("message", body)
+        except ValueError:
+            self.reason, message = "", body
+        self.message = message
+        super().__init__(f"{cluster}: {method} {path}: {status} {message}")
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+
+def pod_path(namespace: str, name: str = "", sub: str = "") -> str:
+    path = f"/api/v1/namespaces/{quote(namespace)}/pods"
+    if name:
+        path += f"/{quote(name)}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+class KubeClient:
+    """Raw JSON access to one cluster's API server."""
+
+    def __init__(self, name: str, api: ApiClient) -> None:
+        self.name = name
+        self.api = api
+        self.requests = 0  # API calls made, for metrics and the benchmark
+
+    @classmethod
+    async def connect(cls, cluster: ClusterSettings) -> KubeClient:
+        config = Configuration()
+        if cluster.kubeconfig is None:
+            load_incluster_config(client_configuration=config)
+        else:
+            await load_kube_config(config_file=str(cluster.kubeconfig), context=cluster.context,
+                                   client_configuration=config)
+        config.connection_pool_maxsize = 128
+        return cls(cluster.name, ApiClient(config))
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def _raw(self, method: str, path: str, params: Mapping[str, Any] | None = None,
+                   body: Any = None, content_type: str = "application/json",
+                   timeout: float | None = 30.0) -> aiohttp.ClientResponse:
+        self.requests += 1
+        query = [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (params or {}).items()]
+        response: aiohttp.ClientResponse = await self.api.call_api(
+            path, method, query_params=query,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body, auth_settings=["BearerToken"], _preload_content=False,
+            _request_timeout=timeout,
+        )
+        return response
+
+    async def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
+                      body: Any = None, content_type: str = "application/json") -> JSON:
+        response = await self._raw(method, path, params, body, content_type)
+        async with response:
+            text = await response.text()
+            if not 200 <= response.status < 300:
+                suffix = f"?{urlencode(params)}" if params else ""
+                raise KubeError(self.name, method, path + suffix, response.status, text)
+            return json.loads(text) if text else {}
+
+    async def get(self, path: str, **params: Any) -> JSON:
+        return await self.request("GET", path, params)
+
+    async def create(self, path: str, body: JSON) -> JSON:
+        return await self.request("POST", path, {"fieldManager": FIELD_MANAGER}, body)
+
+    async def delete(self, path: str, body: JSON | None = None) -> JSON:
+        return await self.request("DELETE", path, None, body)
+
+    async def merge_patch(self, path: str, patch: JSON) -> JSON:
+        return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER}, patch,
+                                  "application/merge-patch+json")
+
+    async def json_patch(self, path: str, ops: list[JSON]) -> JSON:
+        return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER}, ops,
+                                  "application/json-patch+json")
+
+    async def apply(self, path: str, body: JSON, force: bool = True) -> JSON:
+        """Server-side apply of ``body`` (our field manager owns what it sets)."""
+        return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER, "force": force},
+                                  json.dumps(body).encode(), "application/apply-patch+yaml")
+
+    async def watch(self, path: str, resource_version: str, **params: Any) -> AsyncIterator[JSON]:
+        """Yield watch events (dicts with ``type`` and ``object``) until the server closes the stream."""
+        query = {"watch": True, "resourceVersion": resource_version, "allowWatchBookmarks": True,
+                 "timeoutSeconds": 300, **params}
+        response = await self._raw("GET", path, query, timeout=None)
+        async with response:
+            if response.status != 200:
+                raise KubeError(self.name, "WATCH", path, response.status, await response.text())
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
+
+
+Handler = Callable[[str, JSON, JSON | None], Awaitable[None] | None]
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
+
+
+class Informer:
+    """An in-memory copy of one resource, kept current by list+watch.
+
+    ``handlers`` are called as ``handler(event_type, obj, old)`` for ADDED,
+    MODIFIED and DELETED, in order, from one task per informer.
+    """
+
+    def __init__(self, client: KubeClient, path: str, *, label_selector: str | None = None,
+                 field_selector: str | None = None, name: str = "") -> None:
+        self.client = client
+        self.path = path
+        self.params: dict[str, str] = {}
+        if label_selector:
+            self.params["labelSelector"] = label_selector
+        if field_selector:
+            self.params["fieldSelector"] = field_selector
+        self.name = name or f"{client.name}:{path}"
+        self.store: dict[str, JSON] = {}
+        self.handlers: list[Handler] = []
+        self.synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add_handler(self, handler: Handler) -> None:
+        self.handlers.append(handler)
+
+    def get(self, key: str) -> JSON | None:
+        return self.store.get(key)
+
+    def items(self) -> list[JSON]:
+        return list(self.store.values())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"informer {self.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.synced.wait(), timeout)
+
+    async def _dispatch(self, kind: str, obj: JSON, old: JSON | None) -> None:
+        for handler in self.handlers:
+            try:
+                result = handler(kind, obj, old)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("%s: handler failed on %s %s", self.name, kind, object_key(obj))
+
+    async def _relist(self) -> str:
+        listing = await self.client.get(self.path, **self.params)
+        fresh = {object_key(o): o for o in listing.get("items", [])}
+        old_store, self.store = self.store, fresh
+        for key, obj in fresh.items():
+            previous = old_store.get(key)
+            if previous is None:
+                await self._dispatch("ADDED", obj, None)
+            elif previous["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
+                await self._dispatch("MODIFIED", obj, previous)
+        for key, obj in old_store.items():
+            if key not in fresh:
+                await self._dispatch("DELETED", obj, obj)
+        self.synced.set()
+        return str(listing["metadata"]["resourceVersion"])
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        resource_version = ""
+        while True:
+            try:
+                if not resource_version:
+                    resource_version = await self._relist()
+                async for event in self.client.watch(self.path, resource_version, **self.params):
+                    backoff = 0.5
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:  # too old: list again
+                            resource_version = ""
+                            break
+                        raise KubeError(self.client.name, "WATCH", self.path, int(obj.get("code", 500)),
+                                        json.dumps(obj))
+                    resource_version = obj["metadata"]["resourceVersion"]
+                    if kind == "BOOKMARK":
+                        continue
+                    key = object_key(obj)
+                    old = self.store.get(key)
+                    if kind == "DELETED":
+                        self.store.pop(key, None)
+                    else:
+                        self.store[key] = obj
+                    await self._dispatch(kind, obj, old)
+            except asyncio.CancelledError:
+                raise
+            except KubeError as exc:
+                if exc.status == 410:
+                    resource_version = ""
+                    continue
+                log.warning("%s: watch failed (%s); retrying in %.1fs", self.name, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                log.warning("%s: API server unreachable (%s); retrying in %.1fs", self.name,
+                            exc.__class__.__name__ + (f": {exc}" if str(exc) else ""), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+
+
+async def connect_clusters(clusters: list[ClusterSettings]) -> dict[str, KubeClient]:
+    return {c.name: await KubeClient.connect(c) for c in clusters}
+
+
+def kubeconfig_exists(path: Path | None) -> bool:
+    return path is None or path.is_file()

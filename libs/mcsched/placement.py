@@ -1,0 +1,427 @@
+"""Placement logic: Kubernetes quantities, pod requests, node filtering and scoring.
+
+Pure functions over pods and nodes as the API server returns them (plain dicts,
+camelCase). This module decides whether a pod fits on a node, which node of a
+cluster it would land on (kube-scheduler's "least allocated" rule), and how to
+rank target clusters by the capacity they would have left. No I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Context, Decimal, InvalidOperation, localcontext
+from typing import Any
+
+__all__ = [
+    "NodeChoice",
+    "Resources",
+    "choose_node",
+    "cpu_milli",
+    "matches_node_selector",
+    "memory_bytes",
+    "node_allocatable",
+    "node_unfit_reasons",
+    "parse_quantity",
+    "pod_requests",
+    "target_score",
+    "tolerates",
+]
+
+# ---------------------------------------------------------------------------
+# Quantities
+# ---------------------------------------------------------------------------
+
+_QUANTITY = re.compile(
+    r"(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+    r"(?:(?P<exponent>[eE][+-]?[0-9]+)|(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E))?"
+)
+_BINARY_SUFFIXES: dict[str, int] = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+_DECIMAL_SUFFIXES: dict[str, int] = {
+    "n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18,
+}
+# Far beyond anything meaningful (int64 tops out near 1e19), small enough that
+# turning a parsed value into an int can never blow up.
+_MAX_EXPONENT = 308
+
+
+def _exact_context(digits: int) -> Context:
+    """A decimal context precise enough that arithmetic on ``digits``-digit numbers never rounds."""
+    return Context(prec=max(28, digits + 40), Emax=999_999, Emin=-999_999)
+
+
+def parse_quantity(value: str | int | float | Decimal) -> Decimal:
+    """Parse a Kubernetes quantity ("100m", "1.5Gi", "1e3", "128974848", ...) into its exact value.
+
+    Accepts the full grammar: an optionally signed decimal number followed by
+    nothing, a decimal exponent (``e3``, ``E-2``), a decimal SI suffix
+    (``n u m k M G T P E``) or a binary suffix (``Ki Mi Gi Ti Pi Ei``).
+    Raises ``ValueError`` on anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid quantity {value!r}: a boolean is not a quantity")
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float | Decimal):
+        number = Decimal(repr(value)) if isinstance(value, float) else value
+        if not number.is_finite():
+            raise ValueError(f"invalid quantity {value!r}: must be a finite number")
+        return number
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise ValueError(f"invalid quantity {value!r}: expected a string or a number, got {kind}")
+    if not value:
+        raise ValueError("invalid quantity '': empty string")
+    match = _QUANTITY.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"invalid quantity {value!r}: expected a number optionally followed by an exponent (e.g. 1e3), "
+            "a decimal suffix (n, u, m, k, M, G, T, P, E) or a binary suffix (Ki, Mi, Gi, Ti, Pi, Ei)"
+        )
+    number_text = match["number"]
+    exponent_text = match["exponent"]
+    suffix = match["suffix"] or ""
+    ctx = _exact_context(len(number_text))
+    try:
+        number = Decimal(number_text, context=ctx)
+    except InvalidOperation as exc:  # pragma: no cover - the regex only lets valid numbers through
+        raise ValueError(f"invalid quantity {value!r}: {exc}") from exc
+    if suffix in _BINARY_SUFFIXES:
+        return ctx.multiply(number, Decimal(2 ** _BINARY_SUFFIXES[suffix]))
+    exponent = int(exponent_text[1:]) if exponent_text else _DECIMAL_SUFFIXES[suffix]
+    if abs(exponent) > _MAX_EXPONENT:
+        raise ValueError(
+            f"invalid quantity {value!r}: exponent {exponent} out of range (|e| <= {_MAX_EXPONENT})"
+        )
+    return ctx.scaleb(number, exponent)
+
+
+def _ceil(value: Decimal, scale: int) -> int:
+    """``ceil(value * 10**scale)`` computed exactly."""
+    digits = len(value.as_tuple().digits)
+    with localcontext(_exact_context(digits + abs(scale))):
+        return int(value.scaleb(scale).to_integral_value(rounding=ROUND_CEILING))
+
+
+def cpu_milli(value: str | int | float | Decimal) -> int:
+    """A CPU quantity in millicores, rounded up ("100m" -> 100, "0.5" -> 500, "1" -> 1000)."""
+    return _ceil(parse_quantity(value), 3)
+
+
+def memory_bytes(value: str | int | float | Decimal) -> int:
+    """A memory (or count) quantity as a whole number, rounded up ("1Ki" -> 1024, "1k" -> 1000)."""
+    return _ceil(parse_quantity(value), 0)
+
+
+# ---------------------------------------------------------------------------
+# Resources
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The resources the scheduler accounts for: CPU (millicores), memory (bytes) and pod slots."""
+
+    cpu_milli: int = 0
+    memory_bytes: int = 0
+    pods: int = 0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(
+            self.cpu_milli + other.cpu_milli, self.memory_bytes + other.memory_bytes, self.pods + other.pods
+        )
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(
+            self.cpu_milli - other.cpu_milli, self.memory_bytes - other.memory_bytes, self.pods - other.pods
+        )
+
+    def fits_in(self, other: Resources) -> bool:
+        """True if every component of ``self`` is at most the same component of ``other``."""
+        return (
+            self.cpu_milli <= other.cpu_milli
+            and self.memory_bytes <= other.memory_bytes
+            and self.pods <= other.pods
+        )
+
+    def max(self, other: Resources) -> Resources:
+        """Component-wise maximum."""
+        return Resources(
+            max(self.cpu_milli, other.cpu_milli),
+            max(self.memory_bytes, other.memory_bytes),
+            max(self.pods, other.pods),
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, str | int | float] | None) -> Resources:
+        """Read the "cpu", "memory" and "pods" quantities of a resource list (missing keys count as 0)."""
+        if not d:
+            return cls()
+        return cls(
+            cpu_milli=cpu_milli(d["cpu"]) if "cpu" in d else 0,
+            memory_bytes=memory_bytes(d["memory"]) if "memory" in d else 0,
+            pods=memory_bytes(d["pods"]) if "pods" in d else 0,
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        """As a Kubernetes resource list: {"cpu": "3900m", "memory": "16106127360", "pods": "110"}."""
+        return {"cpu": f"{self.cpu_milli}m", "memory": str(self.memory_bytes), "pods": str(self.pods)}
+
+
+def _container_requests(container: Mapping[str, Any]) -> Resources:
+    """A container's cpu/memory requests, a request defaulting to the limit when only the limit is set."""
+    resources: Mapping[str, Any] = container.get("resources") or {}
+    requests: Mapping[str, Any] = resources.get("requests") or {}
+    limits: Mapping[str, Any] = resources.get("limits") or {}
+    effective = {key: requests[key] if key in requests else limits[key]
+                 for key in ("cpu", "memory") if key in requests or key in limits}
+    return Resources.from_dict(effective)
+
+
+def pod_requests(pod: Mapping[str, Any]) -> Resources:
+    """The pod's effective requests, computed as kube-scheduler does; ``pods`` is always 1.
+
+    Regular containers and sidecars (init containers with ``restartPolicy: Always``)
+    add up; each other init container runs alone next to the sidecars started before
+    it, and the pod needs the maximum of all of these; ``spec.overhead`` comes on top.
+    """
+    spec: Mapping[str, Any] = pod.get("spec") or {}
+    total = Resources()
+    for container in spec.get("containers") or []:
+        total += _container_requests(container)
+    sidecars = Resources()
+    init_peak = Resources()
+    for container in spec.get("initContainers") or []:
+        requests = _container_requests(container)
+        if container.get("restartPolicy") == "Always":
+            total += requests
+            sidecars += requests
+            init_peak = init_peak.max(sidecars)
+        else:
+            init_peak = init_peak.max(requests + sidecars)
+    total = total.max(init_peak)
+    total += Resources.from_dict(spec.get("overhead"))
+    return Resources(total.cpu_milli, total.memory_bytes, 1)
+
+
+def node_allocatable(node: Mapping[str, Any]) -> Resources:
+    """What the node offers pods: ``status.allocatable``, any missing key taken from ``status.capacity``."""
+    status: Mapping[str, Any] = node.get("status") or {}
+    merged: dict[str, Any] = dict(status.get("capacity") or {})
+    merged.update(status.get("allocatable") or {})
+    return Resources.from_dict(merged)
+
+
+# ---------------------------------------------------------------------------
+# Taints and tolerations
+# ---------------------------------------------------------------------------
+
+UNSCHEDULABLE_TAINT_KEY = "node.kubernetes.io/unschedulable"
+
+
+def _tolerates_one(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    effect = toleration.get("effect") or ""
+    if effect and effect != (taint.get("effect") or ""):
+        return False
+    key = toleration.get("key") or ""
+    if key and key != (taint.get("key") or ""):
+        return False
+    operator = toleration.get("operator") or "Equal"
+    if operator == "Exists":
+        return True
+    if operator == "Equal":
+        return (toleration.get("value") or "") == (taint.get("value") or "")
+    return False
+
+
+def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
+    """True if any toleration tolerates the taint (Kubernetes ``Toleration.ToleratesTaint`` semantics)."""
+    return any(_tolerates_one(toleration, taint) for toleration in tolerations)
+
+
+def _taint_text(taint: Mapping[str, Any]) -> str:
+    key = taint.get("key") or ""
+    value = taint.get("value") or ""
+    effect = taint.get("effect") or ""
+    return f"{key}={value}:{effect}" if value else f"{key}:{effect}"
+
+
+# ---------------------------------------------------------------------------
+# Node selector and required node affinity
+# ---------------------------------------------------------------------------
+
+
+def _parse_int64(text: str) -> int | None:
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        return None
+    number = int(text)
+    return number if -(2**63) <= number < 2**63 else None
+
+
+def _expression_matches(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """One ``matchExpressions`` requirement; invalid requirements match nothing, as in Kubernetes."""
+    key = expression.get("key") or ""
+    operator = expression.get("operator") or ""
+    values: list[str] = list(expression.get("values") or [])
+    present = key in labels
+    if operator == "In":
+        return bool(values) and present and labels[key] in values
+    if operator == "NotIn":
+        return bool(values) and (not present or labels[key] not in values)
+    if operator == "Exists":
+        return not values and present
+    if operator == "DoesNotExist":
+        return not values and not present
+    if operator in ("Gt", "Lt"):
+        if len(values) != 1 or not present:
+            return False
+        bound = _parse_int64(values[0])
+        actual = _parse_int64(labels[key])
+        if bound is None or actual is None:
+            return False
+        return actual > bound if operator == "Gt" else actual < bound
+    return False
+
+
+def _field_matches(expression: Mapping[str, Any], node_name: str) -> bool:
+    """One ``matchFields`` requirement: only ``metadata.name`` with In/NotIn and exactly one value."""
+    values: list[str] = list(expression.get("values") or [])
+    if expression.get("key") != "metadata.name" or len(values) != 1:
+        return False
+    operator = expression.get("operator")
+    if operator == "In":
+        return node_name == values[0]
+    if operator == "NotIn":
+        return node_name != values[0]
+    return False
+
+
+def _term_matches(term: Mapping[str, Any], labels: Mapping[str, str], node_name: str) -> bool:
+    expressions: list[Mapping[str, Any]] = term.get("matchExpressions") or []
+    fields: list[Mapping[str, Any]] = term.get("matchFields") or []
+    if not expressions and not fields:
+        return False  # an empty term selects nothing
+    return all(_expression_matches(e, labels) for e in expressions) and all(
+        _field_matches(f, node_name) for f in fields
+    )
+
+
+def matches_node_selector(pod: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
+    """True if the node satisfies the pod's ``nodeSelector`` and its required node affinity."""
+    spec: Mapping[str, Any] = pod.get("spec") or {}
+    metadata: Mapping[str, Any] = node.get("metadata") or {}
+    labels: Mapping[str, str] = metadata.get("labels") or {}
+    node_name: str = metadata.get("name") or ""
+    selector: Mapping[str, str] = spec.get("nodeSelector") or {}
+    if any(labels.get(key) != value for key, value in selector.items()):
+        return False
+    affinity: Mapping[str, Any] = spec.get("affinity") or {}
+    node_affinity: Mapping[str, Any] = affinity.get("nodeAffinity") or {}
+    required: Mapping[str, Any] | None = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if required is None:
+        return True
+    terms: list[Mapping[str, Any]] = required.get("nodeSelectorTerms") or []
+    return any(_term_matches(term, labels, node_name) for term in terms)
+
+
+# ---------------------------------------------------------------------------
+# Filtering and scoring
+# ---------------------------------------------------------------------------
+
+
+def _is_ready(node: Mapping[str, Any]) -> bool:
+    status: Mapping[str, Any] = node.get("status") or {}
+    return any(
+        condition.get("type") == "Ready" and condition.get("status") == "True"
+        for condition in status.get("conditions") or []
+    )
+
+
+def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Resources) -> list[str]:
+    """Why the pod cannot go on the node, given the resources already used there; ``[]`` if it fits."""
+    pod_spec: Mapping[str, Any] = pod.get("spec") or {}
+    node_spec: Mapping[str, Any] = node.get("spec") or {}
+    tolerations: list[Mapping[str, Any]] = pod_spec.get("tolerations") or []
+    reasons: list[str] = []
+    if node_spec.get("unschedulable") and not tolerates(
+        tolerations, {"key": UNSCHEDULABLE_TAINT_KEY, "effect": "NoSchedule"}
+    ):
+        reasons.append("node is unschedulable")
+    if not _is_ready(node):
+        reasons.append("node is not Ready")
+    for taint in node_spec.get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(tolerations, taint):
+            reasons.append(f"untolerated taint {_taint_text(taint)}")
+    if not matches_node_selector(pod, node):
+        reasons.append("node selector/affinity mismatch")
+    request = pod_requests(pod)
+    free = node_allocatable(node) - used
+    # Like kube-scheduler, a zero request fits even on an over-committed node.
+    if request.cpu_milli > 0 and request.cpu_milli > free.cpu_milli:
+        reasons.append("insufficient cpu")
+    if request.memory_bytes > 0 and request.memory_bytes > free.memory_bytes:
+        reasons.append("insufficient memory")
+    if request.pods > free.pods:
+        reasons.append("too many pods")
+    return reasons
+
+
+@dataclass(frozen=True)
+class NodeChoice:
+    """Where a pod would land in one cluster, and why not if nowhere."""
+
+    node: str | None
+    free_after: Resources
+    score: float
+    reason: str
+
+
+def _ratio(free: int, total: int) -> float:
+    if total <= 0:
+        return 0.0
+    return min(max(free / total, 0.0), 1.0)
+
+
+def _least_allocated(free_after: Resources, allocatable: Resources) -> float:
+    return (_ratio(free_after.cpu_milli, allocatable.cpu_milli)
+            + _ratio(free_after.memory_bytes, allocatable.memory_bytes)) / 2 * 100
+
+
+def choose_node(
+    pod: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], used: Mapping[str, Resources]
+) -> NodeChoice:
+    """The best node for the pod: fitting nodes scored "least allocated", ties to the smallest name."""
+    request = pod_requests(pod)
+    best: NodeChoice | None = None
+    counts: Counter[str] = Counter()
+    for node in nodes:
+        name: str = (node.get("metadata") or {}).get("name") or ""
+        node_used = used.get(name, Resources())
+        reasons = node_unfit_reasons(pod, node, node_used)
+        if reasons:
+            counts.update(reasons)
+            continue
+        allocatable = node_allocatable(node)
+        free_after = allocatable - node_used - request
+        score = _least_allocated(free_after, allocatable)
+        if (
+            best is None
+            or score > best.score
+            or (score == best.score and best.node is not None and name < best.node)
+        ):
+            best = NodeChoice(node=name, free_after=free_after, score=score, reason="")
+    if best is not None:
+        return best
+    if not nodes:
+        summary = "0/0 nodes fit: no nodes"
+    else:
+        parts = [f"{count} {text}" for text, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+        summary = f"0/{len(nodes)} nodes fit: {', '.join(parts)}"
+    return NodeChoice(node=None, free_after=Resources(), score=0.0, reason=summary)
+
+
+def target_score(free_after: Resources, allocatable_total: Resources) -> float:
+    """Rank a target cluster by the share of its cpu and memory left free after placing the pod (0..100)."""
+    return _least_allocated(free_after, allocatable_total)

@@ -1,0 +1,134 @@
+"""Service settings: clusters and their roles, NATS, subjects, timings, webhook.
+
+Settings come from a YAML file named by ``MCS_CONFIG`` and from environment
+variables prefixed ``MCS_`` (nested fields with ``__``, e.g.
+``MCS_WEBHOOK__PORT=9443``); environment variables win. Every field is
+validated at start-up so a typo stops a service with a clear message instead
+of misbehaving later. See ``docs/configuration.md`` for the reference.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class ClusterSettings(BaseModel):
+    """One Kubernetes cluster the services talk to."""
+
+    name: str = Field(description="cluster name; virtual nodes are named admiralty-<name>")
+    kubeconfig: Path | None = Field(None, description="kubeconfig file; none means in-cluster config")
+    context: str | None = Field(None, description="context in the kubeconfig (default: current)")
+    source: bool = Field(False, description="elected pods in this cluster are scheduled to targets")
+    target: bool = Field(False, description="delegate pods may run in this cluster")
+    qps: float = Field(200.0, gt=0, description="client-side API request rate limit")
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError(f"cluster name {value!r} must be a DNS label (lowercase letters, digits, '-')")
+        return value
+
+
+class WebhookSettings(BaseModel):
+    """The mutating admission webhook that turns elected pods into proxy pods."""
+
+    enabled: bool = True
+    listen_host: str = "0.0.0.0"
+    port: int = Field(8443, ge=1, le=65535)
+    url: str | None = Field(None, description="URL the API servers call; default https://127.0.0.1:<port>")
+    cert_file: Path | None = Field(None, description="serving certificate; default: self-signed at start")
+    key_file: Path | None = None
+    ca_file: Path | None = Field(None, description="CA bundle registered with the API servers")
+    register: bool = Field(True, description="create/update the MutatingWebhookConfiguration in sources")
+    failure_policy: Literal["Fail", "Ignore"] = "Fail"
+    timeout_seconds: int = Field(5, ge=1, le=30)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MCS_", env_nested_delimiter="__", extra="forbid")
+
+    clusters: list[ClusterSettings] = Field(default_factory=list)
+    nats_url: str = "nats://127.0.0.1:4222"
+    subject_prefix: str = Field("mcs", pattern=r"^[A-Za-z0-9_-]+$")
+    resync_period_seconds: float = Field(30.0, gt=0)
+    candidate_timeout_seconds: float = Field(2.0, gt=0)
+    reservation_ttl_seconds: float = Field(30.0, gt=0)
+    unschedulable_retry_seconds: float = Field(5.0, gt=0)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    serve_targets: list[str] | None = Field(
+        None, description="targets this candidate-scheduler serves (default: all targets)")
+    otlp_endpoint: str | None = Field(None, description="OTLP gRPC endpoint for traces, e.g. localhost:4317")
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    log_level: str = "INFO"
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        import os
+
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("MCS_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"MCS_CONFIG names {config_file}, which is not a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _roles(self) -> Settings:
+        names = [c.name for c in self.clusters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"cluster names must be unique; repeated: {', '.join(duplicates)}")
+        if not self.clusters:
+            raise ValueError("no clusters configured: set `clusters` in the MCS_CONFIG file or MCS_CLUSTERS")
+        if not any(c.source for c in self.clusters):
+            raise ValueError("no source cluster: mark at least one cluster `source: true`")
+        if not any(c.target for c in self.clusters):
+            raise ValueError("no target cluster: mark at least one cluster `target: true`")
+        unknown = sorted(set(self.serve_targets or []) - set(self.target_names))
+        if unknown:
+            raise ValueError(f"serve_targets names clusters that are not targets: {', '.join(unknown)}")
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        return [c.name for c in self.clusters if c.source]
+
+    @property
+    def target_names(self) -> list[str]:
+        return [c.name for c in self.clusters if c.target]
+
+    def cluster(self, name: str) -> ClusterSettings:
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        raise KeyError(f"unknown cluster {name!r}; known: {', '.join(c.name for c in self.clusters)}")
+
+    def served_targets(self) -> list[str]:
+        return list(self.serve_targets) if self.serve_targets else self.target_names
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from MCS_CONFIG and MCS_* variables; keyword overrides win (for tests)."""
+    return Settings(**overrides)
