@@ -20,10 +20,12 @@ from typing import TypeVar
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
-from opentelemetry import context as otel_context, propagate
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 
 from .models import Message, SchemaError, decode
 
@@ -156,7 +158,7 @@ class Bus:
         try:
             answer = await self._client().request(subject, message.encode(), timeout=timeout,
                                                   headers=self._headers())
-        except (NoRespondersError, NatsTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, NoRespondersError, NatsTimeoutError):
             return None
         return decode(answer.data, reply)
 
@@ -198,13 +200,13 @@ class Bus:
                 js = self._client().jetstream()
                 sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
                 break
-            except (NotFoundError, NatsTimeoutError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, NotFoundError, NatsTimeoutError, OSError) as exc:
                 log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
                 await asyncio.sleep(1)
         while True:
             try:
                 messages = await sub.fetch(batch, timeout=5)
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeoutError):
                 continue
             except Exception as exc:  # connection trouble: the client reconnects by itself
                 log.warning("fetch on %s failed (%s); retrying", durable, exc)

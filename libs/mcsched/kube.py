@@ -72,7 +72,7 @@ class KubeClient:
     async def connect(cls, cluster: ClusterSettings) -> KubeClient:
         config = Configuration()
         if cluster.kubeconfig is None:
-            load_incluster_config(client_configuration=config)
+            load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
         else:
             await load_kube_config(config_file=str(cluster.kubeconfig), context=cluster.context,
                                    client_configuration=config)
@@ -251,7 +251,7 @@ class Informer:
                 log.warning("%s: watch failed (%s); retrying in %.1fs", self.name, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 log.warning("%s: API server unreachable (%s); retrying in %.1fs", self.name,
                             exc.__class__.__name__ + (f": {exc}" if str(exc) else ""), backoff)
                 await asyncio.sleep(backoff)

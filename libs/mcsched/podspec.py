@@ -1,0 +1,218 @@
+"""Pod manifest transforms: elected pod -> proxy pod -> delegate pod, and status back.
+
+Pure functions on Kubernetes JSON dicts, no I/O:
+
+* :func:`election` reads the elect annotation (and rejects malformed values);
+* :func:`proxy_patch` is the admission webhook's JSON patch that turns an
+  elected pod into a proxy pod, keeping the original in an annotation;
+* :func:`delegate_manifest` builds the delegate for a target from that original;
+* :func:`mirrored_status` is the proxy status that mirrors a delegate's.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .constants import (
+    ELECT_ANNOTATION,
+    NAMESPACE_LABEL,
+    NAMESPACE_LABEL_VALUE,
+    PARENT_CLUSTER_LABEL,
+    PARENT_NAME_LABEL,
+    PARENT_NAMESPACE_LABEL,
+    PARENT_UID_LABEL,
+    PROXY_FINALIZER,
+    PROXY_SCHEDULER_NAME,
+    SOURCE_MANIFEST_ANNOTATION,
+    VIRTUAL_NODE_TAINT_KEY,
+    VIRTUAL_NODE_TAINT_VALUE,
+    VIRTUAL_NODE_TYPE_LABEL,
+    VIRTUAL_NODE_TYPE_VALUE,
+)
+
+JSON = dict[str, Any]
+
+_TRUE_VALUES = {"", "true"}
+_FALSE_VALUES = {"false"}
+# The alphabet Kubernetes uses for generated name suffixes (no vowels, no look-alikes).
+_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+
+class ElectionError(ValueError):
+    """The elect annotation has a value we cannot interpret."""
+
+
+def namespace_enabled(namespace: Mapping[str, Any]) -> bool:
+    labels = namespace.get("metadata", {}).get("labels") or {}
+    return bool(labels.get(NAMESPACE_LABEL) == NAMESPACE_LABEL_VALUE)
+
+
+def election(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod asks to be elected; raises ElectionError on a malformed annotation."""
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    if ELECT_ANNOTATION not in annotations:
+        return False
+    value = str(annotations[ELECT_ANNOTATION]).strip().lower()
+    if value in _TRUE_VALUES:
+        return True
+    if value in _FALSE_VALUES:
+        return False
+    raise ElectionError(
+        f'annotation {ELECT_ANNOTATION}="{annotations[ELECT_ANNOTATION]}" is not understood: '
+        'use "" or "true" to run the pod in another cluster, or remove the annotation')
+
+
+def is_proxy(pod: Mapping[str, Any]) -> bool:
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    return SOURCE_MANIFEST_ANNOTATION in annotations and (
+        pod.get("spec", {}).get("schedulerName") == PROXY_SCHEDULER_NAME)
+
+
+def source_manifest(proxy: Mapping[str, Any]) -> JSON:
+    """The elected pod as the user created it (labels, annotations, spec)."""
+    raw = (proxy.get("metadata", {}).get("annotations") or {}).get(SOURCE_MANIFEST_ANNOTATION)
+    if not raw:
+        raise ValueError("pod has no source manifest annotation: it is not a proxy pod")
+    manifest: JSON = json.loads(raw)
+    return manifest
+
+
+PROXY_TOLERATIONS = [
+    {"key": VIRTUAL_NODE_TAINT_KEY, "operator": "Equal", "value": VIRTUAL_NODE_TAINT_VALUE,
+     "effect": "NoSchedule"},
+    # A proxy's fate follows its delegate, never the virtual node's heartbeat.
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+]
+
+
+def proxy_patch(pod: Mapping[str, Any]) -> list[JSON]:
+    """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy already)."""
+    if is_proxy(pod):
+        return []
+    metadata, spec = pod.get("metadata", {}), pod.get("spec", {})
+    original = {
+        "metadata": {
+            "labels": metadata.get("labels") or {},
+            "annotations": {k: v for k, v in (metadata.get("annotations") or {}).items()
+                            if k != ELECT_ANNOTATION},
+        },
+        "spec": spec,
+    }
+    annotations = dict(metadata.get("annotations") or {})
+    annotations[SOURCE_MANIFEST_ANNOTATION] = json.dumps(original, separators=(",", ":"), sort_keys=True)
+    finalizers = list(metadata.get("finalizers") or [])
+    if PROXY_FINALIZER not in finalizers:
+        finalizers.append(PROXY_FINALIZER)
+    tolerations = [t for t in spec.get("tolerations") or [] if t not in PROXY_TOLERATIONS]
+    ops: list[JSON] = [
+        {"op": "add", "path": "/metadata/annotations", "value": annotations},
+        {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+        {"op": "add", "path": "/spec/schedulerName", "value": PROXY_SCHEDULER_NAME},
+        {"op": "add", "path": "/spec/nodeSelector", "value": {VIRTUAL_NODE_TYPE_LABEL: VIRTUAL_NODE_TYPE_VALUE}},
+        {"op": "add", "path": "/spec/tolerations", "value": [*tolerations, *PROXY_TOLERATIONS]},
+    ]
+    if "affinity" in spec:
+        ops.append({"op": "remove", "path": "/spec/affinity"})
+    return ops
+
+
+def apply_patch(pod: Mapping[str, Any], ops: list[JSON]) -> JSON:
+    """Apply the simple add/remove operations :func:`proxy_patch` emits (for tests and tools)."""
+    result = copy.deepcopy(dict(pod))
+    for op in ops:
+        parts = op["path"].strip("/").split("/")
+        target = result
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        if op["op"] == "add":
+            target[parts[-1]] = copy.deepcopy(op["value"])
+        elif op["op"] == "remove":
+            target.pop(parts[-1], None)
+        else:
+            raise ValueError(f"unsupported op {op['op']}")
+    return result
+
+
+def delegate_name(proxy_name: str, proxy_uid: str) -> str:
+    """``<proxy-name>-<suffix>``; the suffix is derived from the proxy's UID, so it is stable."""
+    digest = hashlib.sha256(proxy_uid.encode()).digest()
+    suffix = "".join(_SUFFIX_ALPHABET[b % len(_SUFFIX_ALPHABET)] for b in digest[:5])
+    return f"{proxy_name[:247]}-{suffix}"
+
+
+def _is_service_account_volume(volume: Mapping[str, Any]) -> bool:
+    name = str(volume.get("name", ""))
+    return name.startswith("kube-api-access-") and "projected" in volume
+
+
+def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: str, proxy_name: str,
+                      proxy_uid: str, node: str | None, owner: Mapping[str, Any] | None = None) -> JSON:
+    """The delegate pod for a target, built from the proxy's original manifest.
+
+    Fields the target's admission would refuse or add again are removed: the
+    source's service-account token volume, ``priority`` (recomputed from the
+    class) and any node binding. ``owner`` (the target's Namespace) becomes the
+    delegate's controller, so no controller in the target adopts it.
+    """
+    metadata = original.get("metadata", {})
+    spec = copy.deepcopy(dict(original.get("spec", {})))
+    token_volumes = {v["name"] for v in spec.get("volumes", []) if _is_service_account_volume(v)}
+    if token_volumes:
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] not in token_volumes]
+        for key in ("containers", "initContainers", "ephemeralContainers"):
+            for container in spec.get(key) or []:
+                mounts = [m for m in container.get("volumeMounts") or [] if m.get("name") not in token_volumes]
+                if mounts:
+                    container["volumeMounts"] = mounts
+                else:
+                    container.pop("volumeMounts", None)
+    for field in ("priority", "nodeName"):
+        spec.pop(field, None)
+    if spec.get("schedulerName") == PROXY_SCHEDULER_NAME:
+        spec.pop("schedulerName")
+    if node:
+        spec["nodeName"] = node
+    labels = dict(metadata.get("labels") or {})
+    labels.update({
+        PARENT_CLUSTER_LABEL: source, PARENT_NAMESPACE_LABEL: namespace,
+        PARENT_NAME_LABEL: proxy_name[:63].rstrip("-_."), PARENT_UID_LABEL: proxy_uid,
+    })
+    annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k != ELECT_ANNOTATION}
+    meta: JSON = {"name": delegate_name(proxy_name, proxy_uid), "namespace": namespace,
+                  "labels": labels, "annotations": annotations}
+    if owner is not None:
+        meta["ownerReferences"] = [{
+            "apiVersion": "v1", "kind": "Namespace", "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": False,
+        }]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+MIRRORED_STATUS_FIELDS = (
+    "phase", "conditions", "message", "reason", "podIP", "podIPs", "hostIP", "hostIPs", "startTime",
+    "containerStatuses", "initContainerStatuses",
+)
+
+
+def mirrored_status(delegate_status: Mapping[str, Any]) -> JSON:
+    """The proxy status that mirrors a delegate's (the fields a user reads)."""
+    return {k: copy.deepcopy(delegate_status[k]) for k in MIRRORED_STATUS_FIELDS if k in delegate_status}
+
+
+def status_differs(proxy_status: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    return any(proxy_status.get(k) != v for k, v in wanted.items())
+
+
+def parent_ref(delegate: Mapping[str, Any]) -> tuple[str, str, str, str] | None:
+    """(source, namespace, name, uid) of a delegate's proxy, from its labels."""
+    labels = delegate.get("metadata", {}).get("labels") or {}
+    try:
+        return (labels[PARENT_CLUSTER_LABEL], labels[PARENT_NAMESPACE_LABEL], labels[PARENT_NAME_LABEL],
+                labels[PARENT_UID_LABEL])
+    except KeyError:
+        return None
