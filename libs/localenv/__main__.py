@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .environment import LocalEnvironment
+from .services import start_services, write_config
 from .tools import main as build_tools
 
 DEFAULT_ROOT = Path(os.environ.get("MCS_LOCAL_DIR", ".local"))
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the clusters, NATS and Jaeger")
     up.add_argument("--clusters", default=os.environ.get("CLUSTERS", "c1,c2"))
     up.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "3")))
+    up.add_argument("--no-services", action="store_true", default=os.environ.get("SERVICES", "1") == "0",
+                    help="start only the clusters, NATS and Jaeger (SERVICES=0)")
+    up.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")),
+                    help="processes per service")
     sub.add_parser("down", help="stop everything this environment started")
     tools = sub.add_parser("tools", help="build the control-plane tools that are missing")
     tools.add_argument("--force", action="store_true")
@@ -55,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         if not clusters:
             parser.error("--clusters needs at least one cluster name")
         env.up(clusters, nodes=args.nodes, log=lambda m: print(m, flush=True))
+        if not args.no_services:
+            config = write_config(env)
+            start_services(env, replicas=args.replicas)
+            print(f"started watcher, proxy-scheduler, candidate-scheduler, feedback ({args.replicas} each; "
+                  f"settings in {config})", flush=True)
         _print_usage(env)
         return 0
     if args.command == "down":

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import pki
+from mcsched import pki
+
 from .processes import ProcessTable
 from .tools import bin_dir, kwok_stages_file
 

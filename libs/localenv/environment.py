@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 import urllib.error
@@ -120,8 +121,10 @@ class LocalEnvironment:
         if self.processes.load():
             log("stopping the previous environment in this directory")
             self.down()
-        for stale in ("env.json", "kubeconfig"):
+        for stale in ("env.json", "kubeconfig", "mcs.yaml"):
             (self.root / stale).unlink(missing_ok=True)
+        for stale_dir in ("clusters", "nats", "logs"):  # every `up` starts from empty clusters
+            shutil.rmtree(self.root / stale_dir, ignore_errors=True)
         missing = [b for b in ("etcd", "kube-apiserver", "kubectl", "kwok", "jaeger")
                    if not (bin_dir() / b).exists()]
         if missing:

@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
@@ -153,6 +154,19 @@ class Bus:
         """Publish several messages with their acks awaited together."""
         await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items))
 
+    async def notify(self, subject: str, message: Message) -> None:
+        """Fire and forget over core NATS (for hints whose loss costs only a timeout)."""
+        await self._client().publish(subject, message.encode(), headers=self._headers())
+
+    async def key_value(self, name: str) -> KeyValue:
+        """A JetStream key-value bucket (created if missing) named after the prefix."""
+        bucket = f"{self.prefix}_{name}".upper().replace("-", "_")
+        js = self._client().jetstream()
+        try:
+            return await js.key_value(bucket)
+        except (NotFoundError, BucketNotFoundError):
+            return await js.create_key_value(bucket=bucket, history=1, storage=StorageType.FILE)
+
     async def request(self, subject: str, message: Message, reply: type[R], timeout: float) -> R | None:
         """Ask one responder; None when nobody answers in time."""
         try:
@@ -172,7 +186,8 @@ class Bus:
             token = otel_context.attach(propagate.extract(msg.headers or {}))
             try:
                 answer = await handler(decode(msg.data, model))
-                await msg.respond(answer.encode())
+                if msg.reply:  # fire-and-forget notifications have nobody to answer
+                    await msg.respond(answer.encode())
                 self._count(self.handled, subject)
             except Exception:
                 self._count(self.failed, subject)

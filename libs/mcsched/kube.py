@@ -125,7 +125,7 @@ class KubeClient:
     async def apply(self, path: str, body: JSON, force: bool = True) -> JSON:
         """Server-side apply of ``body`` (our field manager owns what it sets)."""
         return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER, "force": force},
-                                  json.dumps(body).encode(), "application/apply-patch+yaml")
+                                  body, "application/apply-patch+yaml")
 
     async def watch(self, path: str, resource_version: str, **params: Any) -> AsyncIterator[JSON]:
         """Yield watch events (dicts with ``type`` and ``object``) until the server closes the stream."""
@@ -169,6 +169,7 @@ class Informer:
         self.store: dict[str, JSON] = {}
         self.handlers: list[Handler] = []
         self.synced = asyncio.Event()
+        self.healthy = False  # False while the API server cannot be reached
         self._task: asyncio.Task[None] | None = None
 
     def add_handler(self, handler: Handler) -> None:
@@ -214,6 +215,7 @@ class Informer:
             if key not in fresh:
                 await self._dispatch("DELETED", obj, obj)
         self.synced.set()
+        self.healthy = True
         return str(listing["metadata"]["resourceVersion"])
 
     async def _run(self) -> None:
@@ -248,10 +250,12 @@ class Informer:
                 if exc.status == 410:
                     resource_version = ""
                     continue
+                self.healthy = False
                 log.warning("%s: watch failed (%s); retrying in %.1fs", self.name, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10)
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                self.healthy = False
                 log.warning("%s: API server unreachable (%s); retrying in %.1fs", self.name,
                             exc.__class__.__name__ + (f": {exc}" if str(exc) else ""), backoff)
                 await asyncio.sleep(backoff)

@@ -103,3 +103,9 @@ class StatusUpdate(Message):
     delegate_uid: str
     delegate_node: str | None = None
     status: dict[str, Any]
+
+
+class CandidateRelease(Message):
+    """proxy-scheduler -> candidate-scheduler (fire and forget): drop a reservation that was not chosen."""
+
+    proxy_uid: str

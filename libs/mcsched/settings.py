@@ -52,7 +52,7 @@ class WebhookSettings(BaseModel):
     cert_file: Path | None = Field(None, description="serving certificate; default: self-signed at start")
     key_file: Path | None = None
     ca_file: Path | None = Field(None, description="CA bundle registered with the API servers")
-    register: bool = Field(True, description="create/update the MutatingWebhookConfiguration in sources")
+    register_webhook: bool = Field(True, description="create/update the MutatingWebhookConfiguration in sources")
     failure_policy: Literal["Fail", "Ignore"] = "Fail"
     timeout_seconds: int = Field(5, ge=1, le=30)
 

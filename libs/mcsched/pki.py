@@ -1,8 +1,8 @@
-"""Certificates for the local environment: a CA, serving and client certificates.
+"""Certificates: a CA, serving and client certificates, service-account keys.
 
-Each cluster gets its own CA, an API-server serving certificate for loopback, an
-admin client certificate (group ``system:masters``) and a service-account key
-pair. The same helpers issue the admission webhook's serving certificate.
+The watcher issues its admission webhook's serving certificate with these when
+none is configured; the local environment uses them for each cluster's CA,
+API-server, admin client (group ``system:masters``) and service-account keys.
 """
 
 from __future__ import annotations

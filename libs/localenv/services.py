@@ -1,0 +1,66 @@
+"""Run the four services against the local environment, as recorded processes.
+
+``write_config`` writes the services' settings file (``<env>/mcs.yaml``) from
+the environment's endpoints: the first cluster is the source, every cluster a
+target (the source too, "target self"). ``start_services`` starts
+``replicas`` processes of each service (``svc-<service>-<i>``); only the
+first watcher serves and registers the admission webhook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .environment import EnvironmentInfo, LocalEnvironment, free_port
+
+SERVICES = ("watcher", "proxy_scheduler", "candidate_scheduler", "feedback")
+
+
+def write_config(env: LocalEnvironment, sources: list[str] | None = None,
+                 resync_seconds: float = 10.0) -> Path:
+    info: EnvironmentInfo = env.info()
+    names = info.cluster_names()
+    sources = sources or names[:1]
+    config: dict[str, Any] = {
+        "clusters": [{"name": n, "kubeconfig": info.kubeconfig, "context": n,
+                      "source": n in sources, "target": True} for n in names],
+        "nats_url": info.nats_url,
+        "subject_prefix": "mcs",
+        "resync_period_seconds": resync_seconds,
+        "otlp_endpoint": info.otlp_grpc_endpoint,
+        "webhook": {"listen_host": "127.0.0.1", "port": free_port()},
+    }
+    path = env.root / "mcs.yaml"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def process_name(service: str, replica: int) -> str:
+    return f"svc-{service.replace('_', '-')}-{replica}"
+
+
+def start_service(env: LocalEnvironment, service: str, replica: int = 0) -> None:
+    config = env.root / "mcs.yaml"
+    environ = dict(os.environ, MCS_CONFIG=str(config), PYTHONUNBUFFERED="1")
+    if service == "watcher" and replica > 0:
+        environ["MCS_WEBHOOK__ENABLED"] = "false"  # one webhook endpoint per environment
+    env.processes.start(process_name(service, replica), [sys.executable, "-m", f"services.{service}"],
+                        env=environ)
+
+
+def start_services(env: LocalEnvironment, replicas: int = 1) -> None:
+    if not (env.root / "mcs.yaml").exists():
+        write_config(env)
+    for service in SERVICES:
+        for replica in range(replicas):
+            start_service(env, service, replica)
+
+
+def stop_services(env: LocalEnvironment) -> None:
+    for record in env.processes.load():
+        if record.name.startswith("svc-"):
+            env.processes.stop(record.name)

@@ -1,0 +1,84 @@
+"""What a target cluster has and uses, from its node and pod caches.
+
+``TargetView`` follows a target's informers and keeps, incrementally, the
+resources requested on each node by the pods bound there and the set of
+proxies that already have a delegate in the target. Virtual nodes (a target
+can also be a source) are never candidates for delegates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .constants import VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
+from .kube import JSON, Informer
+from .placement import Resources, node_allocatable, pod_requests
+from .podspec import parent_ref
+
+_TERMINAL = ("Succeeded", "Failed")
+
+
+def is_virtual_node(node: Mapping[str, Any]) -> bool:
+    labels = node.get("metadata", {}).get("labels") or {}
+    return bool(labels.get(VIRTUAL_NODE_TYPE_LABEL) == VIRTUAL_NODE_TYPE_VALUE)
+
+
+class TargetView:
+    def __init__(self, name: str, nodes: Informer, pods: Informer) -> None:
+        self.name = name
+        self.nodes = nodes
+        self.pods = pods
+        self.usage: dict[str, Resources] = {}
+        self._pod_usage: dict[str, tuple[str, Resources]] = {}  # pod uid -> (node, requests)
+        self.delegates: dict[str, JSON] = {}  # proxy uid -> delegate pod
+        pods.add_handler(self._on_pod)
+
+    @property
+    def ready(self) -> bool:
+        return self.nodes.synced.is_set() and self.pods.synced.is_set() and self.nodes.healthy and self.pods.healthy
+
+    def real_nodes(self) -> list[JSON]:
+        return [n for n in self.nodes.items() if not is_virtual_node(n)]
+
+    def _on_pod(self, kind: str, pod: JSON, _old: JSON | None) -> None:
+        uid = pod["metadata"]["uid"]
+        previous = self._pod_usage.pop(uid, None)
+        if previous is not None:
+            node, requests = previous
+            self.usage[node] = self.usage.get(node, Resources()) - requests
+        node_name = pod["spec"].get("nodeName")
+        counts = kind != "DELETED" and node_name and pod.get("status", {}).get("phase") not in _TERMINAL
+        if counts:
+            requests = pod_requests(pod)
+            self._pod_usage[uid] = (node_name, requests)
+            self.usage[node_name] = self.usage.get(node_name, Resources()) + requests
+        parent = parent_ref(pod)
+        if parent is not None:
+            if kind == "DELETED":
+                current = self.delegates.get(parent[3])
+                if current is not None and current["metadata"]["uid"] == uid:
+                    del self.delegates[parent[3]]
+            else:
+                self.delegates[parent[3]] = pod
+
+    def totals(self) -> tuple[Resources, Resources]:
+        """(allocatable, used) summed over the target's real, schedulable nodes."""
+        allocatable, used = Resources(), Resources()
+        for node in self.real_nodes():
+            if node.get("spec", {}).get("unschedulable"):
+                continue
+            allocatable = allocatable + node_allocatable(node)
+            used = used + self.usage.get(node["metadata"]["name"], Resources())
+        return allocatable, used
+
+    def common_labels(self) -> dict[str, str]:
+        """Labels every real node of the target carries with the same value."""
+        nodes = self.real_nodes()
+        if not nodes:
+            return {}
+        common = dict(nodes[0]["metadata"].get("labels") or {})
+        for node in nodes[1:]:
+            labels = node["metadata"].get("labels") or {}
+            common = {k: v for k, v in common.items() if labels.get(k) == v}
+        return common

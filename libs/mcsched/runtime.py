@@ -1,0 +1,122 @@
+"""What every service does around its own logic: settings, logging, bus, clusters, shutdown.
+
+A service's ``__main__`` is ``run_service("name", compose)``: ``compose``
+receives a :class:`Runtime` (settings, connected bus and cluster clients) and
+starts its tasks; the runtime then waits for SIGTERM/SIGINT and closes
+everything in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from .bus import Bus
+from .kube import Informer, KubeClient
+from .settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    service: str
+    settings: Settings
+    bus: Bus
+    clusters: dict[str, KubeClient]
+    informers: list[Informer] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def informer(self, cluster: str, path: str, **selectors: str) -> Informer:
+        informer = Informer(self.clusters[cluster], path, **selectors)
+        self.informers.append(informer)
+        informer.start()
+        return informer
+
+    def spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task %s crashed; stopping the service so it restarts clean", name)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        self.tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for informer in self.informers:
+            await informer.stop()
+        for closer in reversed(self.closers):
+            await closer()
+        await self.bus.close()
+        for client in self.clusters.values():
+            await client.close()
+
+
+def setup_logging(level: str, service: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def periodic(every: float, action: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run ``action`` every ``every`` seconds, logging (not raising) its failures."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await action()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s failed: %s", what, exc)
+
+
+def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> None:
+    try:
+        settings = load_settings()
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        print(f"{service}: invalid settings:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    setup_logging(settings.log_level, service)
+    asyncio.run(_main(service, settings, compose))
+
+
+async def _main(service: str, settings: Settings, compose: Callable[[Runtime], Awaitable[None]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}")
+    connecting = asyncio.create_task(bus.connect())
+    done, _ = await asyncio.wait([connecting, asyncio.create_task(stop.wait())],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if connecting not in done:
+        connecting.cancel()
+        return
+    await bus.ensure_streams()
+    clusters: dict[str, KubeClient] = {}
+    for cluster in settings.clusters:
+        clusters[cluster.name] = await KubeClient.connect(cluster)
+    runtime = Runtime(service, settings, bus, clusters)
+    await compose(runtime)
+    log.info("%s running (sources: %s, targets: %s)", service, ",".join(settings.source_names),
+             ",".join(settings.target_names))
+    await stop.wait()
+    log.info("%s stopping", service)
+    await runtime.close()

@@ -1,0 +1,146 @@
+"""proxy-scheduler: owns the proxy step.
+
+For each ``elect`` message: ask every target's candidate-scheduler whether
+and where the pod fits, pick the target with the most room left (spread by
+free capacity), bind the proxy pod to that target's virtual node, and ask the
+chosen candidate-scheduler for the delegate. The binding is the decision of
+record: a redelivered message for a bound proxy only re-requests its
+delegate, so a pod is never placed twice. A pod that fits nowhere gets
+``PodScheduled=False`` with the reasons and an Event, and is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from datetime import UTC, datetime
+
+from mcsched.bus import ACK, Outcome, retry_later
+from mcsched.constants import PROXY_SCHEDULER_NAME, target_of_virtual_node, virtual_node_name
+from mcsched.events import EventRecorder
+from mcsched.kube import JSON, Informer, KubeError, pod_path
+from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
+from mcsched.podspec import source_manifest
+from mcsched.runtime import Runtime, run_service
+
+log = logging.getLogger("proxy-scheduler")
+
+
+def _tie_break(proxy_uid: str, target: str) -> str:
+    """A per-pod order of targets, so equal scores still spread pods."""
+    return hashlib.sha256(f"{proxy_uid}/{target}".encode()).hexdigest()
+
+
+class ProxyScheduler:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.events = EventRecorder("admiralty-proxy-scheduler")
+        self.proxies: dict[str, Informer] = {
+            source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
+            for source in rt.settings.source_names
+        }
+
+    async def _proxy(self, ref: PodRef) -> JSON | None:
+        """The proxy pod from the cache, or from the API server when the cache has not seen it yet."""
+        pod = self.proxies[ref.cluster].get(f"{ref.namespace}/{ref.name}")
+        if pod is None or pod["metadata"]["uid"] != ref.uid:
+            try:
+                pod = await self.rt.clusters[ref.cluster].get(pod_path(ref.namespace, ref.name))
+            except KubeError as exc:
+                if exc.not_found:
+                    return None
+                raise
+        return pod if pod["metadata"]["uid"] == ref.uid else None
+
+    async def _request_delegate(self, ref: PodRef, target: str, node: str | None, pod: JSON) -> None:
+        request = DelegateRequest(proxy=ref, target=target, node=node, manifest=source_manifest(pod))
+        await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request, f"delegate:{ref.uid}")
+
+    async def _ask(self, target: str, request: CandidateRequest) -> tuple[str, CandidateReply | None]:
+        reply = await self.rt.bus.request(self.rt.bus.subject("candidate", target), request, CandidateReply,
+                                          self.rt.settings.candidate_timeout_seconds)
+        return target, reply
+
+    async def on_elect(self, message: ElectMessage) -> Outcome:
+        ref = message.proxy
+        if ref.cluster not in self.proxies:
+            log.error("elect message for unknown source %s; dropping", ref.cluster)
+            return ACK
+        pod = await self._proxy(ref)
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return ACK
+        bound_target = target_of_virtual_node(pod["spec"].get("nodeName"))
+        if bound_target is not None:  # decided before (redelivery or resync): make sure the delegate follows
+            await self._request_delegate(ref, bound_target, None, pod)
+            return ACK
+        try:
+            original = source_manifest(pod)
+        except ValueError as exc:
+            await self.events.record(self.rt.clusters[ref.cluster], pod, "FailedScheduling", f"bad proxy pod: {exc}")
+            return ACK
+        request = CandidateRequest(proxy=ref, pod=original)
+        answers = dict(await asyncio.gather(*(self._ask(t, request) for t in self.rt.settings.target_names)))
+        fitting = [r for r in answers.values() if r is not None and r.fits]
+        if not fitting:
+            return await self._unschedulable(ref, pod, answers)
+        best = max(fitting, key=lambda r: (round(r.score, 3), _tie_break(ref.uid, r.target)))
+        for other in fitting:
+            if other is not best:
+                await self.rt.bus.notify(self.rt.bus.subject("release", other.target),
+                                         CandidateRelease(proxy_uid=ref.uid))
+        target = await self._bind(ref, pod, best.target)
+        await self._request_delegate(ref, target, best.node if target == best.target else None, pod)
+        log.info("%s -> %s (node %s, score %.1f)", ref, target, best.node, best.score)
+        return ACK
+
+    async def _bind(self, ref: PodRef, pod: JSON, target: str) -> str:
+        """Bind the proxy to the target's virtual node; returns the target it is bound to."""
+        binding = {"apiVersion": "v1", "kind": "Binding",
+                   "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": virtual_node_name(target)}}
+        client = self.rt.clusters[ref.cluster]
+        try:
+            await client.create(pod_path(ref.namespace, ref.name, "binding"), binding)
+        except KubeError as exc:
+            if not exc.conflict:
+                raise
+            current = await client.get(pod_path(ref.namespace, ref.name))
+            bound = target_of_virtual_node(current["spec"].get("nodeName"))
+            if bound is None:
+                raise
+            if bound != target:
+                await self.rt.bus.notify(self.rt.bus.subject("release", target), CandidateRelease(proxy_uid=ref.uid))
+            return bound
+        await self.events.record(client, pod, "Scheduled",
+                                 f"Successfully assigned {ref.namespace}/{ref.name} to {virtual_node_name(target)}",
+                                 kind="Normal")
+        return target
+
+    async def _unschedulable(self, ref: PodRef, pod: JSON, answers: dict[str, CandidateReply | None]) -> Outcome:
+        reasons = [f"{target}: {reply.reason if reply else 'no candidate-scheduler answered'}"
+                   for target, reply in sorted(answers.items())]
+        message = f"0/{len(answers)} clusters are available: " + "; ".join(reasons)
+        client = self.rt.clusters[ref.cluster]
+        conditions = pod.get("status", {}).get("conditions") or []
+        current = next((c for c in conditions if c.get("type") == "PodScheduled"), None)
+        if not current or current.get("status") != "False" or current.get("message") != message:
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                         "message": message, "lastTransitionTime": now, "lastProbeTime": None}
+            others = [c for c in conditions if c.get("type") != "PodScheduled"]
+            await client.merge_patch(pod_path(ref.namespace, ref.name, "status"),
+                                     {"status": {"conditions": [*others, condition]}})
+            await self.events.record(client, pod, "FailedScheduling", message)
+            log.info("%s is unschedulable: %s", ref, message)
+        return retry_later(self.rt.settings.unschedulable_retry_seconds, "unschedulable")
+
+
+async def compose(rt: Runtime) -> None:
+    scheduler = ProxyScheduler(rt)
+    rt.bus.consume("elect", "proxy-scheduler", f"{rt.settings.subject_prefix}.elect.>", ElectMessage,
+                   scheduler.on_elect)
+
+
+if __name__ == "__main__":
+    run_service("proxy-scheduler", compose)

@@ -1,0 +1,149 @@
+"""watcher: owns the elect step.
+
+* Serves the mutating admission webhook that turns elected pods into proxy
+  pods at creation (and registers it in every source cluster).
+* Watches proxy pods in every source and publishes an ``elect`` message for
+  each one not yet bound to a virtual node; a periodic resync publishes them
+  again, so even an emptied stream heals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from aiohttp import web
+from mcsched import pki
+from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, webhook_configuration
+from mcsched.constants import PROXY_SCHEDULER_NAME
+from mcsched.kube import JSON, KubeError
+from mcsched.models import ElectMessage, PodRef
+from mcsched.runtime import Runtime, periodic, run_service
+from mcsched.settings import WebhookSettings
+
+log = logging.getLogger("watcher")
+
+
+def _serving_material(settings: WebhookSettings, url: str) -> tuple[ssl.SSLContext, bytes]:
+    """TLS context for the webhook and the CA bundle the API servers must trust."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if settings.cert_file and settings.key_file:
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+        ca_file = settings.ca_file or settings.cert_file
+        return context, Path(ca_file).read_bytes()
+    host = urlparse(url).hostname or "127.0.0.1"
+    is_ip = host.replace(".", "").isdigit() or ":" in host
+    ca = pki.new_ca("multicluster-scheduler-webhook-ca")
+    leaf = pki.issue(ca, host, server=True,
+                     ip_addresses=(host,) if is_ip else ("127.0.0.1",),
+                     dns_names=() if is_ip else (host,))
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+        leaf.write(cert, key)
+        context.load_cert_chain(cert, key)
+    return context, ca.cert_pem
+
+
+async def start_webhook(rt: Runtime) -> None:
+    settings = rt.settings.webhook
+    url = settings.url or f"https://127.0.0.1:{settings.port}"
+    context, ca_bundle = _serving_material(settings, url)
+
+    async def mutate(request: web.Request) -> web.Response:
+        return web.json_response(review(await request.json()))
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post(WEBHOOK_PATH, mutate)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.listen_host, settings.port, ssl_context=context).start()
+    rt.closers.append(runner.cleanup)
+    log.info("admission webhook listening on %s:%d", settings.listen_host, settings.port)
+    if settings.register_webhook:
+        config = webhook_configuration(url.rstrip("/") + WEBHOOK_PATH, ca_bundle, settings.failure_policy,
+                                       settings.timeout_seconds)
+        for source in rt.settings.source_names:
+            path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{WEBHOOK_CONFIGURATION_NAME}"
+            while True:
+                try:
+                    await rt.clusters[source].apply(path, config)
+                    log.info("webhook registered in %s (calls %s)", source, url)
+                    break
+                except (KubeError, OSError) as exc:
+                    log.warning("cannot register the webhook in %s yet (%s); retrying", source, exc)
+                    await asyncio.sleep(2)
+
+
+class ElectPublisher:
+    """Publishes an elect message for every proxy pod that still needs a target."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.published: dict[str, str] = {}  # proxy uid -> msg id last published
+
+    @staticmethod
+    def pending(pod: JSON) -> bool:
+        return not pod["spec"].get("nodeName") and not pod["metadata"].get("deletionTimestamp")
+
+    async def publish(self, source: str, pod: JSON, reason: str, msg_id: str) -> None:
+        meta = pod["metadata"]
+        ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+        await self.rt.bus.publish(self.rt.bus.subject("elect", source), ElectMessage(proxy=ref, reason=reason),
+                                  msg_id)  # type: ignore[arg-type]
+        self.published[meta["uid"]] = msg_id
+
+    async def on_event(self, source: str, kind: str, pod: JSON) -> None:
+        uid = pod["metadata"]["uid"]
+        if kind == "DELETED" or not self.pending(pod):
+            self.published.pop(uid, None)
+            return
+        if uid not in self.published:
+            try:
+                await self.publish(source, pod, "created", f"elect:{uid}")
+            except Exception as exc:  # NATS down: the resync publishes it later
+                log.warning("could not publish elect for %s/%s: %s", source, pod["metadata"]["name"], exc)
+
+    async def resync(self, informers: dict[str, Any]) -> None:
+        epoch = int(time.time() // self.rt.settings.resync_period_seconds)
+        batch = []
+        for source, informer in informers.items():
+            for pod in informer.items():
+                if self.pending(pod):
+                    meta = pod["metadata"]
+                    ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+                    batch.append((self.rt.bus.subject("elect", source), ElectMessage(proxy=ref, reason="resync"),
+                                  f"elect:{meta['uid']}:{epoch}"))
+        if batch:
+            log.info("resync: %d proxy pods still need a target", len(batch))
+            await self.rt.bus.publish_many(batch)  # type: ignore[arg-type]
+
+
+async def compose(rt: Runtime) -> None:
+    if rt.settings.webhook.enabled:
+        await start_webhook(rt)
+    publisher = ElectPublisher(rt)
+    informers = {}
+    for source in rt.settings.source_names:
+        informer = rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
+
+        def handler(kind: str, pod: JSON, _old: JSON | None, source: str = source) -> Any:
+            return publisher.on_event(source, kind, pod)
+
+        informer.add_handler(handler)
+        informers[source] = informer
+    rt.spawn(periodic(rt.settings.resync_period_seconds, lambda: publisher.resync(informers), "elect resync"),
+             "elect resync")
+
+
+if __name__ == "__main__":
+    run_service("watcher", compose)
