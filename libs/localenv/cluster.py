@@ -224,7 +224,7 @@ class LocalCluster:
             raise RuntimeError(f"{self.spec.name}: kubectl {' '.join(args)}: {proc.stderr.strip()}")
         return proc.stdout
 
-    def node_manifest(self, name: str) -> dict[str, Any]:
+    def node_manifest(self, name: str, capacity: dict[str, str] | None = None) -> dict[str, Any]:
         index = int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else 250
         pod_cidr = f"10.{16 + self.spec.index}.{index}.0/24"  # kwok hands out pod IPs from it
         return {
@@ -240,11 +240,12 @@ class LocalCluster:
                 },
             },
             "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-            "status": {"capacity": NODE_CAPACITY, "allocatable": NODE_ALLOCATABLE},
+            "status": {"capacity": capacity or NODE_CAPACITY, "allocatable": capacity or NODE_ALLOCATABLE},
         }
 
-    def add_nodes(self, names: list[str]) -> None:
-        manifests = {"apiVersion": "v1", "kind": "List", "items": [self.node_manifest(n) for n in names]}
+    def add_nodes(self, names: list[str], capacity: dict[str, str] | None = None) -> None:
+        """Add kwok worker nodes (default size: NODE_CAPACITY)."""
+        manifests = {"apiVersion": "v1", "kind": "List", "items": [self.node_manifest(n, capacity) for n in names]}
         self.kubectl("apply", "-f", "-", input_text=json.dumps(manifests))
 
     def wait_nodes_ready(self, names: list[str], timeout: float = 90.0) -> None:

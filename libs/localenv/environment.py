@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import time
@@ -24,12 +25,26 @@ from .cluster import ClusterPorts, ClusterSpec, LocalCluster
 from .processes import ProcessTable
 from .tools import bin_dir, nats_server_binary
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port nothing listens on right now.
+
+    Ports come from below the kernel's ephemeral range (32768+), so outgoing
+    connections made meanwhile cannot take them before the server binds.
+    """
+    while True:
+        port = random.randint(20000, 32000)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @dataclass
@@ -220,6 +235,13 @@ class LocalEnvironment:
         (self.root / "kubeconfig").write_text(json.dumps(kubeconfig, indent=1))
 
     # -- down and status ---------------------------------------------------------
+
+    def cluster(self, name: str) -> LocalCluster:
+        """A running cluster of this environment, to add nodes or call kubectl."""
+        info = self.info().clusters[name]
+        spec = ClusterSpec(name, list(self.info().clusters).index(name),
+                           ClusterPorts(0, 0, int(info["server"].rsplit(":", 1)[1]), 0), len(info["nodes"]))
+        return LocalCluster(spec, self.root, self.processes)
 
     def down(self) -> None:
         self.processes.stop_all()

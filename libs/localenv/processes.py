@@ -91,10 +91,11 @@ class ProcessTable:
         self._save([*records, record])
         return record
 
-    def stop(self, name: str, timeout: float = 10.0) -> None:
+    def stop(self, name: str, timeout: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop one process: ``sig`` first, SIGKILL after ``timeout`` seconds."""
         record = self.get(name)
         if record is not None:
-            _terminate([record], timeout)
+            _terminate([record], timeout, sig)
             self._save([r for r in self.load() if r.name != name])
 
     def stop_all(self, timeout: float = 15.0) -> None:
@@ -105,10 +106,10 @@ class ProcessTable:
             self.path.unlink()
 
 
-def _terminate(records: list[ProcessRecord], timeout: float) -> None:
+def _terminate(records: list[ProcessRecord], timeout: float, sig: signal.Signals = signal.SIGTERM) -> None:
     live = [r for r in records if r.alive()]
     for record in live:
-        _signal(record, signal.SIGTERM)
+        _signal(record, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(r.alive() for r in live):
         time.sleep(0.1)

@@ -108,7 +108,10 @@ def proxy_patch(pod: Mapping[str, Any]) -> list[JSON]:
     finalizers = list(metadata.get("finalizers") or [])
     if PROXY_FINALIZER not in finalizers:
         finalizers.append(PROXY_FINALIZER)
-    tolerations = [t for t in spec.get("tolerations") or [] if t not in PROXY_TOLERATIONS]
+    # Replace the not-ready/unreachable tolerations DefaultTolerationSeconds added (300s): the
+    # shortest matching toleration wins, and a proxy must never be evicted for its virtual node.
+    replaced = {t["key"] for t in PROXY_TOLERATIONS}
+    tolerations = [t for t in spec.get("tolerations") or [] if t.get("key") not in replaced]
     ops: list[JSON] = [
         {"op": "add", "path": "/metadata/annotations", "value": annotations},
         {"op": "add", "path": "/metadata/finalizers", "value": finalizers},

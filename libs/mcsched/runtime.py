@@ -87,6 +87,17 @@ async def periodic(every: float, action: Callable[[], Awaitable[None]], what: st
             log.warning("%s failed: %s", what, exc)
 
 
+def dump_tasks(informers: list[Informer]) -> None:
+    """Log where every task waits and what each cache holds (send the service SIGUSR1)."""
+    for informer in informers:
+        log.warning("cache %s: %d objects, synced=%s healthy=%s", informer.name, len(informer.store),
+                    informer.synced.is_set(), informer.healthy)
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=8)
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+        log.warning("task %s: %s", task.get_name(), where or "(not started)")
+
+
 def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> None:
     try:
         settings = load_settings()
@@ -102,6 +113,8 @@ async def _main(service: str, settings: Settings, compose: Callable[[Runtime], A
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    informers: list[Informer] = []
+    loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(informers))
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}")
     connecting = asyncio.create_task(bus.connect())
     done, _ = await asyncio.wait([connecting, asyncio.create_task(stop.wait())],
@@ -113,7 +126,7 @@ async def _main(service: str, settings: Settings, compose: Callable[[Runtime], A
     clusters: dict[str, KubeClient] = {}
     for cluster in settings.clusters:
         clusters[cluster.name] = await KubeClient.connect(cluster)
-    runtime = Runtime(service, settings, bus, clusters)
+    runtime = Runtime(service, settings, bus, clusters, informers)
     await compose(runtime)
     log.info("%s running (sources: %s, targets: %s)", service, ",".join(settings.source_names),
              ",".join(settings.target_names))

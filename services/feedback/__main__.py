@@ -40,6 +40,7 @@ from mcsched.kube import JSON, Informer, KubeError, pod_path
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.podspec import delegate_name, mirrored_status, parent_ref, source_manifest, status_differs
 from mcsched.runtime import Runtime, periodic, run_service
+from mcsched.workqueue import WorkQueue
 
 log = logging.getLogger("feedback")
 
@@ -69,6 +70,9 @@ class Feedback:
                                rt.informer(target, "/api/v1/pods", label_selector=PARENT_UID_LABEL))
             for target in rt.settings.target_names
         }
+        self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
+        self.finalizing.start()
+        rt.closers.append(self.finalizing.stop)
         for source, informer in self.proxies.items():
             informer.add_handler(lambda kind, pod, old, source=source: self.on_proxy(source, kind, pod))
         for target, view in self.targets.items():
@@ -100,21 +104,31 @@ class Feedback:
             return
         await self._publish_status(target, ref, delegate)
 
-    async def _publish_status(self, target: str, ref: PodRef, delegate: JSON) -> None:
+    async def _publish_status(self, target: str, ref: PodRef, delegate: JSON, epoch: int | None = None) -> None:
         meta = delegate["metadata"]
         update = StatusUpdate(proxy=ref, target=target, delegate_name=meta["name"], delegate_uid=meta["uid"],
                               delegate_node=delegate["spec"].get("nodeName"),
                               status=mirrored_status(delegate.get("status") or {}))
         try:
             await self.rt.bus.publish(self.rt.bus.subject("status", ref.cluster), update,
-                                      f"status:{meta['uid']}:{meta['resourceVersion']}")
+                                      f"status:{meta['uid']}:{meta['resourceVersion']}"
+                                      + (f":{epoch}" if epoch is not None else ""))
         except Exception as exc:  # NATS away: the resync mirrors it later
             log.warning("could not publish status of %s: %s", ref, exc)
 
     async def on_status(self, update: StatusUpdate) -> Outcome:
         ref = update.proxy
         proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
-        if proxy is None or proxy["metadata"].get("deletionTimestamp"):
+        if proxy is None:  # the cache may lag behind the delegate: ask the API server
+            try:
+                proxy = await self.rt.clusters[ref.cluster].get(pod_path(ref.namespace, ref.name))
+            except KubeError as exc:
+                if exc.not_found:
+                    return ACK
+                raise
+            if proxy["metadata"]["uid"] != ref.uid:
+                return ACK
+        if proxy["metadata"].get("deletionTimestamp"):
             return ACK
         view = self.targets.get(update.target)
         delegate = view.delegates.get(ref.uid) if view else None
@@ -127,9 +141,15 @@ class Feedback:
 
     # -- deletion and repair -----------------------------------------------------
 
-    async def on_proxy(self, source: str, kind: str, pod: JSON) -> None:
+    def on_proxy(self, source: str, kind: str, pod: JSON) -> None:
         if kind != "DELETED" and pod["metadata"].get("deletionTimestamp"):
-            await self._finalize(source, pod)
+            self.finalizing.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
+
+    async def _finalize_key(self, key: tuple[str, str, str]) -> None:
+        source, namespace, name = key
+        proxy = self.proxies[source].get(f"{namespace}/{name}")
+        if proxy is not None and proxy["metadata"].get("deletionTimestamp"):
+            await self._finalize(source, proxy)
 
     async def _finalize(self, source: str, proxy: JSON) -> None:
         """Delete the delegate, then let the proxy go."""
@@ -176,7 +196,7 @@ class Feedback:
         if proxy is None:
             return
         if proxy["metadata"].get("deletionTimestamp"):
-            await self._finalize(ref.cluster, proxy)
+            self.finalizing.add((ref.cluster, ref.namespace, ref.name))
         elif target_of_virtual_node(proxy["spec"].get("nodeName")) == target:
             log.info("delegate of %s in %s was deleted; replacing it", ref, target)
             await self._replace(ref, target, proxy, f"replace:{delegate['metadata']['uid']}")
@@ -196,12 +216,12 @@ class Feedback:
             if not self._synced(view.pods):
                 continue
             for delegate in list(view.pods.items()):
-                await self._resync_delegate(target, delegate)
+                await self._resync_delegate(target, delegate, epoch)
 
     async def _resync_proxy(self, source: str, proxy: JSON, epoch: int) -> None:
         meta = proxy["metadata"]
         if meta.get("deletionTimestamp"):
-            await self._finalize(source, proxy)
+            self.finalizing.add((source, meta["namespace"], meta["name"]))
             return
         target = target_of_virtual_node(proxy["spec"].get("nodeName"))
         view = self.targets.get(target or "")
@@ -216,7 +236,7 @@ class Feedback:
         log.info("proxy %s is bound to %s but has no delegate; requesting one", _ref(source, proxy), target)
         await self._replace(_ref(source, proxy), target or "", proxy, f"replace:{meta['uid']}:{epoch}")
 
-    async def _resync_delegate(self, target: str, delegate: JSON) -> None:
+    async def _resync_delegate(self, target: str, delegate: JSON, epoch: int) -> None:
         parent = parent_ref(delegate)
         if parent is None:
             return
@@ -226,7 +246,7 @@ class Feedback:
         proxy = self._proxy(source, namespace, name, uid)
         if proxy is not None:
             if status_differs(proxy.get("status") or {}, mirrored_status(delegate.get("status") or {})):
-                await self._publish_status(target, ref, delegate)
+                await self._publish_status(target, ref, delegate, epoch)
             return
         if informer is None or not self._synced(informer) or delegate["metadata"].get("deletionTimestamp"):
             return

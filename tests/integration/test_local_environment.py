@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 import uuid
 
@@ -20,19 +19,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from tests.helpers import eventually
+
 pytestmark = pytest.mark.integration
-
-
-async def _eventually(check, timeout: float = 60.0, interval: float = 0.5):  # type: ignore[no-untyped-def]
-    """Await ``check()`` until it returns a truthy value; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
 
 
 async def test_api_servers_report_their_real_version(kube: dict[str, k8s.ApiClient]) -> None:
@@ -87,7 +76,7 @@ async def test_deployment_is_scheduled_runs_and_is_garbage_collected(
                 raise
             return False
 
-    await _eventually(create_when_service_account_exists, timeout=30)
+    await eventually(create_when_service_account_exists, within=30)
 
     async def running_pods() -> list[k8s.V1Pod]:
         pods = (await core.list_namespaced_pod(namespace, label_selector="app=web")).items
@@ -95,7 +84,7 @@ async def test_deployment_is_scheduled_runs_and_is_garbage_collected(
                 and p.spec.node_name and p.spec.node_name.startswith(f"{cluster}-worker-")]
         return good if len(good) == 3 and len(pods) == 3 else []
 
-    pods = await _eventually(running_pods)
+    pods = await eventually(running_pods)
     assert len({p.status.pod_ip for p in pods}) == 3
 
     await apps.delete_namespaced_deployment("web", namespace, propagation_policy="Background")
@@ -103,7 +92,7 @@ async def test_deployment_is_scheduled_runs_and_is_garbage_collected(
     async def no_pods() -> bool:
         return not (await core.list_namespaced_pod(namespace, label_selector="app=web")).items
 
-    await _eventually(no_pods)
+    await eventually(no_pods)
     await core.delete_namespace(namespace)
 
 
@@ -152,4 +141,4 @@ async def test_span_exported_over_otlp_comes_back_from_jaeger(env_info: Environm
         data = await asyncio.to_thread(fetch)
         return [s["operationName"] for t in data for s in t["spans"]]  # type: ignore[index]
 
-    assert await _eventually(spans, timeout=30) == ["probe-span"]
+    assert await eventually(spans, within=30) == ["probe-span"]

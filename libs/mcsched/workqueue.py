@@ -1,0 +1,71 @@
+"""A keyed work queue: informer handlers enqueue keys, a few workers reconcile them.
+
+Handlers stay fast (watch streams are never held up by API calls), a key
+queued many times while waiting is processed once, and a key is never worked
+on by two workers at once. A failed reconcile is retried with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+
+class WorkQueue(Generic[K]):
+    def __init__(self, name: str, reconcile: Callable[[K], Awaitable[None]], workers: int = 8) -> None:
+        self.name, self.reconcile, self.workers = name, reconcile, workers
+        self._queue: asyncio.Queue[K] = asyncio.Queue()
+        self._queued: set[K] = set()
+        self._active: set[K] = set()
+        self._again: set[K] = set()
+        self._failures: dict[K, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, key: K) -> None:
+        if key in self._active:
+            self._again.add(key)  # changed while being worked on: once more afterwards
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"{self.name} worker {i}") for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _retry_later(self, key: K) -> None:
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        await asyncio.sleep(min(0.2 * 2**failures, 30))
+        self.add(key)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._active.add(key)
+            try:
+                await self.reconcile(key)
+                self._failures.pop(key, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: reconciling %s failed (%s); retrying", self.name, key, exc)
+                asyncio.get_running_loop().create_task(self._retry_later(key))
+            finally:
+                self._active.discard(key)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.add(key)

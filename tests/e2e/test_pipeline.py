@@ -1,0 +1,159 @@
+"""The elect -> proxy -> delegate -> status pipeline, end to end on the local environment."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+
+import pytest
+from kubernetes_asyncio import client as k8s
+from localenv import LocalEnvironment
+from localenv.services import process_name, start_service
+from mcsched.constants import PARENT_CLUSTER_LABEL, PARENT_NAME_LABEL, PARENT_NAMESPACE_LABEL, PARENT_UID_LABEL
+
+from tests.e2e.pipeline import SOURCE, TARGETS, converged, create_when_ready, list_pods, nginx_deployment, observe
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+async def deploy_nginx(kube: dict[str, k8s.ApiClient], namespace: str, replicas: int) -> None:
+    apps = k8s.AppsV1Api(kube[SOURCE])
+    await create_when_ready(lambda: apps.create_namespaced_deployment(namespace, nginx_deployment(replicas)))
+
+
+async def test_admiralty_getting_started_scenario(kube: dict[str, k8s.ApiClient], namespace: str) -> None:
+    await deploy_nginx(kube, namespace, 10)
+    state = await converged(kube, namespace, 10)
+    targets_used = {p["spec"]["nodeName"] for p in state.proxies}
+    assert targets_used == {"admiralty-c1", "admiralty-c2"}, "pods should spread over both targets"
+    nodes = {n.metadata.name: n for n in (await k8s.CoreV1Api(kube[SOURCE]).list_node()).items}
+    for target in TARGETS:
+        virtual = nodes[f"admiralty-{target}"]
+        assert any(c.type == "Ready" and c.status == "True" for c in virtual.status.conditions)
+        assert virtual.status.allocatable["pods"] == "330"  # 3 kwok nodes x 110
+        assert any(t.key == "virtual-kubelet.io/provider" for t in virtual.spec.taints)
+    assert {f"c1-worker-{i}" for i in range(3)} <= set(nodes)
+
+
+async def test_scale_up_to_30_and_down_to_5(kube: dict[str, k8s.ApiClient], namespace: str) -> None:
+    await deploy_nginx(kube, namespace, 10)
+    await converged(kube, namespace, 10)
+    apps = k8s.AppsV1Api(kube[SOURCE])
+    await apps.patch_namespaced_deployment_scale("nginx", namespace, {"spec": {"replicas": 30}})
+    await converged(kube, namespace, 30)
+    await apps.patch_namespaced_deployment_scale("nginx", namespace, {"spec": {"replicas": 5}})
+    await converged(kube, namespace, 5)
+
+
+async def test_deleting_the_deployment_deletes_proxies_and_delegates(
+    kube: dict[str, k8s.ApiClient], namespace: str
+) -> None:
+    await deploy_nginx(kube, namespace, 6)
+    await converged(kube, namespace, 6)
+    await k8s.AppsV1Api(kube[SOURCE]).delete_namespaced_deployment("nginx", namespace)
+
+    async def all_gone() -> bool:
+        state = await observe(kube, namespace)
+        return not state.proxies and not any(state.delegates.values())
+
+    await eventually(all_gone, within=60)
+
+
+async def test_delegate_deleted_by_someone_else_is_replaced(kube: dict[str, k8s.ApiClient], namespace: str) -> None:
+    await deploy_nginx(kube, namespace, 4)
+    state = await converged(kube, namespace, 4)
+    target, victim = next((t, d) for t, pods in state.delegates.items() for d in pods)
+    await k8s.CoreV1Api(kube[target]).delete_namespaced_pod(victim["metadata"]["name"], namespace)
+
+    async def replaced() -> bool:
+        pods = await list_pods(kube[target], namespace, field_selector=f"metadata.name={victim['metadata']['name']}")
+        return any(p["metadata"]["uid"] != victim["metadata"]["uid"] for p in pods)
+
+    await eventually(replaced, within=60)
+    await converged(kube, namespace, 4)
+
+
+async def test_delegate_without_proxy_is_removed(kube: dict[str, k8s.ApiClient], namespace: str) -> None:
+    orphan = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "orphan-x7k2p", "labels": {
+            PARENT_CLUSTER_LABEL: SOURCE, PARENT_NAMESPACE_LABEL: namespace,
+            PARENT_NAME_LABEL: "orphan", PARENT_UID_LABEL: str(uuid.uuid4())}},
+        "spec": {"containers": [{"name": "c", "image": "nginx"}]},
+    }
+    core = k8s.CoreV1Api(kube["c2"])
+    await create_when_ready(lambda: core.create_namespaced_pod(namespace, orphan))
+
+    async def removed() -> bool:
+        return not await list_pods(kube["c2"], namespace, field_selector="metadata.name=orphan-x7k2p")
+
+    await eventually(removed, within=60)
+
+
+async def test_pod_that_fits_nowhere_waits_with_a_reason_then_is_placed(
+    kube: dict[str, k8s.ApiClient], namespace: str, pipeline: LocalEnvironment
+) -> None:
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "big", "annotations": {"multicluster.admiralty.io/elect": ""}},
+        "spec": {"containers": [{"name": "big", "image": "nginx", "resources": {"requests": {"cpu": "6"}}}]},
+    }
+    core = k8s.CoreV1Api(kube[SOURCE])
+    await create_when_ready(lambda: core.create_namespaced_pod(namespace, pod))
+
+    async def unschedulable() -> str | None:
+        proxy = await core.read_namespaced_pod("big", namespace)
+        condition = next((c for c in proxy.status.conditions or [] if c.type == "PodScheduled"), None)
+        if proxy.spec.node_name is None and condition and condition.status == "False":
+            return str(condition.reason) + ": " + str(condition.message)
+        return None
+
+    reason = await eventually(unschedulable, within=30)
+    assert reason.startswith("Unschedulable: 0/2 clusters are available")
+    assert "insufficient cpu" in reason
+
+    async def failed_scheduling_event() -> bool:
+        events = await core.list_namespaced_event(namespace, field_selector="involvedObject.name=big")
+        return any(e.reason == "FailedScheduling" for e in events.items)
+
+    await eventually(failed_scheduling_event, within=30)
+
+    big_node = "c2-worker-big"
+    await asyncio.to_thread(pipeline.cluster("c2").add_nodes, [big_node],
+                            {"cpu": "8", "memory": "32Gi", "pods": "110"})
+    try:
+        state = await converged(kube, namespace, 1, within=60)
+        assert state.proxies[0]["spec"]["nodeName"] == "admiralty-c2"
+        assert state.delegates["c2"][0]["spec"]["nodeName"] == big_node
+        await core.delete_namespaced_pod("big", namespace)
+        await converged(kube, namespace, 0)
+    finally:
+        await k8s.CoreV1Api(kube["c2"]).delete_node(big_node)
+
+
+async def test_malformed_elect_annotation_is_refused_with_a_clear_error(
+    kube: dict[str, k8s.ApiClient], namespace: str
+) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "odd", "annotations": {"multicluster.admiralty.io/elect": "maybe"}},
+           "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+    with pytest.raises(k8s.ApiException) as refused:
+        await create_when_ready(lambda: k8s.CoreV1Api(kube[SOURCE]).create_namespaced_pod(namespace, pod))
+    assert refused.value.status == 400
+    assert 'multicluster.admiralty.io/elect="maybe" is not understood' in refused.value.body
+
+
+@pytest.mark.parametrize("service", ["watcher", "proxy_scheduler", "candidate_scheduler", "feedback"])
+async def test_service_killed_while_placing_30_pods_converges(
+    kube: dict[str, k8s.ApiClient], namespace: str, pipeline: LocalEnvironment, service: str
+) -> None:
+    record = pipeline.processes.get(process_name(service, 0))
+    assert record is not None and record.alive()
+    await deploy_nginx(kube, namespace, 30)
+    await asyncio.sleep(0.3)  # let placement start, then pull the plug
+    pipeline.processes.stop(record.name, timeout=0, sig=signal.SIGKILL)
+    await asyncio.sleep(1.0)
+    start_service(pipeline, service, 0)
+    await converged(kube, namespace, 30, within=90)
