@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import uuid
 
@@ -84,6 +85,7 @@ async def test_delegate_without_proxy_is_removed(kube: dict[str, k8s.ApiClient],
         "spec": {"containers": [{"name": "c", "image": "nginx"}]},
     }
     core = k8s.CoreV1Api(kube["c2"])
+    await core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
     await create_when_ready(lambda: core.create_namespaced_pod(namespace, orphan))
 
     async def removed() -> bool:
@@ -142,7 +144,8 @@ async def test_malformed_elect_annotation_is_refused_with_a_clear_error(
     with pytest.raises(k8s.ApiException) as refused:
         await create_when_ready(lambda: k8s.CoreV1Api(kube[SOURCE]).create_namespaced_pod(namespace, pod))
     assert refused.value.status == 400
-    assert 'multicluster.admiralty.io/elect="maybe" is not understood' in refused.value.body
+    message = json.loads(refused.value.body)["message"]
+    assert 'multicluster.admiralty.io/elect="maybe" is not understood' in message
 
 
 @pytest.mark.parametrize("service", ["watcher", "proxy_scheduler", "candidate_scheduler", "feedback"])
