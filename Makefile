@@ -15,7 +15,8 @@ help:
 	@echo "make demo    - build tools if needed, start the local environment and show it"
 	@echo "make test    - lint, then unit, integration and end-to-end tests (starts its own environment)"
 	@echo "make tools   - build the control-plane tools into ~/.cache/multicluster-scheduler/tools"
-	@echo "make up      - start clusters ($(CLUSTERS)), NATS and Jaeger; make down stops them"
+	@echo "make up      - start clusters ($(CLUSTERS)), NATS, Jaeger and the four services (SERVICES=0: without them)"
+	@echo "make down    - stop everything make up started"
 	@echo "make status  - show what runs and where"
 
 $(VENV)/.installed: pyproject.toml
@@ -41,10 +42,8 @@ status: venv
 	@$(PY) -m localenv status
 
 demo: up
-	@echo "==> Clusters and their nodes"
-	@source <($(PY) -c 'import json,os;i=json.load(open(os.environ["MCS_LOCAL_DIR"]+"/env.json"));print(f"export KUBECONFIG={i[\"kubeconfig\"]} PATH={i[\"bin_dir\"]}:$$PATH")') && \
-	for ctx in $$(kubectl config get-contexts -o name); do \
-	  echo "--- kubectl --context $$ctx get nodes -o wide"; kubectl --context $$ctx get nodes -o wide; done
+	@echo "==> Admiralty's getting-started scenario: 10 elected nginx pods from c1 to c1 and c2"
+	@$(PY) -m localenv demo
 
 lint: venv
 	@echo "==> ruff and mypy"

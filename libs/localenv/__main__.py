@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import demo
 from .environment import LocalEnvironment
 from .services import start_services, write_config
 from .tools import main as build_tools
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")),
                     help="processes per service")
     sub.add_parser("down", help="stop everything this environment started")
+    sub.add_parser("demo", help="run Admiralty's getting-started scenario on the running environment")
     tools = sub.add_parser("tools", help="build the control-plane tools that are missing")
     tools.add_argument("--force", action="store_true")
     status = sub.add_parser("status", help="show what runs and where")
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"settings in {config})", flush=True)
         _print_usage(env)
         return 0
+    if args.command == "demo":
+        return demo.run(env)
     if args.command == "down":
         env.down()
         print(f"local environment in {env.root} stopped")

@@ -34,7 +34,7 @@ async def test_nodes_are_kwok_workers_named_after_their_cluster(
     kube: dict[str, k8s.ApiClient], env_info: EnvironmentInfo
 ) -> None:
     for name, api in kube.items():
-        nodes = (await k8s.CoreV1Api(api).list_node()).items
+        nodes = (await k8s.CoreV1Api(api).list_node(label_selector="type=kwok")).items
         assert sorted(n.metadata.name for n in nodes) == [f"{name}-worker-{i}" for i in range(3)]
         for node in nodes:
             ready = next(c for c in node.status.conditions if c.type == "Ready")

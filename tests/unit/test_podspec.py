@@ -1,0 +1,154 @@
+"""Elected pod -> proxy pod -> delegate pod -> mirrored status, as pure transforms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mcsched.admission import review, webhook_configuration
+from mcsched.constants import (
+    ELECT_ANNOTATION,
+    PARENT_UID_LABEL,
+    PROXY_FINALIZER,
+    PROXY_SCHEDULER_NAME,
+    SOURCE_MANIFEST_ANNOTATION,
+)
+from mcsched.podspec import (
+    ElectionError,
+    apply_patch,
+    delegate_manifest,
+    delegate_name,
+    election,
+    is_proxy,
+    mirrored_status,
+    parent_ref,
+    proxy_patch,
+    source_manifest,
+    status_differs,
+)
+
+
+def elected_pod(value: str = "") -> dict:
+    return {
+        "metadata": {"generateName": "nginx-5466f8ddf7-", "namespace": "default",
+                     "labels": {"app": "nginx", "pod-template-hash": "5466f8ddf7"},
+                     "annotations": {ELECT_ANNOTATION: value, "team": "web"}},
+        "spec": {
+            "containers": [{"name": "nginx", "image": "nginx",
+                            "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}},
+                            "volumeMounts": [{"name": "kube-api-access-abcde",
+                                              "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}],
+            "volumes": [{"name": "kube-api-access-abcde", "projected": {"sources": []}}],
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute",
+                             "tolerationSeconds": 300}],
+            "affinity": {"nodeAffinity": {}}, "priority": 0, "schedulerName": "default-scheduler",
+        },
+    }
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", True), ("true", True), ("TRUE", True), ("false", False)])
+def test_election_values(value: str, expected: bool) -> None:
+    assert election(elected_pod(value)) is expected
+
+
+def test_election_rejects_malformed_value_with_a_clear_message() -> None:
+    with pytest.raises(ElectionError, match='elect="yes please" is not understood'):
+        election(elected_pod("yes please"))
+
+
+def test_pod_without_annotation_is_not_elected() -> None:
+    assert election({"metadata": {}}) is False
+
+
+def test_proxy_patch_makes_a_proxy_and_keeps_the_original() -> None:
+    pod = elected_pod()
+    proxy = apply_patch(pod, proxy_patch(pod))
+    assert is_proxy(proxy)
+    assert proxy["spec"]["schedulerName"] == PROXY_SCHEDULER_NAME
+    assert proxy["spec"]["nodeSelector"] == {"type": "virtual-kubelet"}
+    assert "affinity" not in proxy["spec"]
+    assert PROXY_FINALIZER in proxy["metadata"]["finalizers"]
+    keys = [(t["key"], t.get("tolerationSeconds")) for t in proxy["spec"]["tolerations"]]
+    assert ("node.kubernetes.io/not-ready", 300) not in keys, "a 300s toleration would evict proxies"
+    assert ("node.kubernetes.io/not-ready", None) in keys
+    original = source_manifest(proxy)
+    assert original["spec"] == pod["spec"]
+    assert ELECT_ANNOTATION not in original["metadata"]["annotations"]
+    assert original["metadata"]["labels"] == pod["metadata"]["labels"]
+
+
+def test_proxy_patch_is_idempotent() -> None:
+    pod = elected_pod()
+    proxy = apply_patch(pod, proxy_patch(pod))
+    assert proxy_patch(proxy) == []
+
+
+def test_delegate_name_is_stable_and_kubernetes_like() -> None:
+    first = delegate_name("nginx-5466f8ddf7-4knlk", "uid-1")
+    assert first == delegate_name("nginx-5466f8ddf7-4knlk", "uid-1")
+    assert first != delegate_name("nginx-5466f8ddf7-4knlk", "uid-2")
+    assert first.startswith("nginx-5466f8ddf7-4knlk-") and len(first.rsplit("-", 1)[1]) == 5
+
+
+def test_delegate_manifest_from_original() -> None:
+    pod = elected_pod()
+    original = source_manifest(apply_patch(pod, proxy_patch(pod)))
+    owner = {"metadata": {"name": "default", "uid": "ns-uid"}}
+    delegate = delegate_manifest(original, source="c1", namespace="default", proxy_name="nginx-abc",
+                                 proxy_uid="u1", node="c2-worker-0", owner=owner)
+    spec, meta = delegate["spec"], delegate["metadata"]
+    assert meta["name"] == delegate_name("nginx-abc", "u1")
+    assert meta["labels"]["app"] == "nginx" and meta["labels"][PARENT_UID_LABEL] == "u1"
+    assert ELECT_ANNOTATION not in meta["annotations"]
+    assert meta["ownerReferences"][0]["kind"] == "Namespace" and meta["ownerReferences"][0]["controller"]
+    assert spec["nodeName"] == "c2-worker-0"
+    assert "priority" not in spec
+    assert "volumes" not in spec or not spec["volumes"]
+    assert "volumeMounts" not in spec["containers"][0]
+    assert spec["schedulerName"] == "default-scheduler"
+    assert parent_ref(delegate) == ("c1", "default", "nginx-abc", "u1")
+
+
+def test_delegate_without_node_is_left_to_the_target_scheduler() -> None:
+    delegate = delegate_manifest({"metadata": {}, "spec": {"containers": []}}, source="c1", namespace="n",
+                                 proxy_name="p", proxy_uid="u", node=None)
+    assert "nodeName" not in delegate["spec"] and "ownerReferences" not in delegate["metadata"]
+
+
+def test_mirrored_status_and_difference() -> None:
+    status = {"phase": "Running", "podIP": "10.17.0.2", "podIPs": [{"ip": "10.17.0.2"}], "qosClass": "Burstable",
+              "conditions": [{"type": "Ready", "status": "True"}]}
+    mirrored = mirrored_status(status)
+    assert mirrored["podIP"] == "10.17.0.2" and "qosClass" not in mirrored
+    assert status_differs({"phase": "Pending"}, mirrored)
+    assert not status_differs(dict(status), mirrored)
+
+
+def admission_review(pod: dict) -> dict:
+    return {"request": {"uid": "r1", "kind": {"kind": "Pod"}, "operation": "CREATE", "namespace": "default",
+                        "object": pod}}
+
+
+def test_review_patches_elected_pods() -> None:
+    answer = review(admission_review(elected_pod()))["response"]
+    assert answer["allowed"] and answer["uid"] == "r1" and answer["patchType"] == "JSONPatch"
+
+
+def test_review_refuses_malformed_annotation() -> None:
+    answer = review(admission_review(elected_pod("maybe")))["response"]
+    assert not answer["allowed"] and "not understood" in answer["status"]["message"]
+
+
+def test_review_leaves_other_pods_alone() -> None:
+    answer = review(admission_review({"metadata": {"name": "x"}, "spec": {}}))["response"]
+    assert answer == {"uid": "r1", "allowed": True}
+
+
+def test_webhook_configuration_selects_enabled_namespaces_and_elected_pods() -> None:
+    config = webhook_configuration("https://127.0.0.1:8443/mutate-pods", b"CA", "Fail", 5)
+    hook = config["webhooks"][0]
+    assert hook["namespaceSelector"] == {"matchLabels": {"multicluster-scheduler": "enabled"}}
+    assert ELECT_ANNOTATION in hook["matchConditions"][0]["expression"]
+    assert hook["failurePolicy"] == "Fail" and json.dumps(config)
+    assert SOURCE_MANIFEST_ANNOTATION.startswith("multicluster.admiralty.io/")
