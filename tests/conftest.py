@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.config import new_client_from_config
+
 from localenv import EnvironmentInfo, LocalEnvironment
 
 REPO = Path(__file__).resolve().parent.parent

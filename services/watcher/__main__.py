@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from aiohttp import web
+
 from mcsched import pki
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, webhook_configuration
 from mcsched.constants import PROXY_SCHEDULER_NAME

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from kubernetes_asyncio import client as k8s
+
 from localenv import LocalEnvironment
 from localenv.services import start_services, stop_services, write_config
 from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
-
 from tests.e2e.pipeline import SOURCE, wait_virtual_nodes_ready
 
 

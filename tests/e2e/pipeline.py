@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes_asyncio import client as k8s
+
 from mcsched.constants import ELECT_ANNOTATION, PARENT_UID_LABEL, PROXY_SCHEDULER_NAME, SOURCE_MANIFEST_ANNOTATION
 from mcsched.podspec import delegate_name
-
 from tests.helpers import eventually
 
 SOURCE = "c1"

@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 from kubernetes_asyncio import client as k8s
+
 from localenv import LocalEnvironment
 from localenv.services import process_name, start_service
 from mcsched.constants import PARENT_CLUSTER_LABEL, PARENT_NAME_LABEL, PARENT_NAMESPACE_LABEL, PARENT_UID_LABEL
-
 from tests.e2e.pipeline import SOURCE, TARGETS, converged, create_when_ready, list_pods, nginx_deployment, observe
 from tests.helpers import eventually
 

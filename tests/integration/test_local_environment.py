@@ -11,14 +11,14 @@ import nats
 import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
-from localenv import EnvironmentInfo, LocalEnvironment
-from localenv.tools import KUBERNETES_VERSION
 from nats.js.api import StreamConfig
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from localenv import EnvironmentInfo, LocalEnvironment
+from localenv.tools import KUBERNETES_VERSION
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration

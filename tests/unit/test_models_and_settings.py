@@ -75,5 +75,5 @@ def test_settings_from_yaml_file_and_environment(tmp_path: Path, monkeypatch: py
 
 def test_settings_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MCS_CONFIG", "/nonexistent/mcs.yaml")
-    with pytest.raises(FileNotFoundError, match="MCS_CONFIG names /nonexistent/mcs.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"MCS_CONFIG names /nonexistent/mcs\.yaml"):
         Settings()
