@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import demo
 from .environment import LocalEnvironment
-from .services import start_services, write_config
+from .services import start_services, wait_services_ready, write_config
 from .tools import main as build_tools
 
 DEFAULT_ROOT = Path(os.environ.get("MCS_LOCAL_DIR", ".local"))
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_services:
             config = write_config(env)
             start_services(env, replicas=args.replicas)
+            wait_services_ready(env)
             print(f"started watcher, proxy-scheduler, candidate-scheduler, feedback ({args.replicas} each; "
                   f"settings in {config})", flush=True)
         _print_usage(env)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,29 @@ def start_services(env: LocalEnvironment, replicas: int = 1) -> None:
     for service in SERVICES:
         for replica in range(replicas):
             start_service(env, service, replica)
+
+
+def wait_services_ready(env: LocalEnvironment, timeout: float = 60.0) -> None:
+    """Wait until every source has the webhook registered and its virtual nodes Ready."""
+    config = json.loads((env.root / "mcs.yaml").read_text())
+    sources = [c["name"] for c in config["clusters"] if c["source"]]
+    targets = [c["name"] for c in config["clusters"] if c["target"]]
+    deadline = time.monotonic() + timeout
+    for source in sources:
+        cluster = env.cluster(source)
+        while True:
+            try:
+                cluster.kubectl("get", "mutatingwebhookconfiguration", "multicluster-scheduler")
+                cluster.kubectl("wait", "--for=condition=Ready", "--timeout=2s",
+                                *(f"node/admiralty-{t}" for t in targets))
+                break
+            except RuntimeError as exc:
+                for record in env.processes.load():
+                    if record.name.startswith("svc-") and not record.alive():
+                        raise RuntimeError(f"{record.name} exited; see {record.log}") from exc
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"services not ready in {source} after {timeout:.0f}s: {exc}") from exc
+                time.sleep(0.5)
 
 
 def stop_services(env: LocalEnvironment) -> None:

@@ -9,7 +9,7 @@ import pytest
 from kubernetes_asyncio import client as k8s
 
 from localenv import LocalEnvironment
-from localenv.services import start_services, stop_services, write_config
+from localenv.services import start_services, stop_services, wait_services_ready, write_config
 from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
 from tests.e2e.pipeline import SOURCE, wait_virtual_nodes_ready
 
@@ -19,6 +19,7 @@ def pipeline(local_env: LocalEnvironment) -> Iterator[LocalEnvironment]:
     """The services (one replica each), with a short resync so repairs are quick to observe."""
     write_config(local_env, resync_seconds=3.0)
     start_services(local_env)
+    wait_services_ready(local_env)
     try:
         yield local_env
     finally:
