@@ -24,8 +24,12 @@ JSON = dict[str, Any]
 
 
 async def list_pods(api: k8s.ApiClient, namespace: str, **selectors: str) -> list[JSON]:
-    """Pods as plain JSON dicts (camelCase, as the API server sends them)."""
-    response = await k8s.CoreV1Api(api).list_namespaced_pod(namespace, _preload_content=False, **selectors)
+    """Pods as plain JSON dicts (camelCase, as the API server sends them); "" lists every namespace."""
+    core = k8s.CoreV1Api(api)
+    if namespace:
+        response = await core.list_namespaced_pod(namespace, _preload_content=False, **selectors)
+    else:
+        response = await core.list_pod_for_all_namespaces(_preload_content=False, **selectors)
     body: JSON = await response.json()
     return list(body["items"])
 

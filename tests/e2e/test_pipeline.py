@@ -160,3 +160,32 @@ async def test_service_killed_while_placing_30_pods_converges(
     await asyncio.sleep(1.0)
     start_service(pipeline, service, 0)
     await converged(kube, namespace, 30, within=90)
+
+
+async def test_two_replicas_of_every_stage_place_each_pod_once_without_overcommit(
+    kube: dict[str, k8s.ApiClient], namespace: str, pipeline: LocalEnvironment
+) -> None:
+    for service in ("watcher", "proxy_scheduler", "candidate_scheduler", "feedback"):
+        start_service(pipeline, service, 1)
+    try:
+        # 40 pods of 250m on 6 nodes of 3900m: enough pressure that a double booking would show.
+        apps = k8s.AppsV1Api(kube[SOURCE])
+        await create_when_ready(lambda: apps.create_namespaced_deployment(namespace, nginx_deployment(40, "250m")))
+        await converged(kube, namespace, 40, within=90)
+        for target in TARGETS:
+            pods = await list_pods(kube[target], "")
+            requested: dict[str, int] = {}
+            for pod in pods:
+                node = pod["spec"].get("nodeName")
+                if node and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+                    cpu = sum(int(c.get("resources", {}).get("requests", {}).get("cpu", "0").rstrip("m") or 0)
+                              for c in pod["spec"]["containers"])
+                    requested[node] = requested.get(node, 0) + cpu
+            for node, milli in requested.items():
+                if node.startswith(f"{target}-worker-") and node != "c2-worker-big":
+                    assert milli <= 3900, f"{target}/{node} over-committed: {milli}m requested"
+        await apps.delete_namespaced_deployment("nginx", namespace)
+        await converged(kube, namespace, 0)
+    finally:
+        for service in ("watcher", "proxy_scheduler", "candidate_scheduler", "feedback"):
+            pipeline.processes.stop(process_name(service, 1))
