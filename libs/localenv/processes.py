@@ -13,8 +13,9 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ProcessRecord:
     argv: list[str]
     start_ticks: int
     log: str
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the ports a service listens on
 
     def alive(self) -> bool:
         return _start_ticks(self.pid) == self.start_ticks
@@ -71,7 +73,7 @@ class ProcessTable:
         return next((r for r in self.load() if r.name == name), None)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> ProcessRecord:
+              cwd: Path | None = None, meta: dict[str, Any] | None = None) -> ProcessRecord:
         """Start ``argv`` in the background and record it under ``name``."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
@@ -86,7 +88,7 @@ class ProcessTable:
             if ticks is not None:
                 break
             time.sleep(0.01)
-        record = ProcessRecord(name, proc.pid, argv, ticks or 0, str(log_path))
+        record = ProcessRecord(name, proc.pid, argv, ticks or 0, str(log_path), meta or {})
         records = [r for r in self.load() if r.name != name]
         self._save([*records, record])
         return record

@@ -46,11 +46,12 @@ def process_name(service: str, replica: int) -> str:
 
 def start_service(env: LocalEnvironment, service: str, replica: int = 0) -> None:
     config = env.root / "mcs.yaml"
-    environ = dict(os.environ, MCS_CONFIG=str(config), PYTHONUNBUFFERED="1")
+    metrics_port = free_port()
+    environ = dict(os.environ, MCS_CONFIG=str(config), PYTHONUNBUFFERED="1", MCS_METRICS_PORT=str(metrics_port))
     if service == "watcher" and replica > 0:
         environ["MCS_WEBHOOK__ENABLED"] = "false"  # one webhook endpoint per environment
     env.processes.start(process_name(service, replica), [sys.executable, "-m", f"services.{service}"],
-                        env=environ)
+                        env=environ, meta={"metrics_url": f"http://127.0.0.1:{metrics_port}"})
 
 
 def start_services(env: LocalEnvironment, replicas: int = 1) -> None:

@@ -36,7 +36,7 @@ def _response(uid: str, allowed: bool, patch: list[dict[str, Any]] | None = None
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
-def review(admission_review: Mapping[str, Any]) -> dict[str, Any]:
+def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
     request = admission_review.get("request") or {}
     uid = str(request.get("uid", ""))
     pod = request.get("object") or {}
@@ -50,7 +50,7 @@ def review(admission_review: Mapping[str, Any]) -> dict[str, Any]:
         return _response(uid, False, message=str(exc))
     if not elected:
         return _response(uid, True)
-    return _response(uid, True, proxy_patch(pod))
+    return _response(uid, True, proxy_patch(pod, extra_annotations))
 
 
 def webhook_configuration(url: str, ca_bundle_pem: bytes, failure_policy: str,

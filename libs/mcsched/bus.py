@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -29,6 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from .models import Message, SchemaError, decode
+from .telemetry import CONSUMER_LAG, MESSAGES_FAILED, MESSAGES_HANDLED, subject_kind
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,6 @@ class Bus:
     def __init__(self, url: str, prefix: str, client_name: str) -> None:
         self.url, self.prefix, self.client_name = url, prefix, client_name
         self.nc: NATS | None = None
-        self.handled: dict[str, int] = {}
-        self.failed: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- naming ------------------------------------------------------------------
@@ -188,9 +188,9 @@ class Bus:
                 answer = await handler(decode(msg.data, model))
                 if msg.reply:  # fire-and-forget notifications have nobody to answer
                     await msg.respond(answer.encode())
-                self._count(self.handled, subject)
+                self._count(True, subject)
             except Exception:
-                self._count(self.failed, subject)
+                self._count(False, subject)
                 log.exception("request on %s failed", msg.subject)
             finally:
                 otel_context.detach(token)
@@ -218,7 +218,15 @@ class Bus:
             except (TimeoutError, NotFoundError, NatsTimeoutError, OSError) as exc:
                 log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
                 await asyncio.sleep(1)
+        lag_checked = 0.0
         while True:
+            if time.monotonic() - lag_checked > 5:
+                lag_checked = time.monotonic()
+                try:
+                    info = await sub.consumer_info()
+                    CONSUMER_LAG.labels(durable).set(info.num_pending or 0)
+                except Exception:  # lag is advice; fetching goes on regardless
+                    pass
             try:
                 messages = await sub.fetch(batch, timeout=5)
             except (TimeoutError, NatsTimeoutError):
@@ -236,7 +244,7 @@ class Bus:
                 message = decode(msg.data, model)
             except (SchemaError, ValueError) as exc:
                 log.error("dropping unreadable message on %s: %s", msg.subject, exc)
-                self._count(self.failed, msg.subject)
+                self._count(False, msg.subject)
                 await msg.term()
                 return
             try:
@@ -247,10 +255,10 @@ class Bus:
                 log.warning("handling %s on %s failed (attempt %d, retry in %.1fs): %s",
                             type(message).__name__, msg.subject, deliveries, delay, exc,
                             exc_info=not isinstance(exc, (OSError, asyncio.TimeoutError)))
-                self._count(self.failed, msg.subject)
+                self._count(False, msg.subject)
                 await msg.nak(delay=delay)
                 return
-            self._count(self.handled, msg.subject)
+            self._count(True, msg.subject)
             if outcome.ack:
                 await msg.ack()
             else:
@@ -261,8 +269,8 @@ class Bus:
             otel_context.detach(token)
 
     @staticmethod
-    def _count(counter: dict[str, int], subject: str) -> None:
-        counter[subject] = counter.get(subject, 0) + 1
+    def _count(ok: bool, subject: str) -> None:
+        (MESSAGES_HANDLED if ok else MESSAGES_FAILED).labels(subject_kind(subject)).inc()
 
 
 def describe(exc: BaseException) -> str:

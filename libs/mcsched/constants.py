@@ -19,6 +19,7 @@ PROXY_SCHEDULER_NAME = "admiralty-proxy"
 SOURCE_MANIFEST_ANNOTATION = f"{DOMAIN}/sourcepod-manifest"
 PROXY_FINALIZER = f"{DOMAIN}/multiclusterForegroundDeletion"
 TRACE_ID_ANNOTATION = f"{DOMAIN}/trace-id"
+TRACEPARENT_ANNOTATION = f"{DOMAIN}/traceparent"
 
 # What a delegate pod carries (labels, so they can be selected).
 PARENT_CLUSTER_LABEL = f"{DOMAIN}/parent-cluster"

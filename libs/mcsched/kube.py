@@ -23,6 +23,7 @@ from kubernetes_asyncio.config import load_incluster_config, load_kube_config
 
 from .constants import FIELD_MANAGER
 from .settings import ClusterSettings
+from .telemetry import API_REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class KubeClient:
                    body: Any = None, content_type: str = "application/json",
                    timeout: float | None = 30.0) -> aiohttp.ClientResponse:
         self.requests += 1
+        API_REQUESTS.labels(self.name, method).inc()
         query = [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (params or {}).items()]
         response: aiohttp.ClientResponse = await self.api.call_api(
             path, method, query_params=query,

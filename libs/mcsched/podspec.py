@@ -90,8 +90,11 @@ PROXY_TOLERATIONS = [
 ]
 
 
-def proxy_patch(pod: Mapping[str, Any]) -> list[JSON]:
-    """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy already)."""
+def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None) -> list[JSON]:
+    """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy already).
+
+    ``extra_annotations`` (e.g. the pod's trace context) are added to the proxy only.
+    """
     if is_proxy(pod):
         return []
     metadata, spec = pod.get("metadata", {}), pod.get("spec", {})
@@ -104,6 +107,7 @@ def proxy_patch(pod: Mapping[str, Any]) -> list[JSON]:
         "spec": spec,
     }
     annotations = dict(metadata.get("annotations") or {})
+    annotations.update(extra_annotations or {})
     annotations[SOURCE_MANIFEST_ANNOTATION] = json.dumps(original, separators=(",", ":"), sort_keys=True)
     finalizers = list(metadata.get("finalizers") or [])
     if PROXY_FINALIZER not in finalizers:
@@ -154,7 +158,8 @@ def _is_service_account_volume(volume: Mapping[str, Any]) -> bool:
 
 
 def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: str, proxy_name: str,
-                      proxy_uid: str, node: str | None, owner: Mapping[str, Any] | None = None) -> JSON:
+                      proxy_uid: str, node: str | None, owner: Mapping[str, Any] | None = None,
+                      extra_annotations: Mapping[str, str] | None = None) -> JSON:
     """The delegate pod for a target, built from the proxy's original manifest.
 
     Fields the target's admission would refuse or add again are removed: the
@@ -186,6 +191,7 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
         PARENT_NAME_LABEL: proxy_name[:63].rstrip("-_."), PARENT_UID_LABEL: proxy_uid,
     })
     annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k != ELECT_ANNOTATION}
+    annotations.update(extra_annotations or {})
     meta: JSON = {"name": delegate_name(proxy_name, proxy_uid), "namespace": namespace,
                   "labels": labels, "annotations": annotations}
     if owner is not None:

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from .bus import Bus
 from .kube import Informer, KubeClient
 from .settings import Settings, load_settings
+from .telemetry import setup_tracing, start_http
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,25 @@ async def _main(service: str, settings: Settings, compose: Callable[[Runtime], A
         connecting.cancel()
         return
     await bus.ensure_streams()
+    provider = setup_tracing(service, settings.otlp_endpoint)
     clusters: dict[str, KubeClient] = {}
     for cluster in settings.clusters:
         clusters[cluster.name] = await KubeClient.connect(cluster)
     runtime = Runtime(service, settings, bus, clusters, informers)
+    if settings.metrics_port:
+        http = await start_http(settings.metrics_port, lambda: not_ready(bus, informers))
+        runtime.closers.append(http.cleanup)
     await compose(runtime)
     log.info("%s running (sources: %s, targets: %s)", service, ",".join(settings.source_names),
              ",".join(settings.target_names))
     await stop.wait()
     log.info("%s stopping", service)
     await runtime.close()
+    if provider is not None:
+        provider.shutdown()  # flush the spans still buffered
+
+
+def not_ready(bus: Bus, informers: list[Informer]) -> list[str]:
+    problems = [] if bus.connected else [f"NATS at {bus.url} not connected"]
+    problems += [f"cache {i.name} cannot reach its API server" for i in informers if not i.healthy]
+    return problems

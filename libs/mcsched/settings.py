@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     serve_targets: list[str] | None = Field(
         None, description="targets this candidate-scheduler serves (default: all targets)")
     otlp_endpoint: str | None = Field(None, description="OTLP gRPC endpoint for traces, e.g. localhost:4317")
-    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_port: int | None = Field(9090, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 or null: off")
     log_level: str = "INFO"
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 

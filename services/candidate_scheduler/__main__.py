@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+from opentelemetry import trace
+
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.capacity import TargetView
 from mcsched.kube import JSON, KubeError
@@ -20,6 +22,7 @@ from mcsched.placement import Resources, choose_node, pod_requests, target_score
 from mcsched.podspec import delegate_manifest
 from mcsched.reservations import Reservation, ReservationBook, reserved_per_node
 from mcsched.runtime import Runtime, run_service
+from mcsched.telemetry import trace_annotations, tracer
 
 log = logging.getLogger("candidate-scheduler")
 
@@ -63,6 +66,13 @@ class TargetScheduler:
         return reservation, target_score(free_after, allocatable), ""
 
     async def on_candidate(self, request: CandidateRequest) -> Message:
+        with tracer.start_as_current_span(f"candidate {self.target}", attributes={"pod": str(request.proxy)}) as span:
+            reply = await self._candidate(request)
+            span.set_attributes({"fits": reply.fits, "node": reply.node or "", "score": reply.score,
+                                 "reason": reply.reason})
+            return reply
+
+    async def _candidate(self, request: CandidateRequest) -> CandidateReply:
         if not self.view.ready:
             return CandidateReply(target=self.target, fits=False,
                                   reason=f"cluster {self.target} is unreachable or not yet synced")
@@ -99,6 +109,10 @@ class TargetScheduler:
         return namespace
 
     async def on_delegate(self, request: DelegateRequest) -> Outcome:
+        with tracer.start_as_current_span(f"create delegate in {self.target}", attributes={"pod": str(request.proxy)}):
+            return await self._delegate(request)
+
+    async def _delegate(self, request: DelegateRequest) -> Outcome:
         proxy = request.proxy
         if proxy.uid in self.view.delegates:
             return ACK
@@ -114,7 +128,9 @@ class TargetScheduler:
                             self.target, proxy, reason, self.target)
         namespace = await self._namespace(proxy.namespace)
         manifest = delegate_manifest(request.manifest, source=proxy.cluster, namespace=proxy.namespace,
-                                     proxy_name=proxy.name, proxy_uid=proxy.uid, node=node, owner=namespace)
+                                     proxy_name=proxy.name, proxy_uid=proxy.uid, node=node, owner=namespace,
+                                     extra_annotations=trace_annotations())
+        trace.get_current_span().set_attributes({"delegate": manifest["metadata"]["name"], "node": node or ""})
         try:
             await self.client.create(f"/api/v1/namespaces/{proxy.namespace}/pods", manifest)
         except KubeError as exc:

@@ -40,6 +40,7 @@ from mcsched.kube import JSON, Informer, KubeError, pod_path
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.podspec import delegate_name, mirrored_status, parent_ref, source_manifest, status_differs
 from mcsched.runtime import Runtime, periodic, run_service
+from mcsched.telemetry import observe_since_creation, pod_trace, tracer
 from mcsched.workqueue import WorkQueue
 
 log = logging.getLogger("feedback")
@@ -102,7 +103,8 @@ class Feedback:
         status = mirrored_status(delegate.get("status") or {})
         if old is not None and mirrored_status(old.get("status") or {}) == status:
             return
-        await self._publish_status(target, ref, delegate)
+        with pod_trace(delegate):
+            await self._publish_status(target, ref, delegate)
 
     async def _publish_status(self, target: str, ref: PodRef, delegate: JSON, epoch: int | None = None) -> None:
         meta = delegate["metadata"]
@@ -135,8 +137,12 @@ class Feedback:
         # Mirror the delegate as it is now (order-free); the message's copy if the cache has not seen it.
         wanted = mirrored_status(delegate.get("status") or {}) if delegate else update.status
         if status_differs(proxy.get("status") or {}, wanted):
-            await self.rt.clusters[ref.cluster].merge_patch(pod_path(ref.namespace, ref.name, "status"),
-                                                            {"status": wanted})
+            with tracer.start_as_current_span("mirror status", attributes={
+                    "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
+                await self.rt.clusters[ref.cluster].merge_patch(pod_path(ref.namespace, ref.name, "status"),
+                                                                {"status": wanted})
+            if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
+                observe_since_creation("proxy_running", proxy)
         return ACK
 
     # -- deletion and repair -----------------------------------------------------

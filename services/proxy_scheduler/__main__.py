@@ -16,6 +16,8 @@ import hashlib
 import logging
 from datetime import UTC, datetime
 
+from opentelemetry import trace
+
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.constants import PROXY_SCHEDULER_NAME, target_of_virtual_node, virtual_node_name
 from mcsched.events import EventRecorder
@@ -23,6 +25,7 @@ from mcsched.kube import JSON, Informer, KubeError, pod_path
 from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
 from mcsched.podspec import source_manifest
 from mcsched.runtime import Runtime, run_service
+from mcsched.telemetry import observe_since_creation, tracer
 
 log = logging.getLogger("proxy-scheduler")
 
@@ -58,11 +61,22 @@ class ProxyScheduler:
         await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request, f"delegate:{ref.uid}")
 
     async def _ask(self, target: str, request: CandidateRequest) -> tuple[str, CandidateReply | None]:
-        reply = await self.rt.bus.request(self.rt.bus.subject("candidate", target), request, CandidateReply,
-                                          self.rt.settings.candidate_timeout_seconds)
+        with tracer.start_as_current_span(f"ask {target}", attributes={"target": target}) as span:
+            reply = await self.rt.bus.request(self.rt.bus.subject("candidate", target), request, CandidateReply,
+                                              self.rt.settings.candidate_timeout_seconds)
+            if reply is None:
+                span.set_attributes({"fits": False, "reason": "no candidate-scheduler answered"})
+            else:
+                span.set_attributes({"fits": reply.fits, "node": reply.node or "", "score": reply.score,
+                                     "reason": reply.reason})
         return target, reply
 
     async def on_elect(self, message: ElectMessage) -> Outcome:
+        with tracer.start_as_current_span("schedule proxy", attributes={"pod": str(message.proxy),
+                                                                        "reason": message.reason}):
+            return await self._schedule(message)
+
+    async def _schedule(self, message: ElectMessage) -> Outcome:
         ref = message.proxy
         if ref.cluster not in self.proxies:
             log.error("elect message for unknown source %s; dropping", ref.cluster)
@@ -85,6 +99,8 @@ class ProxyScheduler:
         if not fitting:
             return await self._unschedulable(ref, pod, answers)
         best = max(fitting, key=lambda r: (round(r.score, 3), _tie_break(ref.uid, r.target)))
+        trace.get_current_span().set_attributes({"target": best.target, "node": best.node or "",
+                                                 "score": best.score})
         for other in fitting:
             if other is not best:
                 await self.rt.bus.notify(self.rt.bus.subject("release", other.target),
@@ -101,7 +117,9 @@ class ProxyScheduler:
                    "target": {"apiVersion": "v1", "kind": "Node", "name": virtual_node_name(target)}}
         client = self.rt.clusters[ref.cluster]
         try:
-            await client.create(pod_path(ref.namespace, ref.name, "binding"), binding)
+            with tracer.start_as_current_span("bind proxy", attributes={"node": virtual_node_name(target)}):
+                await client.create(pod_path(ref.namespace, ref.name, "binding"), binding)
+            observe_since_creation("proxy_bound", pod)
         except KubeError as exc:
             if not exc.conflict:
                 raise
@@ -121,6 +139,7 @@ class ProxyScheduler:
         reasons = [f"{target}: {reply.reason if reply else 'no candidate-scheduler answered'}"
                    for target, reply in sorted(answers.items())]
         message = f"0/{len(answers)} clusters are available: " + "; ".join(reasons)
+        trace.get_current_span().set_attributes({"unschedulable": True, "reason": message})
         client = self.rt.clusters[ref.cluster]
         conditions = pod.get("status", {}).get("conditions") or []
         current = next((c for c in conditions if c.get("type") == "PodScheduled"), None)

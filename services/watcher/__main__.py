@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from aiohttp import web
+from opentelemetry import context as otel_context
 
 from mcsched import pki
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, webhook_configuration
@@ -27,6 +28,7 @@ from mcsched.kube import JSON, KubeError
 from mcsched.models import ElectMessage, PodRef
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
+from mcsched.telemetry import pod_trace, trace_annotations, tracer
 
 log = logging.getLogger("watcher")
 
@@ -57,7 +59,14 @@ async def start_webhook(rt: Runtime) -> None:
     context, ca_bundle = _serving_material(settings, url)
 
     async def mutate(request: web.Request) -> web.Response:
-        return web.json_response(review(await request.json()))
+        body = await request.json()
+        pod = (body.get("request") or {}).get("object") or {}
+        meta = pod.get("metadata") or {}
+        # A new trace per elected pod starts here; its context rides on the proxy's annotations.
+        with tracer.start_as_current_span("admit pod", context=otel_context.Context(), attributes={
+                "k8s.namespace": str((body.get("request") or {}).get("namespace", "")),
+                "k8s.pod.generate_name": str(meta.get("generateName") or meta.get("name") or "")}):
+            return web.json_response(review(body, trace_annotations()))
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -99,8 +108,9 @@ class ElectPublisher:
     async def publish(self, source: str, pod: JSON, reason: str, msg_id: str) -> None:
         meta = pod["metadata"]
         ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
-        await self.rt.bus.publish(self.rt.bus.subject("elect", source), ElectMessage(proxy=ref, reason=reason),
-                                  msg_id)  # type: ignore[arg-type]
+        with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(ref)}):
+            await self.rt.bus.publish(self.rt.bus.subject("elect", source),
+                                      ElectMessage(proxy=ref, reason=reason), msg_id)  # type: ignore[arg-type]
         self.published[meta["uid"]] = msg_id
 
     async def on_event(self, source: str, kind: str, pod: JSON) -> None:
