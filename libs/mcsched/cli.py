@@ -102,13 +102,13 @@ class Operator:
             pods = (await self._get(name, path, fieldSelector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}"))["items"]
             for pod in pods:
                 meta = pod["metadata"]
-                target, delegate = delegates.get(meta["uid"], (None, None))
+                where, delegate = delegates.get(meta["uid"], (None, None))
                 rows.append({
                     "source": name, "namespace": meta["namespace"], "name": meta["name"],
                     "target": target_of_virtual_node(pod["spec"].get("nodeName")),
                     "phase": pod.get("status", {}).get("phase"),
                     "delegate": delegate["metadata"]["name"] if delegate else None,
-                    "delegate_cluster": target,
+                    "delegate_cluster": where,
                     "delegate_node": delegate["spec"].get("nodeName") if delegate else None,
                     "delegate_phase": delegate.get("status", {}).get("phase") if delegate else None,
                 })
