@@ -9,7 +9,7 @@ CLUSTERS ?= c1,c2
 NODES ?= 3
 export MCS_LOCAL_DIR ?= $(CURDIR)/.local
 
-.PHONY: help venv tools up down status demo test unit integration e2e lint clean
+.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench
 
 help:
 	@echo "make demo    - build tools if needed, start the local environment and show it"
@@ -18,6 +18,7 @@ help:
 	@echo "make up      - start clusters ($(CLUSTERS)), NATS, Jaeger and the four services (SERVICES=0: without them)"
 	@echo "make down    - stop everything make up started"
 	@echo "make status  - show what runs and where"
+	@echo "make bench   - benchmark (BENCH_PODS=200 for a quick run); results in .local/bench/"
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> Python environment in $(VENV)"
@@ -44,6 +45,10 @@ status: venv
 demo: up
 	@echo "==> Admiralty's getting-started scenario: 10 elected nginx pods from c1 to c1 and c2"
 	@$(PY) -m localenv demo
+
+bench: tools
+	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline then the pipeline (1 and 2 replicas per stage)"
+	@$(PY) -m localenv bench
 
 lint: venv
 	@echo "==> ruff and mypy"

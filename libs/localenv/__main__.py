@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")),
                     help="processes per service")
     sub.add_parser("down", help="stop everything this environment started")
+    sub.add_parser("bench", help="benchmark placement against plain scheduling (BENCH_PODS, BENCH_CLUSTERS)")
     sub.add_parser("demo", help="run Admiralty's getting-started scenario on the running environment")
     tools = sub.add_parser("tools", help="build the control-plane tools that are missing")
     tools.add_argument("--force", action="store_true")
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main()
     if args.command == "tools":
         build_tools(["--force"] if args.force else [])
         return 0

@@ -1,0 +1,385 @@
+"""``make bench``: how fast elected pods go from created to Running, against plain scheduling.
+
+Each scenario starts a fresh local environment (clusters ``c1..cM``, every one
+a target, ``c1`` the source; ``BENCH_NODES`` kwok nodes each), creates
+``BENCH_PODS`` pods, half through Deployments and half as bare pods, and
+times every step from the API servers' watch events as this process receives
+them:
+
+    created -> proxy bound to a virtual node -> delegate created -> delegate Running -> proxy Running
+
+The baseline is the same pods without the elect annotation, scheduled by
+kube-scheduler onto c1's kwok nodes. Scenarios: the baseline, the pipeline
+with one replica per stage, and with two replicas of each stage in turn.
+Results go to ``.local/bench/latest.json`` and a PNG of the latency
+distributions beside it; the previous ``latest.json`` becomes ``previous.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mcsched.constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL
+from mcsched.kube import JSON, Informer, KubeClient
+from mcsched.settings import ClusterSettings
+
+from .environment import LocalEnvironment
+from .services import SERVICES, start_service, start_services, wait_services_ready, write_config
+
+STEPS = ("proxy_bound", "delegate_created", "delegate_running", "proxy_running")
+BASELINE_STEPS = ("bound", "running")
+NAMESPACE = "bench"
+
+
+@dataclass
+class PodTimes:
+    created: float
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, step: str, when: float) -> None:
+        self.marks.setdefault(step, when)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1],
+            "mean": statistics.fmean(ordered)}
+
+
+def pod_manifest(name: str | None, elected: bool, labels: dict[str, str]) -> JSON:
+    metadata: JSON = {"labels": labels}
+    if name:
+        metadata["name"] = name
+    if elected:
+        metadata["annotations"] = {ELECT_ANNOTATION: ""}
+    return {"metadata": metadata, "spec": {"containers": [{
+        "name": "app", "image": "nginx", "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}}
+
+
+class Scenario:
+    """One timed run: create the pods, watch every step, stop when all are Running."""
+
+    def __init__(self, env: LocalEnvironment, pods: int, elected: bool) -> None:
+        self.env, self.pods, self.elected = env, pods, elected
+        self.times: dict[str, PodTimes] = {}  # proxy (or pod) uid -> times
+        self.by_name: dict[str, str] = {}
+        self.done = asyncio.Event()
+        self.clients: dict[str, KubeClient] = {}
+
+    async def _client(self, name: str) -> KubeClient:
+        info = self.env.info()
+        return await KubeClient.connect(ClusterSettings(name=name, kubeconfig=Path(info.kubeconfig), context=name))
+
+    def _on_source(self, kind: str, pod: JSON, _old: JSON | None) -> None:
+        if kind == "DELETED":
+            return
+        now = time.monotonic()
+        uid = pod["metadata"]["uid"]
+        times = self.times.setdefault(uid, PodTimes(now))
+        self.by_name[f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"] = uid
+        if pod["spec"].get("nodeName"):
+            times.mark("proxy_bound" if self.elected else "bound", now)
+        if pod.get("status", {}).get("phase") == "Running":
+            times.mark("proxy_running" if self.elected else "running", now)
+        self._check_done()
+
+    def _on_delegate(self, kind: str, pod: JSON, _old: JSON | None) -> None:
+        if kind == "DELETED":
+            return
+        now = time.monotonic()
+        parent = (pod["metadata"].get("labels") or {}).get(PARENT_UID_LABEL)
+        times = self.times.get(parent or "")
+        if times is None:
+            return
+        times.mark("delegate_created", now)
+        if pod.get("status", {}).get("phase") == "Running":
+            times.mark("delegate_running", now)
+
+    def _check_done(self) -> None:
+        last = "proxy_running" if self.elected else "running"
+        if len(self.times) >= self.pods and all(last in t.marks for t in self.times.values()):
+            self.done.set()
+
+    async def run(self, timeout: float) -> JSON:
+        info = self.env.info()
+        source = info.cluster_names()[0]
+        for name in info.cluster_names():
+            self.clients[name] = await self._client(name)
+        client = self.clients[source]
+        namespace = NAMESPACE if self.elected else f"{NAMESPACE}-baseline"
+        labels = {NAMESPACE_LABEL: NAMESPACE_LABEL_VALUE} if self.elected else {}
+        await client.create("/api/v1/namespaces", {"metadata": {"name": namespace, "labels": labels}})
+        await _wait_service_account(client, namespace)
+        # In the source, follow the proxies only (with "target self", c1's delegates live there too).
+        proxies = "spec.schedulerName=admiralty-proxy" if self.elected else None
+        informers = [Informer(client, f"/api/v1/namespaces/{namespace}/pods", field_selector=proxies)]
+        informers[0].add_handler(self._on_source)
+        if self.elected:
+            for name, target in self.clients.items():
+                informer = Informer(target, f"/api/v1/namespaces/{namespace}/pods", label_selector=PARENT_UID_LABEL,
+                                    name=f"{name} delegates")
+                informer.add_handler(self._on_delegate)
+                informers.append(informer)
+        for informer in informers:
+            informer.start()
+        for informer in informers:
+            await informer.wait_synced(30)
+        before = _service_usage(self.env)
+        started = time.monotonic()
+        await self._create(client, namespace)
+        created_in = time.monotonic() - started
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout)
+        except TimeoutError:
+            pass
+        elapsed = time.monotonic() - started
+        after = _service_usage(self.env)
+        for informer in informers:
+            await informer.stop()
+        for c in self.clients.values():
+            await c.close()
+        return self._report(elapsed, created_in, before, after)
+
+    async def _create(self, client: KubeClient, namespace: str) -> None:
+        deployments = self.pods // 2
+        bare = self.pods - deployments
+        per_deployment = max(1, deployments // 5) if deployments else 0
+        created = 0
+        index = 0
+        while created < deployments:
+            replicas = min(per_deployment, deployments - created)
+            labels = {"app": f"load-{index}"}
+            await client.create(f"/apis/apps/v1/namespaces/{namespace}/deployments", {
+                "metadata": {"name": f"load-{index}"},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                         "template": pod_manifest(None, self.elected, labels)}})
+            created += replicas
+            index += 1
+        gate = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await client.create(f"/api/v1/namespaces/{namespace}/pods",
+                                    pod_manifest(f"bare-{i}", self.elected, {"app": "bare"}))
+
+        await asyncio.gather(*(one(i) for i in range(bare)))
+
+    def _report(self, elapsed: float, created_in: float, before: JSON, after: JSON) -> JSON:
+        last = "proxy_running" if self.elected else "running"
+        steps = STEPS if self.elected else BASELINE_STEPS
+        finished = [t for t in self.times.values() if last in t.marks]
+        latency = {}
+        previous = "created"
+        for step in steps:
+            values = []
+            for t in finished:
+                start = t.created if previous == "created" else t.marks.get(previous)
+                end = t.marks.get(step)
+                if start is not None and end is not None:
+                    values.append(max(0.0, end - start))
+            latency[f"{previous}->{step}"] = percentiles(values)
+            previous = step
+        latency[f"created->{last}"] = percentiles([t.marks[last] - t.created for t in finished])
+        first = min((t.created for t in self.times.values()), default=0.0)
+        end_time = max((t.marks[last] for t in finished), default=first)
+        span = max(end_time - first, 1e-9)
+        cost = {}
+        per_k = 1000 / max(1, len(finished))
+        for name, usage in after["processes"].items():
+            start = before["processes"].get(name, {"cpu_seconds": 0.0})
+            cost[name] = {"cpu_seconds_per_1000_pods": round((usage["cpu_seconds"] - start["cpu_seconds"]) * per_k, 2),
+                          "peak_rss_mib": usage["peak_rss_mib"]}
+        api = {cluster: round((count - before["api_requests"].get(cluster, 0)) / max(1, len(finished)), 2)
+               for cluster, count in after["api_requests"].items()}
+        return {
+            "pods": self.pods, "completed": len(finished), "elapsed_seconds": round(elapsed, 2),
+            "create_seconds": round(created_in, 2),
+            "throughput_pods_per_s": round(len(finished) / span, 2),
+            "latency_seconds": latency, "service_cost": cost, "api_requests_per_pod": api,
+            "samples": {f"created->{last}": [round(t.marks[last] - t.created, 4) for t in finished],
+                        **{step: [round(t.marks[step] - t.created, 4) for t in finished if step in t.marks]
+                           for step in steps}},
+        }
+
+
+async def _wait_service_account(client: KubeClient, namespace: str) -> None:
+    for _ in range(100):
+        try:
+            await client.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/default")
+            return
+        except Exception:
+            await asyncio.sleep(0.2)
+
+
+def _service_usage(env: LocalEnvironment) -> JSON:
+    """CPU seconds and peak RSS of every service process, and their API requests per cluster."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    processes: dict[str, JSON] = {}
+    api: dict[str, float] = {}
+    for record in env.processes.load():
+        if not record.name.startswith("svc-") or not record.alive():
+            continue
+        stat = Path(f"/proc/{record.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        status = Path(f"/proc/{record.pid}/status").read_text()
+        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
+        processes[record.name] = {"cpu_seconds": cpu, "peak_rss_mib": round(hwm / 1024, 1)}
+        try:
+            with urllib.request.urlopen(record.meta["metrics_url"] + "/metrics", timeout=5) as response:
+                for line in response.read().decode().splitlines():
+                    if line.startswith("mcs_api_requests_total{"):
+                        cluster = line.split('cluster="', 1)[1].split('"', 1)[0]
+                        api[cluster] = api.get(cluster, 0) + float(line.rsplit(" ", 1)[1])
+        except (OSError, KeyError):
+            pass
+    return {"processes": processes, "api_requests": api}
+
+
+def _git_revision() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return proc.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _start_env(env: LocalEnvironment, clusters: list[str], nodes: int, replicas: dict[str, int] | None) -> None:
+    env.up(clusters, nodes=nodes, log=lambda m: None)
+    if replicas is not None:
+        write_config(env)
+        start_services(env)
+        for service, count in replicas.items():
+            for replica in range(1, count):
+                start_service(env, service, replica)
+        wait_services_ready(env)
+
+
+def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSON:
+    names = [f"c{i + 1}" for i in range(clusters)]
+    env = LocalEnvironment(root / "env")
+    results: JSON = {}
+    scenarios: list[tuple[str, dict[str, int] | None]] = [("baseline", None), ("pipeline", {})]
+    scenarios += [(f"pipeline, 2x {s.replace('_', '-')}", {s: 2}) for s in SERVICES]
+    try:
+        for label, replicas in scenarios:
+            print(f"==> {label}: {pods} pods over {clusters} clusters x {nodes} nodes", flush=True)
+            _start_env(env, names, nodes, replicas)
+            result = asyncio.run(Scenario(env, pods, elected=replicas is not None).run(timeout))
+            results[label] = result
+            latency = result["latency_seconds"]
+            total = latency.get("created->proxy_running") or latency.get("created->running") or {}
+            print(f"    {result['completed']}/{pods} Running, {result['throughput_pods_per_s']} pods/s, "
+                  f"p99 created->Running {total.get('p99', float('nan')):.2f}s", flush=True)
+    finally:
+        env.down()
+    base, ours = results["baseline"], results["pipeline"]
+    base_p99 = base["latency_seconds"]["created->running"].get("p99", 0.0)
+    our_p99 = ours["latency_seconds"]["created->proxy_running"].get("p99", 0.0)
+    summary = {
+        "git_revision": _git_revision(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {"pods": pods, "clusters": clusters, "nodes_per_cluster": nodes, "source": "c1",
+                     "targets": names, "pod_requests": {"cpu": "10m", "memory": "16Mi"},
+                     "half_deployments_half_bare_pods": True, "machine_cpus": os.cpu_count()},
+        "throughput_pods_per_s": ours["throughput_pods_per_s"],
+        "baseline_throughput_pods_per_s": base["throughput_pods_per_s"],
+        "throughput_ratio_to_baseline": round(
+            ours["throughput_pods_per_s"] / max(base["throughput_pods_per_s"], 1e-9), 3),
+        "p99_seconds": our_p99, "baseline_p99_seconds": base_p99,
+        "p99_ratio_to_baseline": round(our_p99 / max(base_p99, 1e-9), 3),
+        "steps": {step: {k: round(v, 4) for k, v in stats.items()}
+                  for step, stats in ours["latency_seconds"].items()},
+        "scaling": {label: {"throughput_pods_per_s": r["throughput_pods_per_s"],
+                            "p99_seconds": r["latency_seconds"].get("created->proxy_running", {}).get("p99")}
+                    for label, r in results.items() if label != "baseline"},
+        "scenarios": results,
+    }
+    return summary
+
+
+def print_table(summary: JSON) -> None:
+    print()
+    print(f"revision {summary['git_revision']}, {summary['settings']['pods']} pods, "
+          f"{summary['settings']['clusters']} clusters x {summary['settings']['nodes_per_cluster']} nodes")
+    print(f"{'scenario':<34} {'pods/s':>8} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'max s':>7}")
+    for label, result in summary["scenarios"].items():
+        key = "created->proxy_running" if label != "baseline" else "created->running"
+        stats = result["latency_seconds"].get(key, {})
+        print(f"{label:<34} {result['throughput_pods_per_s']:>8.1f} {stats.get('p50', 0):>7.2f} "
+              f"{stats.get('p90', 0):>7.2f} {stats.get('p99', 0):>7.2f} {stats.get('max', 0):>7.2f}")
+    print()
+    print(f"{'step (pipeline, 1 replica each)':<34} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'max s':>7}")
+    for step, stats in summary["steps"].items():
+        print(f"{step:<34} {stats.get('p50', 0):>7.3f} {stats.get('p90', 0):>7.3f} {stats.get('p99', 0):>7.3f} "
+              f"{stats.get('max', 0):>7.3f}")
+    print()
+    ours = summary["scenarios"]["pipeline"]
+    print(f"{'service cost':<34} {'cpu s/1000 pods':>16} {'peak RSS MiB':>13}")
+    for name, cost in ours["service_cost"].items():
+        print(f"{name:<34} {cost['cpu_seconds_per_1000_pods']:>16.2f} {cost['peak_rss_mib']:>13.1f}")
+    print(f"API requests per pod, by cluster: {ours['api_requests_per_pod']}")
+    print()
+    print(f"throughput {summary['throughput_pods_per_s']} pods/s vs baseline "
+          f"{summary['baseline_throughput_pods_per_s']} pods/s: ratio {summary['throughput_ratio_to_baseline']}")
+    print(f"p99 created->Running {summary['p99_seconds']:.2f}s vs baseline {summary['baseline_p99_seconds']:.2f}s: "
+          f"ratio {summary['p99_ratio_to_baseline']}")
+
+
+def chart(summary: JSON, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = summary["scenarios"]["pipeline"]["samples"]
+    base = summary["scenarios"]["baseline"]["samples"]
+    series = [("baseline: created->Running", base.get("running", []))]
+    series += [(f"created->{step}", ours.get(step, [])) for step in STEPS]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    ax.boxplot([s for _, s in series], vert=False, whis=(1, 99), showfliers=False)
+    ax.set_yticks(range(1, len(series) + 1), [label for label, _ in series])
+    ax.set_xlabel("seconds since the pod was created (whiskers: p1..p99)")
+    ax.set_title(f"{summary['settings']['pods']} pods, rev {summary['git_revision']}: "
+                 f"{summary['throughput_pods_per_s']} pods/s (baseline {summary['baseline_throughput_pods_per_s']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    pods = int(os.environ.get("BENCH_PODS", "1000"))
+    clusters = int(os.environ.get("BENCH_CLUSTERS", "3"))
+    # Enough kwok nodes (110 pods each) that even the baseline fits in one cluster.
+    nodes = int(os.environ.get("BENCH_NODES", str(max(3, -(-pods // 100)))))
+    timeout = float(os.environ.get("BENCH_TIMEOUT", str(max(120, pods * 0.6))))
+    root = Path(os.environ.get("MCS_LOCAL_DIR", ".local")) / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    summary = run(pods, clusters, nodes, root, timeout)
+    latest = root / "latest.json"
+    if latest.exists():
+        shutil.copy(latest, root / "previous.json")
+    latest.write_text(json.dumps(summary, indent=1))
+    chart(summary, root / "latest.png")
+    print_table(summary)
+    previous = root / "previous.json"
+    if previous.exists():
+        old: Any = json.loads(previous.read_text())
+        print(f"previous run ({old.get('git_revision')}): {old.get('throughput_pods_per_s')} pods/s, "
+              f"p99 {old.get('p99_seconds')}s")
+    print(f"results: {latest} and {root / 'latest.png'}")
+    return 0

@@ -1,0 +1,399 @@
+"""The Helm chart (deploy/helm/multicluster-scheduler), checked with `helm lint` and `helm template` only.
+
+Nothing is installed and no cluster is contacted: helm runs with a kubeconfig that does not exist
+and its own cache/config directories. The rendered manifests are parsed and checked against what
+the services need (docs/configuration.md) and against the least-privilege RBAC the chart promises.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+
+from localenv.tools import bin_dir
+from mcsched.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "multicluster-scheduler"
+RELEASE = "r1"
+NAMESPACE = "mcs"
+FULLNAME = f"{RELEASE}-multicluster-scheduler"
+BASE = ["--set", "clusterName=c1", "--set", "nats.url=nats://nats.nats.svc:4222"]
+STAGES = {  # component -> (values key, python module)
+    "watcher": ("watcher", "services.watcher"),
+    "proxy-scheduler": ("proxyScheduler", "services.proxy_scheduler"),
+    "candidate-scheduler": ("candidateScheduler", "services.candidate_scheduler"),
+    "feedback": ("feedback", "services.feedback"),
+}
+INLINE_KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters:
+- name: c2
+  cluster: {server: "https://c2.example:6443"}
+users:
+- name: mcs
+  user: {token: abc}
+contexts:
+- name: c2
+  context: {cluster: c2, user: mcs}
+current-context: c2
+"""
+
+Docs = list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess[str]]:
+    binary = bin_dir() / "helm"
+    assert binary.is_file(), f"{binary} is missing: build the tools with `make tools`"
+    home = tmp_path_factory.mktemp("helm")
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(home / "no-such-kubeconfig"),  # never reach a cluster
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def render(helm: Callable[..., subprocess.CompletedProcess[str]]) -> Callable[..., Docs]:
+    def run(*args: str) -> Docs:
+        result = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    return run
+
+
+def find(docs: Docs, kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: Docs, kind: str, name: str) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name}, found {[d['metadata']['name'] for d in find(docs, kind)]}"
+    return found[0]
+
+
+def config_of(docs: Docs) -> dict[str, Any]:
+    configmap = one(docs, "ConfigMap", f"{FULLNAME}-config")
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["config.yaml"])
+    return config
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+# -- helm lint ---------------------------------------------------------------------------------
+
+
+def test_lint_passes_with_a_cluster_name_and_a_nats_url(
+        helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    result = helm("lint", "--strict", str(CHART), *BASE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+def test_lint_fails_without_cluster_name(helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    result = helm("lint", str(CHART), "--set", "nats.url=nats://nats:4222")
+    assert result.returncode != 0
+    assert "missing property 'clusterName'" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "clusterName=C1"], "'/clusterName': 'C1' does not match pattern"),
+    (["--set", "clusterName="], "/clusterName"),
+    (["--set", "watcher.replicas=-1"], "'/watcher/replicas': minimum"),
+    (["--set", "feedback.replicas=1.5"], "/feedback/replicas"),
+    (["--set", "targets[0].name=c2"], "'/targets/0': 'oneOf' failed"),
+    (["--set", "targets[0].name=c2,targets[0].kubeconfig=x,targets[0].kubeconfigSecret=y"], "'/targets/0': 'oneOf'"),
+    (["--set", "targets[0].kubeconfigSecret=y"], "missing property 'name'"),
+    (["--set", "webhook.failurePolicy=Sometimes"], "/webhook/failurePolicy"),
+    (["--set", "targetself=false"], "additional properties 'targetself' not allowed"),
+])
+def test_schema_rejects_invalid_values(helm: Callable[..., subprocess.CompletedProcess[str]],
+                                       args: list[str], message: str) -> None:
+    result = helm("template", RELEASE, str(CHART), *BASE, *args)
+    assert result.returncode != 0, f"{args} rendered"
+    assert "don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "needs NATS with JetStream: set nats.url"),
+    (["--set", "targetSelf=false"], "no target cluster"),
+    (["--set", "targets[0].name=c1,targets[0].kubeconfigSecret=s"], 'cluster name "c1" is used twice'),
+    (["--set", "candidateScheduler.serveTargets={c9}"], 'serveTargets names "c9", which is not a target'),
+])
+def test_render_fails_with_a_clear_message(helm: Callable[..., subprocess.CompletedProcess[str]],
+                                           args: list[str], message: str) -> None:
+    result = helm("template", RELEASE, str(CHART), "--set", "clusterName=c1",
+                  *([] if not args else ["--set", "nats.url=nats://nats:4222"]), *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+def test_four_deployments_with_per_stage_replicas_and_resources(render: Callable[..., Docs]) -> None:
+    replicas = {"watcher": 2, "proxy-scheduler": 3, "candidate-scheduler": 4, "feedback": 0}
+    args = [arg for component, count in replicas.items()
+            for arg in ("--set", f"{STAGES[component][0]}.replicas={count}")]
+    docs = render(*BASE, *args, "--set", "feedback.resources.limits.memory=3Gi",
+                  "--set", "proxyScheduler.nodeSelector.pool=system",
+                  "--set-json", 'candidateScheduler.extraEnv=[{"name": "MCS_LOG_LEVEL", "value": "DEBUG"}]')
+    deployments = find(docs, "Deployment")
+    assert sorted(d["metadata"]["name"] for d in deployments) == sorted(f"{FULLNAME}-{c}" for c in STAGES)
+    for component, (_, module) in STAGES.items():
+        deployment = one(docs, "Deployment", f"{FULLNAME}-{component}")
+        assert deployment["spec"]["replicas"] == replicas[component]
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == FULLNAME
+        c = container(deployment)
+        assert c["image"] == "multicluster-scheduler:0.1.0"
+        assert c["imagePullPolicy"] == "IfNotPresent"
+        assert c["command"] == ["python", "-m", module]
+        assert {"name": "MCS_CONFIG", "value": "/etc/mcs/config.yaml"} in c["env"]
+        assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/mcs/config.yaml")
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["configMap"]["name"] == f"{FULLNAME}-config" and mount["subPath"] == "config.yaml"
+        # the watcher alone serves the webhook and mounts its certificate
+        has_tls = any(m["mountPath"] == "/etc/mcs/tls" for m in c["volumeMounts"])
+        assert has_tls == (component == "watcher")
+    feedback = container(one(docs, "Deployment", f"{FULLNAME}-feedback"))
+    assert feedback["resources"]["limits"]["memory"] == "3Gi"
+    proxy = one(docs, "Deployment", f"{FULLNAME}-proxy-scheduler")["spec"]["template"]["spec"]
+    assert proxy["nodeSelector"] == {"pool": "system"}
+    candidate = container(one(docs, "Deployment", f"{FULLNAME}-candidate-scheduler"))
+    assert {"name": "MCS_LOG_LEVEL", "value": "DEBUG"} in candidate["env"]
+    watcher = container(one(docs, "Deployment", f"{FULLNAME}-watcher"))
+    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in watcher["ports"]
+
+
+# -- webhook -----------------------------------------------------------------------------------
+
+
+def test_webhook_configuration_trusts_the_generated_certificate(render: Callable[..., Docs]) -> None:
+    docs = render(*BASE)
+    service_name = f"{FULLNAME}-watcher"
+    mwc = one(docs, "MutatingWebhookConfiguration", FULLNAME)
+    [webhook] = mwc["webhooks"]
+    assert webhook["name"] == "proxy-pods.multicluster.admiralty.io"
+    assert webhook["namespaceSelector"] == {"matchLabels": {"multicluster-scheduler": "enabled"}}
+    assert webhook["matchConditions"] == [{
+        "name": "elected",
+        "expression": "has(object.metadata.annotations) && 'multicluster.admiralty.io/elect' in "
+                      "object.metadata.annotations",
+    }]
+    assert webhook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                                 "resources": ["pods"], "scope": "Namespaced"}]
+    assert webhook["sideEffects"] == "None"
+    assert webhook["admissionReviewVersions"] == ["v1"]
+    assert webhook["failurePolicy"] == "Fail"
+    assert webhook["timeoutSeconds"] == 5
+    assert webhook["clientConfig"]["service"] == {"name": service_name, "namespace": NAMESPACE,
+                                                  "path": "/mutate-pods", "port": 443}
+    ca_bundle = webhook["clientConfig"]["caBundle"]
+    assert ca_bundle
+
+    service = one(docs, "Service", service_name)
+    assert service["spec"]["ports"] == [{"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}]
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "watcher"
+
+    secret = one(docs, "Secret", f"{FULLNAME}-webhook-tls")
+    assert secret["data"]["ca.crt"] == ca_bundle
+    ca = x509.load_pem_x509_certificate(base64.b64decode(ca_bundle))
+    leaf = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    leaf.verify_directly_issued_by(ca)  # raises unless the CA in the caBundle signed the serving cert
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    assert {f"{service_name}.{NAMESPACE}.svc", f"{service_name}.{NAMESPACE}.svc.cluster.local"} <= set(names)
+    assert base64.b64decode(secret["data"]["tls.key"]).startswith(b"-----BEGIN")
+
+    watcher = one(docs, "Deployment", f"{FULLNAME}-watcher")["spec"]["template"]["spec"]
+    tls_volume = next(v for v in watcher["volumes"]
+                      if v.get("secret", {}).get("secretName") == secret["metadata"]["name"])
+    mount = next(m for m in container({"spec": {"template": {"spec": watcher}}})["volumeMounts"]
+                 if m["name"] == tls_volume["name"])
+    assert mount["mountPath"] == "/etc/mcs/tls"
+
+    ignore = one(render(*BASE, "--set", "webhook.failurePolicy=Ignore"), "MutatingWebhookConfiguration", FULLNAME)
+    assert ignore["webhooks"][0]["failurePolicy"] == "Ignore"
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_config_lists_the_clusters_with_their_roles_and_kubeconfigs(
+        render: Callable[..., Docs], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "c2.kubeconfig"
+    kubeconfig.write_text(INLINE_KUBECONFIG)
+    docs = render(*BASE,
+                  "--set", "targets[0].name=c2", "--set-file", f"targets[0].kubeconfig={kubeconfig}",
+                  "--set", "targets[1].name=c3,targets[1].kubeconfigSecret=c3-kubeconfig,targets[1].context=admin@c3")
+    config = config_of(docs)
+    assert config["clusters"] == [
+        {"name": "c1", "source": True, "target": True},
+        {"name": "c2", "kubeconfig": "/etc/mcs/targets/c2/config", "source": False, "target": True},
+        {"name": "c3", "kubeconfig": "/etc/mcs/targets/c3/config", "context": "admin@c3",
+         "source": False, "target": True},
+    ]
+    assert config["nats_url"] == "nats://nats.nats.svc:4222"
+    assert config["metrics_port"] == 9090
+    assert config["webhook"] == {
+        "enabled": True, "listen_host": "0.0.0.0", "port": 8443,
+        "url": f"https://{FULLNAME}-watcher.{NAMESPACE}.svc:443",
+        "cert_file": "/etc/mcs/tls/tls.crt", "key_file": "/etc/mcs/tls/tls.key", "ca_file": "/etc/mcs/tls/ca.crt",
+        "register_webhook": False, "failure_policy": "Fail", "timeout_seconds": 5,
+    }
+    # the services accept it as is (Settings forbids unknown keys)
+    for name in list(os.environ):
+        if name.startswith("MCS_"):
+            monkeypatch.delenv(name)
+    settings = Settings(**config)
+    assert settings.source_names == ["c1"] and settings.target_names == ["c1", "c2", "c3"]
+
+    # the inline kubeconfig becomes the chart's Secret; the named one is used as is
+    secret = one(docs, "Secret", f"{RELEASE}-target-c2")
+    assert base64.b64decode(secret["data"]["config"]).decode() == INLINE_KUBECONFIG
+    assert not find(docs, "Secret", "c3-kubeconfig")
+    for component in STAGES:
+        pod = one(docs, "Deployment", f"{FULLNAME}-{component}")["spec"]["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in container({"spec": {"template": {"spec": pod}}})["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for target, secret_name in (("c2", f"{RELEASE}-target-c2"), ("c3", "c3-kubeconfig")):
+            volume = volumes[mounts[f"/etc/mcs/targets/{target}"]]
+            assert volume["secret"]["secretName"] == secret_name
+            assert volume["secret"]["items"] == [{"key": "config", "path": "config"}]
+
+
+def test_config_options(render: Callable[..., Docs]) -> None:
+    default = config_of(render(*BASE))
+    assert "otlp_endpoint" not in default
+    assert "serve_targets" not in default
+    assert (default["subject_prefix"], default["resync_period_seconds"], default["log_level"]) == ("mcs", 30, "INFO")
+
+    config = config_of(render(
+        *BASE, "--set", "otlpEndpoint=jaeger-collector.observability.svc:4317", "--set", "subjectPrefix=prod",
+        "--set-json", "resyncPeriodSeconds=12.5", "--set", "logLevel=DEBUG", "--set", "targetSelf=false",
+        "--set", "targets[0].name=c2,targets[0].kubeconfigSecret=kc", "--set", "candidateScheduler.serveTargets={c2}",
+        "--set", "extraConfig.candidate_timeout_seconds=3", "--set", "extraConfig.nats_url=nats://ignored:4222"))
+    assert config["otlp_endpoint"] == "jaeger-collector.observability.svc:4317"
+    assert (config["subject_prefix"], config["resync_period_seconds"], config["log_level"]) == ("prod", 12.5, "DEBUG")
+    assert config["clusters"][0] == {"name": "c1", "source": True, "target": False}
+    assert config["serve_targets"] == ["c2"]
+    assert config["candidate_timeout_seconds"] == 3
+    assert config["nats_url"] == "nats://nats.nats.svc:4222"  # extraConfig cannot override managed settings
+
+
+# -- RBAC --------------------------------------------------------------------------------------
+
+
+def rules_of(docs: Docs, kind: str, name: str) -> dict[tuple[str, str], set[str]]:
+    return {(group, resource): set(rule["verbs"])
+            for rule in one(docs, kind, name)["rules"]
+            for group in rule["apiGroups"] for resource in rule["resources"]}
+
+
+def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
+    docs = render(*BASE)
+    roles = find(docs, "ClusterRole") + find(docs, "Role")
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("verbs", "resources", "apiGroups", "resourceNames", "nonResourceURLs"):
+                assert "*" not in rule.get(field, []), f"{role['metadata']['name']} grants * {field}"
+
+    source = rules_of(docs, "ClusterRole", f"{FULLNAME}-source")
+    assert source[("", "pods/binding")] == {"create"}
+    assert source[("", "pods")] == {"get", "list", "watch", "patch", "update", "delete"}
+    assert "create" not in source[("", "pods")]  # a source never creates pods; targets do
+    assert source[("", "nodes/status")] == {"patch", "update"}
+    assert not any(resource == "secrets" for _, resource in source)
+    assert all(group == "" for group, _ in source)  # leases are granted in kube-node-lease only
+
+    leases = one(docs, "Role", f"{FULLNAME}-node-leases")
+    assert leases["metadata"]["namespace"] == "kube-node-lease"
+    assert rules_of(docs, "Role", f"{FULLNAME}-node-leases") == {
+        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch"}}
+
+    target = rules_of(docs, "ClusterRole", f"{FULLNAME}-target")
+    assert target == {
+        ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
+        ("", "nodes"): {"get", "list", "watch"},
+        ("", "namespaces"): {"get", "list", "watch", "create"},
+    }
+
+    subject = [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    for role in ("source", "target"):
+        binding = one(docs, "ClusterRoleBinding", f"{FULLNAME}-{role}")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                      "name": f"{FULLNAME}-{role}"}
+        assert binding["subjects"] == subject
+    assert one(docs, "RoleBinding", f"{FULLNAME}-node-leases")["subjects"] == subject
+
+    # without target self the target role is still there for an operator to bind, but not bound here
+    no_self = render(*BASE, "--set", "targetSelf=false", "--set", "targets[0].name=c2,targets[0].kubeconfigSecret=k")
+    assert one(no_self, "ClusterRole", f"{FULLNAME}-target")
+    assert [b["metadata"]["name"] for b in find(no_self, "ClusterRoleBinding")] == [f"{FULLNAME}-source"]
+
+
+def test_target_only_install_renders_rbac_and_no_services(render: Callable[..., Docs]) -> None:
+    docs = render("--set", "clusterName=c2", "--set", "source=false")  # no NATS needed: nothing runs here
+    assert not find(docs, "Deployment") and not find(docs, "StatefulSet")
+    assert not find(docs, "MutatingWebhookConfiguration") and not find(docs, "ConfigMap")
+    assert [b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding")] == [f"{FULLNAME}-target"]
+    assert one(docs, "ServiceAccount", FULLNAME)
+
+
+# -- NATS --------------------------------------------------------------------------------------
+
+
+def test_bundled_nats_only_when_enabled(render: Callable[..., Docs]) -> None:
+    assert not find(render(*BASE), "StatefulSet")
+
+    docs = render("--set", "clusterName=c1", "--set", "nats.bundled.enabled=true",
+                  "--set", "nats.bundled.storage=5Gi")
+    name = f"{FULLNAME}-nats"
+    statefulset = one(docs, "StatefulSet", name)
+    nats = container(statefulset)
+    assert nats["image"] == "nats:2.10-alpine"
+    assert nats["args"][:3] == ["-js", "-sd", "/data"]
+    assert nats["readinessProbe"]["httpGet"]["port"] == "monitor"
+    assert nats["readinessProbe"]["httpGet"]["path"].startswith("/healthz")
+    assert {"name": "monitor", "containerPort": 8222, "protocol": "TCP"} in nats["ports"]
+    assert "-m" in nats["args"] and nats["args"][nats["args"].index("-m") + 1] == "8222"
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in nats["volumeMounts"]
+    service = one(docs, "Service", name)
+    assert {"name": "client", "port": 4222, "targetPort": "client", "protocol": "TCP"} in service["spec"]["ports"]
+    assert config_of(docs)["nats_url"] == f"nats://{name}.{NAMESPACE}.svc:4222"
+
+    # a NATS URL of your own wins over the bundled server
+    both = render(*BASE, "--set", "nats.bundled.enabled=true")
+    assert config_of(both)["nats_url"] == "nats://nats.nats.svc:4222"
