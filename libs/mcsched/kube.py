@@ -264,6 +264,22 @@ class Informer:
                 backoff = min(backoff * 2, 10)
 
 
+async def pod_by_uid(pods: Informer, namespace: str, name: str, uid: str) -> JSON | None:
+    """A pod from a pod cache, or from its API server when the cache has not seen it yet.
+
+    Only that exact incarnation (``uid``) is returned; None when it no longer exists.
+    """
+    pod = pods.get(f"{namespace}/{name}")
+    if pod is None or pod["metadata"]["uid"] != uid:
+        try:
+            pod = await pods.client.get(pod_path(namespace, name))
+        except KubeError as exc:
+            if exc.not_found:
+                return None
+            raise
+    return pod if pod["metadata"]["uid"] == uid else None
+
+
 async def connect_clusters(clusters: list[ClusterSettings]) -> dict[str, KubeClient]:
     return {c.name: await KubeClient.connect(c) for c in clusters}
 

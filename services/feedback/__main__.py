@@ -36,7 +36,7 @@ from mcsched.constants import (
     target_of_virtual_node,
     virtual_node_name,
 )
-from mcsched.kube import JSON, Informer, KubeError, pod_path
+from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.podspec import delegate_name, mirrored_status, parent_ref, source_manifest, status_differs
 from mcsched.runtime import Runtime, periodic, run_service
@@ -120,17 +120,9 @@ class Feedback:
 
     async def on_status(self, update: StatusUpdate) -> Outcome:
         ref = update.proxy
-        proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
-        if proxy is None:  # the cache may lag behind the delegate: ask the API server
-            try:
-                proxy = await self.rt.clusters[ref.cluster].get(pod_path(ref.namespace, ref.name))
-            except KubeError as exc:
-                if exc.not_found:
-                    return ACK
-                raise
-            if proxy["metadata"]["uid"] != ref.uid:
-                return ACK
-        if proxy["metadata"].get("deletionTimestamp"):
+        # The proxy cache may lag behind the delegate's: then the API server answers.
+        proxy = await pod_by_uid(self.proxies[ref.cluster], ref.namespace, ref.name, ref.uid)
+        if proxy is None or proxy["metadata"].get("deletionTimestamp"):
             return ACK
         view = self.targets.get(update.target)
         delegate = view.delegates.get(ref.uid) if view else None

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.constants import PROXY_SCHEDULER_NAME, target_of_virtual_node, virtual_node_name
 from mcsched.events import EventRecorder
-from mcsched.kube import JSON, Informer, KubeError, pod_path
+from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path
 from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
 from mcsched.podspec import source_manifest
 from mcsched.runtime import Runtime, run_service
@@ -45,16 +45,7 @@ class ProxyScheduler:
         }
 
     async def _proxy(self, ref: PodRef) -> JSON | None:
-        """The proxy pod from the cache, or from the API server when the cache has not seen it yet."""
-        pod = self.proxies[ref.cluster].get(f"{ref.namespace}/{ref.name}")
-        if pod is None or pod["metadata"]["uid"] != ref.uid:
-            try:
-                pod = await self.rt.clusters[ref.cluster].get(pod_path(ref.namespace, ref.name))
-            except KubeError as exc:
-                if exc.not_found:
-                    return None
-                raise
-        return pod if pod["metadata"]["uid"] == ref.uid else None
+        return await pod_by_uid(self.proxies[ref.cluster], ref.namespace, ref.name, ref.uid)
 
     async def _request_delegate(self, ref: PodRef, target: str, node: str | None, pod: JSON) -> None:
         request = DelegateRequest(proxy=ref, target=target, node=node, manifest=source_manifest(pod))
