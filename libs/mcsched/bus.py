@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import context as otel_context
@@ -62,6 +63,7 @@ class Bus:
     def __init__(self, url: str, prefix: str, client_name: str) -> None:
         self.url, self.prefix, self.client_name = url, prefix, client_name
         self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- naming ------------------------------------------------------------------
@@ -114,6 +116,11 @@ class Bus:
             raise RuntimeError("bus not connected")
         return self.nc
 
+    def _jetstream(self) -> JetStreamContext:
+        if self._js is None:
+            self._js = self._client().jetstream()
+        return self._js
+
     async def ensure_streams(self) -> None:
         """Create (or update) the work-queue streams; safe to call from every replica."""
         js = self._client().jetstream()
@@ -147,8 +154,7 @@ class Bus:
 
     async def publish(self, subject: str, message: Message, msg_id: str) -> None:
         """Publish durably; returns once JetStream has stored it (or knew it already)."""
-        js = self._client().jetstream()
-        await js.publish(subject, message.encode(), headers=self._headers(msg_id))
+        await self._jetstream().publish(subject, message.encode(), headers=self._headers(msg_id))
 
     async def publish_many(self, items: list[tuple[str, Message, str]]) -> None:
         """Publish several messages with their acks awaited together."""

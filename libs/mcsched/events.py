@@ -6,6 +6,7 @@ Repeated identical events are folded: within ``quiet_seconds`` the same
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -23,6 +24,14 @@ class EventRecorder:
         self.component = component
         self.quiet_seconds = quiet_seconds
         self._recent: dict[tuple[str, str, str, str], float] = {}
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def record_soon(self, client: KubeClient, pod: Mapping[str, Any], reason: str, message: str,
+                    kind: str = "Warning") -> None:
+        """Record in the background: for events on the hot path, which nobody should wait for."""
+        task = asyncio.create_task(self.record(client, pod, reason, message, kind))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def record(self, client: KubeClient, pod: Mapping[str, Any], reason: str, message: str,
                      kind: str = "Warning") -> None:

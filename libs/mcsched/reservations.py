@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import msgpack
@@ -46,6 +46,11 @@ class ReservationBook:
     def __init__(self, kv: KeyValue, target: str) -> None:
         self.kv, self.target = kv, target
         self._lock = asyncio.Lock()  # one writer per process; CAS handles other replicas
+        # The book as this process last read or wrote it. With one replica it is always
+        # current, so a change costs one compare-and-set; another replica's write makes the
+        # compare-and-set fail, and the book is read again.
+        self._book: dict[str, Reservation] | None = None
+        self._revision = 0
 
     async def _read(self) -> tuple[dict[str, Reservation], int]:
         try:
@@ -58,11 +63,12 @@ class ReservationBook:
     async def _write(self, book: dict[str, Reservation], revision: int) -> None:
         value = msgpack.packb({uid: r.pack() for uid, r in book.items()})
         if revision:
-            await self.kv.update(self.target, value, last=revision)
+            self._revision = await self.kv.update(self.target, value, last=revision)
         else:
-            await self.kv.create(self.target, value)
+            self._revision = await self.kv.create(self.target, value)
+        self._book = book
 
-    async def change(self, proxy_uid: str, decide: Decision, settled: set[str]) -> Reservation | None:
+    async def change(self, proxy_uid: str, decide: Decision, settled: Container[str]) -> Reservation | None:
         """Set ``proxy_uid``'s reservation to ``decide(live reservations of others)``.
 
         ``settled`` are proxies whose delegates are already counted by the
@@ -70,8 +76,10 @@ class ReservationBook:
         reservation, or None when ``decide`` found no room (nothing stored).
         """
         async with self._lock:
-            for _ in range(20):
-                book, revision = await self._read()
+            for attempt in range(20):
+                if attempt or self._book is None:
+                    self._book, self._revision = await self._read()
+                book, revision = self._book, self._revision
                 now = time.time()
                 live = {u: r for u, r in book.items() if r.expires > now and u not in settled and u != proxy_uid}
                 decision = decide(live)
@@ -86,13 +94,16 @@ class ReservationBook:
                     continue  # another replica wrote first: decide again on fresh data
             raise RuntimeError(f"reservations for {self.target} kept changing; giving up this attempt")
 
-    async def release(self, proxy_uid: str, settled: set[str]) -> None:
+    async def release(self, proxy_uid: str, settled: Container[str]) -> None:
         await self.change(proxy_uid, lambda _others: None, settled)
 
-    async def current(self) -> dict[str, Reservation]:
-        book, _ = await self._read()
+    async def current(self, fresh: bool = True) -> dict[str, Reservation]:
+        """Live reservations; ``fresh=False`` answers from this process's last view (no round trip)."""
+        if fresh or self._book is None:
+            async with self._lock:
+                self._book, self._revision = await self._read()
         now = time.time()
-        return {u: r for u, r in book.items() if r.expires > now}
+        return {u: r for u, r in self._book.items() if r.expires > now}
 
 
 def reserved_per_node(book: dict[str, Reservation]) -> dict[str, Resources]:

@@ -18,7 +18,7 @@ from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.capacity import TargetView
 from mcsched.kube import JSON, KubeError
 from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, Message
-from mcsched.placement import Resources, choose_node, pod_requests, target_score
+from mcsched.placement import NodeChoice, Resources, choose_node, pod_requests, target_score
 from mcsched.podspec import delegate_manifest
 from mcsched.reservations import Reservation, ReservationBook, reserved_per_node
 from mcsched.runtime import Runtime, run_service
@@ -38,32 +38,43 @@ class TargetScheduler:
             rt.informer(target, "/api/v1/pods", field_selector="status.phase!=Succeeded,status.phase!=Failed"))
         self.namespaces: dict[str, JSON] = {}
 
-    def _settled(self) -> set[str]:
-        return set(self.view.delegates)
+    def _settled(self) -> dict[str, JSON]:
+        """Proxies whose delegates the target's cache already counts (a live view, not a copy)."""
+        return self.view.delegates
+
+    def _evaluate(self, pod: JSON, others: dict[str, Reservation]) -> tuple[NodeChoice, float]:
+        """Where ``pod`` fits given the cache and the others' reservations, and the target's score."""
+        used = dict(self.view.usage)
+        for node, reserved in reserved_per_node(others).items():
+            used[node] = used.get(node, Resources()) + reserved
+        choice = choose_node(pod, self.view.real_nodes(), used)
+        allocatable, used_total = self.view.totals()
+        reserved_total = sum((r.requests for r in others.values()), Resources())
+        free_after = allocatable - used_total - reserved_total - pod_requests(pod)
+        return choice, target_score(free_after, allocatable) if choice.node else 0.0
+
+    async def estimate(self, proxy_uid: str, pod: JSON) -> tuple[str | None, float, str]:
+        """Whether and where ``pod`` would fit, from this process's view; nothing is reserved."""
+        settled = self._settled()
+        others = {u: r for u, r in (await self.book.current(fresh=False)).items()
+                  if u != proxy_uid and u not in settled}
+        choice, score = self._evaluate(pod, others)
+        return choice.node, score, choice.reason
 
     async def reserve(self, proxy_uid: str, pod: JSON) -> tuple[Reservation | None, float, str]:
         """Reserve room for ``pod``; returns (reservation, score, reason when it does not fit)."""
-        outcome: dict[str, object] = {}
+        outcome: dict[str, tuple[NodeChoice, float]] = {}
         requests = pod_requests(pod)
-        allocatable, used_total = self.view.totals()
 
         def decide(others: dict[str, Reservation]) -> Reservation | None:
-            used = dict(self.view.usage)
-            for node, reserved in reserved_per_node(others).items():
-                used[node] = used.get(node, Resources()) + reserved
-            choice = choose_node(pod, self.view.real_nodes(), used)
-            outcome["choice"] = choice
-            outcome["reserved"] = sum((r.requests for r in others.values()), Resources())
+            choice, _score = outcome["result"] = self._evaluate(pod, others)
             if choice.node is None:
                 return None
             return Reservation(choice.node, requests, time.time() + self.rt.settings.reservation_ttl_seconds)
 
         reservation = await self.book.change(proxy_uid, decide, self._settled())
-        choice = outcome["choice"]
-        if reservation is None:
-            return None, 0.0, choice.reason  # type: ignore[attr-defined]
-        free_after = allocatable - used_total - outcome["reserved"] - requests  # type: ignore[operator]
-        return reservation, target_score(free_after, allocatable), ""
+        choice, score = outcome["result"]
+        return reservation, score, choice.reason
 
     async def on_candidate(self, request: CandidateRequest) -> Message:
         with tracer.start_as_current_span(f"candidate {self.target}", attributes={"pod": str(request.proxy)}) as span:
@@ -79,6 +90,9 @@ class TargetScheduler:
         existing = self.view.delegates.get(request.proxy.uid)
         if existing is not None:  # placed already: say so, and where
             return CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"), score=100)
+        if not request.reserve:
+            node, score, reason = await self.estimate(request.proxy.uid, request.pod)
+            return CandidateReply(target=self.target, fits=node is not None, node=node, score=score, reason=reason)
         reservation, score, reason = await self.reserve(request.proxy.uid, request.pod)
         if reservation is None:
             return CandidateReply(target=self.target, fits=False, reason=reason)
@@ -119,7 +133,7 @@ class TargetScheduler:
         if not self.view.ready:
             return retry_later(2.0, "target cache not ready")
         node = request.node
-        reserved = (await self.book.current()).get(proxy.uid)
+        reserved = (await self.book.current(fresh=False)).get(proxy.uid)
         if reserved is None or reserved.node != node:
             reservation, _score, reason = await self.reserve(proxy.uid, request.manifest)
             node = reservation.node if reservation else None

@@ -51,8 +51,9 @@ class ProxyScheduler:
         request = DelegateRequest(proxy=ref, target=target, node=node, manifest=source_manifest(pod))
         await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request, f"delegate:{ref.uid}")
 
-    async def _ask(self, target: str, request: CandidateRequest) -> tuple[str, CandidateReply | None]:
-        with tracer.start_as_current_span(f"ask {target}", attributes={"target": target}) as span:
+    async def _ask(self, target: str, request: CandidateRequest,
+                   span_name: str | None = None) -> tuple[str, CandidateReply | None]:
+        with tracer.start_as_current_span(span_name or f"ask {target}", attributes={"target": target}) as span:
             reply = await self.rt.bus.request(self.rt.bus.subject("candidate", target), request, CandidateReply,
                                               self.rt.settings.candidate_timeout_seconds)
             if reply is None:
@@ -84,18 +85,23 @@ class ProxyScheduler:
         except ValueError as exc:
             await self.events.record(self.rt.clusters[ref.cluster], pod, "FailedScheduling", f"bad proxy pod: {exc}")
             return ACK
-        request = CandidateRequest(proxy=ref, pod=original)
-        answers = dict(await asyncio.gather(*(self._ask(t, request) for t in self.rt.settings.target_names)))
-        fitting = [r for r in answers.values() if r is not None and r.fits]
-        if not fitting:
+        # Every target estimates (nothing reserved); then the best one reserves, or the next.
+        question = CandidateRequest(proxy=ref, pod=original, reserve=False)
+        answers = dict(await asyncio.gather(*(self._ask(t, question) for t in self.rt.settings.target_names)))
+        ranked = sorted((r for r in answers.values() if r is not None and r.fits),
+                        key=lambda r: (round(r.score, 3), _tie_break(ref.uid, r.target)), reverse=True)
+        best = None
+        for candidate in ranked:
+            _, reply = await self._ask(candidate.target, CandidateRequest(proxy=ref, pod=original, reserve=True),
+                                       span_name=f"reserve {candidate.target}")
+            answers[candidate.target] = reply
+            if reply is not None and reply.fits:
+                best = reply
+                break
+        if best is None:
             return await self._unschedulable(ref, pod, answers)
-        best = max(fitting, key=lambda r: (round(r.score, 3), _tie_break(ref.uid, r.target)))
         trace.get_current_span().set_attributes({"target": best.target, "node": best.node or "",
                                                  "score": best.score})
-        for other in fitting:
-            if other is not best:
-                await self.rt.bus.notify(self.rt.bus.subject("release", other.target),
-                                         CandidateRelease(proxy_uid=ref.uid))
         target = await self._bind(ref, pod, best.target)
         await self._request_delegate(ref, target, best.node if target == best.target else None, pod)
         log.info("%s -> %s (node %s, score %.1f)", ref, target, best.node, best.score)
@@ -121,9 +127,9 @@ class ProxyScheduler:
             if bound != target:
                 await self.rt.bus.notify(self.rt.bus.subject("release", target), CandidateRelease(proxy_uid=ref.uid))
             return bound
-        await self.events.record(client, pod, "Scheduled",
-                                 f"Successfully assigned {ref.namespace}/{ref.name} to {virtual_node_name(target)}",
-                                 kind="Normal")
+        self.events.record_soon(client, pod, "Scheduled",
+                                f"Successfully assigned {ref.namespace}/{ref.name} to {virtual_node_name(target)}",
+                                kind="Normal")
         return target
 
     async def _unschedulable(self, ref: PodRef, pod: JSON, answers: dict[str, CandidateReply | None]) -> Outcome:
