@@ -105,7 +105,10 @@ class Bus:
         log.info("reconnected to NATS at %s", self.url)
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS: %s", exc)
+        if self.nc is None or not self.nc.is_connected:  # the client keeps retrying by itself
+            log.warning("NATS unreachable at %s (%s); retrying", self.url, describe(exc))
+        else:
+            log.warning("NATS: %s", exc)
 
     @property
     def connected(self) -> bool:

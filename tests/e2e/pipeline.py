@@ -51,10 +51,11 @@ def _elected(pod: JSON) -> bool:
     return ELECT_ANNOTATION in annotations or SOURCE_MANIFEST_ANNOTATION in annotations
 
 
-async def observe(kube: dict[str, k8s.ApiClient], namespace: str) -> PipelineState:
+async def observe(kube: dict[str, k8s.ApiClient], namespace: str,
+                  targets: tuple[str, ...] = TARGETS) -> PipelineState:
     source_pods = await list_pods(kube[SOURCE], namespace)
     proxies = [p for p in source_pods if p["spec"].get("schedulerName") == PROXY_SCHEDULER_NAME]
-    delegates = {t: await list_pods(kube[t], namespace, label_selector=PARENT_UID_LABEL) for t in TARGETS}
+    delegates = {t: await list_pods(kube[t], namespace, label_selector=PARENT_UID_LABEL) for t in targets}
     elected_on_real = [p["metadata"]["name"] for p in source_pods if _elected(p) and p["spec"].get("nodeName")
                        and not p["spec"]["nodeName"].startswith("admiralty-")]
     return PipelineState(proxies, delegates, elected_on_real)
@@ -99,13 +100,13 @@ def violations(state: PipelineState, expected: int) -> list[str]:
 
 
 async def converged(kube: dict[str, k8s.ApiClient], namespace: str, expected: int,
-                    within: float = 60.0) -> PipelineState:
+                    within: float = 60.0, targets: tuple[str, ...] = TARGETS) -> PipelineState:
     """Wait until the namespace's pipeline state has no violations; fail listing them."""
     last: list[str] = []
 
     async def check() -> PipelineState | None:
         nonlocal last
-        state = await observe(kube, namespace)
+        state = await observe(kube, namespace, targets)
         last = violations(state, expected)
         return state if not last else None
 
