@@ -32,7 +32,6 @@ class ClusterSettings(BaseModel):
     context: str | None = Field(None, description="context in the kubeconfig (default: current)")
     source: bool = Field(False, description="elected pods in this cluster are scheduled to targets")
     target: bool = Field(False, description="delegate pods may run in this cluster")
-    qps: float = Field(200.0, gt=0, description="client-side API request rate limit")
 
     @field_validator("name")
     @classmethod
