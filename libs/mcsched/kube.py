@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+import orjson
 from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.config import load_incluster_config, load_kube_config
 
@@ -105,7 +106,7 @@ class KubeClient:
             if not 200 <= response.status < 300:
                 suffix = f"?{urlencode(params)}" if params else ""
                 raise KubeError(self.name, method, path + suffix, response.status, text)
-            return json.loads(text) if text else {}
+            return orjson.loads(text) if text else {}
 
     async def get(self, path: str, **params: Any) -> JSON:
         return await self.request("GET", path, params)
@@ -139,7 +140,7 @@ class KubeClient:
                 raise KubeError(self.name, "WATCH", path, response.status, await response.text())
             async for line in response.content:
                 if line.strip():
-                    yield json.loads(line)
+                    yield orjson.loads(line)
 
 
 Handler = Callable[[str, JSON, JSON | None], Awaitable[None] | None]
