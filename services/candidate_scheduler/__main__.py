@@ -16,6 +16,7 @@ from opentelemetry import trace
 
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.capacity import TargetView
+from mcsched.constants import PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, KubeError
 from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, Message
 from mcsched.placement import NodeChoice, Resources, choose_node, pod_requests, target_score
@@ -35,7 +36,9 @@ class TargetScheduler:
         self.client = rt.clusters[target]
         self.view = TargetView(
             target, rt.informer(target, "/api/v1/nodes"),
-            rt.informer(target, "/api/v1/pods", field_selector="status.phase!=Succeeded,status.phase!=Failed"))
+            # Pods that use room on real nodes; proxies (on virtual nodes) are left out.
+            rt.informer(target, "/api/v1/pods", field_selector="status.phase!=Succeeded,status.phase!=Failed,"
+                        f"spec.schedulerName!={PROXY_SCHEDULER_NAME}"))
         self.namespaces: dict[str, JSON] = {}
 
     def _settled(self) -> dict[str, JSON]:
