@@ -99,7 +99,7 @@ class ElectPublisher:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.published: dict[str, str] = {}  # proxy uid -> msg id last published
+        self.published: dict[str, float] = {}  # proxy uid -> when its elect message was last published
 
     @staticmethod
     def pending(pod: JSON) -> bool:
@@ -111,7 +111,7 @@ class ElectPublisher:
         with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(ref)}):
             await self.rt.bus.publish(self.rt.bus.subject("elect", source),
                                       ElectMessage(proxy=ref, reason=reason), msg_id)  # type: ignore[arg-type]
-        self.published[meta["uid"]] = msg_id
+        self.published[meta["uid"]] = time.monotonic()
 
     async def on_event(self, source: str, kind: str, pod: JSON) -> None:
         uid = pod["metadata"]["uid"]
@@ -125,11 +125,18 @@ class ElectPublisher:
                 log.warning("could not publish elect for %s/%s: %s", source, pod["metadata"]["name"], exc)
 
     async def resync(self, informers: dict[str, Any]) -> None:
-        epoch = int(time.time() // self.rt.settings.resync_period_seconds)
+        """Publish again the proxies still unbound long after their last elect message.
+
+        Their message is normally still queued (a backlog is not a loss), so only
+        those published three periods ago or never (NATS was down) are sent again.
+        """
+        period = self.rt.settings.resync_period_seconds
+        epoch = int(time.time() // period)
+        now = time.monotonic()
         batch = []
         for source, informer in informers.items():
             for pod in informer.items():
-                if self.pending(pod):
+                if self.pending(pod) and now - self.published.get(pod["metadata"]["uid"], -1e9) > 3 * period:
                     meta = pod["metadata"]
                     ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
                     batch.append((self.rt.bus.subject("elect", source), ElectMessage(proxy=ref, reason="resync"),
@@ -137,6 +144,8 @@ class ElectPublisher:
         if batch:
             log.info("resync: %d proxy pods still need a target", len(batch))
             await self.rt.bus.publish_many(batch)  # type: ignore[arg-type]
+            for _, message, _ in batch:
+                self.published[message.proxy.uid] = now  # type: ignore[attr-defined]
 
 
 async def compose(rt: Runtime) -> None:
