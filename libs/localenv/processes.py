@@ -101,11 +101,36 @@ class ProcessTable:
             self._save([r for r in self.load() if r.name != name])
 
     def stop_all(self, timeout: float = 15.0) -> None:
-        """Stop every recorded process, newest first, and forget them."""
+        """Stop every recorded process, newest first, and forget them.
+
+        Then stop any server still running on this environment's files (its
+        command line names them) that the table lost track of,
+        so an interrupted start never leaves servers behind. Only PIDs are used.
+        """
         records = self.load()
         _terminate(list(reversed(records)), timeout)
+        _terminate(self._strays(), timeout)
         if self.path.exists():
             self.path.unlink()
+
+    def _strays(self) -> list[ProcessRecord]:
+        root = str(self.root.resolve())
+        # Paths only this environment's servers name (nested environments, such as
+        # .local/test inside .local, have paths of their own and are left alone).
+        markers = (f"{root}/clusters/", f"{root}/nats", f"{root}/jaeger.yaml")
+        strays = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if any(marker in arg for arg in argv for marker in markers):
+                ticks = _start_ticks(int(entry.name))
+                if ticks is not None:
+                    strays.append(ProcessRecord(f"stray-{entry.name}", int(entry.name), argv, ticks, ""))
+        return strays
 
 
 def _terminate(records: list[ProcessRecord], timeout: float, sig: signal.Signals = signal.SIGTERM) -> None:
