@@ -72,8 +72,10 @@ class Feedback:
             for target in rt.settings.target_names
         }
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
-        self.finalizing.start()
-        rt.closers.append(self.finalizing.stop)
+        self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key)
+        for queue in (self.finalizing, self.statuses):
+            queue.start()
+            rt.closers.append(queue.stop)
         for source, informer in self.proxies.items():
             informer.add_handler(lambda kind, pod, old, source=source: self.on_proxy(source, kind, pod))
         for target, view in self.targets.items():
@@ -103,6 +105,16 @@ class Feedback:
         status = mirrored_status(delegate.get("status") or {})
         if old is not None and mirrored_status(old.get("status") or {}) == status:
             return
+        # Published by workers, so a burst of delegate events never holds up the watch.
+        self.statuses.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
+
+    async def _publish_status_key(self, key: tuple[str, str, str]) -> None:
+        target, namespace, name = key
+        delegate = self.targets[target].pods.get(f"{namespace}/{name}")
+        parent = parent_ref(delegate) if delegate is not None else None
+        if delegate is None or parent is None:
+            return
+        ref = PodRef(cluster=parent[0], namespace=parent[1], name=parent[2], uid=parent[3])
         with pod_trace(delegate):
             await self._publish_status(target, ref, delegate)
 

@@ -15,7 +15,6 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from aiohttp import web
@@ -24,11 +23,12 @@ from opentelemetry import context as otel_context
 from mcsched import pki
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, webhook_configuration
 from mcsched.constants import PROXY_SCHEDULER_NAME
-from mcsched.kube import JSON, KubeError
+from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
 from mcsched.telemetry import pod_trace, trace_annotations, tracer
+from mcsched.workqueue import WorkQueue
 
 log = logging.getLogger("watcher")
 
@@ -97,8 +97,12 @@ async def start_webhook(rt: Runtime) -> None:
 class ElectPublisher:
     """Publishes an elect message for every proxy pod that still needs a target."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, informers: dict[str, Informer]) -> None:
         self.rt = rt
+        self.informers = informers
+        self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue("publish elect", self._publish_key)
+        self.queue.start()
+        rt.closers.append(self.queue.stop)
         self.published: dict[str, float] = {}  # proxy uid -> when its elect message was last published
 
     @staticmethod
@@ -110,21 +114,27 @@ class ElectPublisher:
         ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
         with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(ref)}):
             await self.rt.bus.publish(self.rt.bus.subject("elect", source),
-                                      ElectMessage(proxy=ref, reason=reason), msg_id)  # type: ignore[arg-type]
+                                      ElectMessage(proxy=ref, reason=reason), msg_id)
         self.published[meta["uid"]] = time.monotonic()
 
-    async def on_event(self, source: str, kind: str, pod: JSON) -> None:
+    def on_event(self, source: str, kind: str, pod: JSON) -> None:
         uid = pod["metadata"]["uid"]
         if kind == "DELETED" or not self.pending(pod):
             self.published.pop(uid, None)
-            return
-        if uid not in self.published:
-            try:
-                await self.publish(source, pod, "created", f"elect:{uid}")
-            except Exception as exc:  # NATS down: the resync publishes it later
-                log.warning("could not publish elect for %s/%s: %s", source, pod["metadata"]["name"], exc)
+        elif uid not in self.published:  # published by workers: a burst never holds up the watch
+            self.queue.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
 
-    async def resync(self, informers: dict[str, Any]) -> None:
+    async def _publish_key(self, key: tuple[str, str, str]) -> None:
+        source, namespace, name = key
+        pod = self.informers[source].get(f"{namespace}/{name}")
+        if pod is None or not self.pending(pod) or pod["metadata"]["uid"] in self.published:
+            return
+        try:
+            await self.publish(source, pod, "created", f"elect:{pod['metadata']['uid']}")
+        except Exception as exc:  # NATS down: the resync publishes it later
+            log.warning("could not publish elect for %s/%s: %s", source, name, exc)
+
+    async def resync(self) -> None:
         """Publish again the proxies still unbound long after their last elect message.
 
         Their message is normally still queued (a backlog is not a loss), so only
@@ -134,7 +144,7 @@ class ElectPublisher:
         epoch = int(time.time() // period)
         now = time.monotonic()
         batch = []
-        for source, informer in informers.items():
+        for source, informer in self.informers.items():
             for pod in informer.items():
                 if self.pending(pod) and now - self.published.get(pod["metadata"]["uid"], -1e9) > 3 * period:
                     meta = pod["metadata"]
@@ -143,26 +153,22 @@ class ElectPublisher:
                                   f"elect:{meta['uid']}:{epoch}"))
         if batch:
             log.info("resync: %d proxy pods still need a target", len(batch))
-            await self.rt.bus.publish_many(batch)  # type: ignore[arg-type]
+            await self.rt.bus.publish_many(batch)
             for _, message, _ in batch:
-                self.published[message.proxy.uid] = now  # type: ignore[attr-defined]
+                self.published[message.proxy.uid] = now
 
 
 async def compose(rt: Runtime) -> None:
     if rt.settings.webhook.enabled:
         await start_webhook(rt)
-    publisher = ElectPublisher(rt)
-    informers = {}
-    for source in rt.settings.source_names:
-        informer = rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
-
-        def handler(kind: str, pod: JSON, _old: JSON | None, source: str = source) -> Any:
-            return publisher.on_event(source, kind, pod)
-
-        informer.add_handler(handler)
-        informers[source] = informer
-    rt.spawn(periodic(rt.settings.resync_period_seconds, lambda: publisher.resync(informers), "elect resync"),
-             "elect resync")
+    informers = {
+        source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
+        for source in rt.settings.source_names
+    }
+    publisher = ElectPublisher(rt, informers)
+    for source, informer in informers.items():
+        informer.add_handler(lambda kind, pod, _old, source=source: publisher.on_event(source, kind, pod))
+    rt.spawn(periodic(rt.settings.resync_period_seconds, publisher.resync, "elect resync"), "elect resync")
 
 
 if __name__ == "__main__":
