@@ -9,7 +9,6 @@ every proxy pod is Running, and prints the pods of each cluster like
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,12 +19,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "nginx.y
 
 
 def _kubectl(env: LocalEnvironment, context: str, *args: str) -> str:
-    info = env.info()
-    proc = subprocess.run([f"{info.bin_dir}/kubectl", "--kubeconfig", info.kubeconfig, "--context", context, *args],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"kubectl --context {context} {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+    return env.cluster(context).kubectl(*args)
 
 
 def run(env: LocalEnvironment, timeout: float = 120.0) -> int:

@@ -121,12 +121,12 @@ class Bus:
 
     def _jetstream(self) -> JetStreamContext:
         if self._js is None:
-            self._js = self._client().jetstream()
+            self._js = self._jetstream()
         return self._js
 
     async def ensure_streams(self) -> None:
         """Create (or update) the work-queue streams; safe to call from every replica."""
-        js = self._client().jetstream()
+        js = self._jetstream()
         for kind in STREAM_KINDS:
             config = StreamConfig(
                 name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
@@ -170,7 +170,7 @@ class Bus:
     async def key_value(self, name: str) -> KeyValue:
         """A JetStream key-value bucket (created if missing) named after the prefix."""
         bucket = f"{self.prefix}_{name}".upper().replace("-", "_")
-        js = self._client().jetstream()
+        js = self._jetstream()
         try:
             return await js.key_value(bucket)
         except (NotFoundError, BucketNotFoundError):
@@ -221,7 +221,7 @@ class Bus:
                                 filter_subject=subject)
         while True:
             try:
-                js = self._client().jetstream()
+                js = self._jetstream()
                 sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
                 break
             except (TimeoutError, NotFoundError, NatsTimeoutError, OSError) as exc:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -281,9 +280,3 @@ async def pod_by_uid(pods: Informer, namespace: str, name: str, uid: str) -> JSO
     return pod if pod["metadata"]["uid"] == uid else None
 
 
-async def connect_clusters(clusters: list[ClusterSettings]) -> dict[str, KubeClient]:
-    return {c.name: await KubeClient.connect(c) for c in clusters}
-
-
-def kubeconfig_exists(path: Path | None) -> bool:
-    return path is None or path.is_file()

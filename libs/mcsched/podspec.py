@@ -19,8 +19,6 @@ from typing import Any
 
 from .constants import (
     ELECT_ANNOTATION,
-    NAMESPACE_LABEL,
-    NAMESPACE_LABEL_VALUE,
     PARENT_CLUSTER_LABEL,
     PARENT_NAME_LABEL,
     PARENT_NAMESPACE_LABEL,
@@ -44,11 +42,6 @@ _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 class ElectionError(ValueError):
     """The elect annotation has a value we cannot interpret."""
-
-
-def namespace_enabled(namespace: Mapping[str, Any]) -> bool:
-    labels = namespace.get("metadata", {}).get("labels") or {}
-    return bool(labels.get(NAMESPACE_LABEL) == NAMESPACE_LABEL_VALUE)
 
 
 def election(pod: Mapping[str, Any]) -> bool:

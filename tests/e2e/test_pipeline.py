@@ -13,6 +13,7 @@ from kubernetes_asyncio import client as k8s
 from localenv import LocalEnvironment
 from localenv.services import process_name, start_service
 from mcsched.constants import PARENT_CLUSTER_LABEL, PARENT_NAME_LABEL, PARENT_NAMESPACE_LABEL, PARENT_UID_LABEL
+from mcsched.placement import pod_requests
 from tests.e2e.pipeline import SOURCE, TARGETS, converged, create_when_ready, list_pods, nginx_deployment, observe
 from tests.helpers import eventually
 
@@ -178,8 +179,7 @@ async def test_two_replicas_of_every_stage_place_each_pod_once_without_overcommi
             for pod in pods:
                 node = pod["spec"].get("nodeName")
                 if node and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
-                    cpu = sum(int(c.get("resources", {}).get("requests", {}).get("cpu", "0").rstrip("m") or 0)
-                              for c in pod["spec"]["containers"])
+                    cpu = pod_requests(pod).cpu_milli
                     requested[node] = requested.get(node, 0) + cpu
             for node, milli in requested.items():
                 if node.startswith(f"{target}-worker-") and node != "c2-worker-big":
