@@ -121,7 +121,7 @@ class Bus:
 
     def _jetstream(self) -> JetStreamContext:
         if self._js is None:
-            self._js = self._jetstream()
+            self._js = self._client().jetstream()
         return self._js
 
     async def ensure_streams(self) -> None:
