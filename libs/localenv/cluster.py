@@ -158,7 +158,7 @@ class LocalCluster:
             "--allow-privileged=true",
             "--endpoint-reconciler-type", "none",
             "--max-requests-inflight", "800", "--max-mutating-requests-inflight", "400",
-            "--profiling=false", "--event-ttl", "2h",
+            "--profiling=true", "--event-ttl", "2h",
         ])
         self.wait_ready()
         self.processes.start(f"{s.name}-kube-controller-manager", [

@@ -1,10 +1,12 @@
 """Cluster clients and watch-fed caches, on raw JSON for speed.
 
-``KubeClient`` wraps one kubernetes_asyncio ``ApiClient`` (which handles
-kubeconfig, TLS and tokens) but exchanges plain dicts with the API server:
-no model (de)serialisation on the hot path. ``Informer`` keeps an in-memory
-copy of one resource (list, then watch, re-list on 410 Gone) and calls
-handlers on every change; services read from informers, never list per pod.
+``KubeClient`` takes its connection settings (kubeconfig or in-cluster
+service account, TLS, tokens and their refresh) from kubernetes_asyncio's
+``Configuration`` but talks to the API server over its own aiohttp session,
+exchanging plain dicts encoded with orjson: no model (de)serialisation, no
+per-request proxy or netrc lookups. ``Informer`` keeps an in-memory copy of
+one resource (list, then watch, re-list on 410 Gone) and calls handlers on
+every change; services read from informers, never list per pod.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
-from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client import Configuration
 from kubernetes_asyncio.config import load_incluster_config, load_kube_config
 
 from .constants import FIELD_MANAGER
@@ -64,9 +67,12 @@ def pod_path(namespace: str, name: str = "", sub: str = "") -> str:
 class KubeClient:
     """Raw JSON access to one cluster's API server."""
 
-    def __init__(self, name: str, api: ApiClient) -> None:
+    def __init__(self, name: str, config: Configuration, *, pool_size: int = 128) -> None:
         self.name = name
-        self.api = api
+        self.config = config
+        self.base = str(config.host).rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._pool_size = pool_size
         self.requests = 0  # API calls made, for metrics and the benchmark
 
     @classmethod
@@ -77,11 +83,37 @@ class KubeClient:
         else:
             await load_kube_config(config_file=str(cluster.kubeconfig), context=cluster.context,
                                    client_configuration=config)
-        config.connection_pool_maxsize = 128
-        return cls(cluster.name, ApiClient(config))
+        return cls(cluster.name, config)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        config = self.config
+        context = ssl.create_default_context(cafile=config.ssl_ca_cert)
+        if config.cert_file:
+            context.load_cert_chain(config.cert_file, keyfile=config.key_file)
+        if not config.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _client_session(self) -> aiohttp.ClientSession:
+        if self._session is None:  # made on first use, inside the running loop
+            connector = aiohttp.TCPConnector(limit=self._pool_size, ssl=self._ssl_context())
+            # Watch events of big objects can exceed aiohttp's default read buffer.
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False, read_bufsize=2**21)
+        return self._session
+
+    async def _headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        auth = (await self.config.auth_settings()).get("BearerToken")
+        if auth:
+            headers["Authorization"] = auth["value"]
+        elif self.config.username and self.config.password:
+            headers["Authorization"] = self.config.get_basic_auth_token()
+        return headers
 
     async def close(self) -> None:
-        await self.api.close()
+        if self._session is not None:
+            await self._session.close()
 
     async def _raw(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                    body: Any = None, content_type: str = "application/json",
@@ -89,23 +121,21 @@ class KubeClient:
         self.requests += 1
         API_REQUESTS.labels(self.name, method).inc()
         query = [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (params or {}).items()]
-        response: aiohttp.ClientResponse = await self.api.call_api(
-            path, method, query_params=query,
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body, auth_settings=["BearerToken"], _preload_content=False,
-            _request_timeout=timeout,
-        )
-        return response
+        return await self._client_session().request(
+            method, self.base + path, params=query, headers=await self._headers(content_type),
+            data=orjson.dumps(body) if body is not None else None,
+            timeout=aiohttp.ClientTimeout(total=timeout), server_hostname=self.config.tls_server_name,
+            proxy=self.config.proxy or None)
 
     async def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json") -> JSON:
         response = await self._raw(method, path, params, body, content_type)
         async with response:
-            text = await response.text()
+            data = await response.read()
             if not 200 <= response.status < 300:
                 suffix = f"?{urlencode(params)}" if params else ""
-                raise KubeError(self.name, method, path + suffix, response.status, text)
-            return orjson.loads(text) if text else {}
+                raise KubeError(self.name, method, path + suffix, response.status, data.decode(errors="replace"))
+            return orjson.loads(data) if data else {}
 
     async def get(self, path: str, **params: Any) -> JSON:
         return await self.request("GET", path, params)

@@ -202,8 +202,11 @@ MIRRORED_STATUS_FIELDS = (
 
 
 def mirrored_status(delegate_status: Mapping[str, Any]) -> JSON:
-    """The proxy status that mirrors a delegate's (the fields a user reads)."""
-    return {k: copy.deepcopy(delegate_status[k]) for k in MIRRORED_STATUS_FIELDS if k in delegate_status}
+    """The proxy status that mirrors a delegate's (the fields a user reads).
+
+    The values are shared with ``delegate_status``, not copied: treat the result as read-only.
+    """
+    return {k: delegate_status[k] for k in MIRRORED_STATUS_FIELDS if k in delegate_status}
 
 
 def status_differs(proxy_status: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:

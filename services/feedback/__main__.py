@@ -48,6 +48,8 @@ log = logging.getLogger("feedback")
 # A freshly bound proxy gets its delegate within moments; only after this long
 # is a missing delegate treated as lost.
 DELEGATE_GRACE_SECONDS = 15.0
+# A status just written is not written again for this long, even if the proxy cache does not show it yet.
+MIRROR_MEMORY_SECONDS = 10.0
 
 
 def _now() -> str:
@@ -71,6 +73,8 @@ class Feedback:
                                rt.informer(target, "/api/v1/pods", label_selector=PARENT_UID_LABEL))
             for target in rt.settings.target_names
         }
+        # proxy uid -> the status last written onto it, and when: the proxy cache may not show it yet
+        self.mirrored: dict[str, tuple[JSON, float]] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
         self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key)
         for queue in (self.finalizing, self.statuses):
@@ -105,6 +109,9 @@ class Feedback:
         status = mirrored_status(delegate.get("status") or {})
         if old is not None and mirrored_status(old.get("status") or {}) == status:
             return
+        proxy = self._proxy(source, namespace, name, uid)
+        if proxy is not None and not status_differs(proxy.get("status") or {}, status):
+            return  # the proxy shows it already (a new delegate starts Pending, like its proxy)
         # Published by workers, so a burst of delegate events never holds up the watch.
         self.statuses.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
 
@@ -130,6 +137,11 @@ class Feedback:
         except Exception as exc:  # NATS away: the resync mirrors it later
             log.warning("could not publish status of %s: %s", ref, exc)
 
+    def _just_mirrored(self, uid: str, wanted: JSON) -> bool:
+        """Whether this very status was written onto the proxy moments ago (the cache lags)."""
+        written = self.mirrored.get(uid)
+        return written is not None and written[0] == wanted and time.monotonic() - written[1] < MIRROR_MEMORY_SECONDS
+
     async def on_status(self, update: StatusUpdate) -> Outcome:
         ref = update.proxy
         # The proxy cache may lag behind the delegate's: then the API server answers.
@@ -140,11 +152,12 @@ class Feedback:
         delegate = view.delegates.get(ref.uid) if view else None
         # Mirror the delegate as it is now (order-free); the message's copy if the cache has not seen it.
         wanted = mirrored_status(delegate.get("status") or {}) if delegate else update.status
-        if status_differs(proxy.get("status") or {}, wanted):
+        if status_differs(proxy.get("status") or {}, wanted) and not self._just_mirrored(ref.uid, wanted):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
                 await self.rt.clusters[ref.cluster].merge_patch(pod_path(ref.namespace, ref.name, "status"),
                                                                 {"status": wanted})
+            self.mirrored[ref.uid] = (wanted, time.monotonic())
             if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
                 observe_since_creation("proxy_running", proxy)
         return ACK
@@ -152,7 +165,9 @@ class Feedback:
     # -- deletion and repair -----------------------------------------------------
 
     def on_proxy(self, source: str, kind: str, pod: JSON) -> None:
-        if kind != "DELETED" and pod["metadata"].get("deletionTimestamp"):
+        if kind == "DELETED":
+            self.mirrored.pop(pod["metadata"]["uid"], None)
+        elif pod["metadata"].get("deletionTimestamp"):
             self.finalizing.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
 
     async def _finalize_key(self, key: tuple[str, str, str]) -> None:
