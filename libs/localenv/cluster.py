@@ -11,6 +11,7 @@ and moves their pods to Running with IPs from each node's pod CIDR.
 from __future__ import annotations
 
 import json
+import secrets
 import ssl
 import subprocess
 import time
@@ -94,22 +95,37 @@ class LocalCluster:
             self.dir / "admin.crt", self.dir / "admin.key"
         )
         pki.service_account_keys().write(self.dir / "sa.pub", self.dir / "sa.key")
+        # Users and services authenticate with a bearer token, as in-cluster service accounts do:
+        # the API server verifies a client certificate's chain on every request, a token once.
+        token = secrets.token_urlsafe(32)
+        self.token_file.write_text(token)
+        (self.dir / "tokens.csv").write_text(f"{token},{self.spec.name}-user,{self.spec.name}-user,system:masters\n")
 
-    def kubeconfig_entry(self) -> dict[str, Any]:
-        """This cluster as (cluster, user, context) entries of a kubeconfig."""
+    @property
+    def token_file(self) -> Path:
+        return self.dir / "user.token"
+
+    def kubeconfig_entry(self, component: bool = False) -> dict[str, Any]:
+        """This cluster as (cluster, user, context) entries of a kubeconfig.
+
+        Users, tests and our services get the token user; the cluster's own
+        components (``component=True``) a client certificate, as kubeadm gives them.
+        """
         name = self.spec.name
+        user: dict[str, Any] = {"name": f"{name}-admin", "user": {
+            "client-certificate": str(self.dir / "admin.crt"), "client-key": str(self.dir / "admin.key")}}
+        if not component:
+            user = {"name": f"{name}-user", "user": {"token": self.token_file.read_text().strip()}}
         return {
             "cluster": {"name": name, "cluster": {
                 "server": self.spec.server,
                 "certificate-authority": str(self.ca_file)}},
-            "user": {"name": f"{name}-admin", "user": {
-                "client-certificate": str(self.dir / "admin.crt"),
-                "client-key": str(self.dir / "admin.key")}},
-            "context": {"name": name, "context": {"cluster": name, "user": f"{name}-admin"}},
+            "user": user,
+            "context": {"name": name, "context": {"cluster": name, "user": user["name"]}},
         }
 
     def _write_component_configs(self) -> None:
-        entry = self.kubeconfig_entry()
+        entry = self.kubeconfig_entry(component=True)
         kubeconfig = {
             "apiVersion": "v1", "kind": "Config",
             "clusters": [entry["cluster"]], "users": [entry["user"]],
@@ -149,7 +165,7 @@ class LocalCluster:
             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
             "--secure-port", str(p.apiserver),
             "--tls-cert-file", str(d / "apiserver.crt"), "--tls-private-key-file", str(d / "apiserver.key"),
-            "--client-ca-file", str(self.ca_file),
+            "--client-ca-file", str(self.ca_file), "--token-auth-file", str(d / "tokens.csv"),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", str(d / "sa.pub"),
             "--service-account-signing-key-file", str(d / "sa.key"),

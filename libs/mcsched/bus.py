@@ -207,14 +207,18 @@ class Bus:
         await self._client().subscribe(subject, queue=queue, cb=on_request)
 
     def consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
-                *, batch: int = 64, ack_wait: float = 30.0) -> None:
-        """Process a stream's messages on ``subject`` with a durable consumer shared by replicas."""
+                *, in_flight: int = 64, ack_wait: float = 30.0) -> None:
+        """Process a stream's messages on ``subject`` with a durable consumer shared by replicas.
+
+        Up to ``in_flight`` messages are handled at once; a slot freed by one is
+        refilled at once, so a slow message never holds up the ones behind it.
+        """
         self._tasks.append(asyncio.create_task(
-            self._consume(kind, durable, subject, model, handler, batch, ack_wait),
+            self._consume(kind, durable, subject, model, handler, in_flight, ack_wait),
             name=f"consume {durable}"))
 
     async def _consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
-                       batch: int, ack_wait: float) -> None:
+                       in_flight: int, ack_wait: float) -> None:
         stream = self.stream(kind)
         config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_deliver=-1,
                                 max_ack_pending=10_000, deliver_policy=DeliverPolicy.ALL,
@@ -227,24 +231,35 @@ class Bus:
             except (TimeoutError, NotFoundError, NatsTimeoutError, OSError) as exc:
                 log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
                 await asyncio.sleep(1)
+        handling: set[asyncio.Task[None]] = set()
         lag_checked = 0.0
-        while True:
-            if time.monotonic() - lag_checked > 5:
-                lag_checked = time.monotonic()
+        try:
+            while True:
+                if time.monotonic() - lag_checked > 5:
+                    lag_checked = time.monotonic()
+                    try:
+                        info = await sub.consumer_info()
+                        CONSUMER_LAG.labels(durable).set(info.num_pending or 0)
+                    except Exception:  # lag is advice; fetching goes on regardless
+                        pass
+                if len(handling) >= in_flight:
+                    await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 try:
-                    info = await sub.consumer_info()
-                    CONSUMER_LAG.labels(durable).set(info.num_pending or 0)
-                except Exception:  # lag is advice; fetching goes on regardless
-                    pass
-            try:
-                messages = await sub.fetch(batch, timeout=5)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except Exception as exc:  # connection trouble: the client reconnects by itself
-                log.warning("fetch on %s failed (%s); retrying", durable, exc)
-                await asyncio.sleep(1)
-                continue
-            await asyncio.gather(*(self._handle(m, model, handler) for m in messages))
+                    messages = await sub.fetch(in_flight - len(handling), timeout=5)
+                except (TimeoutError, NatsTimeoutError):
+                    continue
+                except Exception as exc:  # connection trouble: the client reconnects by itself
+                    log.warning("fetch on %s failed (%s); retrying", durable, exc)
+                    await asyncio.sleep(1)
+                    continue
+                for msg in messages:
+                    task = asyncio.create_task(self._handle(msg, model, handler))
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
+        finally:
+            for task in handling:
+                task.cancel()
 
     async def _handle(self, msg: Msg, model: type[M], handler: Handler[M]) -> None:
         token = otel_context.attach(propagate.extract(msg.headers or {}))

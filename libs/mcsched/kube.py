@@ -67,12 +67,12 @@ def pod_path(namespace: str, name: str = "", sub: str = "") -> str:
 class KubeClient:
     """Raw JSON access to one cluster's API server."""
 
-    def __init__(self, name: str, config: Configuration, *, pool_size: int = 128) -> None:
+    def __init__(self, name: str, config: Configuration, *, pool_size: int = 32) -> None:
         self.name = name
         self.config = config
         self.base = str(config.host).rstrip("/")
         self._session: aiohttp.ClientSession | None = None
-        self._pool_size = pool_size
+        self._pool_size = pool_size  # kept connections; a burst beyond them waits rather than handshakes
         self.requests = 0  # API calls made, for metrics and the benchmark
 
     @classmethod

@@ -8,6 +8,7 @@ rank target clusters by the capacity they would have left. No I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -105,13 +106,23 @@ def _ceil(value: Decimal, scale: int) -> int:
         return int(value.scaleb(scale).to_integral_value(rounding=ROUND_CEILING))
 
 
+@functools.lru_cache(maxsize=4096)
+def _scaled_text(value: str, scale: int) -> int:
+    """``ceil(quantity * 10**scale)`` for a quantity string; few distinct strings recur, so it is cached."""
+    return _ceil(parse_quantity(value), scale)
+
+
 def cpu_milli(value: str | int | float | Decimal) -> int:
     """A CPU quantity in millicores, rounded up ("100m" -> 100, "0.5" -> 500, "1" -> 1000)."""
+    if isinstance(value, str):
+        return _scaled_text(value, 3)
     return _ceil(parse_quantity(value), 3)
 
 
 def memory_bytes(value: str | int | float | Decimal) -> int:
     """A memory (or count) quantity as a whole number, rounded up ("1Ki" -> 1024, "1k" -> 1000)."""
+    if isinstance(value, str):
+        return _scaled_text(value, 0)
     return _ceil(parse_quantity(value), 0)
 
 
@@ -358,8 +369,12 @@ def _is_ready(node: Mapping[str, Any]) -> bool:
     )
 
 
-def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Resources) -> list[str]:
-    """Why the pod cannot go on the node, given the resources already used there; ``[]`` if it fits."""
+def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Resources,
+                       request: Resources | None = None) -> list[str]:
+    """Why the pod cannot go on the node, given the resources already used there; ``[]`` if it fits.
+
+    ``request`` is the pod's :func:`pod_requests`, when the caller has it already.
+    """
     pod_spec: Mapping[str, Any] = pod.get("spec") or {}
     node_spec: Mapping[str, Any] = node.get("spec") or {}
     tolerations: list[Mapping[str, Any]] = pod_spec.get("tolerations") or []
@@ -375,7 +390,8 @@ def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Re
             reasons.append(f"untolerated taint {_taint_text(taint)}")
     if not matches_node_selector(pod, node):
         reasons.append("node selector/affinity mismatch")
-    request = pod_requests(pod)
+    if request is None:
+        request = pod_requests(pod)
     free = node_allocatable(node) - used
     # Like kube-scheduler, a zero request fits even on an over-committed node.
     if request.cpu_milli > 0 and request.cpu_milli > free.cpu_milli:
@@ -418,7 +434,7 @@ def choose_node(
     for node in nodes:
         name: str = (node.get("metadata") or {}).get("name") or ""
         node_used = used.get(name, Resources())
-        reasons = node_unfit_reasons(pod, node, node_used)
+        reasons = node_unfit_reasons(pod, node, node_used, request)
         if reasons:
             counts.update(reasons)
             continue
