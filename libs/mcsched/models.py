@@ -63,10 +63,17 @@ class PodRef(BaseModel):
 
 
 class ElectMessage(Message):
-    """watcher -> proxy-scheduler: this proxy pod needs a target."""
+    """watcher -> proxy-scheduler: this proxy pod needs a target.
+
+    ``manifest`` is the pod as the user created it (the proxy's source-manifest
+    annotation) and ``created`` the proxy's creation time, so the proxy-scheduler
+    needs no cache of proxies; without a manifest it reads the proxy itself.
+    """
 
     proxy: PodRef
-    reason: Literal["created", "resync", "replace"] = "created"
+    reason: Literal["created", "resync"] = "created"
+    manifest: dict[str, Any] | None = None
+    created: str | None = None
 
 
 class CandidateRequest(Message):

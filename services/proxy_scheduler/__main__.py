@@ -3,10 +3,13 @@
 For each ``elect`` message: ask every target's candidate-scheduler whether
 and where the pod fits, pick the target with the most room left (spread by
 free capacity), bind the proxy pod to that target's virtual node, and ask the
-chosen candidate-scheduler for the delegate. The binding is the decision of
-record: a redelivered message for a bound proxy only re-requests its
-delegate, so a pod is never placed twice. A pod that fits nowhere gets
-``PodScheduled=False`` with the reasons and an Event, and is tried again.
+chosen candidate-scheduler for the delegate. The message carries the user's
+pod, so this service keeps no cache of proxies. The binding is the decision
+of record: the API server refuses a second binding, so a redelivered message
+for a bound proxy ends there, gives back the room it reserved and only
+re-requests the delegate of the target already chosen; a pod is never placed
+twice. A pod that fits nowhere gets ``PodScheduled=False`` with the reasons
+and an Event, and is tried again.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from datetime import UTC, datetime
 from opentelemetry import trace
 
 from mcsched.bus import ACK, Outcome, retry_later
-from mcsched.constants import PROXY_SCHEDULER_NAME, target_of_virtual_node, virtual_node_name
+from mcsched.constants import target_of_virtual_node, virtual_node_name
 from mcsched.events import EventRecorder
-from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path
+from mcsched.kube import JSON, KubeError, pod_path
 from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
 from mcsched.podspec import source_manifest
 from mcsched.runtime import Runtime, run_service
@@ -39,17 +42,23 @@ class ProxyScheduler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.events = EventRecorder("admiralty-proxy-scheduler")
-        self.proxies: dict[str, Informer] = {
-            source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
-            for source in rt.settings.source_names
-        }
 
-    async def _proxy(self, ref: PodRef) -> JSON | None:
-        return await pod_by_uid(self.proxies[ref.cluster], ref.namespace, ref.name, ref.uid)
+    async def _read_proxy(self, ref: PodRef) -> JSON | None:
+        """The proxy as its API server has it now; None once that incarnation is gone."""
+        try:
+            pod = await self.rt.clusters[ref.cluster].get(pod_path(ref.namespace, ref.name))
+        except KubeError as exc:
+            if exc.not_found:
+                return None
+            raise
+        return pod if pod["metadata"]["uid"] == ref.uid else None
 
-    async def _request_delegate(self, ref: PodRef, target: str, node: str | None, pod: JSON) -> None:
-        request = DelegateRequest(proxy=ref, target=target, node=node, manifest=source_manifest(pod))
+    async def _request_delegate(self, ref: PodRef, target: str, node: str | None, manifest: JSON) -> None:
+        request = DelegateRequest(proxy=ref, target=target, node=node, manifest=manifest)
         await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request, f"delegate:{ref.uid}")
+
+    async def _release(self, ref: PodRef, target: str) -> None:
+        await self.rt.bus.notify(self.rt.bus.subject("release", target), CandidateRelease(proxy_uid=ref.uid))
 
     async def _ask(self, target: str, request: CandidateRequest,
                    span_name: str | None = None) -> tuple[str, CandidateReply | None]:
@@ -68,22 +77,37 @@ class ProxyScheduler:
                                                                         "reason": message.reason}):
             return await self._schedule(message)
 
-    async def _schedule(self, message: ElectMessage) -> Outcome:
+    async def _original(self, message: ElectMessage) -> JSON | None:
+        """The user's pod from the message or, for a message without it, from the proxy itself.
+
+        None when there is nothing (more) to decide: the proxy is gone, being
+        deleted, not a proxy we can read, or bound already (then its delegate is
+        requested again, for a redelivery after a crash).
+        """
+        if message.manifest is not None:
+            return message.manifest
         ref = message.proxy
-        if ref.cluster not in self.proxies:
-            log.error("elect message for unknown source %s; dropping", ref.cluster)
-            return ACK
-        pod = await self._proxy(ref)
+        pod = await self._read_proxy(ref)
         if pod is None or pod["metadata"].get("deletionTimestamp"):
-            return ACK
-        bound_target = target_of_virtual_node(pod["spec"].get("nodeName"))
-        if bound_target is not None:  # decided before (redelivery or resync): make sure the delegate follows
-            await self._request_delegate(ref, bound_target, None, pod)
-            return ACK
+            return None
         try:
             original = source_manifest(pod)
         except ValueError as exc:
             await self.events.record(self.rt.clusters[ref.cluster], pod, "FailedScheduling", f"bad proxy pod: {exc}")
+            return None
+        bound_target = target_of_virtual_node(pod["spec"].get("nodeName"))
+        if bound_target is not None:
+            await self._request_delegate(ref, bound_target, None, original)
+            return None
+        return original
+
+    async def _schedule(self, message: ElectMessage) -> Outcome:
+        ref = message.proxy
+        if ref.cluster not in self.rt.settings.source_names:
+            log.error("elect message for unknown source %s; dropping", ref.cluster)
+            return ACK
+        original = await self._original(message)
+        if original is None:
             return ACK
         # Every target estimates (nothing reserved); then the best one reserves, or the next.
         question = CandidateRequest(proxy=ref, pod=original, reserve=False)
@@ -99,40 +123,55 @@ class ProxyScheduler:
                 best = reply
                 break
         if best is None:
-            return await self._unschedulable(ref, pod, answers)
+            return await self._unschedulable(ref, answers)
         trace.get_current_span().set_attributes({"target": best.target, "node": best.node or "",
                                                  "score": best.score})
-        target = await self._bind(ref, pod, best.target)
-        await self._request_delegate(ref, target, best.node if target == best.target else None, pod)
+        target = await self._bind(ref, best.target, message.created)
+        if target != best.target:  # bound before (a redelivery) or gone: the room is not needed
+            await self._release(ref, best.target)
+        if target is None:
+            return ACK
+        await self._request_delegate(ref, target, best.node if target == best.target else None, original)
         log.info("%s -> %s (node %s, score %.1f)", ref, target, best.node, best.score)
         return ACK
 
-    async def _bind(self, ref: PodRef, pod: JSON, target: str) -> str:
-        """Bind the proxy to the target's virtual node; returns the target it is bound to."""
+    async def _bind(self, ref: PodRef, target: str, created: str | None) -> str | None:
+        """Bind the proxy to the target's virtual node.
+
+        Returns the target it is bound to (another one if it was bound before),
+        or None if the proxy is gone or being deleted.
+        """
         binding = {"apiVersion": "v1", "kind": "Binding",
                    "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
                    "target": {"apiVersion": "v1", "kind": "Node", "name": virtual_node_name(target)}}
         client = self.rt.clusters[ref.cluster]
+        pod = {"metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid,
+                            "creationTimestamp": created}}
         try:
             with tracer.start_as_current_span("bind proxy", attributes={"node": virtual_node_name(target)}):
                 await client.create(pod_path(ref.namespace, ref.name, "binding"), binding)
             observe_since_creation("proxy_bound", pod)
         except KubeError as exc:
-            if not exc.conflict:
+            if exc.not_found:
+                return None
+            if not exc.conflict:  # the API server refuses any other binding as a conflict
                 raise
-            current = await client.get(pod_path(ref.namespace, ref.name))
+            current = await self._read_proxy(ref)
+            if current is None:
+                return None
             bound = target_of_virtual_node(current["spec"].get("nodeName"))
-            if bound is None:
+            if bound is None and not current["metadata"].get("deletionTimestamp"):
                 raise
-            if bound != target:
-                await self.rt.bus.notify(self.rt.bus.subject("release", target), CandidateRelease(proxy_uid=ref.uid))
             return bound
         self.events.record_soon(client, pod, "Scheduled",
                                 f"Successfully assigned {ref.namespace}/{ref.name} to {virtual_node_name(target)}",
                                 kind="Normal")
         return target
 
-    async def _unschedulable(self, ref: PodRef, pod: JSON, answers: dict[str, CandidateReply | None]) -> Outcome:
+    async def _unschedulable(self, ref: PodRef, answers: dict[str, CandidateReply | None]) -> Outcome:
+        pod = await self._read_proxy(ref)
+        if pod is None or pod["metadata"].get("deletionTimestamp") or pod["spec"].get("nodeName"):
+            return ACK
         reasons = [f"{target}: {reply.reason if reply else 'no candidate-scheduler answered'}"
                    for target, reply in sorted(answers.items())]
         message = f"0/{len(answers)} clusters are available: " + "; ".join(reasons)

@@ -15,6 +15,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, 
 from mcsched.constants import PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
+from mcsched.podspec import source_manifest
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
 from mcsched.telemetry import pod_trace, trace_annotations, tracer
@@ -109,13 +111,21 @@ class ElectPublisher:
     def pending(pod: JSON) -> bool:
         return not pod["spec"].get("nodeName") and not pod["metadata"].get("deletionTimestamp")
 
-    async def publish(self, source: str, pod: JSON, reason: str, msg_id: str) -> None:
+    @staticmethod
+    def message(source: str, pod: JSON, reason: Literal["created", "resync"]) -> ElectMessage:
         meta = pod["metadata"]
         ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
-        with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(ref)}):
-            await self.rt.bus.publish(self.rt.bus.subject("elect", source),
-                                      ElectMessage(proxy=ref, reason=reason), msg_id)
-        self.published[meta["uid"]] = time.monotonic()
+        try:
+            manifest: JSON | None = source_manifest(pod)
+        except ValueError:  # not made by our webhook: the proxy-scheduler reads it and says what is wrong
+            manifest = None
+        return ElectMessage(proxy=ref, reason=reason, manifest=manifest, created=meta.get("creationTimestamp"))
+
+    async def publish(self, source: str, pod: JSON, msg_id: str) -> None:
+        message = self.message(source, pod, "created")
+        with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(message.proxy)}):
+            await self.rt.bus.publish(self.rt.bus.subject("elect", source), message, msg_id)
+        self.published[message.proxy.uid] = time.monotonic()
 
     def on_event(self, source: str, kind: str, pod: JSON) -> None:
         uid = pod["metadata"]["uid"]
@@ -130,7 +140,7 @@ class ElectPublisher:
         if pod is None or not self.pending(pod) or pod["metadata"]["uid"] in self.published:
             return
         try:
-            await self.publish(source, pod, "created", f"elect:{pod['metadata']['uid']}")
+            await self.publish(source, pod, f"elect:{pod['metadata']['uid']}")
         except Exception as exc:  # NATS down: the resync publishes it later
             log.warning("could not publish elect for %s/%s: %s", source, name, exc)
 
@@ -147,10 +157,8 @@ class ElectPublisher:
         for source, informer in self.informers.items():
             for pod in informer.items():
                 if self.pending(pod) and now - self.published.get(pod["metadata"]["uid"], -1e9) > 3 * period:
-                    meta = pod["metadata"]
-                    ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
-                    batch.append((self.rt.bus.subject("elect", source), ElectMessage(proxy=ref, reason="resync"),
-                                  f"elect:{meta['uid']}:{epoch}"))
+                    batch.append((self.rt.bus.subject("elect", source), self.message(source, pod, "resync"),
+                                  f"elect:{pod['metadata']['uid']}:{epoch}"))
         if batch:
             log.info("resync: %d proxy pods still need a target", len(batch))
             await self.rt.bus.publish_many(batch)
