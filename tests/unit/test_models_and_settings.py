@@ -21,6 +21,22 @@ def test_message_round_trip() -> None:
     assert decode(message.encode(), ElectMessage) == message
 
 
+def test_elect_message_carries_the_users_pod() -> None:
+    manifest = {"metadata": {"name": "nginx-1", "labels": {"app": "nginx"}},
+                "spec": {"containers": [{"name": "nginx", "image": "nginx",
+                                         "resources": {"requests": {"cpu": "100m"}}}]}}
+    message = ElectMessage(proxy=ref(), manifest=manifest, created="2026-11-27T05:00:00Z")
+    decoded = decode(message.encode(), ElectMessage)
+    assert decoded.manifest == manifest
+    assert decoded.created == "2026-11-27T05:00:00Z"
+
+
+def test_elect_message_of_an_older_writer_has_no_manifest() -> None:
+    data = msgpack.packb({"type": "ElectMessage", "v": 1, "body": {"proxy": ref().model_dump(), "reason": "created"}})
+    decoded = decode(data, ElectMessage)
+    assert decoded.manifest is None and decoded.created is None
+
+
 def test_decode_refuses_another_type() -> None:
     with pytest.raises(SchemaError, match="expected a CandidateReply"):
         decode(ElectMessage(proxy=ref()).encode(), CandidateReply)
