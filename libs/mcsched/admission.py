@@ -10,10 +10,11 @@ the webhook never stands in the way of ordinary pods.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from .constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
 from .podspec import ElectionError, election, proxy_patch
@@ -30,7 +31,7 @@ def _response(uid: str, allowed: bool, patch: list[dict[str, Any]] | None = None
     response: dict[str, Any] = {"uid": uid, "allowed": allowed}
     if patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+        response["patch"] = base64.b64encode(orjson.dumps(patch)).decode()
     if message:
         response["status"] = {"code": 400 if not allowed else 200, "message": message, "reason": "BadRequest"}
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from .constants import (
     ELECT_ANNOTATION,
@@ -70,7 +71,7 @@ def source_manifest(proxy: Mapping[str, Any]) -> JSON:
     raw = (proxy.get("metadata", {}).get("annotations") or {}).get(SOURCE_MANIFEST_ANNOTATION)
     if not raw:
         raise ValueError("pod has no source manifest annotation: it is not a proxy pod")
-    manifest: JSON = json.loads(raw)
+    manifest: JSON = orjson.loads(raw)
     return manifest
 
 
@@ -101,7 +102,7 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
     }
     annotations = dict(metadata.get("annotations") or {})
     annotations.update(extra_annotations or {})
-    annotations[SOURCE_MANIFEST_ANNOTATION] = json.dumps(original, separators=(",", ":"), sort_keys=True)
+    annotations[SOURCE_MANIFEST_ANNOTATION] = orjson.dumps(original, option=orjson.OPT_SORT_KEYS).decode()
     finalizers = list(metadata.get("finalizers") or [])
     if PROXY_FINALIZER not in finalizers:
         finalizers.append(PROXY_FINALIZER)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+import orjson
 from aiohttp import web
 from opentelemetry import context as otel_context
 
@@ -61,14 +62,14 @@ async def start_webhook(rt: Runtime) -> None:
     context, ca_bundle = _serving_material(settings, url)
 
     async def mutate(request: web.Request) -> web.Response:
-        body = await request.json()
+        body = orjson.loads(await request.read())
         pod = (body.get("request") or {}).get("object") or {}
         meta = pod.get("metadata") or {}
         # A new trace per elected pod starts here; its context rides on the proxy's annotations.
         with tracer.start_as_current_span("admit pod", context=otel_context.Context(), attributes={
                 "k8s.namespace": str((body.get("request") or {}).get("namespace", "")),
                 "k8s.pod.generate_name": str(meta.get("generateName") or meta.get("name") or "")}):
-            return web.json_response(review(body, trace_annotations()))
+            return web.Response(body=orjson.dumps(review(body, trace_annotations())), content_type="application/json")
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
