@@ -205,6 +205,8 @@ class Scenario:
             start = before["processes"].get(name, {"cpu_seconds": 0.0})
             cost[name] = {"cpu_seconds_per_1000_pods": round((usage["cpu_seconds"] - start["cpu_seconds"]) * per_k, 2),
                           "peak_rss_mib": usage["peak_rss_mib"]}
+        environment = {name: round((cpu - before["environment"].get(name, 0.0)) * per_k, 2)
+                       for name, cpu in sorted(after["environment"].items())}
         api = {cluster: round((count - before["api_requests"].get(cluster, 0)) / max(1, len(finished)), 2)
                for cluster, count in after["api_requests"].items()}
         return {
@@ -212,6 +214,7 @@ class Scenario:
             "create_seconds": round(created_in, 2),
             "throughput_pods_per_s": round(len(finished) / span, 2),
             "latency_seconds": latency, "service_cost": cost, "api_requests_per_pod": api,
+            "environment_cpu_seconds_per_1000_pods": environment,
             "samples": {f"created->{last}": [round(t.marks[last] - t.created, 4) for t in finished],
                         **{step: [round(t.marks[step] - t.created, 4) for t in finished if step in t.marks]
                            for step in steps}},
@@ -228,17 +231,25 @@ async def _wait_service_account(client: KubeClient, namespace: str) -> None:
 
 
 def _service_usage(env: LocalEnvironment) -> JSON:
-    """CPU seconds and peak RSS of every service process, and their API requests per cluster."""
+    """CPU seconds and peak RSS of every service process, their API requests per cluster,
+    and the CPU seconds of every other process of the environment (control planes, NATS, Jaeger)."""
     ticks = os.sysconf("SC_CLK_TCK")
     processes: dict[str, JSON] = {}
+    environment: dict[str, float] = {}
     api: dict[str, float] = {}
     for record in env.processes.load():
-        if not record.name.startswith("svc-") or not record.alive():
+        if not record.alive():
             continue
-        stat = Path(f"/proc/{record.pid}/stat").read_text()
+        try:
+            stat = Path(f"/proc/{record.pid}/stat").read_text()
+            status = Path(f"/proc/{record.pid}/status").read_text()
+        except OSError:  # exited meanwhile
+            continue
         fields = stat[stat.rindex(")") + 2:].split()
         cpu = (int(fields[11]) + int(fields[12])) / ticks
-        status = Path(f"/proc/{record.pid}/status").read_text()
+        if not record.name.startswith("svc-"):
+            environment[record.name] = cpu
+            continue
         hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
         processes[record.name] = {"cpu_seconds": cpu, "peak_rss_mib": round(hwm / 1024, 1)}
         try:
@@ -249,7 +260,7 @@ def _service_usage(env: LocalEnvironment) -> JSON:
                         api[cluster] = api.get(cluster, 0) + float(line.rsplit(" ", 1)[1])
         except (OSError, KeyError):
             pass
-    return {"processes": processes, "api_requests": api}
+    return {"processes": processes, "environment": environment, "api_requests": api}
 
 
 def _git_revision() -> str:
@@ -302,6 +313,7 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
             ours["throughput_pods_per_s"] / max(base["throughput_pods_per_s"], 1e-9), 3),
         "p99_seconds": our_p99, "baseline_p99_seconds": base_p99,
         "p99_ratio_to_baseline": round(our_p99 / max(base_p99, 1e-9), 3),
+        "cpu_seconds_per_1000_pods": {},
         "steps": {step: {k: round(v, 4) for k, v in stats.items()}
                   for step, stats in ours["latency_seconds"].items()},
         "scaling": {label: {"throughput_pods_per_s": r["throughput_pods_per_s"],
@@ -309,6 +321,8 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
                     for label, r in results.items() if label != "baseline"},
         "scenarios": results,
     }
+    summary["cpu_seconds_per_1000_pods"] = {group: {"baseline": round(b, 2), "pipeline": round(o, 2)}
+                                            for group, (b, o) in cpu_split(summary).items()}
     return summary
 
 
@@ -334,10 +348,36 @@ def print_table(summary: JSON) -> None:
         print(f"{name:<34} {cost['cpu_seconds_per_1000_pods']:>16.2f} {cost['peak_rss_mib']:>13.1f}")
     print(f"API requests per pod, by cluster: {ours['api_requests_per_pod']}")
     print()
+    print(f"{'CPU s per 1000 pods':<34} {'baseline':>9} {'pipeline':>9}")
+    for group, (base_cpu, our_cpu) in cpu_split(summary).items():
+        print(f"{group:<34} {base_cpu:>9.1f} {our_cpu:>9.1f}")
+    print()
     print(f"throughput {summary['throughput_pods_per_s']} pods/s vs baseline "
           f"{summary['baseline_throughput_pods_per_s']} pods/s: ratio {summary['throughput_ratio_to_baseline']}")
     print(f"p99 created->Running {summary['p99_seconds']:.2f}s vs baseline {summary['baseline_p99_seconds']:.2f}s: "
           f"ratio {summary['p99_ratio_to_baseline']}")
+
+
+def _cpu_groups(result: JSON) -> dict[str, float]:
+    """A scenario's CPU per 1000 pods by kind of process: each cluster's control plane, NATS, Jaeger, services."""
+    groups: dict[str, float] = {}
+    for name, cpu in result.get("environment_cpu_seconds_per_1000_pods", {}).items():
+        cluster = name.split("-", 1)[0]
+        group = f"{cluster} control plane" if name.startswith(cluster + "-") and cluster != name else name
+        groups[group] = groups.get(group, 0.0) + cpu
+    groups["services"] = sum(c["cpu_seconds_per_1000_pods"] for c in result.get("service_cost", {}).values())
+    return groups
+
+
+def cpu_split(summary: JSON) -> dict[str, tuple[float, float]]:
+    """(baseline, pipeline) CPU seconds per 1000 pods by kind of process, with the totals."""
+    base = _cpu_groups(summary["scenarios"]["baseline"])
+    ours = _cpu_groups(summary["scenarios"]["pipeline"])
+    split = {group: (base.get(group, 0.0), ours.get(group, 0.0)) for group in sorted(set(base) | set(ours))}
+    split["all but the services"] = (sum(v for k, v in base.items() if k != "services"),
+                                     sum(v for k, v in ours.items() if k != "services"))
+    split["total"] = (sum(base.values()), sum(ours.values()))
+    return split
 
 
 def chart(summary: JSON, path: Path) -> None:

@@ -36,6 +36,9 @@ from .telemetry import CONSUMER_LAG, MESSAGES_FAILED, MESSAGES_HANDLED, subject_
 log = logging.getLogger(__name__)
 
 STREAM_KINDS = ("elect", "delegate", "status")
+# How long one pull waits. nats-py holds the messages of a lingering pull until it has
+# its whole batch or this time is up, so it bounds how long a message can sit unhandled.
+FETCH_WAIT_SECONDS = 1.0
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 
@@ -246,7 +249,7 @@ class Bus:
                     await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    messages = await sub.fetch(in_flight - len(handling), timeout=5)
+                    messages = await sub.fetch(in_flight - len(handling), timeout=FETCH_WAIT_SECONDS)
                 except (TimeoutError, NatsTimeoutError):
                     continue
                 except Exception as exc:  # connection trouble: the client reconnects by itself

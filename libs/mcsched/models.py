@@ -110,6 +110,9 @@ class StatusUpdate(Message):
     delegate_uid: str
     delegate_node: str | None = None
     status: dict[str, Any]
+    # The delegate's resourceVersion when it had this status: the newer of this and the
+    # consumer's cache wins, so neither a late message nor a lagging cache turns a status back.
+    delegate_resource_version: str | None = None
 
 
 class CandidateRelease(Message):

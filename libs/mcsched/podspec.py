@@ -210,6 +210,18 @@ def mirrored_status(delegate_status: Mapping[str, Any]) -> JSON:
     return {k: delegate_status[k] for k in MIRRORED_STATUS_FIELDS if k in delegate_status}
 
 
+def newer_resource_version(a: str | None, b: str | None) -> bool:
+    """Whether resourceVersion ``a`` is later than ``b`` (of objects of one cluster).
+
+    The API server's resourceVersions are etcd revisions, integers growing across the
+    whole cluster; anything else is treated as not newer.
+    """
+    try:
+        return a is not None and b is not None and int(a) > int(b)
+    except ValueError:
+        return False
+
+
 def status_differs(proxy_status: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     return any(proxy_status.get(k) != v for k, v in wanted.items())
 

@@ -38,7 +38,14 @@ from mcsched.constants import (
 )
 from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
-from mcsched.podspec import delegate_name, mirrored_status, parent_ref, source_manifest, status_differs
+from mcsched.podspec import (
+    delegate_name,
+    mirrored_status,
+    newer_resource_version,
+    parent_ref,
+    source_manifest,
+    status_differs,
+)
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
 from mcsched.workqueue import WorkQueue
@@ -129,7 +136,8 @@ class Feedback:
         meta = delegate["metadata"]
         update = StatusUpdate(proxy=ref, target=target, delegate_name=meta["name"], delegate_uid=meta["uid"],
                               delegate_node=delegate["spec"].get("nodeName"),
-                              status=mirrored_status(delegate.get("status") or {}))
+                              status=mirrored_status(delegate.get("status") or {}),
+                              delegate_resource_version=meta.get("resourceVersion"))
         try:
             await self.rt.bus.publish(self.rt.bus.subject("status", ref.cluster), update,
                                       f"status:{meta['uid']}:{meta['resourceVersion']}"
@@ -150,8 +158,12 @@ class Feedback:
             return ACK
         view = self.targets.get(update.target)
         delegate = view.delegates.get(ref.uid) if view else None
-        # Mirror the delegate as it is now (order-free); the message's copy if the cache has not seen it.
-        wanted = mirrored_status(delegate.get("status") or {}) if delegate else update.status
+        # Mirror the newest of the delegate as this process's cache has it and as the message has it:
+        # messages may arrive out of order, and another replica may have seen the change first.
+        wanted = update.status
+        if delegate is not None and (update.delegate_resource_version is None or newer_resource_version(
+                delegate["metadata"].get("resourceVersion"), update.delegate_resource_version)):
+            wanted = mirrored_status(delegate.get("status") or {})
         if status_differs(proxy.get("status") or {}, wanted) and not self._just_mirrored(ref.uid, wanted):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):

@@ -330,22 +330,23 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
 
     source = rules_of(docs, "ClusterRole", f"{FULLNAME}-source")
     assert source[("", "pods/binding")] == {"create"}
-    assert source[("", "pods")] == {"get", "list", "watch", "patch", "update", "delete"}
+    assert source[("", "pods")] == {"get", "list", "watch", "patch", "delete"}
     assert "create" not in source[("", "pods")]  # a source never creates pods; targets do
-    assert source[("", "nodes/status")] == {"patch", "update"}
+    assert source[("", "nodes/status")] == {"patch"}
+    assert source[("", "nodes")] == {"get", "create", "patch"}  # only the virtual nodes
     assert not any(resource == "secrets" for _, resource in source)
     assert all(group == "" for group, _ in source)  # leases are granted in kube-node-lease only
 
     leases = one(docs, "Role", f"{FULLNAME}-node-leases")
     assert leases["metadata"]["namespace"] == "kube-node-lease"
     assert rules_of(docs, "Role", f"{FULLNAME}-node-leases") == {
-        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch"}}
+        ("coordination.k8s.io", "leases"): {"create", "patch"}}
 
     target = rules_of(docs, "ClusterRole", f"{FULLNAME}-target")
     assert target == {
-        ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
-        ("", "nodes"): {"get", "list", "watch"},
-        ("", "namespaces"): {"get", "list", "watch", "create"},
+        ("", "pods"): {"list", "watch", "create", "delete"},
+        ("", "nodes"): {"list", "watch"},
+        ("", "namespaces"): {"get", "create"},
     }
 
     subject = [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]

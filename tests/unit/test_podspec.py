@@ -22,6 +22,7 @@ from mcsched.podspec import (
     election,
     is_proxy,
     mirrored_status,
+    newer_resource_version,
     parent_ref,
     proxy_patch,
     source_manifest,
@@ -152,3 +153,12 @@ def test_webhook_configuration_selects_enabled_namespaces_and_elected_pods() -> 
     assert ELECT_ANNOTATION in hook["matchConditions"][0]["expression"]
     assert hook["failurePolicy"] == "Fail" and json.dumps(config)
     assert SOURCE_MANIFEST_ANNOTATION.startswith("multicluster.admiralty.io/")
+
+
+def test_newer_resource_version_compares_revisions_as_numbers() -> None:
+    assert newer_resource_version("1000", "999")
+    assert not newer_resource_version("999", "1000")
+    assert not newer_resource_version("5", "5")
+    assert not newer_resource_version(None, "5")
+    assert not newer_resource_version("5", None)
+    assert not newer_resource_version("opaque", "5")  # not an etcd revision: never claimed newer
