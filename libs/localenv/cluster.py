@@ -23,7 +23,9 @@ from typing import Any
 
 from mcsched import pki
 
+from . import rbac
 from .processes import ProcessTable
+from .rbac import SERVICE_USER
 from .tools import bin_dir, kwok_stages_file
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -95,27 +97,38 @@ class LocalCluster:
             self.dir / "admin.crt", self.dir / "admin.key"
         )
         pki.service_account_keys().write(self.dir / "sa.pub", self.dir / "sa.key")
-        # Users and services authenticate with a bearer token, as in-cluster service accounts do:
+        # Users and services authenticate with bearer tokens, as in-cluster service accounts do:
         # the API server verifies a client certificate's chain on every request, a token once.
-        token = secrets.token_urlsafe(32)
-        self.token_file.write_text(token)
-        (self.dir / "tokens.csv").write_text(f"{token},{self.spec.name}-user,{self.spec.name}-user,system:masters\n")
+        # The user is an admin; the services' user gets the chart's roles only (see rbac.py).
+        user_token, services_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        self.token_file.write_text(user_token)
+        self.services_token_file.write_text(services_token)
+        (self.dir / "tokens.csv").write_text(
+            f"{user_token},{self.spec.name}-user,{self.spec.name}-user,system:masters\n"
+            f"{services_token},{SERVICE_USER},{SERVICE_USER}\n")
 
     @property
     def token_file(self) -> Path:
         return self.dir / "user.token"
 
-    def kubeconfig_entry(self, component: bool = False) -> dict[str, Any]:
+    @property
+    def services_token_file(self) -> Path:
+        return self.dir / "services.token"
+
+    def kubeconfig_entry(self, identity: str = "user") -> dict[str, Any]:
         """This cluster as (cluster, user, context) entries of a kubeconfig.
 
-        Users, tests and our services get the token user; the cluster's own
-        components (``component=True``) a client certificate, as kubeadm gives them.
+        ``identity`` is ``user`` (an admin token, for people and tests), ``services``
+        (the token of the services' user, bound to the chart's roles) or
+        ``component`` (a client certificate, as kubeadm gives the cluster's own components).
         """
         name = self.spec.name
         user: dict[str, Any] = {"name": f"{name}-admin", "user": {
             "client-certificate": str(self.dir / "admin.crt"), "client-key": str(self.dir / "admin.key")}}
-        if not component:
+        if identity == "user":
             user = {"name": f"{name}-user", "user": {"token": self.token_file.read_text().strip()}}
+        elif identity == "services":
+            user = {"name": f"{name}-{SERVICE_USER}", "user": {"token": self.services_token_file.read_text().strip()}}
         return {
             "cluster": {"name": name, "cluster": {
                 "server": self.spec.server,
@@ -125,7 +138,7 @@ class LocalCluster:
         }
 
     def _write_component_configs(self) -> None:
-        entry = self.kubeconfig_entry(component=True)
+        entry = self.kubeconfig_entry("component")
         kubeconfig = {
             "apiVersion": "v1", "kind": "Config",
             "clusters": [entry["cluster"]], "users": [entry["user"]],
@@ -230,6 +243,10 @@ class LocalCluster:
                 raise RuntimeError(f"{self.spec.name}: kube-apiserver exited; see {apiserver.log}")
             time.sleep(0.3)
         raise TimeoutError(f"{self.spec.name}: API server not ready after {timeout:.0f}s")
+
+    def grant_services_rbac(self) -> None:
+        """Bind the chart's roles to the services' user (they have nothing else here)."""
+        self.kubectl("apply", "--server-side", "-f", "-", input_text=rbac.manifest(self.spec.name))
 
     def kubectl(self, *args: str, input_text: str | None = None) -> str:
         proc = subprocess.run(

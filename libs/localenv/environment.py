@@ -60,6 +60,7 @@ class EnvironmentInfo:
     jaeger_query_url: str
     otlp_grpc_endpoint: str
     otlp_http_endpoint: str
+    services_kubeconfig: str = ""  # the services' identity: the chart's roles only
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -136,7 +137,7 @@ class LocalEnvironment:
         if self.processes.load():
             log("stopping the previous environment in this directory")
             self.down()
-        for stale in ("env.json", "kubeconfig", "mcs.yaml"):
+        for stale in ("env.json", "kubeconfig", "services.kubeconfig", "mcs.yaml"):
             (self.root / stale).unlink(missing_ok=True)
         for stale_dir in ("clusters", "nats", "logs"):  # every `up` starts from empty clusters
             shutil.rmtree(self.root / stale_dir, ignore_errors=True)
@@ -159,6 +160,7 @@ class LocalEnvironment:
                     "controller-manager, scheduler, kwok)")
                 cluster.start()
             for cluster in local:
+                cluster.grant_services_rbac()
                 cluster.add_nodes(cluster.spec.node_names())
             for cluster in local:
                 cluster.wait_nodes_ready(cluster.spec.node_names())
@@ -172,6 +174,7 @@ class LocalEnvironment:
         info = EnvironmentInfo(
             root=str(self.root),
             kubeconfig=str(self.root / "kubeconfig"),
+            services_kubeconfig=str(self.root / "services.kubeconfig"),
             bin_dir=str(bin_dir()),
             clusters={c.spec.name: {
                 "server": c.spec.server, "context": c.spec.name,
@@ -224,15 +227,16 @@ class LocalEnvironment:
         }
 
     def _write_kubeconfig(self, clusters: list[LocalCluster]) -> None:
-        entries = [c.kubeconfig_entry() for c in clusters]
-        kubeconfig = {
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [e["cluster"] for e in entries],
-            "users": [e["user"] for e in entries],
-            "contexts": [e["context"] for e in entries],
-            "current-context": clusters[0].spec.name,
-        }
-        (self.root / "kubeconfig").write_text(json.dumps(kubeconfig, indent=1))
+        for file, identity in (("kubeconfig", "user"), ("services.kubeconfig", "services")):
+            entries = [c.kubeconfig_entry(identity) for c in clusters]
+            kubeconfig = {
+                "apiVersion": "v1", "kind": "Config",
+                "clusters": [e["cluster"] for e in entries],
+                "users": [e["user"] for e in entries],
+                "contexts": [e["context"] for e in entries],
+                "current-context": clusters[0].spec.name,
+            }
+            (self.root / file).write_text(json.dumps(kubeconfig, indent=1))
 
     # -- down and status ---------------------------------------------------------
 

@@ -27,7 +27,7 @@ def write_config(env: LocalEnvironment, sources: list[str] | None = None,
     names = info.cluster_names()
     sources = sources or names[:1]
     config: dict[str, Any] = {
-        "clusters": [{"name": n, "kubeconfig": info.kubeconfig, "context": n,
+        "clusters": [{"name": n, "kubeconfig": info.services_kubeconfig or info.kubeconfig, "context": n,
                       "source": n in sources, "target": True} for n in names],
         "nats_url": info.nats_url,
         "subject_prefix": "mcs",

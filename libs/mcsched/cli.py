@@ -19,6 +19,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mcsctl", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--config", help="settings file (default: $MCS_CONFIG)")
     parser.add_argument("--jaeger", default=os.environ.get("MCS_JAEGER_URL"), help="Jaeger query URL")
+    parser.add_argument("--kubeconfig", default=os.environ.get("MCS_KUBECONFIG"),
+                        help="your own credentials, one context per cluster named as in the settings "
+                             "(default: $MCS_KUBECONFIG, else the services' kubeconfigs from the settings)")
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("clusters", help="clusters, their roles, virtual nodes and capacity")
@@ -246,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, FileNotFoundError) as exc:
         print(f"mcsctl: cannot read settings: {exc}", file=sys.stderr)
         return 2
+    if args.kubeconfig:  # an operator reads with their own rights, not the services'
+        kubeconfig = Path(args.kubeconfig)
+        settings = settings.model_copy(update={"clusters": [
+            c.model_copy(update={"kubeconfig": kubeconfig, "context": c.name}) for c in settings.clusters]})
     try:
         result = asyncio.run(_run(args, settings))
     except CliError as exc:

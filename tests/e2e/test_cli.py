@@ -18,7 +18,8 @@ pytestmark = pytest.mark.e2e
 
 def mcsctl(env: LocalEnvironment, info: EnvironmentInfo, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mcsched.cli", "--config", str(env.root / "mcs.yaml"),
-                           "--jaeger", info.jaeger_query_url, *args], capture_output=True, text=True, timeout=60)
+                           "--kubeconfig", info.kubeconfig, "--jaeger", info.jaeger_query_url, *args],
+                          capture_output=True, text=True, timeout=60)
 
 
 async def test_mcsctl_lists_explains_and_fails_clearly(
