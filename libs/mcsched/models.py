@@ -99,6 +99,7 @@ class DelegateRequest(Message):
     target: str
     node: str | None = None  # node reserved by the candidate reply, if any
     manifest: dict[str, Any]  # the original pod manifest
+    created: str | None = None  # the proxy's creation time, for the placement metrics (first placement only)
 
 
 class StatusUpdate(Message):

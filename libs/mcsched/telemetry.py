@@ -88,7 +88,12 @@ def pod_trace(pod: Mapping[str, Any]) -> Iterator[None]:
 
 
 def observe_since_creation(stage: str, pod: Mapping[str, Any]) -> None:
-    created = pod.get("metadata", {}).get("creationTimestamp")
+    """Record in ``mcs_placement_seconds`` how long after the pod's creation ``stage`` was reached."""
+    observe_since(stage, pod.get("metadata", {}).get("creationTimestamp"))
+
+
+def observe_since(stage: str, created: str | None) -> None:
+    """Record how long after ``created`` (an RFC 3339 time, e.g. a proxy's creationTimestamp) ``stage`` was reached."""
     if created:
         start = datetime.fromisoformat(created.replace("Z", "+00:00"))
         PLACEMENT_SECONDS.labels(stage).observe((datetime.now(UTC) - start).total_seconds())

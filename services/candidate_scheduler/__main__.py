@@ -23,7 +23,7 @@ from mcsched.placement import NodeChoice, Resources, choose_node, pod_requests, 
 from mcsched.podspec import delegate_manifest
 from mcsched.reservations import Reservation, ReservationBook, reserved_per_node
 from mcsched.runtime import Runtime, run_service
-from mcsched.telemetry import trace_annotations, tracer
+from mcsched.telemetry import observe_since, trace_annotations, tracer
 
 log = logging.getLogger("candidate-scheduler")
 
@@ -156,6 +156,7 @@ class TargetScheduler:
             if exc.not_found:  # namespace deleted meanwhile
                 self.namespaces.pop(proxy.namespace, None)
             raise
+        observe_since("delegate_created", request.created)
         log.info("delegate %s/%s created in %s on %s", proxy.namespace, manifest["metadata"]["name"],
                  self.target, node or "(target scheduler)")
         return ACK

@@ -53,8 +53,9 @@ class ProxyScheduler:
             raise
         return pod if pod["metadata"]["uid"] == ref.uid else None
 
-    async def _request_delegate(self, ref: PodRef, target: str, node: str | None, manifest: JSON) -> None:
-        request = DelegateRequest(proxy=ref, target=target, node=node, manifest=manifest)
+    async def _request_delegate(self, ref: PodRef, target: str, node: str | None, manifest: JSON,
+                                created: str | None = None) -> None:
+        request = DelegateRequest(proxy=ref, target=target, node=node, manifest=manifest, created=created)
         await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request, f"delegate:{ref.uid}")
 
     async def _release(self, ref: PodRef, target: str) -> None:
@@ -131,7 +132,8 @@ class ProxyScheduler:
             await self._release(ref, best.target)
         if target is None:
             return ACK
-        await self._request_delegate(ref, target, best.node if target == best.target else None, original)
+        await self._request_delegate(ref, target, best.node if target == best.target else None, original,
+                                     message.created)
         log.info("%s -> %s (node %s, score %.1f)", ref, target, best.node, best.score)
         return ACK
 

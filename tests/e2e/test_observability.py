@@ -107,4 +107,11 @@ async def test_every_service_serves_metrics_and_health(
     status, metrics = await asyncio.to_thread(
         _get, pipeline.processes.get(process_name("proxy_scheduler", 0)).meta["metrics_url"] + "/metrics")  # type: ignore[union-attr]
     assert 'mcs_placement_seconds_count{stage="proxy_bound"}' in metrics
+    for service, stage in (("candidate_scheduler", "delegate_created"), ("feedback", "proxy_running")):
+        record = pipeline.processes.get(process_name(service, 0))
+        assert record is not None
+        _, scraped = await asyncio.to_thread(_get, record.meta["metrics_url"] + "/metrics")
+        line = next((m for m in scraped.splitlines()
+                     if m.startswith(f'mcs_placement_seconds_count{{stage="{stage}"}}')), None)
+        assert line is not None and float(line.rsplit(" ", 1)[1]) >= 1, f"{service} observes {stage}"
     assert 'mcs_consumer_lag_messages{consumer="proxy-scheduler"}' in metrics
