@@ -2,8 +2,8 @@
 
 * Serves the mutating admission webhook that turns elected pods into proxy
   pods at creation (and registers it in every source cluster).
-* Watches proxy pods in every source and publishes an ``elect`` message for
-  each one not yet bound to a virtual node; a periodic resync publishes them
+* Watches the proxy pods not yet bound to a virtual node in every source and
+  publishes an ``elect`` message for each; a periodic resync publishes them
   again, so even an emptied stream heals.
 """
 
@@ -170,8 +170,10 @@ class ElectPublisher:
 async def compose(rt: Runtime) -> None:
     if rt.settings.webhook.enabled:
         await start_webhook(rt)
+    # Only proxies still waiting for a target: once bound, a proxy leaves this cache (a DELETED event).
     informers = {
-        source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
+        source: rt.informer(source, "/api/v1/pods",
+                            field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME},spec.nodeName=")
         for source in rt.settings.source_names
     }
     publisher = ElectPublisher(rt, informers)
