@@ -39,6 +39,9 @@ STREAM_KINDS = ("elect", "delegate", "status")
 # How long one pull waits. nats-py holds the messages of a lingering pull until it has
 # its whole batch or this time is up, so it bounds how long a message can sit unhandled.
 FETCH_WAIT_SECONDS = 1.0
+# Workers that publish from a service's work queue: each awaits its JetStream ack, so this
+# many acks are awaited together (on a loaded machine an ack takes tens of milliseconds).
+PUBLISHERS = 32
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 

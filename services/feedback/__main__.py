@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from mcsched.bus import ACK, Outcome
+from mcsched.bus import ACK, PUBLISHERS, Outcome
 from mcsched.capacity import TargetView
 from mcsched.constants import (
     NODE_LEASE_NAMESPACE,
@@ -83,7 +83,8 @@ class Feedback:
         # proxy uid -> the status last written onto it, and when: the proxy cache may not show it yet
         self.mirrored: dict[str, tuple[JSON, float]] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
-        self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key)
+        self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key,
+                                                                 workers=PUBLISHERS)
         for queue in (self.finalizing, self.statuses):
             queue.start()
             rt.closers.append(queue.stop)

@@ -24,6 +24,7 @@ from opentelemetry import context as otel_context
 
 from mcsched import pki
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, webhook_configuration
+from mcsched.bus import PUBLISHERS
 from mcsched.constants import PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
@@ -103,7 +104,7 @@ class ElectPublisher:
     def __init__(self, rt: Runtime, informers: dict[str, Informer]) -> None:
         self.rt = rt
         self.informers = informers
-        self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue("publish elect", self._publish_key)
+        self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue("publish elect", self._publish_key, workers=PUBLISHERS)
         self.queue.start()
         rt.closers.append(self.queue.stop)
         self.published: dict[str, float] = {}  # proxy uid -> when its elect message was last published
