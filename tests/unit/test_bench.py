@@ -1,0 +1,34 @@
+"""The benchmark's arithmetic: percentiles and the CPU split by kind of process."""
+
+from __future__ import annotations
+
+from localenv.bench import cpu_split, percentiles, pod_manifest
+
+
+def test_percentiles_pick_observed_values() -> None:
+    stats = percentiles([float(v) for v in range(1, 101)])
+    assert (stats["p50"], stats["p90"], stats["p99"], stats["max"]) == (51.0, 90.0, 99.0, 100.0)
+    assert stats["mean"] == 50.5
+    assert percentiles([]) == {}
+
+
+def test_cpu_split_groups_processes_by_cluster_and_totals() -> None:
+    baseline = {"environment_cpu_seconds_per_1000_pods": {"c1-kube-apiserver": 5.0, "c1-etcd": 1.0,
+                                                           "c2-kube-apiserver": 0.5, "nats": 0.0},
+                "service_cost": {}}
+    pipeline = {"environment_cpu_seconds_per_1000_pods": {"c1-kube-apiserver": 8.0, "c1-etcd": 2.0,
+                                                           "c2-kube-apiserver": 4.0, "nats": 2.0, "jaeger": 0.5},
+                "service_cost": {"svc-watcher-0": {"cpu_seconds_per_1000_pods": 1.5},
+                                 "svc-feedback-0": {"cpu_seconds_per_1000_pods": 2.5}}}
+    split = cpu_split({"scenarios": {"baseline": baseline, "pipeline": pipeline}})
+    assert split["c1 control plane"] == (6.0, 10.0)
+    assert split["c2 control plane"] == (0.5, 4.0)
+    assert split["nats"] == (0.0, 2.0) and split["jaeger"] == (0.0, 0.5)
+    assert split["services"] == (0.0, 4.0)
+    assert split["all but the services"] == (6.5, 16.5)
+    assert split["total"] == (6.5, 20.5)
+
+
+def test_only_elected_pods_carry_the_elect_annotation() -> None:
+    assert "annotations" not in pod_manifest("p", False, {})["metadata"]
+    assert pod_manifest("p", True, {})["metadata"]["annotations"] == {"multicluster.admiralty.io/elect": ""}
