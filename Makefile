@@ -47,7 +47,7 @@ demo: up
 	@$(PY) -m localenv demo
 
 bench: tools
-	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline then the pipeline (1 and 2 replicas per stage)"
+	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline, the pipeline, the baseline again, then 2 replicas of each stage"
 	@$(PY) -m localenv bench
 
 lint: venv
