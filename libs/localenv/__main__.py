@@ -33,8 +33,8 @@ def _print_usage(env: LocalEnvironment) -> None:
     print(f"or without exporting anything:\n  {kubectl} --context c1 get nodes")
     print(f"Endpoints for scripts: {env.info_path}; stop it with `make down`.")
     if (env.root / "mcs.yaml").exists():
-        print(f"Operator CLI: MCS_CONFIG={env.root / 'mcs.yaml'} MCS_JAEGER_URL={info.jaeger_query_url} "
-              ".venv/bin/mcsctl proxies")
+        print(f"Operator CLI: MCS_CONFIG={env.root / 'mcs.yaml'} MCS_KUBECONFIG={info.kubeconfig} "
+              f"MCS_JAEGER_URL={info.jaeger_query_url} .venv/bin/mcsctl proxies")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,14 +101,16 @@ class ProcessTable:
             self._save([r for r in self.load() if r.name != name])
 
     def stop_all(self, timeout: float = 15.0) -> None:
-        """Stop every recorded process, newest first, and forget them.
+        """Stop every recorded process, the services first, and forget them.
 
         Then stop any server still running on this environment's files (its
         command line names them) that the table lost track of,
         so an interrupted start never leaves servers behind. Only PIDs are used.
         """
-        records = self.load()
-        _terminate(list(reversed(records)), timeout)
+        records = list(reversed(self.load()))
+        # Clients first (the services drain their NATS connection on the way out), then the servers.
+        _terminate([r for r in records if r.name.startswith("svc-")], timeout)
+        _terminate([r for r in records if not r.name.startswith("svc-")], timeout)
         _terminate(self._strays(), timeout)
         if self.path.exists():
             self.path.unlink()

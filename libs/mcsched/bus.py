@@ -149,7 +149,13 @@ class Bus:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            if not self.nc.is_connected:  # nothing to drain into: do not wait for a reconnect
+                await self.nc.close()
+                return
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=5)
+            except (TimeoutError, NatsTimeoutError, OSError):
+                await self.nc.close()
 
     # -- publishing --------------------------------------------------------------
 
