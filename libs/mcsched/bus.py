@@ -290,7 +290,7 @@ class Bus:
                 delay = min(0.5 * 2 ** min(deliveries, 6), 30)
                 log.warning("handling %s on %s failed (attempt %d, retry in %.1fs): %s",
                             type(message).__name__, msg.subject, deliveries, delay, exc,
-                            exc_info=not isinstance(exc, (OSError, asyncio.TimeoutError)))
+                            exc_info=not _self_explaining(exc))
                 self._count(False, msg.subject)
                 await msg.nak(delay=delay)
                 return
@@ -307,6 +307,11 @@ class Bus:
     @staticmethod
     def _count(ok: bool, subject: str) -> None:
         (MESSAGES_HANDLED if ok else MESSAGES_FAILED).labels(subject_kind(subject)).inc()
+
+
+def _self_explaining(exc: BaseException) -> bool:
+    """Errors whose message says it all (network trouble, an API server's HTTP answer): no traceback."""
+    return isinstance(exc, (OSError, asyncio.TimeoutError)) or isinstance(getattr(exc, "status", None), int)
 
 
 def describe(exc: BaseException) -> str:
