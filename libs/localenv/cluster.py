@@ -244,9 +244,9 @@ class LocalCluster:
             time.sleep(0.3)
         raise TimeoutError(f"{self.spec.name}: API server not ready after {timeout:.0f}s")
 
-    def grant_services_rbac(self) -> None:
+    def grant_services_rbac(self, source: bool) -> None:
         """Bind the chart's roles to the services' user (they have nothing else here)."""
-        self.kubectl("apply", "--server-side", "-f", "-", input_text=rbac.manifest(self.spec.name))
+        self.kubectl("apply", "--server-side", "-f", "-", input_text=rbac.manifest(self.spec.name, source))
 
     def kubectl(self, *args: str, input_text: str | None = None) -> str:
         proc = subprocess.run(

@@ -160,7 +160,7 @@ class LocalEnvironment:
                     "controller-manager, scheduler, kwok)")
                 cluster.start()
             for cluster in local:
-                cluster.grant_services_rbac()
+                cluster.grant_services_rbac(source=cluster is local[0])
                 cluster.add_nodes(cluster.spec.node_names())
             for cluster in local:
                 cluster.wait_nodes_ready(cluster.spec.node_names())

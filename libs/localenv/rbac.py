@@ -5,7 +5,8 @@ ClusterRoles and Role, rendered by ``helm template`` from ``deploy/helm``, bound
 to the user ``multicluster-scheduler`` instead of the chart's ServiceAccount.
 So the demo, the tests and the benchmark all run with exactly what the chart
 grants: a verb it lacks fails as a 403, a verb it grants needlessly is one the
-code review can see unused.
+code review can see unused. As in ``write_config``'s default, the first
+cluster is the source (source and target roles); the others are targets only.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def _user_subject() -> list[dict[str, str]]:
     return [{"kind": "User", "name": SERVICE_USER, "apiGroup": "rbac.authorization.k8s.io"}]
 
 
-def chart_rbac(cluster: str) -> list[dict[str, Any]]:
-    """The chart's RBAC objects for ``cluster`` (a source and its own target), bound to the service user."""
+def chart_rbac(cluster: str, source: bool) -> list[dict[str, Any]]:
+    """The chart's RBAC objects for ``cluster`` (a target; a source too if ``source``), bound to the service user."""
     proc = subprocess.run(
         [str(bin_dir() / "helm"), "template", RELEASE, str(CHART), "--show-only", "templates/rbac.yaml",
          "--set", f"clusterName={cluster}", "--set", "nats.url=nats://localenv:4222",
-         "--set", "source=true", "--set", "targetSelf=true"],
+         "--set", f"source={str(source).lower()}", "--set", "targetSelf=true"],
         capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"helm template of the chart's RBAC failed: {proc.stderr.strip()}")
@@ -62,7 +63,7 @@ def webhook_registration_rbac() -> list[dict[str, Any]]:
     ]
 
 
-def manifest(cluster: str) -> str:
+def manifest(cluster: str, source: bool) -> str:
     """Everything to apply in one cluster, as a kubectl List."""
-    items = chart_rbac(cluster) + webhook_registration_rbac()
+    items = chart_rbac(cluster, source) + (webhook_registration_rbac() if source else [])
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})

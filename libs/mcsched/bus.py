@@ -154,7 +154,8 @@ class Bus:
                 return
             try:
                 await asyncio.wait_for(self.nc.drain(), timeout=5)
-            except (TimeoutError, NatsTimeoutError, OSError):
+            except Exception as exc:  # NATS went away meanwhile: nothing left to flush
+                log.info("closing NATS without draining (%s)", describe(exc))
                 await self.nc.close()
 
     # -- publishing --------------------------------------------------------------
@@ -272,6 +273,7 @@ class Bus:
         finally:
             for task in handling:
                 task.cancel()
+            await asyncio.gather(*handling, return_exceptions=True)  # unacked: redelivered later
 
     async def _handle(self, msg: Msg, model: type[M], handler: Handler[M]) -> None:
         token = otel_context.attach(propagate.extract(msg.headers or {}))

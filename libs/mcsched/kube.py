@@ -1,10 +1,10 @@
 """Cluster clients and watch-fed caches, on raw JSON for speed.
 
 ``KubeClient`` takes its connection settings (kubeconfig or in-cluster
-service account, TLS, tokens and their refresh) from kubernetes_asyncio's
-``Configuration`` but talks to the API server over its own aiohttp session,
-exchanging plain dicts encoded with orjson: no model (de)serialisation, no
-per-request proxy or netrc lookups. ``Informer`` keeps an in-memory copy of
+service account with its token refreshed, TLS, a kubeconfig's ``proxy-url``)
+from kubernetes_asyncio's ``Configuration`` but talks to the API server over
+its own aiohttp session, exchanging plain dicts encoded with orjson: no model
+(de)serialisation, no per-request lookups of ``.netrc`` or ``HTTPS_PROXY``. ``Informer`` keeps an in-memory copy of
 one resource (list, then watch, re-list on 410 Gone) and calls handlers on
 every change; services read from informers, never list per pod.
 """
@@ -31,6 +31,9 @@ from .telemetry import API_REQUESTS
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
+WATCH_SECONDS = 300
 
 
 class KubeError(Exception):
@@ -112,19 +115,20 @@ class KubeClient:
         return headers
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def _raw(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                    body: Any = None, content_type: str = "application/json",
-                   timeout: float | None = 30.0) -> aiohttp.ClientResponse:
+                   timeout: aiohttp.ClientTimeout = REQUEST_TIMEOUT) -> aiohttp.ClientResponse:
         self.requests += 1
         API_REQUESTS.labels(self.name, method).inc()
         query = [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (params or {}).items()]
         return await self._client_session().request(
             method, self.base + path, params=query, headers=await self._headers(content_type),
             data=orjson.dumps(body) if body is not None else None,
-            timeout=aiohttp.ClientTimeout(total=timeout), server_hostname=self.config.tls_server_name,
+            timeout=timeout, server_hostname=self.config.tls_server_name,
             proxy=self.config.proxy or None)
 
     async def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
@@ -162,8 +166,10 @@ class KubeClient:
     async def watch(self, path: str, resource_version: str, **params: Any) -> AsyncIterator[JSON]:
         """Yield watch events (dicts with ``type`` and ``object``) until the server closes the stream."""
         query = {"watch": True, "resourceVersion": resource_version, "allowWatchBookmarks": True,
-                 "timeoutSeconds": 300, **params}
-        response = await self._raw("GET", path, query, timeout=None)
+                 "timeoutSeconds": WATCH_SECONDS, **params}
+        # The server ends a watch after WATCH_SECONDS; silence well beyond that is a dead connection.
+        response = await self._raw("GET", path, query,
+                                   timeout=aiohttp.ClientTimeout(total=None, sock_read=WATCH_SECONDS + 30))
         async with response:
             if response.status != 200:
                 raise KubeError(self.name, "WATCH", path, response.status, await response.text())

@@ -80,8 +80,8 @@ class Feedback:
                                rt.informer(target, "/api/v1/pods", label_selector=PARENT_UID_LABEL))
             for target in rt.settings.target_names
         }
-        # proxy uid -> the status last written onto it, and when: the proxy cache may not show it yet
-        self.mirrored: dict[str, tuple[JSON, float]] = {}
+        # proxy uid -> the status last written onto it, from which delegate version, and when (the proxy cache lags)
+        self.mirrored: dict[str, tuple[JSON, str | None, float]] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
         self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key,
                                                                  workers=PUBLISHERS)
@@ -118,8 +118,8 @@ class Feedback:
         if old is not None and mirrored_status(old.get("status") or {}) == status:
             return
         proxy = self._proxy(source, namespace, name, uid)
-        if proxy is not None and not status_differs(proxy.get("status") or {}, status):
-            return  # the proxy shows it already (a new delegate starts Pending, like its proxy)
+        if kind == "ADDED" and proxy is not None and not status_differs(proxy.get("status") or {}, status):
+            return  # a new delegate starts Pending, as its proxy shows already
         # Published by workers, so a burst of delegate events never holds up the watch.
         self.statuses.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
 
@@ -139,17 +139,22 @@ class Feedback:
                               delegate_node=delegate["spec"].get("nodeName"),
                               status=mirrored_status(delegate.get("status") or {}),
                               delegate_resource_version=meta.get("resourceVersion"))
+        # The id names this process: each replica's copy of a change is delivered, because a replica
+        # whose cache lagged may have written an older status after another replica wrote the newer one.
         try:
             await self.rt.bus.publish(self.rt.bus.subject("status", ref.cluster), update,
-                                      f"status:{meta['uid']}:{meta['resourceVersion']}"
+                                      f"status:{meta['uid']}:{meta['resourceVersion']}:{self.rt.bus.client_name}"
                                       + (f":{epoch}" if epoch is not None else ""))
         except Exception as exc:  # NATS away: the resync mirrors it later
             log.warning("could not publish status of %s: %s", ref, exc)
 
-    def _just_mirrored(self, uid: str, wanted: JSON) -> bool:
-        """Whether this very status was written onto the proxy moments ago (the cache lags)."""
+    def _just_mirrored(self, uid: str, wanted: JSON, version: str | None) -> bool:
+        """Whether this process wrote this status, from this delegate version or a later one, moments ago."""
         written = self.mirrored.get(uid)
-        return written is not None and written[0] == wanted and time.monotonic() - written[1] < MIRROR_MEMORY_SECONDS
+        if written is None or time.monotonic() - written[2] > MIRROR_MEMORY_SECONDS:
+            return False
+        status, written_version, _ = written
+        return status == wanted and (written_version == version or newer_resource_version(written_version, version))
 
     async def on_status(self, update: StatusUpdate) -> Outcome:
         ref = update.proxy
@@ -161,16 +166,16 @@ class Feedback:
         delegate = view.delegates.get(ref.uid) if view else None
         # Mirror the newest of the delegate as this process's cache has it and as the message has it:
         # messages may arrive out of order, and another replica may have seen the change first.
-        wanted = update.status
-        if delegate is not None and (update.delegate_resource_version is None or newer_resource_version(
-                delegate["metadata"].get("resourceVersion"), update.delegate_resource_version)):
-            wanted = mirrored_status(delegate.get("status") or {})
-        if status_differs(proxy.get("status") or {}, wanted) and not self._just_mirrored(ref.uid, wanted):
+        wanted, version = update.status, update.delegate_resource_version
+        if delegate is not None and (version is None or newer_resource_version(
+                delegate["metadata"].get("resourceVersion"), version)):
+            wanted, version = mirrored_status(delegate.get("status") or {}), delegate["metadata"].get("resourceVersion")
+        if status_differs(proxy.get("status") or {}, wanted) and not self._just_mirrored(ref.uid, wanted, version):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
                 await self.rt.clusters[ref.cluster].merge_patch(pod_path(ref.namespace, ref.name, "status"),
                                                                 {"status": wanted})
-            self.mirrored[ref.uid] = (wanted, time.monotonic())
+            self.mirrored[ref.uid] = (wanted, version, time.monotonic())
             if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
                 observe_since_creation("proxy_running", proxy)
         return ACK

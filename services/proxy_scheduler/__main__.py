@@ -124,7 +124,7 @@ class ProxyScheduler:
                 best = reply
                 break
         if best is None:
-            return await self._unschedulable(ref, answers)
+            return await self._unschedulable(ref, answers, original)
         trace.get_current_span().set_attributes({"target": best.target, "node": best.node or "",
                                                  "score": best.score})
         target = await self._bind(ref, best.target, message.created)
@@ -161,8 +161,10 @@ class ProxyScheduler:
             current = await self._read_proxy(ref)
             if current is None:
                 return None
+            if current["metadata"].get("deletionTimestamp"):
+                return None  # its finalizer deletes the delegate: never request one again
             bound = target_of_virtual_node(current["spec"].get("nodeName"))
-            if bound is None and not current["metadata"].get("deletionTimestamp"):
+            if bound is None:
                 raise
             return bound
         self.events.record_soon(client, pod, "Scheduled",
@@ -170,9 +172,15 @@ class ProxyScheduler:
                                 kind="Normal")
         return target
 
-    async def _unschedulable(self, ref: PodRef, answers: dict[str, CandidateReply | None]) -> Outcome:
+    async def _unschedulable(self, ref: PodRef, answers: dict[str, CandidateReply | None],
+                             original: JSON) -> Outcome:
         pod = await self._read_proxy(ref)
-        if pod is None or pod["metadata"].get("deletionTimestamp") or pod["spec"].get("nodeName"):
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return ACK
+        bound_target = target_of_virtual_node(pod["spec"].get("nodeName"))
+        if bound_target is not None:  # bound before (a redelivery): its delegate request may be what was lost
+            await self._request_delegate(ref, bound_target, None, original)
+        if pod["spec"].get("nodeName"):
             return ACK
         reasons = [f"{target}: {reply.reason if reply else 'no candidate-scheduler answered'}"
                    for target, reply in sorted(answers.items())]
