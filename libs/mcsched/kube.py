@@ -163,8 +163,12 @@ class KubeClient:
         return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER, "force": force},
                                   body, "application/apply-patch+yaml")
 
-    async def watch(self, path: str, resource_version: str, **params: Any) -> AsyncIterator[JSON]:
-        """Yield watch events (dicts with ``type`` and ``object``) until the server closes the stream."""
+    async def watch(self, path: str, resource_version: str, connected: Callable[[], None] | None = None,
+                    **params: Any) -> AsyncIterator[JSON]:
+        """Yield watch events (dicts with ``type`` and ``object``) until the server closes the stream.
+
+        ``connected`` is called once the API server has accepted the watch.
+        """
         query = {"watch": True, "resourceVersion": resource_version, "allowWatchBookmarks": True,
                  "timeoutSeconds": WATCH_SECONDS, **params}
         # The server ends a watch after WATCH_SECONDS; silence well beyond that is a dead connection.
@@ -173,6 +177,8 @@ class KubeClient:
         async with response:
             if response.status != 200:
                 raise KubeError(self.name, "WATCH", path, response.status, await response.text())
+            if connected is not None:
+                connected()
             async for line in response.content:
                 if line.strip():
                     yield orjson.loads(line)
@@ -239,6 +245,9 @@ class Informer:
             except Exception:
                 log.exception("%s: handler failed on %s %s", self.name, kind, object_key(obj))
 
+    def _connected(self) -> None:
+        self.healthy = True
+
     async def _relist(self) -> str:
         listing = await self.client.get(self.path, **self.params)
         fresh = {object_key(o): o for o in listing.get("items", [])}
@@ -263,7 +272,8 @@ class Informer:
             try:
                 if not resource_version:
                     resource_version = await self._relist()
-                async for event in self.client.watch(self.path, resource_version, **self.params):
+                # Back after an outage without a re-list (the resourceVersion was still good): healthy again.
+                async for event in self.client.watch(self.path, resource_version, self._connected, **self.params):
                     backoff = 0.5
                     kind, obj = event["type"], event["object"]
                     if kind == "ERROR":
