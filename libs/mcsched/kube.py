@@ -4,9 +4,10 @@
 service account with its token refreshed, TLS, a kubeconfig's ``proxy-url``)
 from kubernetes_asyncio's ``Configuration`` but talks to the API server over
 its own aiohttp session, exchanging plain dicts encoded with orjson: no model
-(de)serialisation, no per-request lookups of ``.netrc`` or ``HTTPS_PROXY``. ``Informer`` keeps an in-memory copy of
-one resource (list, then watch, re-list on 410 Gone) and calls handlers on
-every change; services read from informers, never list per pod.
+(de)serialisation, no per-request lookups of ``.netrc`` or ``HTTPS_PROXY``.
+``Informer`` keeps an in-memory copy of one resource (list, then watch,
+re-list on 410 Gone) and calls handlers on every change; services read from
+informers, never list per pod.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class KubeClient:
         self.base = str(config.host).rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self._pool_size = pool_size  # kept connections; a burst beyond them waits rather than handshakes
-        self.requests = 0  # API calls made, for metrics and the benchmark
 
     @classmethod
     async def connect(cls, cluster: ClusterSettings) -> KubeClient:
@@ -122,7 +122,6 @@ class KubeClient:
     async def _raw(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                    body: Any = None, content_type: str = "application/json",
                    timeout: aiohttp.ClientTimeout = REQUEST_TIMEOUT) -> aiohttp.ClientResponse:
-        self.requests += 1
         API_REQUESTS.labels(self.name, method).inc()
         query = [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (params or {}).items()]
         return await self._client_session().request(
@@ -310,19 +309,25 @@ class Informer:
                 backoff = min(backoff * 2, 10)
 
 
+async def read_pod(client: KubeClient, namespace: str, name: str, uid: str) -> JSON | None:
+    """One incarnation (``uid``) of a pod, as its API server has it now; None when it no longer exists."""
+    try:
+        pod = await client.get(pod_path(namespace, name))
+    except KubeError as exc:
+        if exc.not_found:
+            return None
+        raise
+    return pod if pod["metadata"]["uid"] == uid else None
+
+
 async def pod_by_uid(pods: Informer, namespace: str, name: str, uid: str) -> JSON | None:
     """A pod from a pod cache, or from its API server when the cache has not seen it yet.
 
     Only that exact incarnation (``uid``) is returned; None when it no longer exists.
     """
     pod = pods.get(f"{namespace}/{name}")
-    if pod is None or pod["metadata"]["uid"] != uid:
-        try:
-            pod = await pods.client.get(pod_path(namespace, name))
-        except KubeError as exc:
-            if exc.not_found:
-                return None
-            raise
-    return pod if pod["metadata"]["uid"] == uid else None
+    if pod is not None and pod["metadata"]["uid"] == uid:
+        return pod
+    return await read_pod(pods.client, namespace, name, uid)
 
 

@@ -217,27 +217,8 @@ def pod_requests(pod: Mapping[str, Any]) -> Resources:
     return Resources(total.cpu_milli, total.memory_bytes, 1)
 
 
-_ALLOCATABLE_CACHE: dict[tuple[str, str], Resources] = {}
-
-
 def node_allocatable(node: Mapping[str, Any]) -> Resources:
-    """What the node offers pods: ``status.allocatable``, any missing key taken from ``status.capacity``.
-
-    Parsed once per node version (name and resourceVersion): placement asks for it on every request.
-    """
-    meta = node.get("metadata") or {}
-    key = (str(meta.get("name", "")), str(meta.get("resourceVersion", "")))
-    if key[1]:
-        cached = _ALLOCATABLE_CACHE.get(key)
-        if cached is None:
-            if len(_ALLOCATABLE_CACHE) > 10_000:
-                _ALLOCATABLE_CACHE.clear()
-            cached = _ALLOCATABLE_CACHE[key] = _parse_allocatable(node)
-        return cached
-    return _parse_allocatable(node)
-
-
-def _parse_allocatable(node: Mapping[str, Any]) -> Resources:
+    """What the node offers pods: ``status.allocatable``, any missing key taken from ``status.capacity``."""
     status: Mapping[str, Any] = node.get("status") or {}
     merged: dict[str, Any] = dict(status.get("capacity") or {})
     merged.update(status.get("allocatable") or {})

@@ -36,7 +36,7 @@ from mcsched.constants import (
     target_of_virtual_node,
     virtual_node_name,
 )
-from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path
+from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path, read_pod
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.podspec import (
     delegate_name,
@@ -117,9 +117,10 @@ class Feedback:
         status = mirrored_status(delegate.get("status") or {})
         if old is not None and mirrored_status(old.get("status") or {}) == status:
             return
-        proxy = self._proxy(source, namespace, name, uid)
-        if kind == "ADDED" and proxy is not None and not status_differs(proxy.get("status") or {}, status):
-            return  # a new delegate starts Pending, as its proxy shows already
+        if kind == "ADDED":  # a new delegate starts Pending, as its proxy may show already
+            proxy = self._proxy(source, namespace, name, uid)
+            if proxy is not None and not status_differs(proxy.get("status") or {}, status):
+                return
         # Published by workers, so a burst of delegate events never holds up the watch.
         self.statuses.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
 
@@ -295,12 +296,10 @@ class Feedback:
             return
         # The cache says the proxy is gone: ask the API server before deleting anything.
         try:
-            live = await self.rt.clusters[source].get(pod_path(namespace, name))
-            if live["metadata"]["uid"] == uid:
+            if await read_pod(self.rt.clusters[source], namespace, name, uid) is not None:
                 return
-        except KubeError as exc:
-            if not exc.not_found:
-                return
+        except KubeError:
+            return
         meta = delegate["metadata"]
         log.info("delegate %s/%s in %s has no proxy any more; deleting it", meta["namespace"], meta["name"], target)
         try:

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.constants import target_of_virtual_node, virtual_node_name
 from mcsched.events import EventRecorder
-from mcsched.kube import JSON, KubeError, pod_path
+from mcsched.kube import JSON, KubeError, pod_path, read_pod
 from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
 from mcsched.podspec import source_manifest
 from mcsched.runtime import Runtime, run_service
@@ -44,14 +44,14 @@ class ProxyScheduler:
         self.events = EventRecorder("admiralty-proxy-scheduler")
 
     async def _read_proxy(self, ref: PodRef) -> JSON | None:
-        """The proxy as its API server has it now; None once that incarnation is gone."""
-        try:
-            pod = await self.rt.clusters[ref.cluster].get(pod_path(ref.namespace, ref.name))
-        except KubeError as exc:
-            if exc.not_found:
-                return None
-            raise
-        return pod if pod["metadata"]["uid"] == ref.uid else None
+        return await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
+
+    async def _follow_binding(self, ref: PodRef, pod: JSON, original: JSON) -> bool:
+        """If the proxy is bound already (a redelivery), request its delegate again: that may be what was lost."""
+        bound_target = target_of_virtual_node(pod["spec"].get("nodeName"))
+        if bound_target is not None:
+            await self._request_delegate(ref, bound_target, None, original)
+        return bool(pod["spec"].get("nodeName"))
 
     async def _request_delegate(self, ref: PodRef, target: str, node: str | None, manifest: JSON,
                                 created: str | None = None) -> None:
@@ -96,11 +96,7 @@ class ProxyScheduler:
         except ValueError as exc:
             await self.events.record(self.rt.clusters[ref.cluster], pod, "FailedScheduling", f"bad proxy pod: {exc}")
             return None
-        bound_target = target_of_virtual_node(pod["spec"].get("nodeName"))
-        if bound_target is not None:
-            await self._request_delegate(ref, bound_target, None, original)
-            return None
-        return original
+        return None if await self._follow_binding(ref, pod, original) else original
 
     async def _schedule(self, message: ElectMessage) -> Outcome:
         ref = message.proxy
@@ -177,10 +173,7 @@ class ProxyScheduler:
         pod = await self._read_proxy(ref)
         if pod is None or pod["metadata"].get("deletionTimestamp"):
             return ACK
-        bound_target = target_of_virtual_node(pod["spec"].get("nodeName"))
-        if bound_target is not None:  # bound before (a redelivery): its delegate request may be what was lost
-            await self._request_delegate(ref, bound_target, None, original)
-        if pod["spec"].get("nodeName"):
+        if await self._follow_binding(ref, pod, original):
             return ACK
         reasons = [f"{target}: {reply.reason if reply else 'no candidate-scheduler answered'}"
                    for target, reply in sorted(answers.items())]
