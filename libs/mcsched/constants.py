@@ -20,12 +20,16 @@ SOURCE_MANIFEST_ANNOTATION = f"{DOMAIN}/sourcepod-manifest"
 PROXY_FINALIZER = f"{DOMAIN}/multiclusterForegroundDeletion"
 TRACE_ID_ANNOTATION = f"{DOMAIN}/trace-id"
 TRACEPARENT_ANNOTATION = f"{DOMAIN}/traceparent"
+# The cluster chosen for the proxy and the clusters that refused it (see mcsched.choice).
+PLACEMENT_ANNOTATION = f"{DOMAIN}/placement"
 
 # What a delegate pod carries (labels, so they can be selected).
 PARENT_CLUSTER_LABEL = f"{DOMAIN}/parent-cluster"
 PARENT_NAMESPACE_LABEL = f"{DOMAIN}/parent-namespace"
 PARENT_NAME_LABEL = f"{DOMAIN}/parent-name"
 PARENT_UID_LABEL = f"{DOMAIN}/parent-uid"
+# A label value holds at most 63 characters: the parent's full name is kept in an annotation too.
+PARENT_NAME_ANNOTATION = f"{DOMAIN}/parent-name"
 
 # Virtual nodes: one per target in each source.
 VIRTUAL_NODE_PREFIX = "admiralty-"

@@ -153,6 +153,11 @@ class KubeClient:
         return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER}, patch,
                                   "application/merge-patch+json")
 
+    async def strategic_patch(self, path: str, patch: JSON) -> JSON:
+        """A strategic merge patch: lists with a merge key (e.g. pod conditions by type) are merged."""
+        return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER}, patch,
+                                  "application/strategic-merge-patch+json")
+
     async def json_patch(self, path: str, ops: list[JSON]) -> JSON:
         return await self.request("PATCH", path, {"fieldManager": FIELD_MANAGER}, ops,
                                   "application/json-patch+json")

@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 1
+# 2: the target's scheduler places delegates (no reservations; delegate requests name the round).
+SCHEMA_VERSION = 2
 
 
 class SchemaError(ValueError):
@@ -68,42 +69,54 @@ class ElectMessage(Message):
     ``manifest`` is the pod as the user created it (the proxy's source-manifest
     annotation) and ``created`` the proxy's creation time, so the proxy-scheduler
     needs no cache of proxies; without a manifest it reads the proxy itself.
+    ``placement`` (the proxy's placement annotation: the clusters that refused
+    it) and ``resource_version`` let it record its choice with a precondition.
     """
 
     proxy: PodRef
-    reason: Literal["created", "resync"] = "created"
+    reason: Literal["created", "resync", "rejected"] = "created"
     manifest: dict[str, Any] | None = None
     created: str | None = None
+    placement: str | None = None
+    resource_version: str | None = None
 
 
 class CandidateRequest(Message):
-    """proxy-scheduler -> candidate-scheduler (request/reply): does this pod fit, and where?"""
+    """proxy-scheduler -> candidate-scheduler (request/reply): would this pod fit in your target?"""
 
     proxy: PodRef
     pod: dict[str, Any]  # the original pod manifest (spec with requests and constraints)
-    reserve: bool = True
 
 
 class CandidateReply(Message):
+    """An estimate from the target's caches: nothing is held; the target's scheduler decides."""
+
     target: str
     fits: bool
-    node: str | None = None
-    score: float = 0.0
+    node: str | None = None  # a node the pod would fit on, by the estimate
+    score: float = 0.0  # the target's free fraction after the pod, 0..1
     reason: str = ""
 
 
 class DelegateRequest(Message):
-    """proxy-scheduler or feedback -> candidate-scheduler: create this proxy's delegate."""
+    """proxy-scheduler or feedback -> candidate-scheduler: create this proxy's delegate.
+
+    The message names the proxy only: the delegate is built from the proxy as its
+    source's API server has it, and only if the proxy's placement names this target.
+    """
 
     proxy: PodRef
     target: str
-    node: str | None = None  # node reserved by the candidate reply, if any
-    manifest: dict[str, Any]  # the original pod manifest
+    round: int = 0  # the placement round this request belongs to (for message ids and logs)
     created: str | None = None  # the proxy's creation time, for the placement metrics (first placement only)
 
 
 class StatusUpdate(Message):
-    """feedback (target side) -> feedback (source side): mirror this delegate's status."""
+    """feedback (target side) -> feedback (source side): mirror this delegate's status.
+
+    The source side also binds the proxy once the delegate is scheduled, and
+    records a refusal when the target's scheduler finds it unschedulable.
+    """
 
     proxy: PodRef
     target: str
@@ -114,9 +127,5 @@ class StatusUpdate(Message):
     # The delegate's resourceVersion when it had this status: the newer of this and the
     # consumer's cache wins, so neither a late message nor a lagging cache turns a status back.
     delegate_resource_version: str | None = None
-
-
-class CandidateRelease(Message):
-    """proxy-scheduler -> candidate-scheduler (fire and forget): drop a reservation that was not chosen."""
-
-    proxy_uid: str
+    # Why the target's scheduler could not place the delegate (its PodScheduled message), if it could not.
+    unschedulable: str | None = None

@@ -21,6 +21,7 @@ import orjson
 from .constants import (
     ELECT_ANNOTATION,
     PARENT_CLUSTER_LABEL,
+    PARENT_NAME_ANNOTATION,
     PARENT_NAME_LABEL,
     PARENT_NAMESPACE_LABEL,
     PARENT_UID_LABEL,
@@ -143,7 +144,9 @@ def delegate_name(proxy_name: str, proxy_uid: str) -> str:
     """``<proxy-name>-<suffix>``; the suffix is derived from the proxy's UID, so it is stable."""
     digest = hashlib.sha256(proxy_uid.encode()).digest()
     suffix = "".join(_SUFFIX_ALPHABET[b % len(_SUFFIX_ALPHABET)] for b in digest[:5])
-    return f"{proxy_name[:247]}-{suffix}"
+    # A pod name is a DNS subdomain of at most 253 characters: each dot-separated part
+    # must end with a letter or digit, so a cut never leaves "-" or "." before the suffix.
+    return f"{proxy_name[:247].rstrip('-.')}-{suffix}"
 
 
 def _is_service_account_volume(volume: Mapping[str, Any]) -> bool:
@@ -152,14 +155,17 @@ def _is_service_account_volume(volume: Mapping[str, Any]) -> bool:
 
 
 def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: str, proxy_name: str,
-                      proxy_uid: str, node: str | None, owner: Mapping[str, Any] | None = None,
+                      proxy_uid: str, scheduler_name: str | None = None, owner: Mapping[str, Any] | None = None,
                       extra_annotations: Mapping[str, str] | None = None) -> JSON:
     """The delegate pod for a target, built from the proxy's original manifest.
 
-    Fields the target's admission would refuse or add again are removed: the
-    source's service-account token volume, ``priority`` (recomputed from the
-    class) and any node binding. ``owner`` (the target's Namespace) becomes the
-    delegate's controller, so no controller in the target adopts it.
+    The delegate is created unbound: the target's own scheduler places it, so
+    every scheduling rule of the pod applies there (``scheduler_name`` names a
+    scheduler of the target's other than the pod's own). Fields the target's
+    admission would refuse or add again are removed: the source's
+    service-account token volume, ``priority`` (recomputed from the class) and
+    any node binding. ``owner`` (the target's Namespace) becomes the delegate's
+    controller, so no controller in the target adopts it.
     """
     metadata = original.get("metadata", {})
     spec = copy.deepcopy(dict(original.get("spec", {})))
@@ -177,8 +183,8 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
         spec.pop(field, None)
     if spec.get("schedulerName") == PROXY_SCHEDULER_NAME:
         spec.pop("schedulerName")
-    if node:
-        spec["nodeName"] = node
+    if scheduler_name:
+        spec["schedulerName"] = scheduler_name
     labels = dict(metadata.get("labels") or {})
     labels.update({
         PARENT_CLUSTER_LABEL: source, PARENT_NAMESPACE_LABEL: namespace,
@@ -186,6 +192,7 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
     })
     annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k != ELECT_ANNOTATION}
     annotations.update(extra_annotations or {})
+    annotations[PARENT_NAME_ANNOTATION] = proxy_name
     meta: JSON = {"name": delegate_name(proxy_name, proxy_uid), "namespace": namespace,
                   "labels": labels, "annotations": annotations}
     if owner is not None:
@@ -205,9 +212,15 @@ MIRRORED_STATUS_FIELDS = (
 def mirrored_status(delegate_status: Mapping[str, Any]) -> JSON:
     """The proxy status that mirrors a delegate's (the fields a user reads).
 
+    ``PodScheduled`` belongs to the proxy (the API server sets it when the proxy
+    is bound to its virtual node), so it is not mirrored: the status is written
+    with a strategic merge patch, which merges conditions by type and so keeps it.
     The values are shared with ``delegate_status``, not copied: treat the result as read-only.
     """
-    return {k: delegate_status[k] for k in MIRRORED_STATUS_FIELDS if k in delegate_status}
+    status = {k: delegate_status[k] for k in MIRRORED_STATUS_FIELDS if k in delegate_status}
+    if "conditions" in status:
+        status["conditions"] = [c for c in status["conditions"] if c.get("type") != "PodScheduled"]
+    return status
 
 
 def newer_resource_version(a: str | None, b: str | None) -> bool:
@@ -223,14 +236,54 @@ def newer_resource_version(a: str | None, b: str | None) -> bool:
 
 
 def status_differs(proxy_status: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    return any(proxy_status.get(k) != v for k, v in wanted.items())
+    """Whether writing ``wanted`` (a :func:`mirrored_status`) would change the proxy's status.
+
+    Conditions are compared by type, as the strategic merge patch writes them:
+    the proxy's own ``PodScheduled`` is not a difference.
+    """
+    for key, value in wanted.items():
+        if key == "conditions":
+            have = {c.get("type"): c for c in proxy_status.get("conditions") or []}
+            if any(have.get(c.get("type")) != c for c in value):
+                return True
+        elif proxy_status.get(key) != value:
+            return True
+    return False
+
+
+def unschedulable_reason(pod: Mapping[str, Any]) -> str | None:
+    """Why the pod's scheduler could not place it, or None while it is placed, pending or preempting.
+
+    A pod for which the scheduler nominated a node is waiting for preemption
+    to make room, which is not a refusal.
+    """
+    if pod.get("spec", {}).get("nodeName"):
+        return None
+    status = pod.get("status") or {}
+    if status.get("nominatedNodeName"):
+        return None
+    for condition in status.get("conditions") or []:
+        if (condition.get("type") == "PodScheduled" and condition.get("status") == "False"
+                and condition.get("reason") == "Unschedulable"):
+            return str(condition.get("message") or "unschedulable")
+    return None
+
+
+def is_finished(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod ran to its end (Succeeded or Failed): it never runs again."""
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
 def parent_ref(delegate: Mapping[str, Any]) -> tuple[str, str, str, str] | None:
-    """(source, namespace, name, uid) of a delegate's proxy, from its labels."""
-    labels = delegate.get("metadata", {}).get("labels") or {}
+    """(source, namespace, name, uid) of a delegate's proxy, from its labels.
+
+    The name comes from the parent-name annotation when present: the label is
+    cut to 63 characters, a pod name is not.
+    """
+    metadata = delegate.get("metadata", {})
+    labels = metadata.get("labels") or {}
     try:
-        return (labels[PARENT_CLUSTER_LABEL], labels[PARENT_NAMESPACE_LABEL], labels[PARENT_NAME_LABEL],
-                labels[PARENT_UID_LABEL])
+        name = (metadata.get("annotations") or {}).get(PARENT_NAME_ANNOTATION) or labels[PARENT_NAME_LABEL]
+        return (labels[PARENT_CLUSTER_LABEL], labels[PARENT_NAMESPACE_LABEL], name, labels[PARENT_UID_LABEL])
     except KeyError:
         return None

@@ -32,6 +32,9 @@ class ClusterSettings(BaseModel):
     context: str | None = Field(None, description="context in the kubeconfig (default: current)")
     source: bool = Field(False, description="elected pods in this cluster are scheduled to targets")
     target: bool = Field(False, description="delegate pods may run in this cluster")
+    scheduler_name: str | None = Field(
+        None, description="scheduler of this target that places delegates (default: the pod's own, "
+        "usually the target's default-scheduler)")
 
     @field_validator("name")
     @classmethod
@@ -64,7 +67,8 @@ class Settings(BaseSettings):
     subject_prefix: str = Field("mcs", pattern=r"^[A-Za-z0-9_-]+$")
     resync_period_seconds: float = Field(30.0, gt=0)
     candidate_timeout_seconds: float = Field(2.0, gt=0)
-    reservation_ttl_seconds: float = Field(30.0, gt=0)
+    rejection_memory_seconds: float = Field(
+        30.0, gt=0, description="a target whose scheduler refused a pod is not chosen again for it for this long")
     unschedulable_retry_seconds: float = Field(5.0, gt=0)
     heartbeat_seconds: float = Field(10.0, gt=0)
     serve_targets: list[str] | None = Field(

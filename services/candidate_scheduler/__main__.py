@@ -1,109 +1,86 @@
 """candidate-scheduler: owns the delegate step in each target it serves.
 
-* Answers ``candidate.<target>`` requests: does the pod fit in this target,
-  on which node, with what score; a fitting answer reserves the room for a
-  short while (shared reservation book, compare-and-set).
-* Consumes ``delegate.<target>``: creates the delegate pod (deterministic
-  name) bound to the reserved node, and acks once the API server stored it.
+* Answers ``candidate.<target>`` requests with an estimate from the target's
+  caches: whether the pod would fit on some node and how much room the target
+  would have left. Nothing is held: the target's own scheduler decides.
+* Consumes ``delegate.<target>``: reads the proxy from its source and, only if
+  it is one of ours, alive, and its recorded placement names this target,
+  copies the ConfigMaps and Secrets it uses into the target and creates the
+  delegate pod (deterministic name), unbound, for the target's scheduler to
+  place. What the message says is only where to look.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from opentelemetry import trace
 
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.capacity import TargetView
+from mcsched.choice import Placement
 from mcsched.constants import PROXY_SCHEDULER_NAME
-from mcsched.kube import JSON, KubeError
-from mcsched.models import CandidateRelease, CandidateReply, CandidateRequest, DelegateRequest, Message
-from mcsched.placement import NodeChoice, Resources, choose_node, pod_requests, target_score
-from mcsched.podspec import delegate_manifest
-from mcsched.reservations import Reservation, ReservationBook, reserved_per_node
+from mcsched.events import EventRecorder
+from mcsched.follower import Follower
+from mcsched.kube import JSON, KubeError, read_pod
+from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Message, PodRef
+from mcsched.placement import choose_node, pod_requests, target_score
+from mcsched.podspec import delegate_manifest, is_proxy, source_manifest
+from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
 from mcsched.telemetry import observe_since, trace_annotations, tracer
 
 log = logging.getLogger("candidate-scheduler")
 
+# How soon a delegate that must wait (a name taken in the target, a missing ServiceAccount) is tried again.
+WAIT_RETRY_SECONDS = 5.0
+
 
 class TargetScheduler:
-    """Placement and delegate creation for one target cluster."""
+    """Estimates and delegate creation for one target cluster."""
 
-    def __init__(self, rt: Runtime, target: str, book: ReservationBook) -> None:
-        self.rt, self.target, self.book = rt, target, book
+    def __init__(self, rt: Runtime, target: str) -> None:
+        self.rt, self.target = rt, target
         self.client = rt.clusters[target]
+        self.scheduler_name = rt.settings.cluster(target).scheduler_name
         self.view = TargetView(
             target, rt.informer(target, "/api/v1/nodes"),
-            # Pods that use room on real nodes; proxies (on virtual nodes) are left out.
+            # Pods that use room on real nodes or wait for one; proxies (on virtual nodes) are left out.
             rt.informer(target, "/api/v1/pods", field_selector="status.phase!=Succeeded,status.phase!=Failed,"
                         f"spec.schedulerName!={PROXY_SCHEDULER_NAME}"))
+        self.follower = Follower(rt, target, self.view.pods)
+        self.events = EventRecorder(f"admiralty-candidate-scheduler-{target}")
         self.namespaces: dict[str, JSON] = {}
 
-    def _settled(self) -> dict[str, JSON]:
-        """Proxies whose delegates the target's cache already counts (a live view, not a copy)."""
-        return self.view.delegates
+    # -- estimates -----------------------------------------------------------------
 
-    def _evaluate(self, pod: JSON, others: dict[str, Reservation]) -> tuple[NodeChoice, float]:
-        """Where ``pod`` fits given the cache and the others' reservations, and the target's score."""
-        used = dict(self.view.usage)
-        for node, reserved in reserved_per_node(others).items():
-            used[node] = used.get(node, Resources()) + reserved
-        choice = choose_node(pod, self.view.real_nodes(), used)
-        allocatable, used_total = self.view.totals()
-        reserved_total = sum((r.requests for r in others.values()), Resources())
-        free_after = allocatable - used_total - reserved_total - pod_requests(pod)
-        return choice, target_score(free_after, allocatable) if choice.node else 0.0
+    def estimate(self, pod: JSON) -> CandidateReply:
+        """Whether ``pod`` would fit on one of the target's nodes, from the caches; nothing is held.
 
-    async def estimate(self, proxy_uid: str, pod: JSON) -> tuple[str | None, float, str]:
-        """Whether and where ``pod`` would fit, from this process's view; nothing is reserved."""
-        settled = self._settled()
-        others = {u: r for u, r in (await self.book.current(fresh=False)).items()
-                  if u != proxy_uid and u not in settled}
-        choice, score = self._evaluate(pod, others)
-        return choice.node, score, choice.reason
-
-    async def reserve(self, proxy_uid: str, pod: JSON) -> tuple[Reservation | None, float, str]:
-        """Reserve room for ``pod``; returns (reservation, score, reason when it does not fit)."""
-        outcome: dict[str, tuple[NodeChoice, float]] = {}
-        requests = pod_requests(pod)
-
-        def decide(others: dict[str, Reservation]) -> Reservation | None:
-            choice, _score = outcome["result"] = self._evaluate(pod, others)
-            if choice.node is None:
-                return None
-            return Reservation(choice.node, requests, time.time() + self.rt.settings.reservation_ttl_seconds)
-
-        reservation = await self.book.change(proxy_uid, decide, self._settled())
-        choice, score = outcome["result"]
-        return reservation, score, choice.reason
+        The score is the fraction of the target's allocatable left after the pod,
+        counting the delegates still waiting for the target's scheduler.
+        """
+        if not self.view.ready:
+            return CandidateReply(target=self.target, fits=False,
+                                  reason=f"cluster {self.target} is unreachable or not yet synced")
+        choice = choose_node(pod, self.view.real_nodes(), self.view.usage)
+        if choice.node is None:
+            return CandidateReply(target=self.target, fits=False, reason=choice.reason)
+        allocatable, used = self.view.totals()
+        free_after = allocatable - used - self.view.pending - pod_requests(pod)
+        return CandidateReply(target=self.target, fits=True, node=choice.node,
+                              score=target_score(free_after, allocatable))
 
     async def on_candidate(self, request: CandidateRequest) -> Message:
         with tracer.start_as_current_span(f"candidate {self.target}", attributes={"pod": str(request.proxy)}) as span:
-            reply = await self._candidate(request)
+            existing = self.view.delegates.get(request.proxy.uid)
+            reply = (CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"), score=1.0)
+                     if existing is not None else self.estimate(request.pod))
             span.set_attributes({"fits": reply.fits, "node": reply.node or "", "score": reply.score,
                                  "reason": reply.reason})
             return reply
 
-    async def _candidate(self, request: CandidateRequest) -> CandidateReply:
-        if not self.view.ready:
-            return CandidateReply(target=self.target, fits=False,
-                                  reason=f"cluster {self.target} is unreachable or not yet synced")
-        existing = self.view.delegates.get(request.proxy.uid)
-        if existing is not None:  # placed already: say so, and where
-            return CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"), score=100)
-        if not request.reserve:
-            node, score, reason = await self.estimate(request.proxy.uid, request.pod)
-            return CandidateReply(target=self.target, fits=node is not None, node=node, score=score, reason=reason)
-        reservation, score, reason = await self.reserve(request.proxy.uid, request.pod)
-        if reservation is None:
-            return CandidateReply(target=self.target, fits=False, reason=reason)
-        return CandidateReply(target=self.target, fits=True, node=reservation.node, score=score)
-
-    async def on_release(self, release: CandidateRelease) -> Message:
-        await self.book.release(release.proxy_uid, self._settled())
-        return release
+    # -- delegates -----------------------------------------------------------------
 
     async def _namespace(self, name: str) -> JSON:
         cached = self.namespaces.get(name)
@@ -129,49 +106,69 @@ class TargetScheduler:
         with tracer.start_as_current_span(f"create delegate in {self.target}", attributes={"pod": str(request.proxy)}):
             return await self._delegate(request)
 
+    async def _assigned_proxy(self, ref: PodRef) -> JSON | None:
+        """The proxy, if a delegate for it belongs in this target now; None (logged) otherwise."""
+        if ref.cluster not in self.rt.settings.source_names:
+            log.warning("delegate request for %s from unknown source %s; ignored", ref, ref.cluster)
+            return None
+        proxy = await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
+        if proxy is None or proxy["metadata"].get("deletionTimestamp"):
+            return None
+        if not is_proxy(proxy):
+            log.warning("delegate request for %s, which is not a proxy pod made by our webhook; ignored", ref)
+            return None
+        placement = Placement.of(proxy)
+        node = proxy["spec"].get("nodeName")
+        if placement.target != self.target or (node and node != f"admiralty-{self.target}"):
+            log.info("delegate request for %s in %s is stale (placement: %s); ignored", ref, self.target,
+                     placement.target or "none")
+            return None
+        return proxy
+
     async def _delegate(self, request: DelegateRequest) -> Outcome:
-        proxy = request.proxy
-        if proxy.uid in self.view.delegates:
+        ref = request.proxy
+        if ref.uid in self.view.delegates:
             return ACK
         if not self.view.ready:
             return retry_later(2.0, "target cache not ready")
-        node = request.node
-        reserved = (await self.book.current(fresh=False)).get(proxy.uid)
-        if reserved is None or reserved.node != node:
-            reservation, _score, reason = await self.reserve(proxy.uid, request.manifest)
-            node = reservation.node if reservation else None
-            if node is None:
-                log.warning("%s: no room for %s any more (%s); leaving the delegate to %s's scheduler",
-                            self.target, proxy, reason, self.target)
-        namespace = await self._namespace(proxy.namespace)
-        manifest = delegate_manifest(request.manifest, source=proxy.cluster, namespace=proxy.namespace,
-                                     proxy_name=proxy.name, proxy_uid=proxy.uid, node=node, owner=namespace,
+        proxy = await self._assigned_proxy(ref)
+        if proxy is None:
+            return ACK
+        original = source_manifest(proxy)
+        namespace = await self._namespace(ref.namespace)
+        waiting = await self.follower.ensure(ref.cluster, ref.namespace, original.get("spec") or {})
+        if waiting is not None:
+            message = f"{self.target}: the delegate waits: {waiting}"
+            await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, proxy, message,
+                                   reason="DelegateWaiting", event_reason="DelegateWaiting")
+            log.info("%s: %s", ref, message)
+            return retry_later(WAIT_RETRY_SECONDS, "delegate waits")
+        manifest = delegate_manifest(original, source=ref.cluster, namespace=ref.namespace, proxy_name=ref.name,
+                                     proxy_uid=ref.uid, scheduler_name=self.scheduler_name, owner=namespace,
                                      extra_annotations=trace_annotations())
-        trace.get_current_span().set_attributes({"delegate": manifest["metadata"]["name"], "node": node or ""})
+        trace.get_current_span().set_attributes({"delegate": manifest["metadata"]["name"]})
         try:
-            await self.client.create(f"/api/v1/namespaces/{proxy.namespace}/pods", manifest)
+            await self.client.create(f"/api/v1/namespaces/{ref.namespace}/pods", manifest)
         except KubeError as exc:
             if exc.conflict:  # created before (redelivery): the name is deterministic
                 return ACK
             if exc.not_found:  # namespace deleted meanwhile
-                self.namespaces.pop(proxy.namespace, None)
+                self.namespaces.pop(ref.namespace, None)
             raise
         observe_since("delegate_created", request.created)
-        log.info("delegate %s/%s created in %s on %s", proxy.namespace, manifest["metadata"]["name"],
-                 self.target, node or "(target scheduler)")
+        log.info("delegate %s/%s created in %s (round %d)", ref.namespace, manifest["metadata"]["name"],
+                 self.target, request.round)
         return ACK
 
 
 async def compose(rt: Runtime) -> None:
-    kv = await rt.bus.key_value("reservations")
     for target in rt.settings.served_targets():
-        scheduler = TargetScheduler(rt, target, ReservationBook(kv, target))
+        scheduler = TargetScheduler(rt, target)
         await rt.bus.respond(rt.bus.subject("candidate", target), f"candidate-{target}", CandidateRequest,
                              scheduler.on_candidate)
-        await rt.bus.respond(rt.bus.subject("release", target), f"release-{target}", CandidateRelease,
-                             scheduler.on_release)
         rt.bus.consume("delegate", f"candidate-scheduler-{target}", rt.bus.subject("delegate", target),
                        DelegateRequest, scheduler.on_delegate)
+        rt.spawn(scheduler.follower.run(), f"follow into {target}")
 
 
 if __name__ == "__main__":

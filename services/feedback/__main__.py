@@ -3,13 +3,19 @@
 * Virtual nodes: one ``admiralty-<target>`` Node per target in every source,
   tainted for proxy pods only, kept Ready by lease and condition heartbeats,
   its capacity and common labels summarised from the target's real nodes.
-* Status: every change of a delegate is published on ``status.<source>``;
-  the consumer mirrors the delegate's current status onto its proxy.
+* Status: every change of a delegate (scheduled, refused, its status) is
+  published on ``status.<source>``. The consumer binds the proxy to its
+  virtual node once the target's scheduler placed the delegate, records the
+  refusal when it could not (the proxy then goes back to the proxy-scheduler
+  for another cluster), and mirrors the delegate's status onto the proxy.
 * Deletion: a proxy being deleted has its delegate deleted first (the
   proxy's finalizer guards this), then the proxy is released.
-* Repair (on events and on every resync): a delegate deleted by someone else
-  is replaced; a delegate whose proxy no longer exists is removed; a bound
-  proxy without a delegate gets one again.
+* A pod lives once: a delegate deleted or evicted in its target ends its
+  proxy (deleted, so its controller replaces it), unless the pod had finished,
+  which keeps its final status.
+* Repair (on events and on every resync): a delegate whose proxy no longer
+  exists, or whose proxy's placement names another cluster, is removed; a
+  proxy whose delegate request was lost gets it again.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 from mcsched.bus import ACK, PUBLISHERS, Outcome
 from mcsched.capacity import TargetView
+from mcsched.choice import Placement
 from mcsched.constants import (
     NODE_LEASE_NAMESPACE,
     NODE_ROLE_LABEL,
@@ -36,15 +43,17 @@ from mcsched.constants import (
     target_of_virtual_node,
     virtual_node_name,
 )
+from mcsched.events import EventRecorder
 from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path, read_pod
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.podspec import (
     delegate_name,
+    is_finished,
     mirrored_status,
     newer_resource_version,
     parent_ref,
-    source_manifest,
     status_differs,
+    unschedulable_reason,
 )
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
@@ -52,8 +61,7 @@ from mcsched.workqueue import WorkQueue
 
 log = logging.getLogger("feedback")
 
-# A freshly bound proxy gets its delegate within moments; only after this long
-# is a missing delegate treated as lost.
+# A chosen proxy gets its delegate within moments; only after this long is a missing delegate treated as lost.
 DELEGATE_GRACE_SECONDS = 15.0
 # A status just written is not written again for this long, even if the proxy cache does not show it yet.
 MIRROR_MEMORY_SECONDS = 10.0
@@ -68,9 +76,21 @@ def _ref(source: str, pod: JSON) -> PodRef:
     return PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
 
 
+def _delegate_signal(delegate: JSON) -> tuple[JSON, str | None, str | None]:
+    """What the source side acts on: the mirrored status, the node, and a refusal by the scheduler."""
+    return mirrored_status(delegate.get("status") or {}), delegate["spec"].get("nodeName"), \
+        unschedulable_reason(delegate)
+
+
+def _assigned_target(proxy: JSON) -> str | None:
+    """The target whose delegate belongs to this proxy: the one it is bound to, else the one it chose."""
+    return target_of_virtual_node(proxy["spec"].get("nodeName")) or Placement.of(proxy).target
+
+
 class Feedback:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self.events = EventRecorder("admiralty-feedback")
         self.proxies: dict[str, Informer] = {
             source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
             for source in rt.settings.source_names
@@ -82,6 +102,8 @@ class Feedback:
         }
         # proxy uid -> the status last written onto it, from which delegate version, and when (the proxy cache lags)
         self.mirrored: dict[str, tuple[JSON, str | None, float]] = {}
+        # proxy uid -> since when (monotonic) the resync finds its delegate missing
+        self.missing_since: dict[str, float] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
         self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key,
                                                                  workers=PUBLISHERS)
@@ -103,7 +125,21 @@ class Feedback:
     def _synced(self, informer: Informer) -> bool:
         return informer.synced.is_set() and informer.healthy
 
-    # -- status ------------------------------------------------------------------
+    async def _delete_pod(self, cluster: str, namespace: str, name: str, uid: str,
+                          grace: int | None = None) -> bool:
+        """Delete exactly this incarnation of a pod; False when it was gone or replaced already."""
+        body: JSON = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+        if grace is not None:
+            body["gracePeriodSeconds"] = grace
+        try:
+            await self.rt.clusters[cluster].delete(pod_path(namespace, name), body)
+            return True
+        except KubeError as exc:
+            if exc.not_found or exc.conflict:
+                return False
+            raise
+
+    # -- status: target side -------------------------------------------------------
 
     async def on_delegate(self, target: str, kind: str, delegate: JSON, old: JSON | None) -> None:
         parent = parent_ref(delegate)
@@ -114,13 +150,11 @@ class Feedback:
         if kind == "DELETED":
             await self._delegate_gone(target, ref, delegate)
             return
-        status = mirrored_status(delegate.get("status") or {})
-        if old is not None and mirrored_status(old.get("status") or {}) == status:
+        signal = _delegate_signal(delegate)
+        if old is not None and _delegate_signal(old) == signal:
             return
-        if kind == "ADDED":  # a new delegate starts Pending, as its proxy may show already
-            proxy = self._proxy(source, namespace, name, uid)
-            if proxy is not None and not status_differs(proxy.get("status") or {}, status):
-                return
+        if kind == "ADDED" and signal[1] is None and signal[2] is None:
+            return  # a new delegate waits for its target's scheduler: nothing to tell the source yet
         # Published by workers, so a burst of delegate events never holds up the watch.
         self.statuses.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
 
@@ -136,9 +170,9 @@ class Feedback:
 
     async def _publish_status(self, target: str, ref: PodRef, delegate: JSON, epoch: int | None = None) -> None:
         meta = delegate["metadata"]
+        status, node, refusal = _delegate_signal(delegate)
         update = StatusUpdate(proxy=ref, target=target, delegate_name=meta["name"], delegate_uid=meta["uid"],
-                              delegate_node=delegate["spec"].get("nodeName"),
-                              status=mirrored_status(delegate.get("status") or {}),
+                              delegate_node=node, status=status, unschedulable=refusal,
                               delegate_resource_version=meta.get("resourceVersion"))
         # The id names this process: each replica's copy of a change is delivered, because a replica
         # whose cache lagged may have written an older status after another replica wrote the newer one.
@@ -146,8 +180,10 @@ class Feedback:
             await self.rt.bus.publish(self.rt.bus.subject("status", ref.cluster), update,
                                       f"status:{meta['uid']}:{meta['resourceVersion']}:{self.rt.bus.client_name}"
                                       + (f":{epoch}" if epoch is not None else ""))
-        except Exception as exc:  # NATS away: the resync mirrors it later
+        except Exception as exc:  # NATS away: the resync publishes it later
             log.warning("could not publish status of %s: %s", ref, exc)
+
+    # -- status: source side -------------------------------------------------------
 
     def _just_mirrored(self, uid: str, wanted: JSON, version: str | None) -> bool:
         """Whether this process wrote this status, from this delegate version or a later one, moments ago."""
@@ -163,29 +199,123 @@ class Feedback:
         proxy = await pod_by_uid(self.proxies[ref.cluster], ref.namespace, ref.name, ref.uid)
         if proxy is None or proxy["metadata"].get("deletionTimestamp"):
             return ACK
+        # Act on the newest of the delegate as this process's cache has it and as the message has it:
+        # messages may arrive out of order, and another replica may have seen the change first.
+        wanted, node, refusal, version = (update.status, update.delegate_node, update.unschedulable,
+                                          update.delegate_resource_version)
         view = self.targets.get(update.target)
         delegate = view.delegates.get(ref.uid) if view else None
-        # Mirror the newest of the delegate as this process's cache has it and as the message has it:
-        # messages may arrive out of order, and another replica may have seen the change first.
-        wanted, version = update.status, update.delegate_resource_version
-        if delegate is not None and (version is None or newer_resource_version(
-                delegate["metadata"].get("resourceVersion"), version)):
-            wanted, version = mirrored_status(delegate.get("status") or {}), delegate["metadata"].get("resourceVersion")
+        if delegate is not None and delegate["metadata"]["uid"] == update.delegate_uid and (
+                version is None or newer_resource_version(delegate["metadata"].get("resourceVersion"), version)):
+            (wanted, node, refusal), version = _delegate_signal(delegate), delegate["metadata"].get("resourceVersion")
+        bound = target_of_virtual_node(proxy["spec"].get("nodeName"))
+        if bound is None:
+            if Placement.of(proxy).target != update.target:
+                await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
+                return ACK
+            if refusal is not None:
+                await self._refused(update.target, ref, proxy, refusal, update.delegate_name, update.delegate_uid)
+                return ACK
+            if node is None:
+                return ACK  # the target's scheduler has not decided yet
+            bound = await self._bind(ref, update.target, proxy, node)
+            if bound is None:
+                return ACK
+            if wanted.get("phase") == "Pending" and not wanted.get("containerStatuses"):
+                return ACK  # only just scheduled: the proxy shows Pending already; Running follows
+        if bound != update.target:
+            await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
+            return ACK
         if status_differs(proxy.get("status") or {}, wanted) and not self._just_mirrored(ref.uid, wanted, version):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
-                await self.rt.clusters[ref.cluster].merge_patch(pod_path(ref.namespace, ref.name, "status"),
-                                                                {"status": wanted})
+                # Strategic merge: conditions merge by type, so the proxy keeps its own PodScheduled.
+                await self.rt.clusters[ref.cluster].strategic_patch(pod_path(ref.namespace, ref.name, "status"),
+                                                                    {"status": wanted})
             self.mirrored[ref.uid] = (wanted, version, time.monotonic())
             if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
                 observe_since_creation("proxy_running", proxy)
         return ACK
 
-    # -- deletion and repair -----------------------------------------------------
+    async def _bind(self, ref: PodRef, target: str, proxy: JSON, node: str) -> str | None:
+        """Bind the proxy to the target's virtual node, now that its delegate is scheduled.
+
+        Returns the target it is bound to (another one if it was bound before),
+        or None if the proxy is gone or being deleted.
+        """
+        binding = {"apiVersion": "v1", "kind": "Binding",
+                   "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": virtual_node_name(target)}}
+        client = self.rt.clusters[ref.cluster]
+        try:
+            with tracer.start_as_current_span("bind proxy", attributes={"node": virtual_node_name(target)}):
+                await client.create(pod_path(ref.namespace, ref.name, "binding"), binding)
+        except KubeError as exc:
+            if exc.not_found:
+                return None
+            if not exc.conflict:  # the API server refuses any other binding as a conflict
+                raise
+            current = await read_pod(client, ref.namespace, ref.name, ref.uid)
+            if current is None or current["metadata"].get("deletionTimestamp"):
+                return None
+            bound = target_of_virtual_node(current["spec"].get("nodeName"))
+            if bound is None:
+                raise
+            return bound
+        observe_since_creation("proxy_bound", proxy)
+        self.events.record_soon(client, proxy, "Scheduled",
+                                f"Successfully assigned {ref.namespace}/{ref.name} to {virtual_node_name(target)}"
+                                f" (node {node} in {target})", kind="Normal")
+        return target
+
+    async def _refused(self, target: str, ref: PodRef, proxy: JSON, reason: str,
+                       delegate: str, delegate_uid: str) -> None:
+        """The target's scheduler cannot place the delegate: record it, free the pod for another cluster.
+
+        The refusal is recorded on the proxy first (with a precondition), so the
+        delegate removed next is never mistaken for one deleted by someone else.
+        """
+        client = self.rt.clusters[ref.cluster]
+        for _ in range(3):
+            placement = Placement.of(proxy)
+            if placement.target != target or proxy["spec"].get("nodeName"):
+                return
+            try:
+                await client.merge_patch(pod_path(ref.namespace, ref.name),
+                                         placement.reject(target, reason, time.time()).patch(
+                                             proxy["metadata"]["resourceVersion"]))
+                break
+            except KubeError as exc:
+                if exc.not_found:
+                    return
+                if not exc.conflict:
+                    raise
+            fresh = await read_pod(client, ref.namespace, ref.name, ref.uid)
+            if fresh is None:
+                return
+            proxy = fresh
+        else:
+            raise RuntimeError(f"{ref}: the proxy kept changing while recording {target}'s refusal")
+        log.info("%s: %s's scheduler refused the delegate (%s); trying another cluster", ref, target, reason)
+        self.events.record_soon(client, proxy, "DelegateUnschedulable",
+                                f"{target}'s scheduler cannot place the delegate: {reason}; trying another cluster")
+        await self._delete_pod(target, ref.namespace, delegate, delegate_uid)
+
+    async def _remove_stray(self, target: str, ref: PodRef, delegate: str, delegate_uid: str) -> None:
+        """Delete a delegate in a cluster its proxy did not choose (a stale request), after asking the source."""
+        proxy = await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
+        if proxy is not None and _assigned_target(proxy) == target:
+            return
+        if await self._delete_pod(target, ref.namespace, delegate, delegate_uid):
+            log.info("delegate %s/%s in %s does not belong there (proxy %s); deleted", ref.namespace, delegate,
+                     target, "gone" if proxy is None else f"placed in {_assigned_target(proxy)}")
+
+    # -- deletion and a pod's single life ---------------------------------------------
 
     def on_proxy(self, source: str, kind: str, pod: JSON) -> None:
         if kind == "DELETED":
             self.mirrored.pop(pod["metadata"]["uid"], None)
+            self.missing_since.pop(pod["metadata"]["uid"], None)
         elif pod["metadata"].get("deletionTimestamp"):
             self.finalizing.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
 
@@ -199,7 +329,7 @@ class Feedback:
         """Delete the delegate, then let the proxy go."""
         meta = proxy["metadata"]
         ref = _ref(source, proxy)
-        target = target_of_virtual_node(proxy["spec"].get("nodeName"))
+        target = _assigned_target(proxy)
         if target in self.targets:
             name = delegate_name(meta["name"], meta["uid"])
             client = self.rt.clusters[target]
@@ -225,14 +355,8 @@ class Feedback:
                 if exc.conflict:  # changed meanwhile: the next event retries
                     return
                 raise
-        if target is not None:  # no kubelet will confirm the deletion of a pod on a virtual node
-            try:
-                await client.delete(pod_path(meta["namespace"], meta["name"]),
-                                    {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
-                                     "preconditions": {"uid": meta["uid"]}})
-            except KubeError as exc:
-                if not (exc.not_found or exc.conflict):
-                    raise
+        if proxy["spec"].get("nodeName"):  # no kubelet will confirm the deletion of a pod on a virtual node
+            await self._delete_pod(source, meta["namespace"], meta["name"], meta["uid"], grace=0)
         log.info("proxy %s released after its delegate was deleted", ref)
 
     async def _delegate_gone(self, target: str, ref: PodRef, delegate: JSON) -> None:
@@ -241,13 +365,29 @@ class Feedback:
             return
         if proxy["metadata"].get("deletionTimestamp"):
             self.finalizing.add((ref.cluster, ref.namespace, ref.name))
-        elif target_of_virtual_node(proxy["spec"].get("nodeName")) == target:
-            log.info("delegate of %s in %s was deleted; replacing it", ref, target)
-            await self._replace(ref, target, proxy, f"replace:{delegate['metadata']['uid']}")
+        elif _assigned_target(proxy) == target:
+            await self._end_proxy(target, ref, f"its delegate {delegate['metadata']['name']} was deleted in {target}")
 
-    async def _replace(self, ref: PodRef, target: str, proxy: JSON, msg_id: str) -> None:
-        request = DelegateRequest(proxy=ref, target=target, manifest=source_manifest(proxy))
-        await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request, msg_id)
+    async def _end_proxy(self, target: str, ref: PodRef, why: str) -> None:
+        """A pod lives once: the proxy of a delegate that is gone is deleted too, unless it had finished.
+
+        Decided on the proxy as its API server has it (the cache may not show yet
+        that the proxy was sent to another cluster, which deleted this delegate).
+        """
+        client = self.rt.clusters[ref.cluster]
+        proxy = await read_pod(client, ref.namespace, ref.name, ref.uid)
+        if proxy is None or _assigned_target(proxy) != target:
+            return
+        if proxy["metadata"].get("deletionTimestamp"):
+            self.finalizing.add((ref.cluster, ref.namespace, ref.name))
+            return
+        if is_finished(proxy):
+            return  # a pod that finished keeps its final status, and never runs again
+        log.info("%s: %s; deleting the proxy (a pod lives once: its controller replaces it)", ref, why)
+        await self.events.record(client, proxy, "DelegateDeleted", f"{why}: the pod ends here")
+        await self._delete_pod(ref.cluster, ref.namespace, ref.name, ref.uid)
+
+    # -- resync ------------------------------------------------------------------------
 
     async def resync(self) -> None:
         epoch = int(time.time() // self.rt.settings.resync_period_seconds)
@@ -267,18 +407,30 @@ class Feedback:
         if meta.get("deletionTimestamp"):
             self.finalizing.add((source, meta["namespace"], meta["name"]))
             return
-        target = target_of_virtual_node(proxy["spec"].get("nodeName"))
+        target = _assigned_target(proxy)
         view = self.targets.get(target or "")
-        if view is None or not self._synced(view.pods) or meta["uid"] in view.delegates:
+        if target is None or view is None or not self._synced(view.pods) or meta["uid"] in view.delegates \
+                or is_finished(proxy):
+            self.missing_since.pop(meta["uid"], None)
             return
-        conditions = proxy.get("status", {}).get("conditions") or []
-        scheduled = next((c for c in conditions if c.get("type") == "PodScheduled"), {})
-        since = scheduled.get("lastTransitionTime") or meta.get("creationTimestamp")
-        if since and (datetime.now(UTC) - datetime.fromisoformat(since.replace("Z", "+00:00"))
-                      ).total_seconds() < DELEGATE_GRACE_SECONDS:
+        first_missed = self.missing_since.setdefault(meta["uid"], time.monotonic())
+        if time.monotonic() - first_missed < DELEGATE_GRACE_SECONDS:
             return
-        log.info("proxy %s is bound to %s but has no delegate; requesting one", _ref(source, proxy), target)
-        await self._replace(_ref(source, proxy), target or "", proxy, f"replace:{meta['uid']}:{epoch}")
+        ref = _ref(source, proxy)
+        if proxy["spec"].get("nodeName"):  # it ran there: is the delegate really gone?
+            try:
+                await self.rt.clusters[target].get(pod_path(meta["namespace"], delegate_name(ref.name, ref.uid)))
+                return
+            except KubeError as exc:
+                if not exc.not_found:
+                    raise
+            await self._end_proxy(target, ref, f"its delegate in {target} is gone")
+            return
+        round_ = Placement.of(proxy).round
+        log.info("proxy %s chose %s but has no delegate there; requesting it again", ref, target)
+        request = DelegateRequest(proxy=ref, target=target, round=round_)
+        await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request,
+                                  f"delegate:{ref.uid}:{round_}:{epoch}")
 
     async def _resync_delegate(self, target: str, delegate: JSON, epoch: int) -> None:
         parent = parent_ref(delegate)
@@ -287,12 +439,20 @@ class Feedback:
         source, namespace, name, uid = parent
         informer = self.proxies.get(source)
         ref = PodRef(cluster=source, namespace=namespace, name=name, uid=uid)
+        meta = delegate["metadata"]
         proxy = self._proxy(source, namespace, name, uid)
         if proxy is not None:
-            if status_differs(proxy.get("status") or {}, mirrored_status(delegate.get("status") or {})):
+            if _assigned_target(proxy) != target:
+                if not meta.get("deletionTimestamp"):
+                    await self._remove_stray(target, ref, meta["name"], meta["uid"])
+                return
+            status, node, refusal = _delegate_signal(delegate)
+            bound = bool(proxy["spec"].get("nodeName"))
+            if (bound and status_differs(proxy.get("status") or {}, status)) or \
+                    (not bound and (node is not None or refusal is not None)):
                 await self._publish_status(target, ref, delegate, epoch)
             return
-        if informer is None or not self._synced(informer) or delegate["metadata"].get("deletionTimestamp"):
+        if informer is None or not self._synced(informer) or meta.get("deletionTimestamp"):
             return
         # The cache says the proxy is gone: ask the API server before deleting anything.
         try:
@@ -300,15 +460,8 @@ class Feedback:
                 return
         except KubeError:
             return
-        meta = delegate["metadata"]
         log.info("delegate %s/%s in %s has no proxy any more; deleting it", meta["namespace"], meta["name"], target)
-        try:
-            await self.rt.clusters[target].delete(pod_path(meta["namespace"], meta["name"]),
-                                                  {"apiVersion": "v1", "kind": "DeleteOptions",
-                                                   "preconditions": {"uid": meta["uid"]}})
-        except KubeError as exc:
-            if not (exc.not_found or exc.conflict):
-                raise
+        await self._delete_pod(target, meta["namespace"], meta["name"], meta["uid"])
 
     # -- virtual nodes -----------------------------------------------------------
 

@@ -3,8 +3,10 @@
 * Serves the mutating admission webhook that turns elected pods into proxy
   pods at creation (and registers it in every source cluster).
 * Watches the proxy pods not yet bound to a virtual node in every source and
-  publishes an ``elect`` message for each; a periodic resync publishes them
-  again, so even an emptied stream heals.
+  publishes an ``elect`` message for each that has no cluster chosen: when it
+  is new, and again each time a target's scheduler refused it (a new round of
+  its placement); a periodic resync publishes them again, so even an emptied
+  stream heals.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from opentelemetry import context as otel_context
 from mcsched import pki
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, webhook_configuration
 from mcsched.bus import PUBLISHERS
-from mcsched.constants import PROXY_SCHEDULER_NAME
+from mcsched.choice import Placement
+from mcsched.constants import PLACEMENT_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
 from mcsched.podspec import source_manifest
@@ -107,47 +110,60 @@ class ElectPublisher:
         self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue("publish elect", self._publish_key, workers=PUBLISHERS)
         self.queue.start()
         rt.closers.append(self.queue.stop)
-        self.published: dict[str, float] = {}  # proxy uid -> when its elect message was last published
+        # proxy uid -> (placement round, when) of its last elect message
+        self.published: dict[str, tuple[int, float]] = {}
 
     @staticmethod
     def pending(pod: JSON) -> bool:
-        return not pod["spec"].get("nodeName") and not pod["metadata"].get("deletionTimestamp")
+        """Unbound, alive, and no cluster chosen (or the chosen one refused it)."""
+        return not pod["spec"].get("nodeName") and not pod["metadata"].get("deletionTimestamp") and \
+            Placement.of(pod).target is None
+
+    def _due(self, pod: JSON) -> bool:
+        """Pending, and not yet published for its current placement round."""
+        if not self.pending(pod):
+            return False
+        published = self.published.get(pod["metadata"]["uid"])
+        return published is None or published[0] != Placement.of(pod).round
 
     @staticmethod
-    def message(source: str, pod: JSON, reason: Literal["created", "resync"]) -> ElectMessage:
+    def message(source: str, pod: JSON, reason: Literal["created", "resync", "rejected"]) -> ElectMessage:
         meta = pod["metadata"]
         ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
         try:
             manifest: JSON | None = source_manifest(pod)
         except ValueError:  # not made by our webhook: the proxy-scheduler reads it and says what is wrong
             manifest = None
-        return ElectMessage(proxy=ref, reason=reason, manifest=manifest, created=meta.get("creationTimestamp"))
+        return ElectMessage(proxy=ref, reason=reason, manifest=manifest, created=meta.get("creationTimestamp"),
+                            placement=(meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION),
+                            resource_version=meta.get("resourceVersion"))
 
-    async def publish(self, source: str, pod: JSON, msg_id: str) -> None:
-        message = self.message(source, pod, "created")
+    async def publish(self, source: str, pod: JSON) -> None:
+        round_ = Placement.of(pod).round
+        message = self.message(source, pod, "rejected" if round_ else "created")
         with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(message.proxy)}):
-            await self.rt.bus.publish(self.rt.bus.subject("elect", source), message, msg_id)
-        self.published[message.proxy.uid] = time.monotonic()
+            await self.rt.bus.publish(self.rt.bus.subject("elect", source), message,
+                                      f"elect:{message.proxy.uid}:{round_}")
+        self.published[message.proxy.uid] = (round_, time.monotonic())
 
     def on_event(self, source: str, kind: str, pod: JSON) -> None:
-        uid = pod["metadata"]["uid"]
-        if kind == "DELETED" or not self.pending(pod):
-            self.published.pop(uid, None)
-        elif uid not in self.published:  # published by workers: a burst never holds up the watch
+        if kind == "DELETED" or pod["spec"].get("nodeName"):
+            self.published.pop(pod["metadata"]["uid"], None)
+        elif self._due(pod):  # published by workers: a burst never holds up the watch
             self.queue.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
 
     async def _publish_key(self, key: tuple[str, str, str]) -> None:
         source, namespace, name = key
         pod = self.informers[source].get(f"{namespace}/{name}")
-        if pod is None or not self.pending(pod) or pod["metadata"]["uid"] in self.published:
+        if pod is None or not self._due(pod):
             return
         try:
-            await self.publish(source, pod, f"elect:{pod['metadata']['uid']}")
+            await self.publish(source, pod)
         except Exception as exc:  # NATS down: the resync publishes it later
             log.warning("could not publish elect for %s/%s: %s", source, name, exc)
 
     async def resync(self) -> None:
-        """Publish again the proxies still unbound long after their last elect message.
+        """Publish again the proxies still needing a target long after their last elect message.
 
         Their message is normally still queued (a backlog is not a loss), so only
         those published three periods ago or never (NATS was down) are sent again.
@@ -158,14 +174,15 @@ class ElectPublisher:
         batch = []
         for source, informer in self.informers.items():
             for pod in informer.items():
-                if self.pending(pod) and now - self.published.get(pod["metadata"]["uid"], -1e9) > 3 * period:
+                if self.pending(pod) and now - self.published.get(pod["metadata"]["uid"], (0, -1e9))[1] > 3 * period:
                     batch.append((self.rt.bus.subject("elect", source), self.message(source, pod, "resync"),
-                                  f"elect:{pod['metadata']['uid']}:{epoch}"))
+                                  f"elect:{pod['metadata']['uid']}:{Placement.of(pod).round}:{epoch}"))
         if batch:
             log.info("resync: %d proxy pods still need a target", len(batch))
             await self.rt.bus.publish_many(batch)
             for _, message, _ in batch:
-                self.published[message.proxy.uid] = now
+                pod = self.informers[message.proxy.cluster].get(f"{message.proxy.namespace}/{message.proxy.name}")
+                self.published[message.proxy.uid] = (Placement.of(pod).round if pod else 0, now)
 
 
 async def compose(rt: Runtime) -> None:

@@ -20,6 +20,7 @@ from mcsched.podspec import (
     delegate_manifest,
     delegate_name,
     election,
+    is_finished,
     is_proxy,
     mirrored_status,
     newer_resource_version,
@@ -27,6 +28,7 @@ from mcsched.podspec import (
     proxy_patch,
     source_manifest,
     status_differs,
+    unschedulable_reason,
 )
 
 
@@ -97,13 +99,13 @@ def test_delegate_manifest_from_original() -> None:
     original = source_manifest(apply_patch(pod, proxy_patch(pod)))
     owner = {"metadata": {"name": "default", "uid": "ns-uid"}}
     delegate = delegate_manifest(original, source="c1", namespace="default", proxy_name="nginx-abc",
-                                 proxy_uid="u1", node="c2-worker-0", owner=owner)
+                                 proxy_uid="u1", owner=owner)
     spec, meta = delegate["spec"], delegate["metadata"]
     assert meta["name"] == delegate_name("nginx-abc", "u1")
     assert meta["labels"]["app"] == "nginx" and meta["labels"][PARENT_UID_LABEL] == "u1"
     assert ELECT_ANNOTATION not in meta["annotations"]
     assert meta["ownerReferences"][0]["kind"] == "Namespace" and meta["ownerReferences"][0]["controller"]
-    assert spec["nodeName"] == "c2-worker-0"
+    assert "nodeName" not in spec, "the target's scheduler places the delegate"
     assert "priority" not in spec
     assert "volumes" not in spec or not spec["volumes"]
     assert "volumeMounts" not in spec["containers"][0]
@@ -111,10 +113,61 @@ def test_delegate_manifest_from_original() -> None:
     assert parent_ref(delegate) == ("c1", "default", "nginx-abc", "u1")
 
 
-def test_delegate_without_node_is_left_to_the_target_scheduler() -> None:
-    delegate = delegate_manifest({"metadata": {}, "spec": {"containers": []}}, source="c1", namespace="n",
-                                 proxy_name="p", proxy_uid="u", node=None)
+def test_delegate_scheduler_name_per_target() -> None:
+    delegate = delegate_manifest({"metadata": {}, "spec": {"containers": [], "nodeName": "c1-worker-0"}},
+                                 source="c1", namespace="n", proxy_name="p", proxy_uid="u",
+                                 scheduler_name="gpu-scheduler")
+    assert delegate["spec"]["schedulerName"] == "gpu-scheduler"
     assert "nodeName" not in delegate["spec"] and "ownerReferences" not in delegate["metadata"]
+
+
+def test_names_of_any_legal_length_link_proxy_and_delegate() -> None:
+    long_name = "a" * 200 + "-" + "b" * 49  # 250 characters, a legal pod name
+    delegate = delegate_manifest({"metadata": {}, "spec": {"containers": []}}, source="c1", namespace="n",
+                                 proxy_name=long_name, proxy_uid="u")
+    meta = delegate["metadata"]
+    assert len(meta["name"]) <= 253
+    assert all(len(v) <= 63 for v in meta["labels"].values())
+    assert parent_ref(delegate) == ("c1", "n", long_name, "u")
+    # A cut that would end a DNS label with "-" or "." before the suffix is trimmed.
+    cut = delegate_name("x" * 246 + ".-yyy", "u")
+    assert ".-" not in cut and "--" not in cut and len(cut) <= 253
+
+
+def test_parent_ref_of_a_delegate_without_the_name_annotation() -> None:
+    labels = {"multicluster.admiralty.io/parent-cluster": "c1", "multicluster.admiralty.io/parent-namespace": "n",
+              "multicluster.admiralty.io/parent-name": "p", PARENT_UID_LABEL: "u"}
+    assert parent_ref({"metadata": {"labels": labels}}) == ("c1", "n", "p", "u")
+    assert parent_ref({"metadata": {"labels": {PARENT_UID_LABEL: "u"}}}) is None
+
+
+def test_pod_scheduled_belongs_to_the_proxy() -> None:
+    delegate_status = {"phase": "Running", "conditions": [
+        {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]}
+    wanted = mirrored_status(delegate_status)
+    assert [c["type"] for c in wanted["conditions"]] == ["Ready"]
+    proxy_status = {"phase": "Running", "conditions": [
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": "t0"}, {"type": "Ready", "status": "True"}]}
+    assert not status_differs(proxy_status, wanted), "the proxy's own PodScheduled is no difference"
+    assert status_differs({"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}, wanted)
+
+
+def test_unschedulable_reason() -> None:
+    refused = {"spec": {}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes"}]}}
+    assert unschedulable_reason(refused) == "0/3 nodes"
+    preempting = {"spec": {}, "status": {**refused["status"], "nominatedNodeName": "n1"}}
+    assert unschedulable_reason(preempting) is None
+    assert unschedulable_reason({"spec": {"nodeName": "n1"}, "status": refused["status"]}) is None
+    assert unschedulable_reason({"spec": {}, "status": {"phase": "Pending"}}) is None
+    gated = {"spec": {}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}]}}
+    assert unschedulable_reason(gated) is None
+
+
+def test_is_finished() -> None:
+    assert is_finished({"status": {"phase": "Succeeded"}}) and is_finished({"status": {"phase": "Failed"}})
+    assert not is_finished({"status": {"phase": "Running"}}) and not is_finished({})
 
 
 def test_mirrored_status_and_difference() -> None:
