@@ -48,7 +48,8 @@ async def test_a_pods_whole_scheduling_is_one_trace_across_all_four_services(
             return None
         data = json.loads(body)["data"][0]
         names = {s["operationName"] for s in data["spans"]}
-        return data if "mirror status" in names and f"create delegate in {target}" in names else None
+        wanted = {"mirror status", "bind proxy", f"create delegate in {target}"}
+        return data if wanted <= names else None
 
     trace = await eventually(whole_trace, within=30)
     spans = {s["spanID"]: s for s in trace["spans"]}
@@ -68,9 +69,9 @@ async def test_a_pods_whole_scheduling_is_one_trace_across_all_four_services(
         ("schedule proxy", "publish elect"),
         ("ask c1", "schedule proxy"), ("ask c2", "schedule proxy"),  # every target estimates
         ("candidate c1", "ask c1"), ("candidate c2", "ask c2"),  # ... in its candidate-scheduler
-        (f"reserve {target}", "schedule proxy"), (f"candidate {target}", f"reserve {target}"),  # the best reserves
-        ("bind proxy", "schedule proxy"),
+        ("record choice", "schedule proxy"),  # the cluster chosen, on the proxy
         (f"create delegate in {target}", "schedule proxy"),
+        ("bind proxy", f"create delegate in {target}"),  # once the target's scheduler placed the delegate
         ("mirror status", f"create delegate in {target}"),
     }
     assert expected_edges <= edges, f"missing parent links: {expected_edges - edges}"
