@@ -5,18 +5,21 @@ component configs) and runs five processes recorded in the environment's
 process table: ``c1-etcd``, ``c1-kube-apiserver``, ``c1-kube-controller-manager``,
 ``c1-kube-scheduler`` and ``c1-kwok``. Its worker nodes (``c1-worker-0`` ...)
 are Node objects managed by kwok, which keeps them Ready with lease heartbeats
-and moves their pods to Running with IPs from each node's pod CIDR.
+and moves their pods to Running with IPs from each node's pod CIDR; the last
+worker also has GPUs (see :func:`gpu_workers`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,30 @@ from mcsched import pki
 from . import rbac
 from .processes import ProcessTable
 from .rbac import SERVICE_USER
-from .tools import bin_dir, kwok_stages_file
+from .tools import bin_dir, ensure_kwok_stages
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 # A worker the size of a small cloud VM: 4 cores, 16 GiB, 110 pods.
 NODE_CAPACITY = {"cpu": "4", "memory": "16Gi", "pods": "110"}
 NODE_ALLOCATABLE = {"cpu": "3900m", "memory": "15Gi", "pods": "110"}
+
+# What a GPU worker has on top: an extended resource and the label NVIDIA's GPU feature discovery sets.
+GPU_RESOURCE = "nvidia.com/gpu"
+GPUS_PER_GPU_NODE = "2"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
+
+
+def gpu_workers(workers: Sequence[str], environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The workers of a cluster that get GPUs: the last one, unless ``MCS_GPU_NODES=0``.
+
+    A GPU worker has ``nvidia.com/gpu: "2"`` in capacity and allocatable and the
+    label ``nvidia.com/gpu.present: "true"``, so every cluster of the local
+    environment can run a pod that needs a GPU, and only on one node.
+    """
+    if environ.get("MCS_GPU_NODES", "1").strip() == "0" or not workers:
+        return []
+    return [workers[-1]]
 
 
 @dataclass
@@ -206,7 +226,7 @@ class LocalCluster:
         ])
         self.processes.start(f"{s.name}-kwok", [
             str(b / "kwok"), "--kubeconfig", str(self.admin_kubeconfig),
-            "--config", str(kwok_stages_file()),
+            "--config", str(ensure_kwok_stages()),
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector", f"{KWOK_NODE_ANNOTATION}=fake",
             "--cidr", s.pod_cidr, "--node-ip", "127.0.0.1",
@@ -257,28 +277,38 @@ class LocalCluster:
             raise RuntimeError(f"{self.spec.name}: kubectl {' '.join(args)}: {proc.stderr.strip()}")
         return proc.stdout
 
-    def node_manifest(self, name: str, capacity: dict[str, str] | None = None) -> dict[str, Any]:
+    def node_manifest(self, name: str, capacity: dict[str, str] | None = None, *,
+                      gpu: bool = False) -> dict[str, Any]:
+        """A kwok worker (default size: NODE_CAPACITY); ``gpu``: with GPUs, as :func:`gpu_workers` says."""
         index = int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else 250
         pod_cidr = f"10.{16 + self.spec.index}.{index}.0/24"  # kwok hands out pod IPs from it
+        node_capacity = dict(capacity or NODE_CAPACITY)
+        allocatable = dict(capacity or NODE_ALLOCATABLE)
+        labels = {
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64", "type": "kwok",
+            "node.kubernetes.io/instance-type": "kwok-4c16g",
+            "topology.kubernetes.io/region": self.spec.name,
+        }
+        if gpu:
+            node_capacity[GPU_RESOURCE] = allocatable[GPU_RESOURCE] = GPUS_PER_GPU_NODE
+            labels[GPU_PRESENT_LABEL] = "true"
         return {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {
                 "name": name,
                 "annotations": {KWOK_NODE_ANNOTATION: "fake"},
-                "labels": {
-                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64", "type": "kwok",
-                    "node.kubernetes.io/instance-type": "kwok-4c16g",
-                    "topology.kubernetes.io/region": self.spec.name,
-                },
+                "labels": labels,
             },
             "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-            "status": {"capacity": capacity or NODE_CAPACITY, "allocatable": capacity or NODE_ALLOCATABLE},
+            "status": {"capacity": node_capacity, "allocatable": allocatable},
         }
 
-    def add_nodes(self, names: list[str], capacity: dict[str, str] | None = None) -> None:
-        """Add kwok worker nodes (default size: NODE_CAPACITY)."""
-        manifests = {"apiVersion": "v1", "kind": "List", "items": [self.node_manifest(n, capacity) for n in names]}
+    def add_nodes(self, names: list[str], capacity: dict[str, str] | None = None,
+                  gpu_nodes: Collection[str] = ()) -> None:
+        """Add kwok worker nodes (default size: NODE_CAPACITY), those in ``gpu_nodes`` with GPUs."""
+        manifests = {"apiVersion": "v1", "kind": "List",
+                     "items": [self.node_manifest(n, capacity, gpu=n in gpu_nodes) for n in names]}
         self.kubectl("apply", "-f", "-", input_text=json.dumps(manifests))
 
     def wait_nodes_ready(self, names: list[str], timeout: float = 90.0) -> None:

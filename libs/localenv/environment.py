@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cluster import ClusterPorts, ClusterSpec, LocalCluster
+from .cluster import ClusterPorts, ClusterSpec, LocalCluster, gpu_workers
 from .processes import ProcessTable
 from .tools import bin_dir, nats_server_binary
 
@@ -161,7 +161,8 @@ class LocalEnvironment:
                 cluster.start()
             for cluster in local:
                 cluster.grant_services_rbac(source=cluster is local[0])
-                cluster.add_nodes(cluster.spec.node_names())
+                workers = cluster.spec.node_names()
+                cluster.add_nodes(workers, gpu_nodes=gpu_workers(workers))
             for cluster in local:
                 cluster.wait_nodes_ready(cluster.spec.node_names())
                 log(f"  {cluster.spec.name}: {nodes} kwok nodes Ready")
@@ -179,7 +180,8 @@ class LocalEnvironment:
             clusters={c.spec.name: {
                 "server": c.spec.server, "context": c.spec.name,
                 "admin_kubeconfig": str(c.admin_kubeconfig), "ca_file": str(c.ca_file),
-                "nodes": c.spec.node_names(), "pod_cidr": c.spec.pod_cidr,
+                "nodes": c.spec.node_names(), "gpu_nodes": gpu_workers(c.spec.node_names()),
+                "pod_cidr": c.spec.pod_cidr,
             } for c in local},
             nats_url=nats["url"], nats_monitor_url=nats["monitor"],
             jaeger_query_url=jaeger["query"],

@@ -18,6 +18,7 @@ Only missing binaries are built; re-running is cheap. Run with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -199,11 +200,6 @@ def _prepare_module(tool: GoTool, workdir: Path) -> None:
     _go(["mod", "tidy"], workdir, f"{tool.name}: tidying")
 
 
-def kwok_stages_file() -> Path:
-    """kwok's stage definitions (node heartbeat with lease, fast pod lifecycle)."""
-    return tools_dir() / f"kwok-stages-{KWOK_VERSION}.yaml"
-
-
 # The stages kwokctl itself installs by default, read from the kwok module.
 _KWOK_STAGE_FILES = [
     "kustomize/stage/node/fast/node-initialize.yaml",
@@ -212,6 +208,25 @@ _KWOK_STAGE_FILES = [
     "kustomize/stage/pod/fast/pod-complete.yaml",
     "kustomize/stage/pod/fast/pod-delete.yaml",
 ]
+# Our own stages, appended to kwok's: delegates of Job pods complete like Job pods.
+EXTRA_KWOK_STAGES = [Path(__file__).with_name("kwok-job-delegates.yaml")]
+
+
+def _kwok_stages_digest() -> str:
+    """A short hash of what goes into the stages file besides kwok's version."""
+    digest = hashlib.sha256("\n".join(_KWOK_STAGE_FILES).encode())
+    for extra in EXTRA_KWOK_STAGES:
+        digest.update(extra.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def kwok_stages_file() -> Path:
+    """kwok's stage definitions (node heartbeat with lease, fast pod lifecycle) plus ours.
+
+    The name carries kwok's version and a hash of the stage list and of our
+    stages, so a change to either makes a new file (see :func:`ensure_kwok_stages`).
+    """
+    return tools_dir() / f"kwok-stages-{KWOK_VERSION}-{_kwok_stages_digest()}.yaml"
 
 
 def _write_kwok_stages() -> None:
@@ -221,15 +236,25 @@ def _write_kwok_stages() -> None:
     )
     source = Path(json.loads(out.stdout)["Dir"])
     docs = [(source / rel).read_text().strip() for rel in _KWOK_STAGE_FILES]
-    tmp = kwok_stages_file().with_suffix(".tmp")
+    docs += [extra.read_text().strip() for extra in EXTRA_KWOK_STAGES]
+    target = kwok_stages_file()
+    tmp = target.with_suffix(".tmp")
     tmp.write_text("\n---\n".join(docs) + "\n")
-    os.replace(tmp, kwok_stages_file())
+    os.replace(tmp, target)
+
+
+def ensure_kwok_stages(force: bool = False) -> Path:
+    """The stages file for kwok's ``--config``, written first if missing (it needs ``go``)."""
+    target = kwok_stages_file()
+    if force or not target.exists():
+        tools_dir().mkdir(parents=True, exist_ok=True)
+        _write_kwok_stages()
+    return target
 
 
 def build(tool: GoTool, force: bool = False) -> None:
-    if tool.name == "kwok" and (force or not kwok_stages_file().exists()):
-        tools_dir().mkdir(parents=True, exist_ok=True)
-        _write_kwok_stages()
+    if tool.name == "kwok":
+        ensure_kwok_stages(force)
     missing = tool.binaries if force else tool.missing()
     if not missing:
         print(f"  {tool.name} {tool.version}: cached", flush=True)

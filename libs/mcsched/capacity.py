@@ -1,9 +1,11 @@
 """What a target cluster has and uses, from its node and pod caches.
 
 ``TargetView`` follows a target's informers and keeps, incrementally, the
-resources requested on each node by the pods bound there and the set of
-proxies that already have a delegate in the target. Virtual nodes (a target
-can also be a source) are never candidates for delegates.
+resources requested on each node by the pods bound there, the resources
+requested by the pods not bound yet (``pending``), and the set of proxies
+that already have a delegate in the target. Every resource counts, extended
+ones (``nvidia.com/gpu``) included. Virtual nodes (a target can also be a
+source) are never candidates for delegates.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .constants import VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
+from .constants import PROXY_SCHEDULER_NAME, VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
 from .kube import JSON, Informer
 from .placement import Resources, node_allocatable, pod_requests
 from .podspec import parent_ref
@@ -29,8 +31,11 @@ class TargetView:
         self.name = name
         self.nodes = nodes
         self.pods = pods
-        self.usage: dict[str, Resources] = {}
-        self._pod_usage: dict[str, tuple[str, Resources]] = {}  # pod uid -> (node, requests)
+        self.usage: dict[str, Resources] = {}  # node -> requests of the live pods bound to it
+        # Requests of the live pods not bound to a node yet (delegates the target's own
+        # scheduler has still to place); ``pending.pods`` is how many there are.
+        self.pending = Resources()
+        self._pod_usage: dict[str, tuple[str, Resources]] = {}  # pod uid -> (node or "" if unbound, requests)
         self.delegates: dict[str, JSON] = {}  # proxy uid -> delegate pod
         pods.add_handler(self._on_pod)
 
@@ -46,13 +51,21 @@ class TargetView:
         previous = self._pod_usage.pop(uid, None)
         if previous is not None:
             node, requests = previous
-            self.usage[node] = self.usage.get(node, Resources()) - requests
-        node_name = pod["spec"].get("nodeName")
-        counts = kind != "DELETED" and node_name and pod.get("status", {}).get("phase") not in _TERMINAL
-        if counts:
+            if node:
+                self.usage[node] = self.usage.get(node, Resources()) - requests
+            else:
+                self.pending = self.pending - requests
+        spec = pod.get("spec") or {}
+        node_name: str = spec.get("nodeName") or ""
+        live = kind != "DELETED" and (pod.get("status") or {}).get("phase") not in _TERMINAL
+        # An unbound proxy (the target is also a source) waits for a target, not for this cluster's nodes.
+        if live and (node_name or spec.get("schedulerName") != PROXY_SCHEDULER_NAME):
             requests = pod_requests(pod)
             self._pod_usage[uid] = (node_name, requests)
-            self.usage[node_name] = self.usage.get(node_name, Resources()) + requests
+            if node_name:
+                self.usage[node_name] = self.usage.get(node_name, Resources()) + requests
+            else:
+                self.pending = self.pending + requests
         parent = parent_ref(pod)
         if parent is not None:
             if kind == "DELETED":
@@ -63,7 +76,7 @@ class TargetView:
                 self.delegates[parent[3]] = pod
 
     def totals(self) -> tuple[Resources, Resources]:
-        """(allocatable, used) summed over the target's real, schedulable nodes."""
+        """(allocatable, used) summed over the target's real, schedulable nodes, every resource included."""
         allocatable, used = Resources(), Resources()
         for node in self.real_nodes():
             if node.get("spec", {}).get("unschedulable"):

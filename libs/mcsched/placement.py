@@ -3,7 +3,9 @@
 Pure functions over pods and nodes as the API server returns them (plain dicts,
 camelCase). This module decides whether a pod fits on a node, which node of a
 cluster it would land on (kube-scheduler's "least allocated" rule), and how to
-rank target clusters by the capacity they would have left. No I/O.
+rank target clusters by the capacity they would have left. Every resource
+kube-scheduler counts is counted: cpu, memory, pods, ephemeral storage, huge
+pages and extended resources such as ``nvidia.com/gpu``. No I/O.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Context, Decimal, InvalidOperation, localcontext
-from typing import Any
+from typing import Any, TypeAlias
 
 __all__ = [
+    "Extended",
     "NodeChoice",
     "Resources",
     "choose_node",
+    "counts_as_extended",
     "cpu_milli",
     "matches_node_selector",
     "memory_bytes",
@@ -130,73 +134,187 @@ def memory_bytes(value: str | int | float | Decimal) -> int:
 # Resources
 # ---------------------------------------------------------------------------
 
+# Resources beyond cpu, memory and pods as ``((name, amount), ...)``: sorted by name, no zero amounts.
+Extended: TypeAlias = tuple[tuple[str, int], ...]
 
-@dataclass(frozen=True)
+
+def counts_as_extended(name: str) -> bool:
+    """Whether a resource name is accounted for beyond cpu, memory and pods, as kube-scheduler does.
+
+    That is ``ephemeral-storage``, ``hugepages-<size>``, and every ``domain/name``
+    resource: extended resources (``nvidia.com/gpu``) and prefixed native ones
+    (``kubernetes.io/...``). Other names without a slash (``storage``, typos)
+    mean nothing to kube-scheduler and are ignored here too.
+    """
+    if "/" in name:
+        return not name.startswith("requests.")  # a quota name, never a pod's or a node's resource
+    return name == "ephemeral-storage" or name.startswith("hugepages-")
+
+
+def _normalised(entries: Iterable[tuple[str, int]]) -> Extended:
+    return tuple(sorted((name, amount) for name, amount in entries if amount))
+
+
+def _combined(a: Extended, b: Extended, sign: int) -> Extended:
+    """``a + sign * b``, entry by entry (a missing entry counts as 0)."""
+    if not b:
+        return a
+    if not a:
+        return b if sign > 0 else tuple((name, -amount) for name, amount in b)
+    merged = dict(a)
+    for name, amount in b:
+        merged[name] = merged.get(name, 0) + sign * amount
+    return _normalised(merged.items())
+
+
+@dataclass(frozen=True, slots=True)
 class Resources:
-    """The resources the scheduler accounts for: CPU (millicores), memory (bytes) and pod slots."""
+    """The resources the scheduler accounts for.
+
+    ``cpu_milli`` (millicores), ``memory_bytes`` and ``pods`` (pod slots), plus
+    ``extended``: every other resource kube-scheduler counts (see
+    :func:`counts_as_extended`), as whole units (bytes for ``ephemeral-storage``
+    and ``hugepages-*``), sorted by name, zero amounts left out, so equal
+    resources compare equal. It is empty in the common case, which keeps the
+    arithmetic as cheap as for three integers.
+    """
 
     cpu_milli: int = 0
     memory_bytes: int = 0
     pods: int = 0
+    extended: Extended = ()
+
+    def __post_init__(self) -> None:
+        if self.extended:
+            object.__setattr__(self, "extended", _normalised(self.extended))
 
     def __add__(self, other: Resources) -> Resources:
-        return Resources(
-            self.cpu_milli + other.cpu_milli, self.memory_bytes + other.memory_bytes, self.pods + other.pods
+        return _make(
+            self.cpu_milli + other.cpu_milli, self.memory_bytes + other.memory_bytes, self.pods + other.pods,
+            _combined(self.extended, other.extended, 1),
         )
 
     def __sub__(self, other: Resources) -> Resources:
-        return Resources(
-            self.cpu_milli - other.cpu_milli, self.memory_bytes - other.memory_bytes, self.pods - other.pods
+        return _make(
+            self.cpu_milli - other.cpu_milli, self.memory_bytes - other.memory_bytes, self.pods - other.pods,
+            _combined(self.extended, other.extended, -1),
         )
 
+    def get(self, name: str) -> int:
+        """One resource by its Kubernetes name ("cpu" in millicores, "nvidia.com/gpu", ...); 0 when absent."""
+        if name == "cpu":
+            return self.cpu_milli
+        if name == "memory":
+            return self.memory_bytes
+        if name == "pods":
+            return self.pods
+        for key, amount in self.extended:
+            if key == name:
+                return amount
+        return 0
+
     def fits_in(self, other: Resources) -> bool:
-        """True if every component of ``self`` is at most the same component of ``other``."""
+        """True if every component of ``self`` is at most the same component of ``other`` (absent = 0)."""
         return (
             self.cpu_milli <= other.cpu_milli
             and self.memory_bytes <= other.memory_bytes
             and self.pods <= other.pods
+            and all(amount <= 0 for _, amount in _combined(self.extended, other.extended, -1))
         )
 
     def max(self, other: Resources) -> Resources:
-        """Component-wise maximum."""
-        return Resources(
+        """Component-wise maximum (an absent extended resource counts as 0)."""
+        extended: Extended = ()
+        if self.extended or other.extended:
+            mine, theirs = dict(self.extended), dict(other.extended)
+            extended = _normalised((name, max(mine.get(name, 0), theirs.get(name, 0)))
+                                   for name in mine.keys() | theirs.keys())
+        return _make(
             max(self.cpu_milli, other.cpu_milli),
             max(self.memory_bytes, other.memory_bytes),
             max(self.pods, other.pods),
+            extended,
         )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, str | int | float] | None) -> Resources:
-        """Read the "cpu", "memory" and "pods" quantities of a resource list (missing keys count as 0)."""
+        """Read a Kubernetes resource list ("cpu", "memory", "pods" and every extended resource).
+
+        Missing keys count as 0; names kube-scheduler ignores are ignored. An
+        extended quantity is rounded up to a whole number ("1Gi" of
+        ``hugepages-2Mi`` is 1073741824).
+        """
         if not d:
             return cls()
-        return cls(
-            cpu_milli=cpu_milli(d["cpu"]) if "cpu" in d else 0,
-            memory_bytes=memory_bytes(d["memory"]) if "memory" in d else 0,
-            pods=memory_bytes(d["pods"]) if "pods" in d else 0,
-        )
+        return _resource_list(d, count_pods=True)
 
     def to_dict(self) -> dict[str, str]:
-        """As a Kubernetes resource list: {"cpu": "3900m", "memory": "16106127360", "pods": "110"}."""
-        return {"cpu": f"{self.cpu_milli}m", "memory": str(self.memory_bytes), "pods": str(self.pods)}
+        """As a Kubernetes resource list of quantity strings.
+
+        ``{"cpu": "3900m", "memory": "16106127360", "pods": "110", "nvidia.com/gpu": "2"}``:
+        cpu in millicores, everything else as a whole number.
+        """
+        result = {"cpu": f"{self.cpu_milli}m", "memory": str(self.memory_bytes), "pods": str(self.pods)}
+        for name, amount in self.extended:
+            result[name] = str(amount)
+        return result
+
+
+_NOTHING = Resources()
+_new_object = object.__new__
+_set = object.__setattr__
+
+
+def _make(cpu: int, memory: int, pods: int, extended: Extended) -> Resources:
+    """``Resources(cpu, memory, pods, extended)`` for an ``extended`` known to be normalised already."""
+    resources: Resources = _new_object(Resources)
+    _set(resources, "cpu_milli", cpu)
+    _set(resources, "memory_bytes", memory)
+    _set(resources, "pods", pods)
+    _set(resources, "extended", extended)
+    return resources
+
+
+def _resource_list(d: Mapping[str, Any], *, count_pods: bool) -> Resources:
+    cpu = memory = pods = 0
+    extended: list[tuple[str, int]] = []
+    for name, value in d.items():
+        if name == "cpu":
+            cpu = cpu_milli(value)
+        elif name == "memory":
+            memory = memory_bytes(value)
+        elif name == "pods":
+            if count_pods:
+                pods = memory_bytes(value)
+        elif counts_as_extended(name):
+            extended.append((name, memory_bytes(value)))
+    return _make(cpu, memory, pods, _normalised(extended) if extended else ())
 
 
 def _container_requests(container: Mapping[str, Any]) -> Resources:
-    """A container's cpu/memory requests, a request defaulting to the limit when only the limit is set."""
+    """A container's requests, each resource's request defaulting to its limit when only the limit is set.
+
+    That is what the API server's defaulting does (and what extended resources,
+    which cannot be over-committed, rely on: they are usually given as limits only).
+    """
     resources: Mapping[str, Any] = container.get("resources") or {}
     requests: Mapping[str, Any] = resources.get("requests") or {}
     limits: Mapping[str, Any] = resources.get("limits") or {}
-    effective = {key: requests[key] if key in requests else limits[key]
-                 for key in ("cpu", "memory") if key in requests or key in limits}
-    return Resources.from_dict(effective)
+    if not limits:
+        return _resource_list(requests, count_pods=False) if requests else Resources()
+    effective = dict(limits)
+    effective.update(requests)
+    return _resource_list(effective, count_pods=False)
 
 
 def pod_requests(pod: Mapping[str, Any]) -> Resources:
     """The pod's effective requests, computed as kube-scheduler does; ``pods`` is always 1.
 
-    Regular containers and sidecars (init containers with ``restartPolicy: Always``)
+    Every resource counts the same way (cpu, memory and each extended one):
+    regular containers and sidecars (init containers with ``restartPolicy: Always``)
     add up; each other init container runs alone next to the sidecars started before
     it, and the pod needs the maximum of all of these; ``spec.overhead`` comes on top.
+    A container's limit stands for its request when only the limit is set.
     """
     spec: Mapping[str, Any] = pod.get("spec") or {}
     total = Resources()
@@ -213,8 +331,10 @@ def pod_requests(pod: Mapping[str, Any]) -> Resources:
         else:
             init_peak = init_peak.max(requests + sidecars)
     total = total.max(init_peak)
-    total += Resources.from_dict(spec.get("overhead"))
-    return Resources(total.cpu_milli, total.memory_bytes, 1)
+    overhead: Mapping[str, Any] | None = spec.get("overhead")
+    if overhead:
+        total += _resource_list(overhead, count_pods=False)
+    return _make(total.cpu_milli, total.memory_bytes, 1, total.extended)
 
 
 def node_allocatable(node: Mapping[str, Any]) -> Resources:
@@ -351,10 +471,14 @@ def _is_ready(node: Mapping[str, Any]) -> bool:
 
 
 def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Resources,
-                       request: Resources | None = None) -> list[str]:
+                       request: Resources | None = None, *, allocatable: Resources | None = None) -> list[str]:
     """Why the pod cannot go on the node, given the resources already used there; ``[]`` if it fits.
 
-    ``request`` is the pod's :func:`pod_requests`, when the caller has it already.
+    ``request`` is the pod's :func:`pod_requests` and ``allocatable`` the node's
+    :func:`node_allocatable`, when the caller has them already. Resources are
+    checked as kube-scheduler's NodeResourcesFit does: each resource the pod
+    requests (a zero request is no request) must be free on the node, and a
+    resource the node does not list at all has none free ("insufficient nvidia.com/gpu").
     """
     pod_spec: Mapping[str, Any] = pod.get("spec") or {}
     node_spec: Mapping[str, Any] = node.get("spec") or {}
@@ -373,12 +497,15 @@ def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Re
         reasons.append("node selector/affinity mismatch")
     if request is None:
         request = pod_requests(pod)
-    free = node_allocatable(node) - used
+    free = (node_allocatable(node) if allocatable is None else allocatable) - used
     # Like kube-scheduler, a zero request fits even on an over-committed node.
     if request.cpu_milli > 0 and request.cpu_milli > free.cpu_milli:
         reasons.append("insufficient cpu")
     if request.memory_bytes > 0 and request.memory_bytes > free.memory_bytes:
         reasons.append("insufficient memory")
+    for name, amount in request.extended:
+        if amount > 0 and amount > free.get(name):
+            reasons.append(f"insufficient {name}")
     if request.pods > free.pods:
         reasons.append("too many pods")
     return reasons
@@ -414,12 +541,12 @@ def choose_node(
     counts: Counter[str] = Counter()
     for node in nodes:
         name: str = (node.get("metadata") or {}).get("name") or ""
-        node_used = used.get(name, Resources())
-        reasons = node_unfit_reasons(pod, node, node_used, request)
+        node_used = used.get(name, _NOTHING)
+        allocatable = node_allocatable(node)
+        reasons = node_unfit_reasons(pod, node, node_used, request, allocatable=allocatable)
         if reasons:
             counts.update(reasons)
             continue
-        allocatable = node_allocatable(node)
         free_after = allocatable - node_used - request
         score = _least_allocated(free_after, allocatable)
         if (

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from opentelemetry import trace
 
@@ -27,13 +29,15 @@ from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Me
 from mcsched.placement import choose_node, pod_requests, target_score
 from mcsched.podspec import delegate_manifest, is_proxy, source_manifest
 from mcsched.proxystatus import mark_unscheduled
-from mcsched.runtime import Runtime, run_service
+from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since, trace_annotations, tracer
 
 log = logging.getLogger("candidate-scheduler")
 
 # How soon a delegate that must wait (a name taken in the target, a missing ServiceAccount) is tried again.
 WAIT_RETRY_SECONDS = 5.0
+# A namespace we just created gets its default ServiceAccount from the controller-manager within moments.
+NEW_NAMESPACE_SECONDS = 10.0
 
 
 class TargetScheduler:
@@ -51,6 +55,7 @@ class TargetScheduler:
         self.follower = Follower(rt, target, self.view.pods)
         self.events = EventRecorder(f"admiralty-candidate-scheduler-{target}")
         self.namespaces: dict[str, JSON] = {}
+        self.created_namespaces: dict[str, float] = {}  # name -> when we created it (monotonic)
 
     # -- estimates -----------------------------------------------------------------
 
@@ -95,6 +100,7 @@ class TargetScheduler:
             try:
                 namespace = await self.client.create("/api/v1/namespaces", {
                     "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+                self.created_namespaces[name] = time.monotonic()
             except KubeError as again:
                 if not again.conflict:
                     raise
@@ -125,6 +131,19 @@ class TargetScheduler:
             return None
         return proxy
 
+    async def _follow(self, ref: PodRef, original: JSON) -> str | None:
+        """Copy what the pod uses into the target; a reason when the delegate must wait.
+
+        In a namespace created moments ago, the default ServiceAccount is about to
+        appear: that is waited for here rather than reported to the user.
+        """
+        while True:
+            waiting = await self.follower.ensure(ref.cluster, ref.namespace, original.get("spec") or {})
+            created = self.created_namespaces.get(ref.namespace)
+            if waiting is None or created is None or time.monotonic() - created > NEW_NAMESPACE_SECONDS:
+                return waiting
+            await asyncio.sleep(0.5)
+
     async def _delegate(self, request: DelegateRequest) -> Outcome:
         ref = request.proxy
         if ref.uid in self.view.delegates:
@@ -136,7 +155,7 @@ class TargetScheduler:
             return ACK
         original = source_manifest(proxy)
         namespace = await self._namespace(ref.namespace)
-        waiting = await self.follower.ensure(ref.cluster, ref.namespace, original.get("spec") or {})
+        waiting = await self._follow(ref, original)
         if waiting is not None:
             message = f"{self.target}: the delegate waits: {waiting}"
             await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, proxy, message,
@@ -168,7 +187,8 @@ async def compose(rt: Runtime) -> None:
                              scheduler.on_candidate)
         rt.bus.consume("delegate", f"candidate-scheduler-{target}", rt.bus.subject("delegate", target),
                        DelegateRequest, scheduler.on_delegate)
-        rt.spawn(scheduler.follower.run(), f"follow into {target}")
+        rt.spawn(periodic(rt.settings.resync_period_seconds, scheduler.follower.sweep, f"unused copies in {target}"),
+                 f"follow into {target}")
 
 
 if __name__ == "__main__":

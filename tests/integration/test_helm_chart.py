@@ -334,7 +334,8 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     assert "create" not in source[("", "pods")]  # a source never creates pods; targets do
     assert source[("", "nodes/status")] == {"patch"}
     assert source[("", "nodes")] == {"get", "create", "patch"}  # only the virtual nodes
-    assert not any(resource == "secrets" for _, resource in source)
+    # ConfigMaps and Secrets are only read in a source, to copy those a delegate uses into its target.
+    assert source[("", "configmaps")] == source[("", "secrets")] == {"get", "list", "watch"}
     assert all(group == "" for group, _ in source)  # leases are granted in kube-node-lease only
 
     leases = one(docs, "Role", f"{FULLNAME}-node-leases")
@@ -344,9 +345,12 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
 
     target = rules_of(docs, "ClusterRole", f"{FULLNAME}-target")
     assert target == {
-        ("", "pods"): {"list", "watch", "create", "delete"},
+        ("", "pods"): {"get", "list", "watch", "create", "delete"},
         ("", "nodes"): {"list", "watch"},
         ("", "namespaces"): {"get", "create"},
+        ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete"},
+        ("", "secrets"): {"get", "list", "watch", "create", "update", "delete"},
+        ("", "serviceaccounts"): {"get"},
     }
 
     subject = [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]

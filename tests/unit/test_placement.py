@@ -25,6 +25,8 @@ from mcsched.placement import (
 
 GI = 1024**3
 MI = 1024**2
+# make_node's nodes offer 90Gi of ephemeral storage: counted like any extended resource.
+DISK = (("ephemeral-storage", 90 * GI),)
 
 # ---------------------------------------------------------------------------
 # Fixtures (plain dicts, as the API server returns them)
@@ -242,8 +244,9 @@ def test_resources_fits_in_checks_every_component() -> None:
 
 def test_resources_from_dict_and_to_dict() -> None:
     r = Resources.from_dict({"cpu": "3900m", "memory": "15Gi", "pods": "110", "ephemeral-storage": "1Gi"})
-    assert r == Resources(3900, 15 * GI, 110)
-    assert r.to_dict() == {"cpu": "3900m", "memory": "16106127360", "pods": "110"}
+    assert r == Resources(3900, 15 * GI, 110, (("ephemeral-storage", GI),))
+    assert r.to_dict() == {"cpu": "3900m", "memory": "16106127360", "pods": "110", "ephemeral-storage": str(GI)}
+    assert Resources(3900, 15 * GI, 110).to_dict() == {"cpu": "3900m", "memory": "16106127360", "pods": "110"}
     assert Resources.from_dict({}) == Resources()
     assert Resources.from_dict({"memory": "1Ki"}) == Resources(0, 1024, 0)
     assert Resources.from_dict(Resources(1, 2, 3).to_dict()) == Resources(1, 2, 3)
@@ -259,6 +262,80 @@ def test_resources_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(r, "cpu_milli", 5)  # noqa: B010 - assigning a frozen field on purpose
     assert r.cpu_milli == 1
+
+
+GPU = "nvidia.com/gpu"
+
+
+def gpus(count: int) -> Resources:
+    return Resources(extended=((GPU, count),))
+
+
+def test_resources_extended_from_dict_reads_every_counted_name() -> None:
+    r = Resources.from_dict({
+        "cpu": "1", "nvidia.com/gpu": "2", "example.com/foo": "1k", "hugepages-2Mi": "1Gi",
+        "ephemeral-storage": "10Gi", "kubernetes.io/batch-cpu": "3",
+        "storage": "5Gi", "attachable": "9", "requests.nvidia.com/gpu": "1",  # not resources of pods or nodes
+    })
+    assert r.cpu_milli == 1000 and r.memory_bytes == 0 and r.pods == 0
+    assert r.extended == (
+        ("ephemeral-storage", 10 * GI), ("example.com/foo", 1000), ("hugepages-2Mi", GI),
+        ("kubernetes.io/batch-cpu", 3), ("nvidia.com/gpu", 2),
+    )
+    assert r.get(GPU) == 2 and r.get("cpu") == 1000 and r.get("storage") == 0 and r.get("amd.com/gpu") == 0
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2", 2), ("2.5", 3), ("1k", 1000), ("100m", 1), ("1e2", 100),
+                                                ("0", 0)])
+def test_resources_extended_quantity_strings_round_up_to_whole_units(text: str, expected: int) -> None:
+    assert Resources.from_dict({GPU: text}).get(GPU) == expected
+
+
+def test_resources_extended_are_normalised_so_equal_means_equal() -> None:
+    assert Resources(extended=(("b.io/x", 1), ("a.io/y", 2), ("c.io/z", 0))) == Resources(
+        extended=(("a.io/y", 2), ("b.io/x", 1)))
+    assert Resources.from_dict({GPU: "0"}) == Resources()
+    assert gpus(2) - gpus(2) == Resources()
+    assert hash(gpus(1) + gpus(1)) == hash(gpus(2))
+
+
+def test_resources_extended_arithmetic() -> None:
+    a = Resources(1000, GI, 1, ((GPU, 2), ("example.com/foo", 5)))
+    b = Resources(500, 0, 0, ((GPU, 1), ("hugepages-1Gi", GI)))
+    assert (a + b).extended == (("example.com/foo", 5), ("hugepages-1Gi", GI), (GPU, 3))
+    assert (a - b).extended == (("example.com/foo", 5), ("hugepages-1Gi", -GI), (GPU, 1))
+    assert (b - a).extended == (("example.com/foo", -5), ("hugepages-1Gi", GI), (GPU, -1))
+    assert (a - b) + b == a
+    assert Resources() - gpus(1) == gpus(-1)
+    assert sum((gpus(1), gpus(1), Resources(1, 2, 3)), Resources()) == Resources(1, 2, 3, ((GPU, 2),))
+
+
+def test_resources_extended_max_is_per_name_with_absent_as_zero() -> None:
+    a = Resources(100, 0, 0, ((GPU, 2), ("example.com/foo", 1)))
+    b = Resources(0, GI, 0, ((GPU, 1), ("hugepages-2Mi", 4 * MI)))
+    assert a.max(b) == Resources(100, GI, 0, (("example.com/foo", 1), ("hugepages-2Mi", 4 * MI), (GPU, 2)))
+    assert a.max(b) == b.max(a)
+    assert gpus(-1).max(Resources()) == Resources()
+    assert Resources().max(gpus(3)) == gpus(3)
+
+
+def test_resources_extended_fits_in() -> None:
+    node = Resources(4000, 16 * GI, 110, ((GPU, 2),))
+    assert gpus(2).fits_in(node)
+    assert not gpus(3).fits_in(node)
+    assert not Resources(extended=(("amd.com/gpu", 1),)).fits_in(node)  # the node has none at all
+    assert Resources(1000, GI, 1).fits_in(node)
+    assert not Resources().fits_in(gpus(-1))  # over-committed: every component counts, absent = 0
+    assert Resources().fits_in(Resources())
+
+
+def test_resources_extended_to_dict_round_trip() -> None:
+    r = Resources(3900, 15 * GI, 110, ((GPU, 2), ("hugepages-2Mi", 512 * MI), ("ephemeral-storage", 90 * GI)))
+    assert r.to_dict() == {"cpu": "3900m", "memory": str(15 * GI), "pods": "110", "ephemeral-storage": str(90 * GI),
+                           "hugepages-2Mi": str(512 * MI), GPU: "2"}
+    assert Resources.from_dict(r.to_dict()) == r
+    assert Resources.from_dict(gpus(-1).to_dict()) == gpus(-1)
+    assert all(isinstance(v, str) for v in r.to_dict().values())
 
 
 # ---------------------------------------------------------------------------
@@ -343,6 +420,44 @@ def test_pod_requests_adds_overhead_on_top() -> None:
     assert pod_requests(pod) == Resources(3250, 2 * GI + 120 * MI, 1)
 
 
+def test_pod_requests_extended_limits_only_stand_for_requests() -> None:
+    pod = make_pod(containers=[container(limits={"cpu": "1", GPU: "1"})])
+    assert pod_requests(pod) == Resources(1000, 0, 1, ((GPU, 1),))
+
+
+def test_pod_requests_extended_request_wins_over_limit_and_containers_add_up() -> None:
+    pod = make_pod(containers=[
+        container("a", requests={GPU: "1"}, limits={GPU: "2"}),  # invalid for the API server; the request wins
+        container("b", limits={GPU: "2", "example.com/foo": "3"}),
+        container("c", requests={"hugepages-2Mi": "64Mi", "ephemeral-storage": "1Gi"}),
+    ])
+    assert pod_requests(pod).extended == (
+        ("ephemeral-storage", GI), ("example.com/foo", 3), ("hugepages-2Mi", 64 * MI), (GPU, 3))
+
+
+def test_pod_requests_extended_init_containers_are_maxed_and_sidecars_added() -> None:
+    pod = make_pod("100m", "64Mi", containers=[container("main", limits={GPU: "1"})], init_containers=[
+        container("init-gpu", limits={GPU: "4"}),  # alone: 4 GPUs
+        container("sidecar", limits={GPU: "1"}, restart_policy="Always"),
+        container("init-after", limits={GPU: "2"}),  # next to the sidecar: 3 GPUs
+    ])
+    # Regular phase: main (1) + sidecar (1) = 2; init peak: max(4, 1, 2 + 1) = 4.
+    assert pod_requests(pod).get(GPU) == 4
+    pod["spec"]["initContainers"][0]["resources"]["limits"][GPU] = "1"
+    assert pod_requests(pod).get(GPU) == 3  # the init container after the sidecar is now the peak
+
+
+def test_pod_requests_extended_init_only_resource_counts() -> None:
+    pod = make_pod(init_containers=[container("init", limits={"example.com/dongle": "1"})])
+    assert pod_requests(pod).get("example.com/dongle") == 1
+
+
+def test_pod_requests_extended_overhead_and_ignored_names() -> None:
+    pod = make_pod(None, None, containers=[container(requests={"pods": "5", "storage": "1Gi", GPU: "1"})],
+                   overhead={"cpu": "250m", "ephemeral-storage": "1Gi", "pods": "3"})
+    assert pod_requests(pod) == Resources(250, 0, 1, ((GPU, 1), ("ephemeral-storage", GI)))
+
+
 # ---------------------------------------------------------------------------
 # Node allocatable
 # ---------------------------------------------------------------------------
@@ -351,7 +466,7 @@ def test_pod_requests_adds_overhead_on_top() -> None:
 def test_node_allocatable_prefers_allocatable() -> None:
     node = make_node("n1", cpu="3900m", memory="15Gi")
     node["status"]["capacity"] = {"cpu": "4", "memory": "16Gi", "pods": "110"}
-    assert node_allocatable(node) == Resources(3900, 15 * GI, 110)
+    assert node_allocatable(node) == Resources(3900, 15 * GI, 110, DISK)
 
 
 def test_node_allocatable_falls_back_to_capacity() -> None:
@@ -362,6 +477,15 @@ def test_node_allocatable_falls_back_to_capacity() -> None:
     node["status"]["allocatable"] = {"cpu": "7"}
     assert node_allocatable(node) == Resources(7000, 32 * GI, 250)
     assert node_allocatable({"metadata": {"name": "bare"}}) == Resources()
+
+
+def test_node_allocatable_extended_from_allocatable_or_capacity() -> None:
+    node = make_node("gpu-node")
+    node["status"]["capacity"][GPU] = "4"
+    node["status"]["allocatable"][GPU] = "2"
+    node["status"]["capacity"]["hugepages-1Gi"] = "2Gi"  # only in capacity: taken from there
+    node["status"]["allocatable"]["hugepages-2Mi"] = "0"
+    assert node_allocatable(node) == Resources(4000, 16 * GI, 110, (*DISK, (GPU, 2), ("hugepages-1Gi", 2 * GI)))
 
 
 # ---------------------------------------------------------------------------
@@ -579,6 +703,48 @@ def test_all_reasons_at_once_in_order() -> None:
     ]
 
 
+def gpu_node(name: str, count: str = "2", **kwargs: Any) -> dict[str, Any]:
+    node = make_node(name, **kwargs)
+    for key in ("capacity", "allocatable"):
+        node["status"][key][GPU] = count
+    return node
+
+
+def gpu_pod(count: str = "1", **kwargs: Any) -> dict[str, Any]:
+    return make_pod(containers=[container(requests={"cpu": "100m"}, limits={"cpu": "100m", GPU: count})], **kwargs)
+
+
+def test_extended_resource_fits_and_is_insufficient_when_used() -> None:
+    node = gpu_node("g1")
+    assert node_unfit_reasons(gpu_pod("2"), node, Resources()) == []
+    assert node_unfit_reasons(gpu_pod("3"), node, Resources()) == [f"insufficient {GPU}"]
+    assert node_unfit_reasons(gpu_pod("1"), node, gpus(1)) == []
+    assert node_unfit_reasons(gpu_pod("1"), node, gpus(2)) == [f"insufficient {GPU}"]
+    assert node_unfit_reasons(make_pod(), node, gpus(2)) == []  # no GPU asked: a busy GPU does not matter
+
+
+def test_node_lacking_an_extended_resource_does_not_fit_a_pod_asking_for_it() -> None:
+    assert node_unfit_reasons(gpu_pod("1"), make_node("plain"), Resources()) == [f"insufficient {GPU}"]
+    assert node_unfit_reasons(gpu_pod("1"), gpu_node("zero", "0"), Resources()) == [f"insufficient {GPU}"]
+    # A zero request is no request, as in kube-scheduler.
+    assert node_unfit_reasons(gpu_pod("0"), make_node("plain"), Resources()) == []
+
+
+def test_extended_reasons_come_after_memory_sorted_by_name_and_before_pods() -> None:
+    pod = make_pod(containers=[container(requests={"cpu": "8", "memory": "1Ti", "hugepages-2Mi": "2Mi",
+                                                   "ephemeral-storage": "1Ti"}, limits={GPU: "1"})])
+    node = make_node("n1", pods="1")
+    assert node_unfit_reasons(pod, node, Resources(0, 0, 1)) == [
+        "insufficient cpu", "insufficient memory", "insufficient ephemeral-storage",
+        "insufficient hugepages-2Mi", f"insufficient {GPU}", "too many pods",
+    ]
+
+
+def test_node_unfit_reasons_uses_given_allocatable() -> None:
+    node = make_node("n1")
+    assert node_unfit_reasons(gpu_pod(), node, Resources(), allocatable=node_allocatable(node) + gpus(1)) == []
+
+
 # ---------------------------------------------------------------------------
 # choose_node
 # ---------------------------------------------------------------------------
@@ -593,7 +759,7 @@ def test_choose_node_picks_least_allocated() -> None:
     }
     choice = choose_node(make_pod("1", "4Gi"), nodes, used)
     assert choice.node == "n2"
-    assert choice.free_after == Resources(2000, 8 * GI, 107)
+    assert choice.free_after == Resources(2000, 8 * GI, 107, DISK)
     assert choice.score == pytest.approx((2000 / 4000 + 8 / 16) / 2 * 100)
     assert choice.reason == ""
     # n3 scores (1000/4000 + 10/16) / 2 * 100 = 43.75 < 50 for n2.
@@ -608,7 +774,7 @@ def test_choose_node_accounts_for_allocatable_size() -> None:
 
 def test_choose_node_empty_node_with_zero_request_scores_100() -> None:
     choice = choose_node(make_pod(None, None), [make_node("n1")], {})
-    assert choice == NodeChoice(node="n1", free_after=Resources(4000, 16 * GI, 109), score=100.0, reason="")
+    assert choice == NodeChoice(node="n1", free_after=Resources(4000, 16 * GI, 109, DISK), score=100.0, reason="")
 
 
 def test_choose_node_tie_breaks_on_smallest_name_regardless_of_order() -> None:
@@ -625,14 +791,14 @@ def test_choose_node_skips_unfit_nodes() -> None:
     ]
     choice = choose_node(make_pod(), nodes, {})
     assert choice.node == "c-ok"
-    assert choice.free_after == Resources(900, GI - 128 * MI, 109)
+    assert choice.free_after == Resources(900, GI - 128 * MI, 109, DISK)
 
 
 def test_choose_node_used_defaults_to_empty() -> None:
     nodes = [make_node("n1", cpu="2"), make_node("n2", cpu="2")]
     choice = choose_node(make_pod("1", "1Gi"), nodes, {"n1": Resources(500, 0, 1)})
     assert choice.node == "n2"
-    assert choice.free_after == Resources(1000, 15 * GI, 109)
+    assert choice.free_after == Resources(1000, 15 * GI, 109, DISK)
 
 
 def test_choose_node_summary_when_nothing_fits() -> None:
@@ -668,6 +834,22 @@ def test_choose_node_without_nodes() -> None:
     assert choice.score == 0.0
     assert choice.free_after == Resources()
     assert choice.reason.startswith("0/0 nodes fit")
+
+
+def test_choose_node_sends_gpu_pods_to_gpu_nodes_only() -> None:
+    nodes = [make_node("a-plain"), gpu_node("b-gpu"), gpu_node("c-gpu")]
+    used = {"b-gpu": Resources(100, 0, 1, ((GPU, 1),))}
+    choice = choose_node(gpu_pod("1"), nodes, used)
+    assert choice.node == "c-gpu"  # b-gpu has one GPU left, but c-gpu has more cpu free
+    assert choice.free_after.get(GPU) == 1
+    choice = choose_node(gpu_pod("2"), nodes, used)
+    assert choice.node == "c-gpu"
+    assert choice.free_after.get(GPU) == 0
+    choice = choose_node(gpu_pod("3"), nodes, used)
+    assert choice.node is None
+    assert choice.reason == f"0/3 nodes fit: 3 insufficient {GPU}"
+    # A pod without GPUs still goes anywhere, GPU nodes included.
+    assert choose_node(make_pod(), [gpu_node("gpu")], {}).node == "gpu"
 
 
 # ---------------------------------------------------------------------------

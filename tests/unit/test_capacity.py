@@ -1,0 +1,201 @@
+"""Unit tests for mcsched.capacity.TargetView, fed by a fake informer (no cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+
+from mcsched.capacity import TargetView
+from mcsched.kube import JSON, Handler, Informer
+from mcsched.placement import Resources
+
+GI = 1024**3
+GPU = "nvidia.com/gpu"
+
+
+class FakeInformer:
+    """What TargetView uses of an Informer: a store, handlers, ``synced`` and ``healthy``."""
+
+    def __init__(self, objects: list[JSON] | None = None) -> None:
+        self.store: dict[str, JSON] = {o["metadata"]["name"]: o for o in objects or []}
+        self.handlers: list[Handler] = []
+        self.synced = asyncio.Event()
+        self.healthy = True
+
+    def add_handler(self, handler: Handler) -> None:
+        self.handlers.append(handler)
+
+    def items(self) -> list[JSON]:
+        return list(self.store.values())
+
+    def emit(self, kind: str, obj: JSON) -> None:
+        """Store the object and call the handlers, as Informer does for a watch event."""
+        key = obj["metadata"]["name"]
+        old = self.store.get(key)
+        if kind == "DELETED":
+            self.store.pop(key, None)
+        else:
+            self.store[key] = obj
+        for handler in self.handlers:
+            result = handler(kind, obj, old)
+            assert result is None  # TargetView's handler is synchronous
+
+
+def node(name: str, cpu: str = "4", *, gpus: str | None = None, unschedulable: bool = False,
+         virtual: bool = False) -> JSON:
+    allocatable = {"cpu": cpu, "memory": "16Gi", "pods": "110"}
+    if gpus is not None:
+        allocatable[GPU] = gpus
+    labels = {"type": "virtual-kubelet"} if virtual else {"type": "kwok"}
+    return {"metadata": {"name": name, "labels": labels}, "spec": {"unschedulable": unschedulable},
+            "status": {"capacity": dict(allocatable), "allocatable": allocatable}}
+
+
+def pod(name: str, *, node_name: str | None = None, cpu: str = "500m", gpus: str | None = None,
+        phase: str = "Pending", scheduler: str | None = None, parent_uid: str | None = None) -> JSON:
+    resources: dict[str, Any] = {"requests": {"cpu": cpu, "memory": "1Gi"}}
+    if gpus is not None:
+        resources["limits"] = {GPU: gpus}
+    spec: dict[str, Any] = {"containers": [{"name": "c", "image": "busybox", "resources": resources}]}
+    if node_name:
+        spec["nodeName"] = node_name
+    if scheduler:
+        spec["schedulerName"] = scheduler
+    labels: dict[str, str] = {}
+    if parent_uid:
+        labels.update({"multicluster.admiralty.io/parent-cluster": "c1",
+                       "multicluster.admiralty.io/parent-namespace": "default",
+                       "multicluster.admiralty.io/parent-name": name,
+                       "multicluster.admiralty.io/parent-uid": parent_uid})
+    return {"metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "labels": labels},
+            "spec": spec, "status": {"phase": phase}}
+
+
+def view(nodes: list[JSON]) -> tuple[TargetView, FakeInformer]:
+    pods = FakeInformer()
+    return TargetView("c2", cast(Informer, FakeInformer(nodes)), cast(Informer, pods)), pods
+
+
+def request(cpu_milli: int, gpus: int = 0, count: int = 1) -> Resources:
+    return Resources(cpu_milli, count * GI, count, ((GPU, gpus),))
+
+
+# ---------------------------------------------------------------------------
+# totals and usage
+# ---------------------------------------------------------------------------
+
+
+def test_totals_sum_extended_resources_over_real_schedulable_nodes() -> None:
+    target, _ = view([
+        node("w0"), node("w1"), node("w2", gpus="2"),
+        node("cordoned", gpus="4", unschedulable=True),
+        node("admiralty-c1", cpu="100", gpus="8", virtual=True),
+    ])
+    allocatable, used = target.totals()
+    assert allocatable == Resources(12000, 48 * GI, 330, ((GPU, 2),))
+    assert allocatable.to_dict() == {"cpu": "12000m", "memory": str(48 * GI), "pods": "330", GPU: "2"}
+    assert used == Resources()
+
+
+def test_totals_without_any_extended_resource_keep_the_plain_resource_list() -> None:
+    target, _ = view([node("w0"), node("w1")])
+    assert target.totals()[0].to_dict() == {"cpu": "8000m", "memory": str(32 * GI), "pods": "220"}
+
+
+def test_usage_counts_extended_requests_of_bound_pods() -> None:
+    target, pods = view([node("w0"), node("w2", gpus="2")])
+    pods.emit("ADDED", pod("a", node_name="w2", gpus="1", phase="Running"))
+    pods.emit("ADDED", pod("b", node_name="w2", gpus="1", phase="Running"))
+    pods.emit("ADDED", pod("c", node_name="w0", phase="Running"))
+    assert target.usage["w2"] == request(1000, gpus=2, count=2)
+    assert target.usage["w0"] == request(500)
+    assert target.totals()[1] == request(1500, gpus=2, count=3)
+    pods.emit("MODIFIED", pod("a", node_name="w2", gpus="1", phase="Succeeded"))
+    assert target.usage["w2"] == request(500, gpus=1)
+    pods.emit("DELETED", pod("b", node_name="w2", gpus="1", phase="Running"))
+    assert target.usage["w2"] == Resources()
+    assert target.pending == Resources()
+
+
+# ---------------------------------------------------------------------------
+# pending: requests of pods not bound to a node yet
+# ---------------------------------------------------------------------------
+
+
+def test_pending_counts_unbound_pods_and_moves_to_usage_on_bind() -> None:
+    target, pods = view([node("w2", gpus="2")])
+    assert target.pending == Resources()
+    pods.emit("ADDED", pod("a", gpus="1", parent_uid="p-a"))
+    pods.emit("ADDED", pod("b", cpu="1"))
+    assert target.pending == Resources(1500, 2 * GI, 2, ((GPU, 1),))
+    # A status change of a still unbound pod is not counted twice.
+    pods.emit("MODIFIED", pod("a", gpus="1", parent_uid="p-a"))
+    pods.emit("MODIFIED", pod("a", gpus="1", parent_uid="p-a"))
+    assert target.pending == Resources(1500, 2 * GI, 2, ((GPU, 1),))
+    # Bound by the target's scheduler: it leaves pending and uses room on its node.
+    pods.emit("MODIFIED", pod("a", node_name="w2", gpus="1", parent_uid="p-a"))
+    assert target.pending == request(1000)
+    assert target.usage["w2"] == request(500, gpus=1)
+    assert target.delegates["p-a"]["spec"]["nodeName"] == "w2"
+    pods.emit("MODIFIED", pod("a", node_name="w2", gpus="1", phase="Running", parent_uid="p-a"))
+    assert target.usage["w2"] == request(500, gpus=1)
+    assert target.pending == request(1000)
+
+
+def test_pending_forgets_deleted_and_terminal_pods() -> None:
+    target, pods = view([node("w0")])
+    pods.emit("ADDED", pod("a", gpus="1"))
+    pods.emit("ADDED", pod("b"))
+    pods.emit("ADDED", pod("c"))
+    pods.emit("DELETED", pod("a", gpus="1"))
+    assert target.pending == request(1000, count=2)
+    pods.emit("MODIFIED", pod("b", phase="Failed"))  # e.g. refused by an admission plugin on the node
+    assert target.pending == request(500)
+    pods.emit("DELETED", pod("b", phase="Failed"))  # gone after being terminal: nothing left to take back
+    pods.emit("DELETED", pod("c"))
+    assert target.pending == Resources()
+    pods.emit("DELETED", pod("never-seen"))  # a deletion missed while listing is harmless
+    assert target.pending == Resources()
+    assert target.usage == {}
+
+
+def test_pending_counts_a_pod_added_already_terminal_never() -> None:
+    target, pods = view([node("w0")])
+    pods.emit("ADDED", pod("done", phase="Succeeded"))
+    pods.emit("ADDED", pod("bound-done", node_name="w0", phase="Failed"))
+    assert target.pending == Resources()
+    assert target.usage == {}
+
+
+def test_unbound_proxy_is_not_pending_in_a_target_that_is_also_a_source() -> None:
+    target, pods = view([node("w0")])
+    pods.emit("ADDED", pod("proxy", scheduler="admiralty-proxy"))
+    assert target.pending == Resources()
+    # Bound to its virtual node, it counts there, as before (never on a real node's room).
+    pods.emit("MODIFIED", pod("proxy", scheduler="admiralty-proxy", node_name="admiralty-c2"))
+    assert target.usage["admiralty-c2"] == request(500)
+    assert target.totals()[1] == Resources()
+    assert target.pending == Resources()
+
+
+def test_pending_goes_back_when_a_bound_pod_is_replaced_by_an_unbound_one_with_the_same_uid() -> None:
+    # Not something the API server does (nodeName is never unset), but the book-keeping must stay exact.
+    target, pods = view([node("w0")])
+    pods.emit("ADDED", pod("a", node_name="w0"))
+    pods.emit("MODIFIED", pod("a"))
+    assert target.usage["w0"] == Resources()
+    assert target.pending == request(500)
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_ready_follows_both_informers(synced: bool) -> None:
+    target, pods = view([node("w0")])
+    nodes = cast(FakeInformer, target.nodes)
+    if synced:
+        nodes.synced.set()
+        pods.synced.set()
+    assert target.ready is synced
+    pods.healthy = False
+    assert target.ready is False
