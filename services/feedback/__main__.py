@@ -226,6 +226,8 @@ class Feedback:
         if bound != update.target:
             await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
             return ACK
+        if is_finished(proxy) and wanted.get("phase") not in ("Succeeded", "Failed"):
+            return ACK  # a finished pod's status is final (an older message handled after a newer one)
         if status_differs(proxy.get("status") or {}, wanted) and not self._just_mirrored(ref.uid, wanted, version):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
