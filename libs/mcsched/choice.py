@@ -96,7 +96,7 @@ class Placement:
 def pick_target(pod_uid: str, scores: Mapping[str, float]) -> str | None:
     """One of the fitting targets, drawn with a probability proportional to its score.
 
-    ``scores`` are each target's free fraction after the pod (0..1). The draw is
+    ``scores`` are each target's share of room left after the pod (0..100). The draw is
     derived from the pod's UID, so it is stable across redeliveries, while a
     burst of pods that all read the same estimates still spreads across targets
     in proportion to their room instead of piling onto the momentary best.
@@ -106,7 +106,7 @@ def pick_target(pod_uid: str, scores: Mapping[str, float]) -> str | None:
     if not scores:
         return None
     ordered: Sequence[tuple[str, float]] = sorted(scores.items())
-    weights = [max(score, 0.0) + 1e-3 for _, score in ordered]
+    weights = [max(score, 0.0) + 0.1 for _, score in ordered]
     digest = hashlib.sha256(pod_uid.encode()).digest()
     point = int.from_bytes(digest[:8], "big") / 2**64 * sum(weights)
     for (target, _), weight in zip(ordered, weights, strict=True):

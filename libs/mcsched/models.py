@@ -94,7 +94,7 @@ class CandidateReply(Message):
     target: str
     fits: bool
     node: str | None = None  # a node the pod would fit on, by the estimate
-    score: float = 0.0  # the target's free fraction after the pod, 0..1
+    score: float = 0.0  # the share of the target's cpu and memory left free after the pod, 0..100
     reason: str = ""
 
 

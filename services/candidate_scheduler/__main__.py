@@ -62,7 +62,7 @@ class TargetScheduler:
     def estimate(self, pod: JSON) -> CandidateReply:
         """Whether ``pod`` would fit on one of the target's nodes, from the caches; nothing is held.
 
-        The score is the fraction of the target's allocatable left after the pod,
+        The score is the share (0..100) of the target's cpu and memory left after the pod,
         counting the delegates still waiting for the target's scheduler.
         """
         if not self.view.ready:
@@ -79,7 +79,7 @@ class TargetScheduler:
     async def on_candidate(self, request: CandidateRequest) -> Message:
         with tracer.start_as_current_span(f"candidate {self.target}", attributes={"pod": str(request.proxy)}) as span:
             existing = self.view.delegates.get(request.proxy.uid)
-            reply = (CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"), score=1.0)
+            reply = (CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"), score=100.0)
                      if existing is not None else self.estimate(request.pod))
             span.set_attributes({"fits": reply.fits, "node": reply.node or "", "score": reply.score,
                                  "reason": reply.reason})

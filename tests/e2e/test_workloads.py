@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 from kubernetes_asyncio import client as k8s
 
-from mcsched.constants import PARENT_UID_LABEL
+from mcsched.constants import PARENT_UID_LABEL, PROXY_SCHEDULER_NAME
 from tests.e2e.pipeline import JSON, SOURCE, TARGETS, converged, create_when_ready, list_pods, observe
 from tests.helpers import eventually
 
@@ -201,18 +201,25 @@ async def test_a_job_finishes_exactly_its_completions_and_never_runs_again(
     await eventually(complete, within=120, interval=1.0)
 
     async def live_proxies() -> list[JSON]:
-        return [p for p in await list_pods(kube[SOURCE], namespace) if not p["metadata"].get("deletionTimestamp")]
+        pods = await list_pods(kube[SOURCE], namespace)  # c1 is a target too: leave its delegates out
+        return [p for p in pods if p["spec"].get("schedulerName") == PROXY_SCHEDULER_NAME
+                and not p["metadata"].get("deletionTimestamp")]
+
+    seen: list[tuple[str, str]] = []
 
     async def five_finished() -> bool:  # pods the Job deleted unstarted once complete may still be going
-        proxies = await live_proxies()
-        return len(proxies) == 5 and all(p["status"]["phase"] == "Succeeded" for p in proxies)
+        seen[:] = [(p["metadata"]["name"], p["status"]["phase"]) for p in await live_proxies()]
+        return len(seen) == 5 and all(phase == "Succeeded" for _, phase in seen)
 
-    await eventually(five_finished, within=30)
+    try:
+        await eventually(five_finished, within=30)
+    except AssertionError as exc:
+        raise AssertionError(f"the Job's proxies: {seen}") from exc
     delegates = {t: await list_pods(kube[t], namespace, label_selector=PARENT_UID_LABEL) for t in TARGETS}
     target, finished = next((t, d) for t, pods in delegates.items() for d in pods)
     await k8s.CoreV1Api(kube[target]).delete_namespaced_pod(finished["metadata"]["name"], namespace)
     await asyncio.sleep(8)  # longer than two resyncs of the test configuration
-    assert await five_finished(), "a finished pod keeps its final status"
+    assert await five_finished(), f"a finished pod keeps its final status: {seen}"
     parent = finished["metadata"]["labels"][PARENT_UID_LABEL]
     again = [d for t in TARGETS for d in await list_pods(kube[t], namespace, label_selector=PARENT_UID_LABEL)
              if d["metadata"]["labels"][PARENT_UID_LABEL] == parent]

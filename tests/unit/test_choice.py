@@ -46,11 +46,11 @@ def test_patch_is_guarded_by_the_resource_version() -> None:
 
 
 def test_pick_target_is_stable_per_pod_and_spreads_by_room() -> None:
-    scores = {"c1": 0.25, "c2": 0.75}
+    scores = {"c1": 25.0, "c2": 75.0}
     assert pick_target("uid-1", scores) == pick_target("uid-1", dict(reversed(scores.items())))
     picks = Counter(pick_target(f"uid-{i}", scores) for i in range(4000))
     assert 0.2 < picks["c1"] / 4000 < 0.3, picks
     assert pick_target("u", {}) is None
     assert pick_target("u", {"c1": 0.0}) == "c1", "a target with nothing to spare still fits"
-    full = Counter(pick_target(f"u{i}", {"c1": 0.0, "c2": 0.9}) for i in range(1000))
+    full = Counter(pick_target(f"u{i}", {"c1": 0.0, "c2": 90.0}) for i in range(1000))
     assert full["c1"] < 10, full
