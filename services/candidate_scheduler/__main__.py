@@ -34,8 +34,6 @@ from mcsched.telemetry import observe_since, trace_annotations, tracer
 
 log = logging.getLogger("candidate-scheduler")
 
-# How soon a delegate that must wait (a name taken in the target, a missing ServiceAccount) is tried again.
-WAIT_RETRY_SECONDS = 5.0
 # A namespace we just created gets its default ServiceAccount from the controller-manager within moments.
 NEW_NAMESPACE_SECONDS = 10.0
 
@@ -161,7 +159,9 @@ class TargetScheduler:
             await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, proxy, message,
                                    reason="DelegateWaiting", event_reason="DelegateWaiting")
             log.info("%s: %s", ref, message)
-            return retry_later(WAIT_RETRY_SECONDS, "delegate waits")
+            # Acked: feedback's resync asks again while the proxy has no delegate, so a pod that
+            # waits long never piles up copies of its request.
+            return ACK
         manifest = delegate_manifest(original, source=ref.cluster, namespace=ref.namespace, proxy_name=ref.name,
                                      proxy_uid=ref.uid, scheduler_name=self.scheduler_name, owner=namespace,
                                      extra_annotations=trace_annotations())

@@ -32,7 +32,7 @@ from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, El
 from mcsched.podspec import source_manifest
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
-from mcsched.telemetry import tracer
+from mcsched.telemetry import observe_since, tracer
 
 log = logging.getLogger("proxy-scheduler")
 
@@ -107,6 +107,7 @@ class ProxyScheduler:
                     return ACK
                 original, placement, version = proxy
                 continue
+            observe_since("cluster_chosen", message.created)
             await self._request_delegate(ref, target, chosen.round, message.created)
             log.info("%s -> %s (score %.2f, round %d)", ref, target, scores[target], chosen.round)
             return ACK

@@ -105,10 +105,8 @@ async def test_every_service_serves_metrics_and_health(
         assert status == 200
         line = next((m for m in metrics.splitlines() if m.startswith(expected[service])), None)
         assert line is not None and float(line.rsplit(" ", 1)[1]) >= 1, f"{service}: {expected[service]}"
-    status, metrics = await asyncio.to_thread(
-        _get, pipeline.processes.get(process_name("proxy_scheduler", 0)).meta["metrics_url"] + "/metrics")  # type: ignore[union-attr]
-    assert 'mcs_placement_seconds_count{stage="proxy_bound"}' in metrics
-    for service, stage in (("candidate_scheduler", "delegate_created"), ("feedback", "proxy_running")):
+    for service, stage in (("proxy_scheduler", "cluster_chosen"), ("candidate_scheduler", "delegate_created"),
+                           ("feedback", "proxy_bound"), ("feedback", "proxy_running")):
         record = pipeline.processes.get(process_name(service, 0))
         assert record is not None
         _, scraped = await asyncio.to_thread(_get, record.meta["metrics_url"] + "/metrics")
