@@ -25,8 +25,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
@@ -179,15 +178,6 @@ class Bus:
     async def notify(self, subject: str, message: Message) -> None:
         """Fire and forget over core NATS (for hints whose loss costs only a timeout)."""
         await self._client().publish(subject, message.encode(), headers=self._headers())
-
-    async def key_value(self, name: str) -> KeyValue:
-        """A JetStream key-value bucket (created if missing) named after the prefix."""
-        bucket = f"{self.prefix}_{name}".upper().replace("-", "_")
-        js = self._jetstream()
-        try:
-            return await js.key_value(bucket)
-        except (NotFoundError, BucketNotFoundError):
-            return await js.create_key_value(bucket=bucket, history=1, storage=StorageType.FILE)
 
     async def request(self, subject: str, message: Message, reply: type[R], timeout: float) -> R | None:
         """Ask one responder; None when nobody answers in time."""
