@@ -39,6 +39,13 @@ def pod_scheduled(proxy: JSON) -> JSON | None:
                 None)
 
 
+async def why_not_scheduled(kube: dict[str, k8s.ApiClient], namespace: str, name: str) -> str | None:
+    """The message of the proxy's PodScheduled=False condition, if it has one."""
+    proxy = (await list_pods(kube[SOURCE], namespace, field_selector=f"metadata.name={name}"))[0]
+    condition = pod_scheduled(proxy)
+    return str(condition["message"]) if condition and condition["status"] == "False" else None
+
+
 async def test_required_anti_affinity_puts_one_pod_per_node_and_the_rest_wait_with_reasons(
     kube: dict[str, k8s.ApiClient], namespace: str
 ) -> None:
@@ -93,12 +100,7 @@ async def test_a_gpu_pod_lands_only_on_a_node_with_gpus(kube: dict[str, k8s.ApiC
                 "spec": {"containers": [container(resources={"limits": {"nvidia.com/gpu": "3"}})]}}
     await core.create_namespaced_pod(namespace, too_many)
 
-    async def refused() -> str | None:
-        condition = pod_scheduled((await list_pods(kube[SOURCE], namespace,
-                                                         field_selector="metadata.name=gpu-greedy"))[0])
-        return condition["message"] if condition and condition["status"] == "False" else None
-
-    message = await eventually(refused, within=30)
+    message = await eventually(lambda: why_not_scheduled(kube, namespace, "gpu-greedy"), within=30)
     assert "nvidia.com/gpu" in message, message
     await core.delete_collection_namespaced_pod(namespace)
     await converged(kube, namespace, 0, within=90)
@@ -169,12 +171,7 @@ async def test_an_object_the_target_has_already_is_never_overwritten(
                     "nodeSelector": {"topology.kubernetes.io/region": "c2"}}}
     await create_when_ready(lambda: core.create_namespaced_pod(namespace, pod))
 
-    async def says_why() -> str | None:
-        condition = pod_scheduled((await list_pods(kube[SOURCE], namespace,
-                                                         field_selector="metadata.name=reader"))[0])
-        return condition["message"] if condition and condition["status"] == "False" else None
-
-    message = await eventually(says_why, within=30)
+    message = await eventually(lambda: why_not_scheduled(kube, namespace, "reader"), within=30)
     assert "settings" in message, message
     assert not await list_pods(kube["c2"], namespace, label_selector=PARENT_UID_LABEL), "the delegate must wait"
     assert (await c2.read_namespaced_config_map("settings", namespace)).data == {"k": "theirs"}
