@@ -81,6 +81,10 @@ class Placement:
         return replace(self, target=None if self.target == target else self.target,
                        rejections={**self.rejections, target: Rejection(reason, now)})
 
+    def take_back(self, target: str) -> Placement:
+        """The record once a refusal by ``target`` turned out premature (it placed the pod after all)."""
+        return replace(self, target=target, rejections={t: r for t, r in self.rejections.items() if t != target})
+
     def recent_rejections(self, now: float, memory_seconds: float) -> dict[str, str]:
         """Targets that refused the pod less than ``memory_seconds`` ago, with their reasons."""
         return {t: r.reason for t, r in self.rejections.items() if now - r.at < memory_seconds}

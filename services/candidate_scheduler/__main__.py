@@ -122,10 +122,10 @@ class TargetScheduler:
             log.warning("delegate request for %s, which is not a proxy pod made by our webhook; ignored", ref)
             return None
         placement = Placement.of(proxy)
-        node = proxy["spec"].get("nodeName")
-        if placement.target != self.target or (node and node != f"admiralty-{self.target}"):
-            log.info("delegate request for %s in %s is stale (placement: %s); ignored", ref, self.target,
-                     placement.target or "none")
+        if placement.target != self.target or proxy["spec"].get("nodeName"):
+            # A bound proxy had its delegate already: a pod lives once, so it never gets another.
+            log.info("delegate request for %s in %s is stale (placement: %s, node: %s); ignored", ref, self.target,
+                     placement.target or "none", proxy["spec"].get("nodeName") or "none")
             return None
         return proxy
 

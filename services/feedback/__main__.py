@@ -126,9 +126,10 @@ class Feedback:
         return informer.synced.is_set() and informer.healthy
 
     async def _delete_pod(self, cluster: str, namespace: str, name: str, uid: str,
-                          grace: int | None = None) -> bool:
-        """Delete exactly this incarnation of a pod; False when it was gone or replaced already."""
-        body: JSON = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+                          grace: int | None = None, resource_version: str | None = None) -> bool:
+        """Delete exactly this incarnation (and, if given, version) of a pod; False when it was gone or changed."""
+        preconditions = {"uid": uid, **({"resourceVersion": resource_version} if resource_version else {})}
+        body: JSON = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions}
         if grace is not None:
             body["gracePeriodSeconds"] = grace
         try:
@@ -185,13 +186,18 @@ class Feedback:
 
     # -- status: source side -------------------------------------------------------
 
-    def _just_mirrored(self, uid: str, wanted: JSON, version: str | None) -> bool:
-        """Whether this process wrote this status, from this delegate version or a later one, moments ago."""
+    def _written_already(self, uid: str, wanted: JSON, version: str | None) -> bool:
+        """Whether this process wrote, moments ago, this status or one from a later delegate version.
+
+        The proxy cache may not show that write yet: then neither the same status
+        again nor an older one (a late message) is written.
+        """
         written = self.mirrored.get(uid)
         if written is None or time.monotonic() - written[2] > MIRROR_MEMORY_SECONDS:
             return False
         status, written_version, _ = written
-        return status == wanted and (written_version == version or newer_resource_version(written_version, version))
+        return newer_resource_version(written_version, version) or (
+            status == wanted and written_version == version)
 
     async def on_status(self, update: StatusUpdate) -> Outcome:
         ref = update.proxy
@@ -208,27 +214,29 @@ class Feedback:
         if delegate is not None and delegate["metadata"]["uid"] == update.delegate_uid and (
                 version is None or newer_resource_version(delegate["metadata"].get("resourceVersion"), version)):
             (wanted, node, refusal), version = _delegate_signal(delegate), delegate["metadata"].get("resourceVersion")
+        if _assigned_target(proxy) != update.target:
+            # A stray, or the proxy cache has not seen the choice yet: the API server decides.
+            proxy = await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
+            if proxy is None or proxy["metadata"].get("deletionTimestamp"):
+                return ACK
         bound = target_of_virtual_node(proxy["spec"].get("nodeName"))
         if bound is None:
-            if Placement.of(proxy).target != update.target:
-                await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
-                return ACK
             if refusal is not None:
-                await self._refused(update.target, ref, proxy, refusal, update.delegate_name, update.delegate_uid)
+                await self._refused(update.target, ref, proxy, refusal, update.delegate_name, update.delegate_uid,
+                                    version)
                 return ACK
             if node is None:
                 return ACK  # the target's scheduler has not decided yet
             bound = await self._bind(ref, update.target, proxy, node)
             if bound is None:
                 return ACK
+            if bound != update.target:
+                return ACK  # bound elsewhere before: this delegate is a stray, removed by its own status
             if wanted.get("phase") == "Pending" and not wanted.get("containerStatuses"):
                 return ACK  # only just scheduled: the proxy shows Pending already; Running follows
-        if bound != update.target:
-            await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
-            return ACK
         if is_finished(proxy) and wanted.get("phase") not in ("Succeeded", "Failed"):
             return ACK  # a finished pod's status is final (an older message handled after a newer one)
-        if status_differs(proxy.get("status") or {}, wanted) and not self._just_mirrored(ref.uid, wanted, version):
+        if status_differs(proxy.get("status") or {}, wanted) and not self._written_already(ref.uid, wanted, version):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
                 # Strategic merge: conditions merge by type, so the proxy keeps its own PodScheduled.
@@ -271,11 +279,14 @@ class Feedback:
         return target
 
     async def _refused(self, target: str, ref: PodRef, proxy: JSON, reason: str,
-                       delegate: str, delegate_uid: str) -> None:
+                       delegate: str, delegate_uid: str, delegate_version: str | None) -> None:
         """The target's scheduler cannot place the delegate: record it, free the pod for another cluster.
 
         The refusal is recorded on the proxy first (with a precondition), so the
         delegate removed next is never mistaken for one deleted by someone else.
+        The delegate is removed only as it was when refused (a resourceVersion
+        precondition): if its scheduler placed it meanwhile, the refusal is taken
+        back instead, unless the pod has gone on to another cluster already.
         """
         client = self.rt.clusters[ref.cluster]
         for _ in range(3):
@@ -283,9 +294,9 @@ class Feedback:
             if placement.target != target or proxy["spec"].get("nodeName"):
                 return
             try:
-                await client.merge_patch(pod_path(ref.namespace, ref.name),
-                                         placement.reject(target, reason, time.time()).patch(
-                                             proxy["metadata"]["resourceVersion"]))
+                recorded = await client.merge_patch(pod_path(ref.namespace, ref.name),
+                                                    placement.reject(target, reason, time.time()).patch(
+                                                        proxy["metadata"]["resourceVersion"]))
                 break
             except KubeError as exc:
                 if exc.not_found:
@@ -298,19 +309,43 @@ class Feedback:
             proxy = fresh
         else:
             raise RuntimeError(f"{ref}: the proxy kept changing while recording {target}'s refusal")
-        log.info("%s: %s's scheduler refused the delegate (%s); trying another cluster", ref, target, reason)
-        self.events.record_soon(client, proxy, "DelegateUnschedulable",
-                                f"{target}'s scheduler cannot place the delegate: {reason}; trying another cluster")
+        if await self._delete_pod(target, ref.namespace, delegate, delegate_uid, resource_version=delegate_version):
+            log.info("%s: %s's scheduler refused the delegate (%s); trying another cluster", ref, target, reason)
+            self.events.record_soon(client, proxy, "DelegateUnschedulable",
+                                    f"{target}'s scheduler cannot place the delegate: {reason}; trying another cluster")
+            return
+        try:
+            current: JSON | None = await self.rt.clusters[target].get(pod_path(ref.namespace, delegate))
+        except KubeError as exc:
+            if not exc.not_found:
+                raise
+            current = None
+        if current is None or current["metadata"]["uid"] != delegate_uid:
+            return
+        if current["spec"].get("nodeName"):
+            try:
+                await client.merge_patch(pod_path(ref.namespace, ref.name), Placement.of(recorded).take_back(
+                    target).patch(recorded["metadata"]["resourceVersion"]))
+                log.info("%s: %s placed the delegate after refusing it; refusal taken back", ref, target)
+                return
+            except KubeError as exc:
+                if not (exc.conflict or exc.not_found):
+                    raise  # conflict: the pod went on to another cluster; this delegate must go
         await self._delete_pod(target, ref.namespace, delegate, delegate_uid)
 
-    async def _remove_stray(self, target: str, ref: PodRef, delegate: str, delegate_uid: str) -> None:
-        """Delete a delegate in a cluster its proxy did not choose (a stale request), after asking the source."""
+    async def _remove_stray(self, target: str, ref: PodRef, delegate: str, delegate_uid: str) -> JSON | None:
+        """Delete a delegate in a cluster its proxy did not choose (a stale request), after asking the source.
+
+        Returns the proxy as its API server has it when the delegate belongs there
+        after all (the cache had not seen the choice yet); None otherwise.
+        """
         proxy = await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
         if proxy is not None and _assigned_target(proxy) == target:
-            return
+            return proxy
         if await self._delete_pod(target, ref.namespace, delegate, delegate_uid):
             log.info("delegate %s/%s in %s does not belong there (proxy %s); deleted", ref.namespace, delegate,
                      target, "gone" if proxy is None else f"placed in {_assigned_target(proxy)}")
+        return None
 
     # -- deletion and a pod's single life ---------------------------------------------
 

@@ -54,3 +54,9 @@ def test_pick_target_is_stable_per_pod_and_spreads_by_room() -> None:
     assert pick_target("u", {"c1": 0.0}) == "c1", "a target with nothing to spare still fits"
     full = Counter(pick_target(f"u{i}", {"c1": 0.0, "c2": 90.0}) for i in range(1000))
     assert full["c1"] < 10, full
+
+
+def test_a_premature_refusal_is_taken_back() -> None:
+    chosen = Placement().reject("c1", "full", 1.0).choose("c2")
+    refused = chosen.reject("c2", "no node", 2.0)
+    assert refused.take_back("c2") == chosen

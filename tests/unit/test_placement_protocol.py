@@ -1,0 +1,720 @@
+"""The placement protocol across the four services, on in-memory clusters and NATS (``mcsched.testing``).
+
+Source c1, targets c2 and c3, each with one real node. The services run as
+their ``compose()`` wires them (watcher without its webhook), each on its own
+:class:`FakeRuntime`; proxies are made by the admission webhook's own patch.
+Nothing is delivered unless a test says so: a scenario hands messages to the
+handlers one by one, or drops, duplicates and reorders them, plays the
+targets' schedulers and kubelets (``bind_pod``, ``refuse_pod``,
+``set_pod_phase``) and lags caches, then checks the clusters.
+
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+import orjson
+import pytest
+
+from mcsched.admission import review
+from mcsched.choice import Placement
+from mcsched.constants import (
+    ELECT_ANNOTATION,
+    NAMESPACE_LABEL,
+    NAMESPACE_LABEL_VALUE,
+    PARENT_CLUSTER_LABEL,
+    PARENT_UID_LABEL,
+    PLACEMENT_ANNOTATION,
+    PROXY_FINALIZER,
+)
+from mcsched.kube import JSON, pod_path
+from mcsched.models import CandidateReply, DelegateRequest, ElectMessage, PodRef, StatusUpdate
+from mcsched.placement import cpu_milli
+from mcsched.podspec import apply_patch, delegate_manifest, delegate_name, source_manifest
+from mcsched.testing import (
+    Delivery,
+    Envelope,
+    FakeBroker,
+    FakeBus,
+    FakeCluster,
+    FakeInformer,
+    FakeRuntime,
+    fake_settings,
+    settle,
+)
+from services.candidate_scheduler.__main__ import TargetScheduler
+from services.candidate_scheduler.__main__ import compose as candidate_scheduler
+from services.feedback.__main__ import Feedback
+from services.feedback.__main__ import compose as feedback
+from services.proxy_scheduler.__main__ import ProxyScheduler
+from services.proxy_scheduler.__main__ import compose as proxy_scheduler
+from services.watcher.__main__ import compose as watcher
+
+SOURCE = "c1"
+TARGETS = ("c2", "c3")
+NS = "ns"
+T = TypeVar("T")
+
+
+def node(name: str, cpu: str = "4") -> JSON:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "type": "kwok"}},
+            "spec": {},
+            "status": {"allocatable": {"cpu": cpu, "memory": "16Gi", "pods": "110"},
+                       "capacity": {"cpu": cpu, "memory": "16Gi", "pods": "110"},
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}}
+
+
+def user_pod(name: str, cpu: str = "500m") -> JSON:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "labels": {"app": "web"},
+                         "annotations": {ELECT_ANNOTATION: ""}},
+            "spec": {"containers": [{"name": "app", "image": "busybox",
+                                     "resources": {"requests": {"cpu": cpu, "memory": "64Mi"}}}]}}
+
+
+def admitted(pod: JSON) -> JSON:
+    """The pod as the admission webhook makes it a proxy."""
+    answer = review({"request": {"uid": "r1", "kind": {"kind": "Pod"}, "operation": "CREATE", "namespace": NS,
+                                 "object": pod}})["response"]
+    assert answer["allowed"]
+    return apply_patch(pod, orjson.loads(base64.b64decode(answer["patch"])))
+
+
+def condition(pod: JSON, kind: str) -> JSON | None:
+    return next((c for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
+
+
+def ref(pod: JSON, cluster: str = SOURCE) -> PodRef:
+    meta = pod["metadata"]
+    return PodRef(cluster=cluster, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+
+
+def owner(bus: FakeBus, durable: str, cls: type[T]) -> T:
+    """The service object whose handler ``compose()`` registered on ``durable`` in this process."""
+    [consumer] = [c for c in bus.broker.consumers[durable] if c.client == bus.client_name]
+    instance = getattr(consumer.handler, "__self__", None)
+    assert isinstance(instance, cls)
+    return instance
+
+
+class World:
+    """The clusters, the broker and the services' processes of one scenario."""
+
+    def __init__(self, targets: tuple[str, ...] = TARGETS) -> None:
+        self.targets = targets
+        self.clusters = {name: FakeCluster(name) for name in (SOURCE, *targets)}
+        self.settings = fake_settings(sources=(SOURCE,), targets=targets)
+        self.broker = FakeBroker()
+        self.bus = FakeBus(self.broker, client_name="test")  # the test's own connection
+        self.runtimes: list[FakeRuntime] = []
+        self.c1.put("namespaces", {"metadata": {"name": NS, "labels": {NAMESPACE_LABEL: NAMESPACE_LABEL_VALUE}}})
+        for target in targets:
+            self.clusters[target].put("nodes", node(f"{target}-n1"))
+
+    @property
+    def c1(self) -> FakeCluster:
+        return self.clusters[SOURCE]
+
+    # -- the services --------------------------------------------------------------------------------
+
+    def runtime(self, service: str) -> FakeRuntime:
+        bus = FakeBus(self.broker, client_name=f"{service}#{len(self.runtimes)}")
+        rt = FakeRuntime(service, self.settings, bus, self.clusters)
+        self.runtimes.append(rt)
+        return rt
+
+    async def start(self) -> World:
+        await watcher(self.runtime("watcher"))
+        await self.add_proxy_scheduler()
+        rt = self.runtime("candidate-scheduler")
+        await candidate_scheduler(rt)
+        self.target_schedulers = {t: owner(rt.fake_bus, f"candidate-scheduler-{t}", TargetScheduler)
+                                  for t in self.targets}
+        self.feedback_rt, self.feedback = await self.add_feedback()
+        await self.settle()
+        return self
+
+    async def add_proxy_scheduler(self) -> tuple[FakeRuntime, ProxyScheduler]:
+        rt = self.runtime("proxy-scheduler")
+        await proxy_scheduler(rt)
+        return rt, owner(rt.fake_bus, "proxy-scheduler", ProxyScheduler)
+
+    async def add_feedback(self) -> tuple[FakeRuntime, Feedback]:
+        rt = self.runtime("feedback")
+        await feedback(rt)
+        return rt, owner(rt.fake_bus, f"feedback-{SOURCE}", Feedback)
+
+    async def close(self) -> None:
+        for rt in self.runtimes:
+            await rt.close()
+
+    async def settle(self) -> None:
+        await settle(*self.runtimes)
+
+    async def run(self, kind: str | None = None) -> list[Delivery]:
+        """Deliver every pending message (letting caches catch up before each) until only retries are left."""
+        deliveries = await self.bus.deliver_all(kind, between=self.settle)
+        await self.settle()
+        return deliveries
+
+    def problems(self) -> list[str]:
+        """Failures nobody awaited (cache handlers, spawned tasks) and handlers that raised."""
+        return [f"{rt.service}: {e!r}" for rt in self.runtimes for e in rt.errors()] + \
+            [f"{d.envelope}: {d.error!r}" for d in self.broker.deliveries if d.error is not None]
+
+    def informer(self, rt: FakeRuntime, cluster: str, resource: str = "pods") -> FakeInformer:
+        [informer] = rt.fake_informers(cluster, resource)
+        return informer
+
+    # -- pods ----------------------------------------------------------------------------------------
+
+    async def create_proxy(self, name: str = "web-0") -> JSON:
+        proxy = await self.c1.create(pod_path(NS), admitted(user_pod(name)))
+        await self.settle()
+        return proxy
+
+    def proxy(self, proxy: JSON) -> JSON:
+        current = self.c1.pod(NS, proxy["metadata"]["name"])
+        assert current is not None, "the proxy is gone"
+        return current
+
+    def delegate(self, target: str, proxy: JSON) -> JSON | None:
+        return self.clusters[target].pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]))
+
+    def delegates(self, target: str) -> list[JSON]:
+        return self.clusters[target].select("pods", label_selector=PARENT_UID_LABEL)
+
+    async def place(self, name: str = "web-0") -> tuple[JSON, str]:
+        """A new proxy, run until its delegate waits in the chosen target: (proxy, target)."""
+        proxy = await self.create_proxy(name)
+        await self.run()
+        target = Placement.of(self.proxy(proxy)).target
+        assert target is not None and self.delegate(target, proxy) is not None
+        return self.proxy(proxy), target
+
+    async def schedule(self, target: str, proxy: JSON) -> None:
+        """The target's scheduler places the delegate; the pipeline runs."""
+        self.clusters[target].bind_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                       f"{target}-n1")
+        await self.settle()
+        await self.run()
+
+    async def kubelet(self, target: str, proxy: JSON, phase: str) -> None:
+        """The target's kubelet reports ``phase``; the pipeline runs."""
+        self.clusters[target].set_pod_phase(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                            phase)
+        await self.settle()
+        await self.run()
+
+    async def refuse(self, target: str, proxy: JSON, message: str = "0/1 nodes are available: 1 node(s) didn't "
+                     "match pod anti-affinity rules.") -> None:
+        """The target's scheduler cannot place the delegate (the pipeline does not run yet)."""
+        self.clusters[target].refuse_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                         message)
+        await self.settle()
+
+    async def running(self, name: str = "web-0") -> tuple[JSON, str]:
+        """A proxy bound to its target, its delegate Running there, the status mirrored."""
+        proxy, target = await self.place(name)
+        await self.schedule(target, proxy)
+        await self.kubelet(target, proxy, "Running")
+        assert self.proxy(proxy)["status"]["phase"] == "Running"
+        return self.proxy(proxy), target
+
+    def other(self, target: str) -> str:
+        [other] = [t for t in self.targets if t != target]
+        return other
+
+    def placement_writes(self, proxy: JSON) -> list[int]:
+        """Statuses of every placement patch sent to the proxy."""
+        path = pod_path(NS, proxy["metadata"]["name"])
+        return [c.status for c in self.c1.calls if c.method == "PATCH" and c.path == path
+                and PLACEMENT_ANNOTATION in ((c.body or {}).get("metadata", {}).get("annotations") or {})]
+
+    def snapshot(self) -> dict[tuple[str, str, str, str], str]:
+        """Every object's resourceVersion in every cluster, Events aside."""
+        return {(name, *key): obj["metadata"]["resourceVersion"] for name, cluster in self.clusters.items()
+                for key, obj in cluster.objects.items() if key[0] != "events"}
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    w = await World().start()
+    try:
+        yield w
+        assert w.problems() == []
+    finally:
+        await w.close()
+
+
+def reasons(cluster: FakeCluster, pod: JSON) -> list[str]:
+    return [e["reason"] for e in cluster.events_about(pod["metadata"]["uid"])]
+
+
+# -- a new proxy -------------------------------------------------------------------------------------------
+
+
+async def test_a_new_proxy_gets_one_unbound_delegate_in_the_chosen_target_only(world: World) -> None:
+    proxy = await world.create_proxy()
+    uid = proxy["metadata"]["uid"]
+
+    [elect] = world.bus.pending("elect")
+    assert elect.msg_id == f"elect:{uid}:0" and isinstance(elect.message, ElectMessage)
+    delivery = await world.bus.deliver(elect)
+    assert delivery.acked
+    assert sorted(r.subject for r in world.broker.requests) == ["mcs.candidate.c2", "mcs.candidate.c3"]
+    assert all(isinstance(r.reply, CandidateReply) and r.reply.fits for r in world.broker.requests)
+
+    await world.settle()
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target in TARGETS and placement.round == 1 and not placement.rejections
+    target = placement.target
+    assert world.placement_writes(proxy) == [200]
+    [request] = world.bus.pending()  # nothing else: no delegate elsewhere, no status
+    assert request.subject == f"mcs.delegate.{target}" and request.msg_id == f"delegate:{uid}:1"
+    assert isinstance(request.message, DelegateRequest) and request.message.target == target
+
+    assert (await world.bus.deliver(request)).acked
+    await world.settle()
+    delegate = world.delegate(target, proxy)
+    assert delegate is not None
+    assert not delegate["spec"].get("nodeName")  # the target's own scheduler places it
+    assert delegate["spec"]["schedulerName"] == "default-scheduler"
+    assert delegate["metadata"]["labels"][PARENT_UID_LABEL] == uid
+    assert delegate["metadata"]["labels"][PARENT_CLUSTER_LABEL] == SOURCE
+    [owner_ref] = delegate["metadata"]["ownerReferences"]
+    assert owner_ref["kind"] == "Namespace" and owner_ref["controller"] is True
+    assert delegate["spec"]["containers"] == source_manifest(proxy)["spec"]["containers"]
+    assert world.delegates(world.other(target)) == []
+    assert world.clusters[world.other(target)].find("namespaces", "", NS) is None
+    assert not world.proxy(proxy)["spec"].get("nodeName")
+    assert world.bus.pending() == []  # an unscheduled delegate tells the source nothing yet
+
+
+async def test_compose_wires_every_stage_on_the_fake_runtime(world: World) -> None:
+    assert {d: len(c) for d, c in world.broker.consumers.items()} == {
+        "proxy-scheduler": 1, "candidate-scheduler-c2": 1, "candidate-scheduler-c3": 1, "feedback-c1": 1}
+    assert sorted(r.subject for r in world.broker.responders) == ["mcs.candidate.c2", "mcs.candidate.c3"]
+    assert "feedback resync" in world.feedback_rt.spawned
+
+    await world.feedback.heartbeat()  # spawned, not started: the test is the clock
+    await world.feedback.heartbeat()
+    for target in TARGETS:
+        virtual = world.c1.find("nodes", "", f"admiralty-{target}")
+        assert virtual is not None and cpu_milli(virtual["status"]["allocatable"]["cpu"]) == 4000
+        assert [c["status"] for c in virtual["status"]["conditions"]] == ["True"]
+        lease = world.c1.find("leases", "kube-node-lease", f"admiralty-{target}")
+        assert lease is not None and lease["metadata"]["ownerReferences"][0]["uid"] == virtual["metadata"]["uid"]
+
+
+# -- racing choices ------------------------------------------------------------------------------------------
+
+
+async def test_two_proxy_schedulers_racing_on_one_elect_message_make_one_choice(world: World) -> None:
+    # Each replica hears from one target only, so each would choose differently.
+    first = world.runtimes[1]
+    second, _ = await world.add_proxy_scheduler()
+    first.fake_bus.unreachable.add("mcs.candidate.c3")
+    second.fake_bus.unreachable.add("mcs.candidate.c2")
+    proxy = await world.create_proxy()
+    [elect] = world.bus.pending("elect")
+
+    deliveries = await world.bus.deliver_together((elect, 0), (elect, 1))
+
+    assert all(d.acked for d in deliveries)
+    assert sorted(world.placement_writes(proxy)) == [200, 409]  # the loser's precondition failed
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target in TARGETS and placement.round == 1
+    requests = [m for m in world.bus.messages("delegate") if isinstance(m, DelegateRequest)]
+    assert [m.target for m in requests] == [placement.target]
+    assert (f"mcs.delegate.{placement.target}", f"delegate:{proxy['metadata']['uid']}:1") in world.broker.duplicates
+    await world.run()
+    assert world.delegate(placement.target, proxy) is not None
+    assert world.delegates(world.other(placement.target)) == []
+
+
+async def test_a_redelivered_elect_message_with_a_stale_resource_version_makes_no_second_choice(world: World) -> None:
+    proxy, target = await world.place()
+    [first_elect] = [e for e in world.broker.published if e.kind == "elect"]
+    await world.refuse(target, proxy)
+    await world.run("status")  # the refusal is recorded; the watcher publishes round 1
+    [next_elect] = world.bus.pending("elect")
+    assert next_elect.msg_id == f"elect:{proxy['metadata']['uid']}:1"
+
+    stale = world.bus.duplicate(first_elect)  # round 0 again, the resourceVersion of the new proxy
+    assert (await world.bus.deliver(stale)).acked
+    assert (await world.bus.deliver(next_elect)).acked
+    await world.run()
+
+    placement = Placement.of(world.proxy(proxy))
+    other = world.other(target)
+    assert placement.target == other and placement.round == 2 and set(placement.rejections) == {target}
+    assert world.placement_writes(proxy).count(200) == 3  # choice, refusal, second choice: no third choice
+    assert [m.target for m in world.bus.messages("delegate") if isinstance(m, DelegateRequest)] == [target, other]
+    assert world.delegates(target) == []
+    assert world.delegate(other, proxy) is not None
+
+
+# -- delegate requests that must create nothing ------------------------------------------------------------------
+
+
+async def test_stale_forged_and_mismatched_delegate_requests_create_nothing(world: World) -> None:
+    proxy, target = await world.place()
+    other = world.other(target)
+    plain = await world.c1.create(pod_path(NS), {"metadata": {"name": "plain", "namespace": NS},
+                                                 "spec": {"containers": [{"name": "app", "image": "busybox"}]}})
+    chosen_but_not_yet = await world.create_proxy("web-1")  # no cluster chosen: its elect message is held back
+    for envelope in world.bus.pending("elect"):
+        world.bus.drop(envelope)
+    requests = [
+        DelegateRequest(proxy=ref(proxy), target=other, round=1),  # stale: the proxy names another target
+        DelegateRequest(proxy=ref(plain), target=target, round=1),  # forged: not a proxy
+        DelegateRequest(proxy=ref(proxy).model_copy(update={"uid": "another-incarnation"}), target=target, round=1),
+        DelegateRequest(proxy=ref(proxy).model_copy(update={"cluster": "c9"}), target=target, round=1),
+        DelegateRequest(proxy=ref(chosen_but_not_yet), target=target, round=1),
+    ]
+    before = {t: len(world.clusters[t].writes()) for t in TARGETS}
+    for number, request in enumerate(requests):
+        await world.bus.publish(f"mcs.delegate.{request.target}", request, f"forged:{number}")
+    deliveries = await world.run()
+
+    assert len(deliveries) == len(requests) and all(d.acked for d in deliveries)
+    assert [d["metadata"]["labels"][PARENT_UID_LABEL] for d in world.delegates(target)] == [proxy["metadata"]["uid"]]
+    assert world.delegates(other) == []
+    assert {t: len(world.clusters[t].writes()) for t in TARGETS} == before  # not even a namespace
+
+
+# -- scheduled, bound, mirrored ---------------------------------------------------------------------------------
+
+
+async def test_a_scheduled_delegate_binds_its_proxy_which_keeps_pod_scheduled_once_status_is_mirrored(
+        world: World) -> None:
+    proxy, target = await world.place()
+    await world.schedule(target, proxy)
+
+    bound = world.proxy(proxy)
+    assert bound["spec"]["nodeName"] == f"admiralty-{target}"
+    scheduled = condition(bound, "PodScheduled")
+    assert scheduled is not None and scheduled["status"] == "True"
+    assert "Scheduled" in reasons(world.c1, proxy)
+
+    await world.kubelet(target, proxy, "Running")
+    mirrored = world.proxy(proxy)
+    delegate = world.delegate(target, proxy)
+    assert delegate is not None
+    assert mirrored["status"]["phase"] == "Running"
+    for key in ("podIP", "podIPs", "hostIP", "startTime", "containerStatuses"):
+        assert mirrored["status"][key] == delegate["status"][key], key
+    assert {c["type"]: c["status"] for c in mirrored["status"]["conditions"]} == {
+        "PodScheduled": "True", "Initialized": "True", "ContainersReady": "True", "Ready": "True"}
+    assert world.bus.pending() == []
+
+
+async def test_a_pending_preemption_is_not_a_refusal(world: World) -> None:
+    proxy, target = await world.place()
+    world.clusters[target].refuse_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                      "0/1 nodes are available: preemption may help", nominated_node=f"{target}-n1")
+    await world.settle()
+    await world.run()
+    assert Placement.of(world.proxy(proxy)).target == target and not Placement.of(world.proxy(proxy)).rejections
+    assert world.delegate(target, proxy) is not None
+
+
+# -- refusals ------------------------------------------------------------------------------------------------------
+
+
+async def test_a_refusal_is_recorded_and_the_next_target_tried_until_every_cluster_refused(world: World) -> None:
+    proxy, target = await world.place()
+    other = world.other(target)
+    proxy_cache = world.informer(world.feedback_rt, SOURCE)
+    proxy_cache.lag()  # feedback will not see the refusal it records before the delegate's DELETED event
+
+    await world.refuse(target, proxy, "0/1 nodes are available: 1 Insufficient cpu.")
+    [status] = world.bus.pending("status")
+    assert isinstance(status.message, StatusUpdate) and status.message.unschedulable is not None
+    assert (await world.bus.deliver(status)).acked
+    await world.settle()
+
+    current = world.proxy(proxy)  # not deleted: a refusal is not a delegate deleted by someone
+    assert not current["metadata"].get("deletionTimestamp")
+    placement = Placement.of(current)
+    assert placement.target is None and placement.round == 1
+    assert placement.rejections[target].reason == "0/1 nodes are available: 1 Insufficient cpu."
+    assert world.delegate(target, proxy) is None
+    assert proxy_cache.pending > 0  # the cache still shows the proxy placed in the target
+    await proxy_cache.flush()
+    await world.settle()
+    assert "DelegateUnschedulable" in reasons(world.c1, proxy)
+
+    [elect] = world.bus.pending("elect")
+    assert elect.msg_id == f"elect:{proxy['metadata']['uid']}:1"
+    asked_before = len(world.broker.requests)
+    assert (await world.bus.deliver(elect)).acked
+    assert [r.subject for r in world.broker.requests[asked_before:]] == [f"mcs.candidate.{other}"]
+    await world.run()
+    assert Placement.of(world.proxy(proxy)).target == other
+    assert world.delegate(other, proxy) is not None
+
+    await world.refuse(other, proxy, "0/1 nodes are available: 1 node(s) had untolerated taint {gpu: true}.")
+    deliveries = await world.run()
+    [last] = [d for d in deliveries if d.envelope.kind == "elect"]
+    assert not last.acked and last.outcome is not None and last.outcome.note == "unschedulable"
+    waiting = world.proxy(proxy)
+    assert not waiting["spec"].get("nodeName") and not waiting["metadata"].get("deletionTimestamp")
+    scheduled = condition(waiting, "PodScheduled")
+    assert scheduled is not None and scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
+    refusals = Placement.of(waiting).rejections
+    assert scheduled["message"] == "0/2 clusters are available: " + "; ".join(
+        f"{t}: refused by its scheduler: {refusals[t].reason}" for t in sorted(TARGETS))
+    assert "FailedScheduling" in reasons(world.c1, proxy)
+    assert world.delegates(target) == [] and world.delegates(other) == []
+
+
+async def test_a_refusal_is_taken_back_when_the_target_placed_the_delegate_after_all(world: World) -> None:
+    proxy, target = await world.place()
+    delegates_cache = world.informer(world.feedback_rt, target)
+    await world.refuse(target, proxy)
+    [status] = world.bus.pending("status")
+    delegates_cache.lag()  # feedback does not see yet that the scheduler placed it right after refusing
+    world.clusters[target].bind_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                    f"{target}-n1")
+    assert (await world.bus.deliver(status)).acked
+    await world.settle()
+    assert world.delegate(target, proxy) is not None, "a placed delegate is never removed as refused"
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target == target and target not in placement.rejections
+    await delegates_cache.flush()
+    await world.settle()
+    await world.run()
+    assert world.proxy(proxy)["spec"]["nodeName"] == f"admiralty-{target}"
+    assert world.delegates(world.other(target)) == []
+
+
+# -- a pod lives once -----------------------------------------------------------------------------------------------
+
+
+async def test_a_running_delegate_deleted_by_someone_ends_its_proxy(world: World) -> None:
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+
+    await world.clusters[target].delete(pod_path(NS, name))  # kubectl delete pod in the target
+    await world.settle()
+
+    assert world.c1.pod(NS, proxy["metadata"]["name"]) is None
+    assert "DelegateDeleted" in reasons(world.c1, proxy)
+    assert world.delegates(target) == [] and world.bus.pending("delegate") == []
+
+
+async def test_a_finished_proxy_keeps_its_status_when_its_delegate_is_deleted(world: World) -> None:
+    proxy, target = await world.running()
+    await world.kubelet(target, proxy, "Succeeded")
+    finished = world.proxy(proxy)
+    assert finished["status"]["phase"] == "Succeeded"
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+
+    await world.clusters[target].delete(pod_path(NS, name))
+    await world.settle()
+    await world.feedback.resync()
+    await world.settle()
+
+    kept = world.proxy(proxy)
+    assert not kept["metadata"].get("deletionTimestamp")
+    assert kept["status"] == finished["status"]
+    assert PROXY_FINALIZER in kept["metadata"]["finalizers"]
+    assert world.bus.pending() == []  # the resync asks for no delegate
+
+
+async def test_a_redelivered_delegate_request_never_recreates_the_delegate_of_a_finished_pod(world: World) -> None:
+    proxy, target = await world.running()
+    [request] = [e for e in world.broker.published if e.kind == "delegate"]
+    await world.kubelet(target, proxy, "Succeeded")
+    await world.clusters[target].delete(pod_path(NS, delegate_name(proxy["metadata"]["name"],
+                                                                   proxy["metadata"]["uid"])))
+    await world.settle()
+
+    redelivered = world.bus.duplicate(request)  # e.g. its first ack was lost
+    assert (await world.bus.deliver(redelivered)).acked
+    await world.settle()
+
+    assert world.delegates(target) == []
+    assert world.proxy(proxy)["status"]["phase"] == "Succeeded"
+
+
+# -- late, duplicated and reordered status messages ---------------------------------------------------------------
+
+
+async def running_in_two_steps(world: World) -> tuple[JSON, str, list[Envelope]]:
+    """A bound proxy whose delegate reported ContainerCreating, then Running: their two status messages."""
+    proxy, target = await world.place()
+    await world.schedule(target, proxy)
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+
+    def creating(pod: JSON) -> None:
+        pod["status"]["containerStatuses"] = [{"name": "app", "image": "busybox", "ready": False, "restartCount": 0,
+                                               "state": {"waiting": {"reason": "ContainerCreating"}}}]
+
+    world.clusters[target].modify("pods", NS, name, creating)
+    await world.settle()
+    world.clusters[target].set_pod_phase(NS, name, "Running")
+    await world.settle()
+    messages = world.bus.pending("status")
+    assert len(messages) == 2
+    return proxy, target, messages
+
+
+async def test_an_older_status_message_handled_after_a_newer_one_changes_nothing(world: World) -> None:
+    proxy, _target, (older, newer) = await running_in_two_steps(world)
+
+    assert (await world.bus.deliver(newer)).acked
+    await world.settle()
+    running = world.proxy(proxy)
+    assert running["status"]["phase"] == "Running"
+    assert (await world.bus.deliver(older)).acked
+    await world.settle()
+    assert world.proxy(proxy) == running
+
+
+async def test_a_late_status_message_never_turns_a_finished_pod_back(world: World) -> None:
+    proxy, target = await world.running()
+    [running] = [e for e in world.broker.published if isinstance(e.message, StatusUpdate)
+                 and e.message.status.get("phase") == "Running"]
+    await world.kubelet(target, proxy, "Succeeded")
+    finished = world.proxy(proxy)
+    assert finished["status"]["phase"] == "Succeeded"
+    await world.clusters[target].delete(pod_path(NS, delegate_name(proxy["metadata"]["name"],
+                                                                   proxy["metadata"]["uid"])))
+    await world.settle()  # feedback's cache no longer has the delegate to compare with
+
+    assert (await world.bus.deliver(world.bus.duplicate(running))).acked
+    await world.settle()
+    assert world.proxy(proxy) == finished
+
+
+async def test_an_older_status_message_never_turns_a_status_back_on_a_replica_whose_cache_lags(
+        world: World) -> None:
+    replica, _ = await world.add_feedback()
+    await world.settle()
+    world.informer(replica, world.targets[0]).lag()
+    world.informer(replica, world.targets[1]).lag()
+    proxy, _target, (older, newer) = await running_in_two_steps(world)
+    index = [c.client for c in world.broker.consumers[f"feedback-{SOURCE}"]].index(replica.fake_bus.client_name)
+
+    assert (await world.bus.deliver(newer, replica=index)).acked
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Running"
+    assert (await world.bus.deliver(older, replica=index)).acked
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Running"
+    assert world.proxy(proxy)["status"]["containerStatuses"][0]["state"].keys() == {"running"}
+
+
+async def test_duplicated_and_reordered_messages_change_nothing_further(world: World) -> None:
+    proxy, target = await world.place()
+    await world.refuse(target, proxy)
+    await world.run()
+    other = world.other(target)
+    await world.schedule(other, proxy)
+    await world.kubelet(other, proxy, "Running")
+    assert world.proxy(proxy)["spec"]["nodeName"] == f"admiralty-{other}"
+    before = world.snapshot()
+    kinds = {e.kind for e in world.broker.published}
+    assert kinds == {"elect", "delegate", "status"}
+
+    for envelope in reversed(list(world.broker.published)):  # every message again, newest first
+        world.bus.duplicate(envelope)
+    deliveries = await world.run()
+
+    assert deliveries and all(d.acked for d in deliveries)
+    assert world.snapshot() == before
+    assert world.bus.pending() == []
+    # and published again under the same ids, they are dropped
+    for envelope in world.broker.published[:3]:
+        assert envelope.msg_id is not None
+        await world.bus.publish(envelope.subject, envelope.message, envelope.msg_id)
+    assert world.bus.pending() == []
+
+
+# -- strays --------------------------------------------------------------------------------------------------------
+
+
+async def stray(world: World, proxy: JSON, target: str) -> JSON:
+    """A delegate of ``proxy`` in ``target``, as a stale request that raced a refusal would have made it."""
+    cluster = world.clusters[target]
+    if cluster.find("namespaces", "", NS) is None:
+        await cluster.create("/api/v1/namespaces", {"metadata": {"name": NS}})
+    namespace = cluster.find("namespaces", "", NS)
+    manifest = delegate_manifest(source_manifest(proxy), source=SOURCE, namespace=NS,
+                                 proxy_name=proxy["metadata"]["name"], proxy_uid=proxy["metadata"]["uid"],
+                                 owner=namespace)
+    created = await cluster.create(pod_path(NS), manifest)
+    await world.settle()
+    return created
+
+
+async def test_a_delegate_in_a_target_its_proxy_did_not_choose_is_removed(world: World) -> None:
+    proxy, target = await world.place()
+    other = world.other(target)
+
+    await stray(world, proxy, other)  # found by the resync
+    await world.feedback.resync()
+    await world.settle()
+    assert world.delegates(other) == []
+
+    again = await stray(world, proxy, other)  # found when the target's scheduler places it
+    world.clusters[other].bind_pod(NS, again["metadata"]["name"], f"{other}-n1")
+    await world.settle()
+    await world.run()
+    assert world.delegates(other) == []
+    assert world.delegate(target, proxy) is not None
+    assert not world.proxy(proxy)["spec"].get("nodeName")
+
+
+async def lagging_after_a_second_choice(world: World) -> tuple[JSON, str, FakeInformer]:
+    """A proxy refused by one target and placed in the other, while feedback's proxy cache shows the first choice."""
+    proxy, target = await world.place()
+    proxy_cache = world.informer(world.feedback_rt, SOURCE)
+    proxy_cache.lag()
+    await world.refuse(target, proxy)
+    await world.run()
+    other = world.other(target)
+    assert Placement.of(world.proxy(proxy)).target == other and world.delegate(other, proxy) is not None
+    assert Placement.of(proxy_cache.store[f"{NS}/{proxy['metadata']['name']}"]).target == target
+    return proxy, other, proxy_cache
+
+
+async def test_a_delegate_is_not_removed_on_a_lagging_cache_s_word_alone(world: World) -> None:
+    proxy, placed, proxy_cache = await lagging_after_a_second_choice(world)
+
+    await world.feedback.resync()
+    await world.settle()
+    assert world.delegate(placed, proxy) is not None
+
+    world.clusters[placed].bind_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                    f"{placed}-n1")
+    await world.settle()
+    await world.run()
+    assert world.delegate(placed, proxy) is not None
+    assert not world.proxy(proxy)["metadata"].get("deletionTimestamp")
+
+    await proxy_cache.flush()
+    await world.settle()
+    await world.feedback.resync()  # the cache caught up: the resync re-publishes the status
+    await world.run()
+    assert world.proxy(proxy)["spec"]["nodeName"] == f"admiralty-{placed}"
+
+
+async def test_a_scheduled_delegate_binds_its_proxy_even_when_feedback_s_proxy_cache_lags(world: World) -> None:
+    proxy, placed, _ = await lagging_after_a_second_choice(world)
+
+    world.clusters[placed].bind_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                    f"{placed}-n1")
+    await world.settle()
+    [status] = world.bus.pending("status")
+    delivery = await world.bus.deliver(status)
+    await world.settle()
+
+    assert delivery.retried or world.proxy(proxy)["spec"].get("nodeName") == f"admiralty-{placed}"
