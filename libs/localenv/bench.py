@@ -289,7 +289,8 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
     results: JSON = {}
     scenarios: list[tuple[str, dict[str, int] | None]] = [
         ("baseline", None), ("pipeline", {}), (BASELINE_AGAIN, None)]
-    scenarios += [(f"pipeline, 2x {s.replace('_', '-')}", {s: 2}) for s in SERVICES]
+    if os.environ.get("BENCH_SCALING", "1") != "0":  # BENCH_SCALING=0: no runs with two processes of a stage
+        scenarios += [(f"pipeline, 2x {s.replace('_', '-')}", {s: 2}) for s in SERVICES]
     try:
         for label, replicas in scenarios:
             print(f"==> {label}: {pods} pods over {clusters} clusters x {nodes} nodes", flush=True)

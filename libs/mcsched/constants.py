@@ -30,6 +30,8 @@ PARENT_NAME_LABEL = f"{DOMAIN}/parent-name"
 PARENT_UID_LABEL = f"{DOMAIN}/parent-uid"
 # A label value holds at most 63 characters: the parent's full name is kept in an annotation too.
 PARENT_NAME_ANNOTATION = f"{DOMAIN}/parent-name"
+# The placement round of the proxy (see mcsched.choice) that the candidate-scheduler read when it created the delegate.
+PLACEMENT_ROUND_ANNOTATION = f"{DOMAIN}/placement-round"
 
 # Virtual nodes: one per target in each source.
 VIRTUAL_NODE_PREFIX = "admiralty-"

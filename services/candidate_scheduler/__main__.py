@@ -21,7 +21,7 @@ from opentelemetry import trace
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.capacity import TargetView
 from mcsched.choice import Placement
-from mcsched.constants import PROXY_SCHEDULER_NAME
+from mcsched.constants import PLACEMENT_ROUND_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.events import EventRecorder
 from mcsched.follower import Follower
 from mcsched.kube import JSON, KubeError, read_pod
@@ -162,9 +162,10 @@ class TargetScheduler:
             # Acked: feedback's resync asks again while the proxy has no delegate, so a pod that
             # waits long never piles up copies of its request.
             return ACK
+        stamp = {**trace_annotations(), PLACEMENT_ROUND_ANNOTATION: str(Placement.of(proxy).round)}
         manifest = delegate_manifest(original, source=ref.cluster, namespace=ref.namespace, proxy_name=ref.name,
                                      proxy_uid=ref.uid, scheduler_name=self.scheduler_name, owner=namespace,
-                                     extra_annotations=trace_annotations())
+                                     extra_annotations=stamp)
         trace.get_current_span().set_attributes({"delegate": manifest["metadata"]["name"]})
         try:
             await self.client.create(f"/api/v1/namespaces/{ref.namespace}/pods", manifest)
