@@ -210,8 +210,9 @@ class Scenario:
                           "peak_rss_mib": usage["peak_rss_mib"]}
         environment = {name: round((cpu - before["environment"].get(name, 0.0)) * per_k, 2)
                        for name, cpu in sorted(after["environment"].items())}
-        api = {cluster: round((count - before["api_requests"].get(cluster, 0)) / max(1, len(finished)), 2)
-               for cluster, count in after["api_requests"].items()}
+        # Per cluster ("c1"), and per service, method and cluster ("feedback PATCH c1").
+        api = {key: round((count - before["api_requests"].get(key, 0)) / max(1, len(finished)), 2)
+               for key, count in sorted(after["api_requests"].items())}
         return {
             "pods": self.pods, "completed": len(finished), "elapsed_seconds": round(elapsed, 2),
             "create_seconds": round(created_in, 2),
@@ -260,7 +261,12 @@ def _service_usage(env: LocalEnvironment) -> JSON:
                 for line in response.read().decode().splitlines():
                     if line.startswith("mcs_api_requests_total{"):
                         cluster = line.split('cluster="', 1)[1].split('"', 1)[0]
-                        api[cluster] = api.get(cluster, 0) + float(line.rsplit(" ", 1)[1])
+                        method = line.split('method="', 1)[1].split('"', 1)[0]
+                        count = float(line.rsplit(" ", 1)[1])
+                        api[cluster] = api.get(cluster, 0) + count
+                        service = record.name.removeprefix("svc-").rsplit("-", 1)[0]
+                        key = f"{service} {method} {cluster}"
+                        api[key] = api.get(key, 0) + count
         except (OSError, KeyError):
             pass
     return {"processes": processes, "environment": environment, "api_requests": api}
@@ -353,7 +359,9 @@ def print_table(summary: JSON) -> None:
     print(f"{'service cost':<34} {'cpu s/1000 pods':>16} {'peak RSS MiB':>13}")
     for name, cost in ours["service_cost"].items():
         print(f"{name:<34} {cost['cpu_seconds_per_1000_pods']:>16.2f} {cost['peak_rss_mib']:>13.1f}")
-    print(f"API requests per pod, by cluster: {ours['api_requests_per_pod']}")
+    requests = ours["api_requests_per_pod"]
+    print(f"API requests per pod, by cluster: { {k: v for k, v in requests.items() if ' ' not in k} }")
+    print("  by service, method and cluster: " + ", ".join(f"{k} {v}" for k, v in requests.items() if " " in k))
     print()
     print(f"{'CPU s per 1000 pods':<34} {'baseline':>9} {'pipeline':>9}")
     for group, (base_cpu, our_cpu) in cpu_split(summary).items():

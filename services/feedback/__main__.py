@@ -58,7 +58,7 @@ from mcsched.podspec import (
 )
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
-from mcsched.workqueue import WorkQueue
+from mcsched.workqueue import KeyedLocks, WorkQueue
 
 log = logging.getLogger("feedback")
 
@@ -103,6 +103,9 @@ class Feedback:
         }
         # proxy uid -> the status last written onto it, from which delegate version, and when (the proxy cache lags)
         self.mirrored: dict[str, tuple[JSON, str | None, float]] = {}
+        # proxy uid -> the target this process bound it to, and when (until the proxy cache shows it)
+        self.bound: dict[str, tuple[str, float]] = {}
+        self.proxy_locks: KeyedLocks[str] = KeyedLocks()
         # proxy uid -> since when (monotonic) the resync finds its delegate missing
         self.missing_since: dict[str, float] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
@@ -201,6 +204,12 @@ class Feedback:
             status == wanted and written_version == version)
 
     async def on_status(self, update: StatusUpdate) -> Outcome:
+        # One message per proxy at a time: two changes of one delegate handled together would
+        # both find the proxy unbound (its cache lags) and bind it twice.
+        async with self.proxy_locks.hold(update.proxy.uid):
+            return await self._on_status(update)
+
+    async def _on_status(self, update: StatusUpdate) -> Outcome:
         ref = update.proxy
         # The proxy cache may lag behind the delegate's: then the API server answers.
         proxy = await pod_by_uid(self.proxies[ref.cluster], ref.namespace, ref.name, ref.uid)
@@ -215,6 +224,9 @@ class Feedback:
         if delegate is not None and delegate["metadata"]["uid"] == update.delegate_uid and (
                 version is None or newer_resource_version(delegate["metadata"].get("resourceVersion"), version)):
             (wanted, node, refusal), version = _delegate_signal(delegate), delegate["metadata"].get("resourceVersion")
+        bound_here = self.bound.get(ref.uid)
+        if bound_here is not None and not proxy["spec"].get("nodeName"):  # bound moments ago; the cache lags
+            proxy = {**proxy, "spec": {**proxy["spec"], "nodeName": virtual_node_name(bound_here[0])}}
         if _assigned_target(proxy) != update.target:
             if newer_choice_than_cached(Placement.of(proxy), update.round, update.target):
                 # The cache has not seen the choice this delegate was made for yet: record it locally.
@@ -279,6 +291,7 @@ class Feedback:
             if bound is None:
                 raise
             return bound
+        self.bound[ref.uid] = (target, time.monotonic())
         observe_since_creation("proxy_bound", proxy)
         self.events.record_soon(client, proxy, "Scheduled",
                                 f"Successfully assigned {ref.namespace}/{ref.name} to {virtual_node_name(target)}"
@@ -357,10 +370,15 @@ class Feedback:
     # -- deletion and a pod's single life ---------------------------------------------
 
     def on_proxy(self, source: str, kind: str, pod: JSON) -> None:
+        uid = pod["metadata"]["uid"]
         if kind == "DELETED":
-            self.mirrored.pop(pod["metadata"]["uid"], None)
-            self.missing_since.pop(pod["metadata"]["uid"], None)
-        elif pod["metadata"].get("deletionTimestamp"):
+            self.mirrored.pop(uid, None)
+            self.missing_since.pop(uid, None)
+            self.bound.pop(uid, None)
+            return
+        if pod["spec"].get("nodeName"):
+            self.bound.pop(uid, None)  # the cache shows the binding now
+        if pod["metadata"].get("deletionTimestamp"):
             self.finalizing.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
 
     async def _finalize_key(self, key: tuple[str, str, str]) -> None:

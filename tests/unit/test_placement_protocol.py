@@ -494,6 +494,25 @@ async def test_a_refusal_is_taken_back_when_the_target_placed_the_delegate_after
     assert world.delegates(world.other(target)) == []
 
 
+async def test_two_changes_of_one_delegate_handled_together_bind_its_proxy_once(world: World) -> None:
+    proxy, target = await world.place()
+    proxy_cache = world.informer(world.feedback_rt, SOURCE)
+    proxy_cache.lag()  # the binding is not seen by the time the second message is handled
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    world.clusters[target].bind_pod(NS, name, f"{target}-n1")
+    await world.settle()
+    world.clusters[target].set_pod_phase(NS, name, "Running")
+    await world.settle()
+    statuses = world.bus.pending("status")
+    assert len(statuses) == 2
+    deliveries = await world.bus.deliver_together(*((s, None) for s in statuses))
+    assert all(d.acked for d in deliveries)
+    binding = pod_path(NS, proxy["metadata"]["name"], "binding")
+    assert len([c for c in world.c1.calls if c.path == binding]) == 1, "bound twice"
+    assert world.proxy(proxy)["status"]["phase"] == "Running"
+    await proxy_cache.flush()
+
+
 # -- a pod lives once -----------------------------------------------------------------------------------------------
 
 
