@@ -314,10 +314,14 @@ class Informer:
                 backoff = min(backoff * 2, 10)
 
 
-async def read_pod(client: KubeClient, namespace: str, name: str, uid: str) -> JSON | None:
-    """One incarnation (``uid``) of a pod, as its API server has it now; None when it no longer exists."""
+async def read_pod(client: KubeClient, namespace: str, name: str, uid: str, *, cached: bool = False) -> JSON | None:
+    """One incarnation (``uid``) of a pod, as its API server has it now; None when it no longer exists.
+
+    ``cached``: as the API server's watch cache has it (``resourceVersion=0``), which
+    spares etcd a quorum read but may be moments behind.
+    """
     try:
-        pod = await client.get(pod_path(namespace, name))
+        pod = await client.get(pod_path(namespace, name), **({"resourceVersion": "0"} if cached else {}))
     except KubeError as exc:
         if exc.not_found:
             return None

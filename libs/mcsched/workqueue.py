@@ -37,6 +37,10 @@ class WorkQueue(Generic[K]):
             self._queued.add(key)
             self._queue.put_nowait(key)
 
+    def add_after(self, key: K, delay: float) -> None:
+        """Add ``key`` in ``delay`` seconds (an :meth:`add` meanwhile is not held back)."""
+        asyncio.get_running_loop().call_later(delay, self.add, key)
+
     def __len__(self) -> int:
         return len(self._queued)
 

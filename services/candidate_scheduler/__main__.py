@@ -110,12 +110,19 @@ class TargetScheduler:
         with tracer.start_as_current_span(f"create delegate in {self.target}", attributes={"pod": str(request.proxy)}):
             return await self._delegate(request)
 
-    async def _assigned_proxy(self, ref: PodRef) -> JSON | None:
-        """The proxy, if a delegate for it belongs in this target now; None (logged) otherwise."""
+    async def _assigned_proxy(self, ref: PodRef, round_: int) -> JSON | None:
+        """The proxy, if a delegate for it belongs in this target now; None (logged) otherwise.
+
+        Read from the API server's watch cache first (no etcd read); only when that
+        does not show the round the request names yet is it read from etcd.
+        """
         if ref.cluster not in self.rt.settings.source_names:
             log.warning("delegate request for %s from unknown source %s; ignored", ref, ref.cluster)
             return None
-        proxy = await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
+        client = self.rt.clusters[ref.cluster]
+        proxy = await read_pod(client, ref.namespace, ref.name, ref.uid, cached=True)
+        if proxy is None or Placement.of(proxy).round != round_ or Placement.of(proxy).target != self.target:
+            proxy = await read_pod(client, ref.namespace, ref.name, ref.uid)
         if proxy is None or proxy["metadata"].get("deletionTimestamp"):
             return None
         if not is_proxy(proxy):
@@ -148,7 +155,7 @@ class TargetScheduler:
             return ACK
         if not self.view.ready:
             return retry_later(2.0, "target cache not ready")
-        proxy = await self._assigned_proxy(ref)
+        proxy = await self._assigned_proxy(ref, request.round)
         if proxy is None:
             return ACK
         original = source_manifest(proxy)

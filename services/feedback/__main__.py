@@ -64,6 +64,9 @@ log = logging.getLogger("feedback")
 
 # A chosen proxy gets its delegate within moments; only after this long is a missing delegate treated as lost.
 DELEGATE_GRACE_SECONDS = 15.0
+# A delegate just scheduled and still Pending is reported this much later, so that its start, which
+# usually follows at once, binds the proxy and mirrors its status in one message.
+SCHEDULED_FOLD_SECONDS = 1.0
 # A status just written is not written again for this long, even if the proxy cache does not show it yet.
 MIRROR_MEMORY_SECONDS = 10.0
 
@@ -106,6 +109,9 @@ class Feedback:
         # proxy uid -> the target this process bound it to, and when (until the proxy cache shows it)
         self.bound: dict[str, tuple[str, float]] = {}
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
+        self.scheduled_fold_seconds = SCHEDULED_FOLD_SECONDS
+        # (target, namespace, delegate name) -> the resourceVersion of the delegate last published
+        self.published: dict[tuple[str, str, str], str | None] = {}
         # proxy uid -> since when (monotonic) the resync finds its delegate missing
         self.missing_since: dict[str, float] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
@@ -153,6 +159,7 @@ class Feedback:
         source, namespace, name, uid = parent
         ref = PodRef(cluster=source, namespace=namespace, name=name, uid=uid)
         if kind == "DELETED":
+            self.published.pop((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]), None)
             await self._delegate_gone(target, ref, delegate)
             return
         signal = _delegate_signal(delegate)
@@ -160,20 +167,33 @@ class Feedback:
             return
         if kind == "ADDED" and signal[1] is None and signal[2] is None:
             return  # a new delegate waits for its target's scheduler: nothing to tell the source yet
+        key = (target, delegate["metadata"]["namespace"], delegate["metadata"]["name"])
         # Published by workers, so a burst of delegate events never holds up the watch.
-        self.statuses.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
+        if signal[1] is not None and (old is None or not old["spec"].get("nodeName")) and \
+                signal[0].get("phase") == "Pending" and not signal[0].get("containerStatuses"):
+            # Just scheduled: its kubelet usually reports it started moments later, and one message
+            # then binds the proxy and mirrors the status at once.
+            self.statuses.add_after(key, self.scheduled_fold_seconds)
+        else:
+            self.statuses.add(key)
 
     async def _publish_status_key(self, key: tuple[str, str, str]) -> None:
         target, namespace, name = key
         delegate = self.targets[target].pods.get(f"{namespace}/{name}")
         parent = parent_ref(delegate) if delegate is not None else None
         if delegate is None or parent is None:
+            self.published.pop(key, None)
             return
+        version = delegate["metadata"].get("resourceVersion")
+        if self.published.get(key) == version:
+            return  # published already (a folded change queued twice)
         ref = PodRef(cluster=parent[0], namespace=parent[1], name=parent[2], uid=parent[3])
         with pod_trace(delegate):
-            await self._publish_status(target, ref, delegate)
+            if await self._publish_status(target, ref, delegate):
+                self.published[key] = version
 
-    async def _publish_status(self, target: str, ref: PodRef, delegate: JSON, epoch: int | None = None) -> None:
+    async def _publish_status(self, target: str, ref: PodRef, delegate: JSON, epoch: int | None = None) -> bool:
+        """Publish the delegate's current state for its source; False when NATS could not take it."""
         meta = delegate["metadata"]
         status, node, refusal = _delegate_signal(delegate)
         update = StatusUpdate(proxy=ref, target=target, delegate_name=meta["name"], delegate_uid=meta["uid"],
@@ -187,6 +207,8 @@ class Feedback:
                                       + (f":{epoch}" if epoch is not None else ""))
         except Exception as exc:  # NATS away: the resync publishes it later
             log.warning("could not publish status of %s: %s", ref, exc)
+            return False
+        return True
 
     # -- status: source side -------------------------------------------------------
 

@@ -12,6 +12,7 @@ targets' schedulers and kubelets (``bind_pod``, ``refuse_pod``,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from typing import TypeVar
@@ -143,10 +144,12 @@ class World:
         await proxy_scheduler(rt)
         return rt, owner(rt.fake_bus, "proxy-scheduler", ProxyScheduler)
 
-    async def add_feedback(self) -> tuple[FakeRuntime, Feedback]:
+    async def add_feedback(self, scheduled_fold_seconds: float = 0.0) -> tuple[FakeRuntime, Feedback]:
         rt = self.runtime("feedback")
         await feedback(rt)
-        return rt, owner(rt.fake_bus, f"feedback-{SOURCE}", Feedback)
+        service = owner(rt.fake_bus, f"feedback-{SOURCE}", Feedback)
+        service.scheduled_fold_seconds = scheduled_fold_seconds  # scenarios play the kubelet step by step
+        return rt, service
 
     async def close(self) -> None:
         for rt in self.runtimes:
@@ -511,6 +514,36 @@ async def test_two_changes_of_one_delegate_handled_together_bind_its_proxy_once(
     assert len([c for c in world.c1.calls if c.path == binding]) == 1, "bound twice"
     assert world.proxy(proxy)["status"]["phase"] == "Running"
     await proxy_cache.flush()
+
+
+async def test_a_delegate_that_starts_right_after_being_scheduled_is_reported_once(world: World) -> None:
+    world.feedback.scheduled_fold_seconds = 0.2
+    proxy, target = await world.place()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    world.clusters[target].bind_pod(NS, name, f"{target}-n1")
+    await world.settle()
+    world.clusters[target].set_pod_phase(NS, name, "Running")
+    await world.settle()
+    await asyncio.sleep(0.3)  # the folded report of the scheduling comes due, and finds it published
+    await world.settle()
+    [status] = world.bus.pending("status")
+    assert isinstance(status.message, StatusUpdate) and status.message.status["phase"] == "Running"
+    await world.run()
+    assert world.proxy(proxy)["spec"]["nodeName"] == f"admiralty-{target}"
+    assert world.proxy(proxy)["status"]["phase"] == "Running"
+
+
+async def test_a_delegate_scheduled_but_slow_to_start_binds_its_proxy_after_the_fold(world: World) -> None:
+    world.feedback.scheduled_fold_seconds = 0.1
+    proxy, target = await world.place()
+    world.clusters[target].bind_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                    f"{target}-n1")
+    await world.settle()
+    assert world.bus.pending("status") == []
+    await asyncio.sleep(0.2)
+    await world.settle()
+    await world.run()
+    assert world.proxy(proxy)["spec"]["nodeName"] == f"admiralty-{target}"
 
 
 # -- a pod lives once -----------------------------------------------------------------------------------------------
