@@ -314,14 +314,16 @@ class Informer:
                 backoff = min(backoff * 2, 10)
 
 
-async def read_pod(client: KubeClient, namespace: str, name: str, uid: str, *, cached: bool = False) -> JSON | None:
+async def read_pod(client: KubeClient, namespace: str, name: str, uid: str, *,
+                   not_older_than: str | None = None) -> JSON | None:
     """One incarnation (``uid``) of a pod, as its API server has it now; None when it no longer exists.
 
-    ``cached``: as the API server's watch cache has it (``resourceVersion=0``), which
-    spares etcd a quorum read but may be moments behind.
+    ``not_older_than``: a resourceVersion the answer must include; the API server then
+    answers from its watch cache (once it has caught up), sparing etcd a quorum read.
     """
+    params = {"resourceVersion": not_older_than} if not_older_than else {}
     try:
-        pod = await client.get(pod_path(namespace, name), **({"resourceVersion": "0"} if cached else {}))
+        pod = await client.get(pod_path(namespace, name), **params)
     except KubeError as exc:
         if exc.not_found:
             return None

@@ -108,6 +108,8 @@ class DelegateRequest(Message):
     proxy: PodRef
     target: str
     round: int = 0  # the placement round this request belongs to (for message ids and logs)
+    # The proxy's resourceVersion once the choice was recorded: it is read at least that new.
+    resource_version: str | None = None
     created: str | None = None  # the proxy's creation time, for the placement metrics (first placement only)
 
 

@@ -110,19 +110,17 @@ class TargetScheduler:
         with tracer.start_as_current_span(f"create delegate in {self.target}", attributes={"pod": str(request.proxy)}):
             return await self._delegate(request)
 
-    async def _assigned_proxy(self, ref: PodRef, round_: int) -> JSON | None:
+    async def _assigned_proxy(self, ref: PodRef, resource_version: str | None) -> JSON | None:
         """The proxy, if a delegate for it belongs in this target now; None (logged) otherwise.
 
-        Read from the API server's watch cache first (no etcd read); only when that
-        does not show the round the request names yet is it read from etcd.
+        Read at least as new as the request's resourceVersion (the choice), which the
+        API server answers from its watch cache; without one, from etcd.
         """
         if ref.cluster not in self.rt.settings.source_names:
             log.warning("delegate request for %s from unknown source %s; ignored", ref, ref.cluster)
             return None
-        client = self.rt.clusters[ref.cluster]
-        proxy = await read_pod(client, ref.namespace, ref.name, ref.uid, cached=True)
-        if proxy is None or Placement.of(proxy).round != round_ or Placement.of(proxy).target != self.target:
-            proxy = await read_pod(client, ref.namespace, ref.name, ref.uid)
+        proxy = await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid,
+                               not_older_than=resource_version)
         if proxy is None or proxy["metadata"].get("deletionTimestamp"):
             return None
         if not is_proxy(proxy):
@@ -155,7 +153,7 @@ class TargetScheduler:
             return ACK
         if not self.view.ready:
             return retry_later(2.0, "target cache not ready")
-        proxy = await self._assigned_proxy(ref, request.round)
+        proxy = await self._assigned_proxy(ref, request.resource_version)
         if proxy is None:
             return ACK
         original = source_manifest(proxy)

@@ -48,8 +48,10 @@ class ProxyScheduler:
     async def _read_proxy(self, ref: PodRef) -> JSON | None:
         return await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
 
-    async def _request_delegate(self, ref: PodRef, target: str, round_: int, created: str | None = None) -> None:
-        request = DelegateRequest(proxy=ref, target=target, round=round_, created=created)
+    async def _request_delegate(self, ref: PodRef, target: str, round_: int, created: str | None = None,
+                                resource_version: str | None = None) -> None:
+        request = DelegateRequest(proxy=ref, target=target, round=round_, created=created,
+                                  resource_version=resource_version)
         await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request, f"delegate:{ref.uid}:{round_}")
 
     async def _ask(self, target: str, request: CandidateRequest) -> tuple[str, CandidateReply | None]:
@@ -95,8 +97,8 @@ class ProxyScheduler:
             trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
             try:
                 with tracer.start_as_current_span("record choice", attributes={"target": target}):
-                    await self.rt.clusters[ref.cluster].merge_patch(pod_path(ref.namespace, ref.name),
-                                                                    chosen.patch(version))
+                    recorded = await self.rt.clusters[ref.cluster].merge_patch(
+                        pod_path(ref.namespace, ref.name), chosen.patch(version))
             except KubeError as exc:
                 if exc.not_found:
                     return ACK
@@ -108,7 +110,8 @@ class ProxyScheduler:
                 original, placement, version = proxy
                 continue
             observe_since("cluster_chosen", message.created)
-            await self._request_delegate(ref, target, chosen.round, message.created)
+            await self._request_delegate(ref, target, chosen.round, message.created,
+                                         recorded["metadata"].get("resourceVersion"))
             log.info("%s -> %s (score %.2f, round %d)", ref, target, scores[target], chosen.round)
             return ACK
         return retry_later(1.0, "the proxy kept changing")
