@@ -67,6 +67,8 @@ DELEGATE_GRACE_SECONDS = 15.0
 # A delegate just scheduled and still Pending is reported this much later, so that its start, which
 # usually follows at once, binds the proxy and mirrors its status in one message.
 SCHEDULED_FOLD_SECONDS = 1.0
+# Status messages handled at once by one process (each mostly waits on its source's API server).
+STATUS_IN_FLIGHT = 192
 # A status just written is not written again for this long, even if the proxy cache does not show it yet.
 MIRROR_MEMORY_SECONDS = 10.0
 
@@ -616,8 +618,10 @@ class Feedback:
 async def compose(rt: Runtime) -> None:
     feedback = Feedback(rt)
     for source in rt.settings.source_names:
+        # A status message may take two writes in a row (the binding, then the status) on a busy
+        # source API server: a wider window keeps the consumer from queueing behind them.
         rt.bus.consume("status", f"feedback-{source}", rt.bus.subject("status", source), StatusUpdate,
-                       feedback.on_status)
+                       feedback.on_status, in_flight=STATUS_IN_FLIGHT)
 
     async def first_heartbeat_then_periodic() -> None:
         for view in feedback.targets.values():
