@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import uuid
 
 import pytest
@@ -12,6 +13,7 @@ from kubernetes_asyncio import client as k8s
 
 from localenv import LocalEnvironment
 from localenv.services import process_name, start_service
+from localenv.tools import bin_dir
 from mcsched.constants import PARENT_CLUSTER_LABEL, PARENT_NAME_LABEL, PARENT_NAMESPACE_LABEL, PARENT_UID_LABEL
 from mcsched.placement import cpu_milli, pod_requests
 from tests.e2e.pipeline import (
@@ -74,15 +76,21 @@ async def test_deleting_the_deployment_deletes_proxies_and_delegates(
 
 
 async def test_a_deleted_delegate_ends_its_proxy_and_the_deployment_replaces_it(
-    kube: dict[str, k8s.ApiClient], namespace: str
+    kube: dict[str, k8s.ApiClient], namespace: str, pipeline: LocalEnvironment
 ) -> None:
     """A pod lives once (Admiralty's rule): nothing recreates a delegate under the same identity."""
     await deploy_nginx(kube, namespace, 4)
     state = await converged(kube, namespace, 4)
-    for proxy in state.proxies:  # `kubectl wait --for=condition=PodScheduled` returns for every placed proxy
+    for proxy in state.proxies:
         conditions = {c["type"]: c["status"] for c in proxy["status"].get("conditions") or []}
         assert conditions.get("PodScheduled") == "True", proxy["status"]
         assert conditions.get("Ready") == "True", proxy["status"]
+    # What every tool that waits for scheduling does: it returns for every placed proxy.
+    waited = await asyncio.to_thread(subprocess.run, [
+        str(bin_dir() / "kubectl"), "--kubeconfig", pipeline.info().kubeconfig, "--context", SOURCE,
+        "-n", namespace, "wait", "--for=condition=PodScheduled", "--timeout=20s",
+        *(f"pod/{p['metadata']['name']}" for p in state.proxies)], capture_output=True, text=True)
+    assert waited.returncode == 0, waited.stderr
     target, victim = next((t, d) for t, pods in state.delegates.items() for d in pods)
     parent_uid = victim["metadata"]["labels"][PARENT_UID_LABEL]
     await k8s.CoreV1Api(kube[target]).delete_namespaced_pod(victim["metadata"]["name"], namespace)

@@ -180,6 +180,28 @@ async def test_an_object_the_target_has_already_is_never_overwritten(
     assert (await c2.read_namespaced_config_map("settings", namespace)).data == {"k": "theirs"}
 
 
+async def test_a_service_account_the_target_lacks_makes_the_delegate_wait_with_a_reason(
+    kube: dict[str, k8s.ApiClient], namespace: str
+) -> None:
+    core = k8s.CoreV1Api(kube[SOURCE])
+    await create_when_ready(lambda: core.create_namespaced_service_account(
+        namespace, {"metadata": {"name": "builder"}}))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "build", "annotations": ELECT},
+           "spec": {"serviceAccountName": "builder", "containers": [container()],
+                    "nodeSelector": {"topology.kubernetes.io/region": "c2"}}}
+    await create_when_ready(lambda: core.create_namespaced_pod(namespace, pod))
+    message = await eventually(lambda: why_not_scheduled(kube, namespace, "build"), within=30)
+    assert "builder" in message and "c2" in message, message
+    assert not await list_pods(kube["c2"], namespace, label_selector=PARENT_UID_LABEL), "the delegate must wait"
+    # Once the target has it, the delegate is created (feedback's resync asks again) and runs.
+    c2 = k8s.CoreV1Api(kube["c2"])
+    await c2.create_namespaced_service_account(namespace, {"metadata": {"name": "builder"}})
+    state = await converged(kube, namespace, 1, within=60)
+    assert state.proxies[0]["spec"]["nodeName"] == "admiralty-c2"
+    await core.delete_namespaced_pod("build", namespace)
+    await converged(kube, namespace, 0, within=60)
+
+
 async def test_a_job_finishes_exactly_its_completions_and_never_runs_again(
     kube: dict[str, k8s.ApiClient], namespace: str
 ) -> None:
