@@ -30,11 +30,19 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from .models import Message, SchemaError, decode
-from .telemetry import CONSUMER_LAG, MESSAGES_FAILED, MESSAGES_HANDLED, subject_kind
+from .telemetry import CONSUMER_LAG, MESSAGES_DEAD, MESSAGES_FAILED, MESSAGES_HANDLED, subject_kind
 
 log = logging.getLogger(__name__)
 
 STREAM_KINDS = ("elect", "delegate", "status")
+# Messages that cannot be read or whose handling keeps failing end here (``<prefix>.dead.<kind>``),
+# kept for inspection (``nats stream view <PREFIX>_DEAD``) instead of being redelivered forever.
+DEAD_LETTER_KIND = "dead"
+DEAD_LETTER_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+DEAD_LETTER_MAX_MESSAGES = 100_000
+# A message whose handler raised this many times is dead-lettered (a resync re-derives the work
+# from the clusters, so a message lost this way is re-published if its work is still due).
+MAX_FAILED_DELIVERIES = 10
 # How long one pull waits. nats-py holds the messages of a lingering pull until it has
 # its whole batch or this time is up, so it bounds how long a message can sit unhandled.
 FETCH_WAIT_SECONDS = 1.0
@@ -65,8 +73,10 @@ Handler = Callable[[M], Awaitable[Outcome]]
 
 
 class Bus:
-    def __init__(self, url: str, prefix: str, client_name: str) -> None:
+    def __init__(self, url: str, prefix: str, client_name: str,
+                 max_failed_deliveries: int = MAX_FAILED_DELIVERIES) -> None:
         self.url, self.prefix, self.client_name = url, prefix, client_name
+        self.max_failed_deliveries = max_failed_deliveries
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,10 +148,18 @@ class Bus:
                 retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                 duplicate_window=120.0,
             )
-            try:
-                await js.add_stream(config)
-            except BadRequestError:
-                await js.update_stream(config)
+            await self._add_or_update(js, config)
+        await self._add_or_update(js, StreamConfig(
+            name=self.stream(DEAD_LETTER_KIND), subjects=[f"{self.prefix}.{DEAD_LETTER_KIND}.>"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            max_age=DEAD_LETTER_MAX_AGE_SECONDS, max_msgs=DEAD_LETTER_MAX_MESSAGES))
+
+    @staticmethod
+    async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -271,19 +289,22 @@ class Bus:
             try:
                 message = decode(msg.data, model)
             except (SchemaError, ValueError) as exc:
-                log.error("dropping unreadable message on %s: %s", msg.subject, exc)
                 self._count(False, msg.subject)
-                await msg.term()
+                await self._dead_letter(msg, "unreadable", str(exc))
                 return
             try:
                 outcome = await handler(message)
             except Exception as exc:
                 deliveries = msg.metadata.num_delivered if msg.metadata else 1
+                self._count(False, msg.subject)
+                if deliveries >= self.max_failed_deliveries:
+                    await self._dead_letter(msg, "failing",
+                                            f"{deliveries} failed deliveries, the last: {describe(exc)}")
+                    return
                 delay = min(0.5 * 2 ** min(deliveries, 6), 30)
                 log.warning("handling %s on %s failed (attempt %d, retry in %.1fs): %s",
                             type(message).__name__, msg.subject, deliveries, delay, exc,
                             exc_info=not _self_explaining(exc))
-                self._count(False, msg.subject)
                 await msg.nak(delay=delay)
                 return
             self._count(True, msg.subject)
@@ -295,6 +316,18 @@ class Bus:
             log.warning("could not settle message on %s: %s", msg.subject, exc)
         finally:
             otel_context.detach(token)
+
+    async def _dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
+        """Move a message that cannot be handled to the dead-letter stream, then end its delivery."""
+        kind = subject_kind(msg.subject)
+        log.error("dead-lettering a %s message on %s (%s): %s", kind, msg.subject, reason, detail)
+        MESSAGES_DEAD.labels(kind, reason).inc()
+        headers = {"Mcs-Subject": msg.subject, "Mcs-Reason": reason, "Mcs-Detail": detail[:1000]}
+        try:
+            await self._jetstream().publish(f"{self.prefix}.{DEAD_LETTER_KIND}.{kind}", msg.data, headers=headers)
+        except Exception as exc:  # the message is still ended: a poison message must not loop forever
+            log.warning("could not store the dead-lettered message from %s: %s", msg.subject, describe(exc))
+        await msg.term()
 
     @staticmethod
     def _count(ok: bool, subject: str) -> None:

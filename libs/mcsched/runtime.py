@@ -116,7 +116,8 @@ async def _main(service: str, settings: Settings, compose: Callable[[Runtime], A
         loop.add_signal_handler(sig, stop.set)
     informers: list[Informer] = []
     loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(informers))
-    bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}")
+    bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
+              max_failed_deliveries=settings.max_failed_deliveries)
     connecting = asyncio.create_task(bus.connect())
     done, _ = await asyncio.wait([connecting, asyncio.create_task(stop.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)

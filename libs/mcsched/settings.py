@@ -71,6 +71,8 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a target whose scheduler refused a pod is not chosen again for it for this long")
     unschedulable_retry_seconds: float = Field(5.0, gt=0)
     heartbeat_seconds: float = Field(10.0, gt=0)
+    max_failed_deliveries: int = Field(
+        10, ge=1, description="a bus message whose handling failed this many times is dead-lettered")
     serve_targets: list[str] | None = Field(
         None, description="targets this candidate-scheduler serves (default: all targets)")
     otlp_endpoint: str | None = Field(None, description="OTLP gRPC endpoint for traces, e.g. localhost:4317")

@@ -36,6 +36,9 @@ tracer = trace.get_tracer("multicluster-scheduler")
 
 MESSAGES_HANDLED = Counter("mcs_messages_handled_total", "Bus messages handled", ["kind"])
 MESSAGES_FAILED = Counter("mcs_messages_failed_total", "Bus messages whose handling failed", ["kind"])
+MESSAGES_DEAD = Counter("mcs_messages_dead_lettered_total",
+                        "Bus messages moved to the dead-letter stream (unreadable, or failing every delivery)",
+                        ["kind", "reason"])
 CONSUMER_LAG = Gauge("mcs_consumer_lag_messages", "Messages waiting for a durable consumer", ["consumer"])
 API_REQUESTS = Counter("mcs_api_requests_total", "Kubernetes API requests", ["cluster", "method"])
 PLACEMENT_SECONDS = Histogram(

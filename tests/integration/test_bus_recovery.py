@@ -1,4 +1,4 @@
-"""The bus waits for NATS instead of failing when NATS is down at start."""
+"""The bus against a real NATS: it waits for NATS at start, and never redelivers a poison message forever."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 import subprocess
 from pathlib import Path
 
+import msgpack
 import pytest
+from prometheus_client import REGISTRY
 
 from localenv.environment import free_port
 from localenv.tools import nats_server_binary
@@ -49,3 +51,57 @@ async def test_service_started_before_nats_connects_once_nats_is_up(tmp_path: Pa
         await bus.close()
         server.terminate()
         server.wait(10)
+
+
+async def test_unreadable_and_always_failing_messages_are_dead_lettered_not_redelivered_forever(
+        tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js",  # noqa: ASYNC220
+                               "-sd", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bus = Bus(f"nats://127.0.0.1:{port}", "poison", "test", max_failed_deliveries=3)
+    try:
+        await asyncio.wait_for(bus.connect(), 30)
+        await bus.ensure_streams()
+        dead_before = {reason: _dead("elect", reason) for reason in ("unreadable", "failing")}
+        attempts: dict[str, int] = {}
+
+        async def handler(message: ElectMessage) -> Outcome:
+            attempts[message.proxy.uid] = attempts.get(message.proxy.uid, 0) + 1
+            if message.proxy.uid == "poison":
+                raise RuntimeError("this message always fails")
+            return ACK
+
+        js = bus._jetstream()
+        await js.publish(bus.subject("elect", "c1"), b"\x00 not msgpack", headers={"Nats-Msg-Id": "garbage"})
+        future = {"type": "ElectMessage", "v": 99, "body": {}}
+        await js.publish(bus.subject("elect", "c1"), msgpack.packb(future), headers={"Nats-Msg-Id": "v99"})
+        for uid in ("poison", "fine"):
+            await bus.publish(bus.subject("elect", "c1"),
+                              ElectMessage(proxy=PodRef(cluster="c1", namespace="ns", name=uid, uid=uid)), uid)
+        bus.consume("elect", "test", bus.subject("elect", "c1"), ElectMessage, handler)
+
+        async def settled() -> bool:
+            info = await js.stream_info(bus.stream("dead"))
+            return info.state.messages == 3 and attempts.get("fine") == 1
+        for _ in range(300):
+            if await settled():
+                break
+            await asyncio.sleep(0.1)
+        assert await settled(), f"attempts {attempts}"
+        await asyncio.sleep(3)  # a redelivery of the poison message would come within its back-off
+        assert attempts["poison"] == 3, "retried exactly up to the bound, then never again"
+        assert (await js.stream_info(bus.stream("elect"))).state.messages == 0, "nothing left to redeliver"
+        dead = await js.pull_subscribe(f"{bus.prefix}.dead.>", durable="inspect", stream=bus.stream("dead"))
+        reasons = sorted((m.headers or {}).get("Mcs-Reason", "") for m in await dead.fetch(3, timeout=5))
+        assert reasons == ["failing", "unreadable", "unreadable"]
+        assert _dead("elect", "unreadable") - dead_before["unreadable"] == 2
+        assert _dead("elect", "failing") - dead_before["failing"] == 1
+    finally:
+        await bus.close()
+        server.terminate()
+        server.wait(10)
+
+
+def _dead(kind: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value("mcs_messages_dead_lettered_total", {"kind": kind, "reason": reason})
+    return value or 0.0
