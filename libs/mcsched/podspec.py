@@ -76,6 +76,34 @@ def source_manifest(proxy: Mapping[str, Any]) -> JSON:
     return manifest
 
 
+# The spec fields the admission webhook changes on a proxy; the user's values are in the source manifest.
+SCHEDULING_FIELDS = ("schedulerName", "nodeSelector", "tolerations", "affinity")
+
+
+def delegate_original(proxy: Mapping[str, Any]) -> JSON:
+    """The pod a delegate is built from: the proxy's own spec, as its source admitted it.
+
+    Only the scheduling fields the webhook changed (and the labels and
+    annotations) come from the source-manifest annotation. Everything else,
+    containers, volumes, security contexts, host namespaces, is the proxy's
+    real spec, which passed the source's admission (Pod Security and the
+    rest), so a proxy made without our webhook, with an annotation of its own,
+    can never run in a target more than its creator could run in the source.
+    Raises ValueError for a pod without the annotation.
+    """
+    original = source_manifest(proxy)
+    spec = copy.deepcopy(dict(proxy.get("spec") or {}))
+    wanted = original.get("spec") or {}
+    for name in SCHEDULING_FIELDS:
+        if name in wanted:
+            spec[name] = copy.deepcopy(wanted[name])
+        else:
+            spec.pop(name, None)
+    for name in ("nodeName", "ephemeralContainers"):  # never set on a pod being created
+        spec.pop(name, None)
+    return {"metadata": original.get("metadata") or {}, "spec": spec}
+
+
 PROXY_TOLERATIONS = [
     {"key": VIRTUAL_NODE_TAINT_KEY, "operator": "Equal", "value": VIRTUAL_NODE_TAINT_VALUE,
      "effect": "NoSchedule"},

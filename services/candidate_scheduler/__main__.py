@@ -7,7 +7,8 @@
   it is one of ours, alive, and its recorded placement names this target,
   copies the ConfigMaps and Secrets it uses into the target and creates the
   delegate pod (deterministic name), unbound, for the target's scheduler to
-  place. What the message says is only where to look.
+  place, from the proxy's own admitted spec plus the user's scheduling fields.
+  What the message says is only where to look.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mcsched.follower import Follower
 from mcsched.kube import JSON, KubeError, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Message, PodRef
 from mcsched.placement import choose_node, pod_requests, target_score
-from mcsched.podspec import delegate_manifest, is_proxy, source_manifest
+from mcsched.podspec import delegate_manifest, delegate_original, is_proxy
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since, trace_annotations, tracer
@@ -156,7 +157,7 @@ class TargetScheduler:
         proxy = await self._assigned_proxy(ref, request.resource_version)
         if proxy is None:
             return ACK
-        original = source_manifest(proxy)
+        original = delegate_original(proxy)
         namespace = await self._namespace(ref.namespace)
         waiting = await self._follow(ref, original)
         if waiting is not None:

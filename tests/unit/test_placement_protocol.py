@@ -30,6 +30,8 @@ from mcsched.constants import (
     PARENT_UID_LABEL,
     PLACEMENT_ANNOTATION,
     PROXY_FINALIZER,
+    PROXY_SCHEDULER_NAME,
+    SOURCE_MANIFEST_ANNOTATION,
 )
 from mcsched.kube import JSON, pod_path
 from mcsched.models import CandidateReply, DelegateRequest, ElectMessage, PodRef, StatusUpdate
@@ -389,6 +391,32 @@ async def test_stale_forged_and_mismatched_delegate_requests_create_nothing(worl
     assert [d["metadata"]["labels"][PARENT_UID_LABEL] for d in world.delegates(target)] == [proxy["metadata"]["uid"]]
     assert world.delegates(other) == []
     assert {t: len(world.clusters[t].writes()) for t in TARGETS} == before  # not even a namespace
+
+
+async def test_a_proxy_made_without_the_webhook_runs_no_more_than_its_own_spec(world: World) -> None:
+    """A pod created directly as a "proxy", its annotation asking for a privileged pod, gets its own spec."""
+    privileged = {"metadata": {"labels": {"app": "x"}, "annotations": {}}, "spec": {
+        "hostPID": True, "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+        "containers": [{"name": "app", "image": "evil", "securityContext": {"privileged": True},
+                        "volumeMounts": [{"name": "root", "mountPath": "/host"}]}],
+        "tolerations": [{"operator": "Exists"}]}}
+    target = world.targets[0]
+    forged = {"metadata": {"name": "forged", "namespace": NS, "annotations": {
+                  SOURCE_MANIFEST_ANNOTATION: orjson.dumps(privileged).decode(),
+                  PLACEMENT_ANNOTATION: Placement().choose(target).annotation()}},
+              "spec": {"schedulerName": PROXY_SCHEDULER_NAME,
+                       "containers": [{"name": "app", "image": "busybox"}]}}
+    proxy = await world.c1.create(pod_path(NS), forged)
+    await world.settle()
+    await world.bus.publish(f"mcs.delegate.{target}", DelegateRequest(proxy=ref(proxy), target=target, round=1),
+                            "forged")
+    await world.run("delegate")
+    delegate = world.delegate(target, proxy)
+    assert delegate is not None
+    spec = delegate["spec"]
+    assert spec["containers"] == [{"name": "app", "image": "busybox"}], "the proxy's real containers only"
+    assert "hostPID" not in spec and "volumes" not in spec
+    assert spec["tolerations"] == [{"operator": "Exists"}], "scheduling fields come from the annotation"
 
 
 # -- scheduled, bound, mirrored ---------------------------------------------------------------------------------

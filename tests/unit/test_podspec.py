@@ -215,3 +215,28 @@ def test_newer_resource_version_compares_revisions_as_numbers() -> None:
     assert not newer_resource_version(None, "5")
     assert not newer_resource_version("5", None)
     assert not newer_resource_version("opaque", "5")  # not an etcd revision: never claimed newer
+
+
+def test_a_delegate_is_built_from_the_proxys_own_spec_and_the_users_scheduling_fields() -> None:
+    from mcsched.podspec import delegate_original
+
+    pod = elected_pod()
+    proxy = apply_patch(pod, proxy_patch(pod))
+    proxy["spec"]["priority"] = 0  # set by the source's admission after ours
+    original = delegate_original(proxy)
+    assert original["spec"]["affinity"] == pod["spec"]["affinity"], "the webhook removed it from the proxy"
+    assert original["spec"]["schedulerName"] == "default-scheduler"
+    assert original["spec"]["tolerations"] == pod["spec"]["tolerations"]
+    assert original["spec"]["containers"] == proxy["spec"]["containers"]
+    forged = json.loads(proxy["metadata"]["annotations"][SOURCE_MANIFEST_ANNOTATION])
+    forged["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    forged["spec"]["hostNetwork"] = True
+    proxy["metadata"]["annotations"][SOURCE_MANIFEST_ANNOTATION] = json.dumps(forged)
+    original = delegate_original(proxy)
+    assert "securityContext" not in original["spec"]["containers"][0] and "hostNetwork" not in original["spec"]
+    proxy["spec"]["ephemeralContainers"] = [{"name": "debug", "image": "busybox"}]
+    proxy["spec"]["nodeName"] = "admiralty-c2"
+    assert "ephemeralContainers" not in delegate_original(proxy)["spec"]
+    assert "nodeName" not in delegate_original(proxy)["spec"]
+    with pytest.raises(ValueError):
+        delegate_original({"metadata": {}, "spec": {}})
