@@ -16,7 +16,7 @@ from typing import Any
 from .constants import PROXY_SCHEDULER_NAME, VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
 from .kube import JSON, Informer
 from .placement import Resources, node_allocatable, pod_requests
-from .podspec import parent_ref
+from .podspec import delegate_name, parent_ref
 
 _TERMINAL = ("Succeeded", "Failed")
 
@@ -67,7 +67,8 @@ class TargetView:
             else:
                 self.pending = self.pending + requests
         parent = parent_ref(pod)
-        if parent is not None:
+        # Only the delegate itself, named after its proxy: a copy carrying its labels is not it.
+        if parent is not None and pod["metadata"]["name"] == delegate_name(parent[2], parent[3]):
             if kind == "DELETED":
                 current = self.delegates.get(parent[3])
                 if current is not None and current["metadata"]["uid"] == uid:

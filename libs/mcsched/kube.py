@@ -258,6 +258,9 @@ class Informer:
         old_store, self.store = self.store, fresh
         for key, obj in fresh.items():
             previous = old_store.get(key)
+            if previous is not None and previous["metadata"].get("uid") != obj["metadata"].get("uid"):
+                await self._dispatch("DELETED", previous, previous)  # replaced while the watch was away
+                previous = None
             if previous is None:
                 await self._dispatch("ADDED", obj, None)
             elif previous["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):

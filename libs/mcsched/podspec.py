@@ -25,6 +25,8 @@ from .constants import (
     PARENT_NAME_LABEL,
     PARENT_NAMESPACE_LABEL,
     PARENT_UID_LABEL,
+    PLACEMENT_ANNOTATION,
+    PLACEMENT_ROUND_ANNOTATION,
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
     SOURCE_MANIFEST_ANNOTATION,
@@ -72,7 +74,13 @@ def source_manifest(proxy: Mapping[str, Any]) -> JSON:
     raw = (proxy.get("metadata", {}).get("annotations") or {}).get(SOURCE_MANIFEST_ANNOTATION)
     if not raw:
         raise ValueError("pod has no source manifest annotation: it is not a proxy pod")
-    manifest: JSON = orjson.loads(raw)
+    try:
+        manifest = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"the source manifest annotation is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("spec", {}), dict) \
+            or not isinstance(manifest.get("metadata", {}), dict):
+        raise ValueError("the source manifest annotation is not a pod manifest (an object with metadata and spec)")
     return manifest
 
 
@@ -114,13 +122,17 @@ PROXY_TOLERATIONS = [
 
 
 def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None) -> list[JSON]:
-    """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy already).
+    """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy with no cluster chosen).
 
     ``extra_annotations`` (e.g. the pod's trace context) are added to the proxy only.
     """
-    if is_proxy(pod):
-        return []
     metadata, spec = pod.get("metadata", {}), pod.get("spec", {})
+    if is_proxy(pod):  # e.g. re-created from a proxy's YAML: only a cluster already chosen is dropped
+        kept = {k: v for k, v in (metadata.get("annotations") or {}).items()
+                if k not in (PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION)}
+        if len(kept) == len(metadata.get("annotations") or {}):
+            return []
+        return [{"op": "add", "path": "/metadata/annotations", "value": kept}]
     original = {
         "metadata": {
             "labels": metadata.get("labels") or {},
@@ -129,7 +141,9 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
         },
         "spec": spec,
     }
-    annotations = dict(metadata.get("annotations") or {})
+    # A pod created from a proxy's YAML must not arrive with a cluster already chosen.
+    annotations = {k: v for k, v in (metadata.get("annotations") or {}).items()
+                   if k not in (PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION)}
     annotations.update(extra_annotations or {})
     annotations[SOURCE_MANIFEST_ANNOTATION] = orjson.dumps(original, option=orjson.OPT_SORT_KEYS).decode()
     finalizers = list(metadata.get("finalizers") or [])

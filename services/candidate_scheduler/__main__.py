@@ -157,7 +157,11 @@ class TargetScheduler:
         proxy = await self._assigned_proxy(ref, request.resource_version)
         if proxy is None:
             return ACK
-        original = delegate_original(proxy)
+        try:
+            original = delegate_original(proxy)
+        except ValueError as exc:  # posing as a proxy with a broken annotation: nothing to create
+            log.warning("delegate request for %s: %s; ignored", ref, exc)
+            return ACK
         namespace = await self._namespace(ref.namespace)
         waiting = await self._follow(ref, original)
         if waiting is not None:

@@ -451,10 +451,11 @@ class Feedback:
             return
         if proxy["metadata"].get("deletionTimestamp"):
             self.finalizing.add((ref.cluster, ref.namespace, ref.name))
-        elif _assigned_target(proxy) == target:
-            await self._end_proxy(target, ref, f"its delegate {delegate['metadata']['name']} was deleted in {target}")
+        elif _assigned_target(proxy) == target and delegate["metadata"]["name"] == delegate_name(ref.name, ref.uid):
+            await self._end_proxy(target, ref, f"its delegate {delegate['metadata']['name']} was deleted in {target}",
+                                  delegate_round(delegate))
 
-    async def _end_proxy(self, target: str, ref: PodRef, why: str) -> None:
+    async def _end_proxy(self, target: str, ref: PodRef, why: str, round_: int | None = None) -> None:
         """A pod lives once: the proxy of a delegate that is gone is deleted too, unless it had finished.
 
         Decided on the proxy as its API server has it (the cache may not show yet
@@ -467,6 +468,8 @@ class Feedback:
         if proxy["metadata"].get("deletionTimestamp"):
             self.finalizing.add((ref.cluster, ref.namespace, ref.name))
             return
+        if round_ is not None and not proxy["spec"].get("nodeName") and Placement.of(proxy).round != round_:
+            return  # a delegate of an earlier round (refused, then the same cluster chosen again)
         if is_finished(proxy):
             return  # a pod that finished keeps its final status, and never runs again
         log.info("%s: %s; deleting the proxy (a pod lives once: its controller replaces it)", ref, why)

@@ -10,6 +10,7 @@ import pytest
 from mcsched.capacity import TargetView
 from mcsched.kube import JSON, Handler, Informer
 from mcsched.placement import Resources
+from mcsched.podspec import delegate_name
 
 GI = 1024**3
 GPU = "nvidia.com/gpu"
@@ -64,11 +65,12 @@ def pod(name: str, *, node_name: str | None = None, cpu: str = "500m", gpus: str
     if scheduler:
         spec["schedulerName"] = scheduler
     labels: dict[str, str] = {}
-    if parent_uid:
+    if parent_uid:  # a delegate: named after its proxy ``name``
         labels.update({"multicluster.admiralty.io/parent-cluster": "c1",
                        "multicluster.admiralty.io/parent-namespace": "default",
                        "multicluster.admiralty.io/parent-name": name,
                        "multicluster.admiralty.io/parent-uid": parent_uid})
+        name = delegate_name(name, parent_uid)
     return {"metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "labels": labels},
             "spec": spec, "status": {"phase": phase}}
 
@@ -199,3 +201,14 @@ def test_ready_follows_both_informers(synced: bool) -> None:
     assert target.ready is synced
     pods.healthy = False
     assert target.ready is False
+
+
+def test_a_pod_that_only_copies_a_delegates_labels_is_not_taken_for_it() -> None:
+    target, pods = view([node("w1")])
+    real = pod("a", node_name="w1", parent_uid="p-a")
+    pods.emit("ADDED", real)
+    copy = dict(real, metadata=dict(real["metadata"], name="a-debug", uid="uid-copy"))
+    pods.emit("ADDED", copy)
+    assert target.delegates["p-a"]["metadata"]["uid"] == real["metadata"]["uid"]
+    pods.emit("DELETED", copy)
+    assert "p-a" in target.delegates
