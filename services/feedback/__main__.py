@@ -271,7 +271,8 @@ class Feedback:
             if node is None:
                 return ACK  # the target's scheduler has not decided yet
             bound = await self._bind(ref, update.target, proxy, node)
-            if bound is None:
+            if bound is None:  # gone, or sent to another cluster meanwhile: this delegate is a stray
+                await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
                 return ACK
             if bound != update.target:
                 return ACK  # bound elsewhere before: this delegate is a stray, removed by its own status
@@ -293,28 +294,40 @@ class Feedback:
     async def _bind(self, ref: PodRef, target: str, proxy: JSON, node: str) -> str | None:
         """Bind the proxy to the target's virtual node, now that its delegate is scheduled.
 
-        Returns the target it is bound to (another one if it was bound before),
-        or None if the proxy is gone or being deleted.
+        The binding is guarded by the resourceVersion of a proxy whose placement
+        names ``target``: if the pod was sent elsewhere meanwhile (a refusal this
+        process's cache has not seen), the API server refuses it and the proxy
+        is read again. Returns the target it is bound to (another one if it was
+        bound before), or None if the proxy is gone, being deleted, or no longer
+        placed in ``target``.
         """
-        binding = {"apiVersion": "v1", "kind": "Binding",
-                   "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
-                   "target": {"apiVersion": "v1", "kind": "Node", "name": virtual_node_name(target)}}
         client = self.rt.clusters[ref.cluster]
-        try:
-            with tracer.start_as_current_span("bind proxy", attributes={"node": virtual_node_name(target)}):
-                await client.create(pod_path(ref.namespace, ref.name, "binding"), binding)
-        except KubeError as exc:
-            if exc.not_found:
-                return None
-            if not exc.conflict:  # the API server refuses any other binding as a conflict
-                raise
+        version = proxy["metadata"].get("resourceVersion")
+        for _ in range(3):
+            binding = {"apiVersion": "v1", "kind": "Binding",
+                       "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid,
+                                    **({"resourceVersion": version} if version else {})},
+                       "target": {"apiVersion": "v1", "kind": "Node", "name": virtual_node_name(target)}}
+            try:
+                with tracer.start_as_current_span("bind proxy", attributes={"node": virtual_node_name(target)}):
+                    await client.create(pod_path(ref.namespace, ref.name, "binding"), binding)
+                break
+            except KubeError as exc:
+                if exc.not_found:
+                    return None
+                if not exc.conflict:  # the API server refuses any other binding as a conflict
+                    raise
             current = await read_pod(client, ref.namespace, ref.name, ref.uid)
             if current is None or current["metadata"].get("deletionTimestamp"):
                 return None
             bound = target_of_virtual_node(current["spec"].get("nodeName"))
-            if bound is None:
-                raise
-            return bound
+            if bound is not None:
+                return bound
+            if Placement.of(current).target != target:
+                return None
+            version = current["metadata"]["resourceVersion"]  # changed meanwhile, still placed here
+        else:
+            raise RuntimeError(f"{ref}: the proxy kept changing while binding it to {target}")
         self.bound[ref.uid] = (target, time.monotonic())
         observe_since_creation("proxy_bound", proxy)
         self.events.record_soon(client, proxy, "Scheduled",

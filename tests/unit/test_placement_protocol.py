@@ -574,6 +574,23 @@ async def test_a_delegate_scheduled_but_slow_to_start_binds_its_proxy_after_the_
     assert world.proxy(proxy)["spec"]["nodeName"] == f"admiralty-{target}"
 
 
+async def test_a_proxy_is_never_bound_to_a_cluster_that_refused_it_meanwhile(world: World) -> None:
+    """Another replica recorded a refusal this process's cache has not seen: the late 'scheduled' binds nothing."""
+    proxy, target = await world.place()
+    proxy_cache = world.informer(world.feedback_rt, SOURCE)
+    proxy_cache.lag()
+    current = world.proxy(proxy)
+    refused = Placement.of(current).reject(target, "0/1 nodes are available", 1.0)
+    await world.c1.merge_patch(pod_path(NS, proxy["metadata"]["name"]), refused.patch(None))
+    world.clusters[target].bind_pod(NS, delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"]),
+                                    f"{target}-n1")
+    await world.settle()
+    await world.run("status")
+    assert not world.proxy(proxy)["spec"].get("nodeName"), "bound to a cluster that had refused it"
+    assert world.delegate(target, proxy) is None, "the delegate left there is removed as a stray"
+    await proxy_cache.flush()
+
+
 # -- a pod lives once -----------------------------------------------------------------------------------------------
 
 

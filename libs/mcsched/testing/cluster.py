@@ -444,7 +444,8 @@ class FakeCluster(KubeClient):
 
     def _bind(self, method: str, path: str, where: Location, binding: JSON) -> JSON:
         pod = self._current(method, path, Location("pods", where.namespace, where.name, ""))
-        self._preconditions(method, path, pod, {"uid": (binding.get("metadata") or {}).get("uid")})
+        meta = binding.get("metadata") or {}  # the API server honours both, as preconditions
+        self._preconditions(method, path, pod, {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")})
         name = pod["metadata"]["name"]
         if pod["metadata"].get("deletionTimestamp"):
             raise self._error(method, path, 409, "Conflict",
