@@ -32,6 +32,7 @@ from mcsched.podspec import delegate_manifest, delegate_original, is_proxy
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since, trace_annotations, tracer
+from mcsched.workqueue import KeyedLocks
 
 log = logging.getLogger("candidate-scheduler")
 
@@ -53,8 +54,11 @@ class TargetScheduler:
                         f"spec.schedulerName!={PROXY_SCHEDULER_NAME}"))
         self.follower = Follower(rt, target, self.view.pods)
         self.events = EventRecorder(f"admiralty-candidate-scheduler-{target}")
-        self.namespaces: dict[str, JSON] = {}
+        # The target's namespaces, watched: a delegate's owner reference must name the namespace's
+        # current UID, or the garbage collector deletes the delegate.
+        self.namespaces = rt.informer(target, "/api/v1/namespaces")
         self.created_namespaces: dict[str, float] = {}  # name -> when we created it (monotonic)
+        self.proxy_locks: KeyedLocks[str] = KeyedLocks()
 
     # -- estimates -----------------------------------------------------------------
 
@@ -88,7 +92,7 @@ class TargetScheduler:
 
     async def _namespace(self, name: str) -> JSON:
         cached = self.namespaces.get(name)
-        if cached is not None:
+        if cached is not None and not cached["metadata"].get("deletionTimestamp"):
             return cached
         try:
             namespace = await self.client.get(f"/api/v1/namespaces/{name}")
@@ -104,12 +108,14 @@ class TargetScheduler:
                 if not again.conflict:
                     raise
                 namespace = await self.client.get(f"/api/v1/namespaces/{name}")
-        self.namespaces[name] = namespace
         return namespace
 
     async def on_delegate(self, request: DelegateRequest) -> Outcome:
         with tracer.start_as_current_span(f"create delegate in {self.target}", attributes={"pod": str(request.proxy)}):
-            return await self._delegate(request)
+            # One request per proxy at a time: a second copy (a redelivery, a resync's) waits, then finds
+            # the delegate, instead of creating it again from a read older than a refusal.
+            async with self.proxy_locks.hold(request.proxy.uid):
+                return await self._delegate(request)
 
     async def _assigned_proxy(self, ref: PodRef, resource_version: str | None) -> JSON | None:
         """The proxy, if a delegate for it belongs in this target now; None (logged) otherwise.
@@ -182,8 +188,6 @@ class TargetScheduler:
         except KubeError as exc:
             if exc.conflict:  # created before (redelivery): the name is deterministic
                 return ACK
-            if exc.not_found:  # namespace deleted meanwhile
-                self.namespaces.pop(ref.namespace, None)
             raise
         observe_since("delegate_created", request.created)
         log.info("delegate %s/%s created in %s (round %d)", ref.namespace, manifest["metadata"]["name"],

@@ -347,7 +347,7 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     assert target == {
         ("", "pods"): {"get", "list", "watch", "create", "delete"},
         ("", "nodes"): {"list", "watch"},
-        ("", "namespaces"): {"get", "create"},
+        ("", "namespaces"): {"get", "list", "watch", "create"},
         ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete"},
         ("", "secrets"): {"get", "list", "watch", "create", "update", "delete"},
         ("", "serviceaccounts"): {"get"},
