@@ -335,6 +335,32 @@ class Feedback:
                                 f" (node {node} in {target})", kind="Normal")
         return target
 
+    async def _record_refusal(self, target: str, ref: PodRef, proxy: JSON, reason: str) -> JSON | None:
+        """Record on the proxy (with a precondition) that ``target`` refused it; the proxy as recorded.
+
+        None when there is nothing to record: the proxy is gone, bound, or placed elsewhere already.
+        """
+        client = self.rt.clusters[ref.cluster]
+        for _ in range(3):
+            placement = Placement.of(proxy)
+            if placement.target != target or proxy["spec"].get("nodeName"):
+                return None
+            try:
+                recorded: JSON = await client.merge_patch(pod_path(ref.namespace, ref.name),
+                                                          placement.reject(target, reason, time.time()).patch(
+                                                              proxy["metadata"]["resourceVersion"]))
+                return recorded
+            except KubeError as exc:
+                if exc.not_found:
+                    return None
+                if not exc.conflict:
+                    raise
+            fresh = await read_pod(client, ref.namespace, ref.name, ref.uid)
+            if fresh is None:
+                return None
+            proxy = fresh
+        raise RuntimeError(f"{ref}: the proxy kept changing while recording {target}'s refusal")
+
     async def _refused(self, target: str, ref: PodRef, proxy: JSON, reason: str,
                        delegate: str, delegate_uid: str, delegate_version: str | None) -> None:
         """The target's scheduler cannot place the delegate: record it, free the pod for another cluster.
@@ -346,26 +372,9 @@ class Feedback:
         back instead, unless the pod has gone on to another cluster already.
         """
         client = self.rt.clusters[ref.cluster]
-        for _ in range(3):
-            placement = Placement.of(proxy)
-            if placement.target != target or proxy["spec"].get("nodeName"):
-                return
-            try:
-                recorded = await client.merge_patch(pod_path(ref.namespace, ref.name),
-                                                    placement.reject(target, reason, time.time()).patch(
-                                                        proxy["metadata"]["resourceVersion"]))
-                break
-            except KubeError as exc:
-                if exc.not_found:
-                    return
-                if not exc.conflict:
-                    raise
-            fresh = await read_pod(client, ref.namespace, ref.name, ref.uid)
-            if fresh is None:
-                return
-            proxy = fresh
-        else:
-            raise RuntimeError(f"{ref}: the proxy kept changing while recording {target}'s refusal")
+        recorded = await self._record_refusal(target, ref, proxy, reason)
+        if recorded is None:
+            return
         if await self._delete_pod(target, ref.namespace, delegate, delegate_uid, resource_version=delegate_version):
             log.info("%s: %s's scheduler refused the delegate (%s); trying another cluster", ref, target, reason)
             self.events.record_soon(client, proxy, "DelegateUnschedulable",
@@ -511,6 +520,16 @@ class Feedback:
             return
         target = _assigned_target(proxy)
         view = self.targets.get(target or "")
+        if target is not None and not proxy["spec"].get("nodeName") and (view is None or not view.ready):
+            # Chosen, but the cluster is unknown or unreachable: no delegate can come from it. After the
+            # grace period the pod is freed for the others, as if that cluster had refused it.
+            first_missed = self.missing_since.setdefault(meta["uid"], time.monotonic())
+            if time.monotonic() - first_missed >= DELEGATE_GRACE_SECONDS:
+                reason = f"cluster {target} is not a target" if view is None else f"cluster {target} is unreachable"
+                if await self._record_refusal(target, _ref(source, proxy), proxy, reason) is not None:
+                    log.info("%s chose %s, which cannot take it (%s); trying another cluster",
+                             _ref(source, proxy), target, reason)
+            return
         if target is None or view is None or not self._synced(view.pods) or meta["uid"] in view.delegates \
                 or is_finished(proxy):
             self.missing_since.pop(meta["uid"], None)

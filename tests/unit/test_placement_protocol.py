@@ -591,6 +591,26 @@ async def test_a_proxy_is_never_bound_to_a_cluster_that_refused_it_meanwhile(wor
     await proxy_cache.flush()
 
 
+async def test_a_pod_placed_in_a_cluster_that_cannot_take_it_is_freed_for_the_others(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.feedback.__main__ as feedback_module
+
+    monkeypatch.setattr(feedback_module, "DELEGATE_GRACE_SECONDS", 0.0)
+    proxy = await world.create_proxy()
+    for envelope in world.bus.pending("elect"):
+        world.bus.drop(envelope)
+    gone = Placement().choose("c9")  # e.g. a target removed from the settings since
+    await world.c1.merge_patch(pod_path(NS, proxy["metadata"]["name"]), gone.patch(None))
+    await world.settle()
+    await world.feedback.resync()
+    await world.settle()
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target is None and "not a target" in placement.rejections["c9"].reason
+    await world.run()
+    assert Placement.of(world.proxy(proxy)).target in world.targets, "placed in a cluster that can take it"
+
+
 # -- a pod lives once -----------------------------------------------------------------------------------------------
 
 
