@@ -127,17 +127,3 @@ def delegate_round(delegate: Mapping[str, Any]) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
-
-
-def newer_choice_than_cached(cached: Placement, delegate_round_: int | None, target: str) -> bool:
-    """Whether a delegate in ``target`` proves a choice that a lagging proxy cache has not shown yet.
-
-    The candidate-scheduler creates a delegate only after reading, from the API
-    server, a placement naming its target, and stamps the round it read. A
-    cache still showing an earlier round, with no target (a new proxy, or one
-    freed by a refusal), has simply not seen that choice yet: the delegate can
-    be trusted without asking the API server. Anything else is decided by a
-    fresh read.
-    """
-    return delegate_round_ is not None and cached.target is None and cached.round == delegate_round_ - 1 \
-        and bool(target)

@@ -131,5 +131,3 @@ class StatusUpdate(Message):
     delegate_resource_version: str | None = None
     # Why the target's scheduler could not place the delegate (its PodScheduled message), if it could not.
     unschedulable: str | None = None
-    # The proxy's placement round the delegate was created for (its placement-round annotation).
-    round: int | None = None

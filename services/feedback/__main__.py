@@ -28,12 +28,11 @@ from typing import Any
 
 from mcsched.bus import ACK, PUBLISHERS, Outcome
 from mcsched.capacity import TargetView
-from mcsched.choice import Placement, delegate_round, newer_choice_than_cached
+from mcsched.choice import Placement, delegate_round
 from mcsched.constants import (
     NODE_LEASE_NAMESPACE,
     NODE_ROLE_LABEL,
     PARENT_UID_LABEL,
-    PLACEMENT_ANNOTATION,
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
     VIRTUAL_NODE_TAINT_KEY,
@@ -199,7 +198,7 @@ class Feedback:
         meta = delegate["metadata"]
         status, node, refusal = _delegate_signal(delegate)
         update = StatusUpdate(proxy=ref, target=target, delegate_name=meta["name"], delegate_uid=meta["uid"],
-                              delegate_node=node, status=status, unschedulable=refusal, round=delegate_round(delegate),
+                              delegate_node=node, status=status, unschedulable=refusal,
                               delegate_resource_version=meta.get("resourceVersion"))
         # The id names this process: each replica's copy of a change is delivered, because a replica
         # whose cache lagged may have written an older status after another replica wrote the newer one.
@@ -252,16 +251,11 @@ class Feedback:
         if bound_here is not None and not proxy["spec"].get("nodeName"):  # bound moments ago; the cache lags
             proxy = {**proxy, "spec": {**proxy["spec"], "nodeName": virtual_node_name(bound_here[0])}}
         if _assigned_target(proxy) != update.target:
-            if newer_choice_than_cached(Placement.of(proxy), update.round, update.target):
-                # The cache has not seen the choice this delegate was made for yet: record it locally.
-                chosen = Placement.of(proxy).choose(update.target)
-                proxy = {**proxy, "metadata": {**proxy["metadata"], "annotations": {
-                    **(proxy["metadata"].get("annotations") or {}), PLACEMENT_ANNOTATION: chosen.annotation()}}}
-            else:
-                # A stray, or a cache further behind: the API server decides.
-                proxy = await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
-                if proxy is None or proxy["metadata"].get("deletionTimestamp"):
-                    return ACK
+            # A stray, or the cache has not seen the choice yet: the API server decides (and the
+            # proxy it returns is the one the binding's precondition needs).
+            proxy = await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
+            if proxy is None or proxy["metadata"].get("deletionTimestamp"):
+                return ACK
         bound = target_of_virtual_node(proxy["spec"].get("nodeName"))
         if bound is None:
             if refusal is not None:

@@ -62,18 +62,10 @@ def test_a_premature_refusal_is_taken_back() -> None:
     assert refused.take_back("c2") == chosen
 
 
-def test_a_delegate_proves_only_the_next_choice_of_a_cache_that_shows_none() -> None:
-    from mcsched.choice import delegate_round, newer_choice_than_cached
+def test_the_round_a_delegate_was_made_for() -> None:
+    from mcsched.choice import delegate_round
     from mcsched.constants import PLACEMENT_ROUND_ANNOTATION
 
-    stamped = {"metadata": {"annotations": {PLACEMENT_ROUND_ANNOTATION: "2"}}}
-    assert delegate_round(stamped) == 2
+    assert delegate_round({"metadata": {"annotations": {PLACEMENT_ROUND_ANNOTATION: "2"}}}) == 2
     assert delegate_round({"metadata": {}}) is None
     assert delegate_round({"metadata": {"annotations": {PLACEMENT_ROUND_ANNOTATION: "x"}}}) is None
-    refused_once = Placement().choose("c1").reject("c1", "full", 1.0)  # round 1, no target
-    assert newer_choice_than_cached(refused_once, 2, "c2"), "the cache has not seen round 2 yet"
-    assert not newer_choice_than_cached(refused_once, 1, "c1"), "round 1's delegate was refused"
-    assert not newer_choice_than_cached(refused_once, 3, "c2"), "two rounds behind: ask the API server"
-    assert not newer_choice_than_cached(Placement().choose("c1"), 2, "c2"), "a cache naming a target: ask"
-    assert not newer_choice_than_cached(Placement(), None, "c2"), "an unstamped delegate proves nothing"
-    assert newer_choice_than_cached(Placement(), 1, "c2")
