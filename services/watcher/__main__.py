@@ -144,7 +144,13 @@ class ElectPublisher:
         with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(message.proxy)}):
             await self.rt.bus.publish(self.rt.bus.subject("elect", source), message,
                                       f"elect:{message.proxy.uid}:{round_}")
-        self.published[message.proxy.uid] = (round_, time.monotonic())
+        if self._still_cached(source, pod):  # not bound or deleted while it was being published
+            self.published[message.proxy.uid] = (round_, time.monotonic())
+
+    def _still_cached(self, source: str, pod: JSON) -> bool:
+        meta = pod["metadata"]
+        current = self.informers[source].get(f"{meta['namespace']}/{meta['name']}")
+        return current is not None and current["metadata"]["uid"] == meta["uid"]
 
     def on_event(self, source: str, kind: str, pod: JSON) -> None:
         if kind == "DELETED" or pod["spec"].get("nodeName"):
@@ -182,7 +188,8 @@ class ElectPublisher:
             await self.rt.bus.publish_many(batch)
             for _, message, _ in batch:
                 pod = self.informers[message.proxy.cluster].get(f"{message.proxy.namespace}/{message.proxy.name}")
-                self.published[message.proxy.uid] = (Placement.of(pod).round if pod else 0, now)
+                if pod is not None and pod["metadata"]["uid"] == message.proxy.uid:
+                    self.published[message.proxy.uid] = (Placement.of(pod).round, now)
 
 
 async def compose(rt: Runtime) -> None:
