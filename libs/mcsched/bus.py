@@ -275,7 +275,7 @@ class Bus:
                     await asyncio.sleep(1)
                     continue
                 for msg in messages:
-                    task = asyncio.create_task(self._handle(msg, model, handler))
+                    task = asyncio.create_task(self._handle(msg, model, handler, ack_wait))
                     handling.add(task)
                     task.add_done_callback(handling.discard)
         finally:
@@ -283,7 +283,17 @@ class Bus:
                 task.cancel()
             await asyncio.gather(*handling, return_exceptions=True)  # unacked: redelivered later
 
-    async def _handle(self, msg: Msg, model: type[M], handler: Handler[M]) -> None:
+    @staticmethod
+    async def _keep_alive(msg: Msg, every: float) -> None:
+        """Tell JetStream the message is still being worked on, so it is not delivered to another process."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await msg.in_progress()
+            except Exception:  # NATS away: the message may be redelivered, and handlers are idempotent
+                return
+
+    async def _handle(self, msg: Msg, model: type[M], handler: Handler[M], ack_wait: float = 30.0) -> None:
         token = otel_context.attach(propagate.extract(msg.headers or {}))
         try:
             try:
@@ -292,6 +302,7 @@ class Bus:
                 self._count(False, msg.subject)
                 await self._dead_letter(msg, "unreadable", str(exc))
                 return
+            keep_alive = asyncio.create_task(self._keep_alive(msg, ack_wait / 3))
             try:
                 outcome = await handler(message)
             except Exception as exc:
@@ -307,6 +318,8 @@ class Bus:
                             exc_info=not _self_explaining(exc))
                 await msg.nak(delay=delay)
                 return
+            finally:
+                keep_alive.cancel()
             self._count(True, msg.subject)
             if outcome.ack:
                 await msg.ack()

@@ -105,3 +105,29 @@ async def test_unreadable_and_always_failing_messages_are_dead_lettered_not_rede
 def _dead(kind: str, reason: str) -> float:
     value = REGISTRY.get_sample_value("mcs_messages_dead_lettered_total", {"kind": kind, "reason": reason})
     return value or 0.0
+
+
+async def test_a_handler_slower_than_ack_wait_keeps_its_message(tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js",  # noqa: ASYNC220
+                               "-sd", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bus = Bus(f"nats://127.0.0.1:{port}", "slow", "test")
+    try:
+        await asyncio.wait_for(bus.connect(), 30)
+        await bus.ensure_streams()
+        calls: list[str] = []
+
+        async def slow(message: ElectMessage) -> Outcome:
+            calls.append(message.proxy.uid)
+            await asyncio.sleep(5)  # far longer than ack_wait: JetStream would hand it out again
+            return ACK
+
+        await bus.publish(bus.subject("elect", "c1"),
+                          ElectMessage(proxy=PodRef(cluster="c1", namespace="ns", name="p", uid="u1")), "u1")
+        bus.consume("elect", "test", bus.subject("elect", "c1"), ElectMessage, slow, ack_wait=1.5)
+        await asyncio.sleep(8)
+        assert calls == ["u1"], "delivered again while its handler was still at work"
+    finally:
+        await bus.close()
+        server.terminate()
+        server.wait(10)
