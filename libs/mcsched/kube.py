@@ -246,8 +246,12 @@ class Informer:
                 result = handler(kind, obj, old)
                 if result is not None:
                     await result
-            except Exception:
-                log.exception("%s: handler failed on %s %s", self.name, kind, object_key(obj))
+            except Exception as exc:
+                self._handler_failed(exc, kind, obj)
+
+    def _handler_failed(self, exc: Exception, kind: str, obj: JSON) -> None:
+        """A handler raised: logged, and the other handlers and events go on."""
+        log.error("%s: handler failed on %s %s", self.name, kind, object_key(obj), exc_info=exc)
 
     def _connected(self) -> None:
         self.healthy = True

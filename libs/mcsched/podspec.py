@@ -121,6 +121,10 @@ PROXY_TOLERATIONS = [
 ]
 
 
+def _without_placement(annotations: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in annotations.items() if k not in (PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION)}
+
+
 def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None) -> list[JSON]:
     """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy with no cluster chosen).
 
@@ -128,8 +132,7 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
     """
     metadata, spec = pod.get("metadata", {}), pod.get("spec", {})
     if is_proxy(pod):  # e.g. re-created from a proxy's YAML: only a cluster already chosen is dropped
-        kept = {k: v for k, v in (metadata.get("annotations") or {}).items()
-                if k not in (PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION)}
+        kept = _without_placement(metadata.get("annotations") or {})
         if len(kept) == len(metadata.get("annotations") or {}):
             return []
         return [{"op": "add", "path": "/metadata/annotations", "value": kept}]
@@ -142,8 +145,7 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
         "spec": spec,
     }
     # A pod created from a proxy's YAML must not arrive with a cluster already chosen.
-    annotations = {k: v for k, v in (metadata.get("annotations") or {}).items()
-                   if k not in (PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION)}
+    annotations = _without_placement(metadata.get("annotations") or {})
     annotations.update(extra_annotations or {})
     annotations[SOURCE_MANIFEST_ANNOTATION] = orjson.dumps(original, option=orjson.OPT_SORT_KEYS).decode()
     finalizers = list(metadata.get("finalizers") or [])

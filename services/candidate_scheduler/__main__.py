@@ -24,6 +24,7 @@ from mcsched.capacity import TargetView
 from mcsched.choice import Placement
 from mcsched.constants import PLACEMENT_ROUND_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.events import EventRecorder
+from mcsched.follow import created_at
 from mcsched.follower import Follower
 from mcsched.kube import JSON, KubeError, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Message, PodRef
@@ -57,7 +58,6 @@ class TargetScheduler:
         # The target's namespaces, watched: a delegate's owner reference must name the namespace's
         # current UID, or the garbage collector deletes the delegate.
         self.namespaces = rt.informer(target, "/api/v1/namespaces")
-        self.created_namespaces: dict[str, float] = {}  # name -> when we created it (monotonic)
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
 
     # -- estimates -----------------------------------------------------------------
@@ -103,7 +103,6 @@ class TargetScheduler:
             try:
                 namespace = await self.client.create("/api/v1/namespaces", {
                     "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-                self.created_namespaces[name] = time.monotonic()
             except KubeError as again:
                 if not again.conflict:
                     raise
@@ -141,16 +140,16 @@ class TargetScheduler:
             return None
         return proxy
 
-    async def _follow(self, ref: PodRef, original: JSON) -> str | None:
+    async def _follow(self, ref: PodRef, original: JSON, namespace: JSON) -> str | None:
         """Copy what the pod uses into the target; a reason when the delegate must wait.
 
         In a namespace created moments ago, the default ServiceAccount is about to
         appear: that is waited for here rather than reported to the user.
         """
+        created = created_at(namespace) or 0.0
         while True:
             waiting = await self.follower.ensure(ref.cluster, ref.namespace, original.get("spec") or {})
-            created = self.created_namespaces.get(ref.namespace)
-            if waiting is None or created is None or time.monotonic() - created > NEW_NAMESPACE_SECONDS:
+            if waiting is None or time.time() - created > NEW_NAMESPACE_SECONDS:
                 return waiting
             await asyncio.sleep(0.5)
 
@@ -169,7 +168,7 @@ class TargetScheduler:
             log.warning("delegate request for %s: %s; ignored", ref, exc)
             return ACK
         namespace = await self._namespace(ref.namespace)
-        waiting = await self._follow(ref, original)
+        waiting = await self._follow(ref, original, namespace)
         if waiting is not None:
             message = f"{self.target}: the delegate waits: {waiting}"
             await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, proxy, message,

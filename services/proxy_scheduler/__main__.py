@@ -116,14 +116,21 @@ class ProxyScheduler:
             return ACK
         return retry_later(1.0, "the proxy kept changing")
 
+    async def _undecided(self, ref: PodRef) -> JSON | None:
+        """The proxy as its API server has it, unless it is gone, being deleted or bound already."""
+        pod = await self._read_proxy(ref)
+        if pod is None or pod["metadata"].get("deletionTimestamp") or pod["spec"].get("nodeName"):
+            return None
+        return pod
+
     async def _current(self, ref: PodRef) -> tuple[JSON, Placement, str] | None:
         """The user's pod, placement and resourceVersion of the proxy as its API server has it.
 
         None when there is nothing (more) to decide: the proxy is gone, being
         deleted, bound already, or not a proxy made by our webhook (then an Event says so).
         """
-        pod = await self._read_proxy(ref)
-        if pod is None or pod["metadata"].get("deletionTimestamp") or pod["spec"].get("nodeName"):
+        pod = await self._undecided(ref)
+        if pod is None:
             return None
         try:
             original = source_manifest(pod)
@@ -134,10 +141,8 @@ class ProxyScheduler:
 
     async def _unschedulable(self, ref: PodRef, answers: dict[str, CandidateReply | None],
                              refused: dict[str, str]) -> Outcome:
-        pod = await self._read_proxy(ref)
-        if pod is None or pod["metadata"].get("deletionTimestamp") or pod["spec"].get("nodeName"):
-            return ACK
-        if Placement.of(pod).target is not None:  # another replica chose meanwhile
+        pod = await self._undecided(ref)
+        if pod is None or Placement.of(pod).target is not None:  # or another replica chose meanwhile
             return ACK
         reasons = {target: reply.reason if reply else "no candidate-scheduler answered"
                    for target, reply in answers.items()}

@@ -144,13 +144,13 @@ class ElectPublisher:
         with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(message.proxy)}):
             await self.rt.bus.publish(self.rt.bus.subject("elect", source), message,
                                       f"elect:{message.proxy.uid}:{round_}")
-        if self._still_cached(source, pod):  # not bound or deleted while it was being published
+        if self._cached(message.proxy) is not None:  # not bound or deleted while it was being published
             self.published[message.proxy.uid] = (round_, time.monotonic())
 
-    def _still_cached(self, source: str, pod: JSON) -> bool:
-        meta = pod["metadata"]
-        current = self.informers[source].get(f"{meta['namespace']}/{meta['name']}")
-        return current is not None and current["metadata"]["uid"] == meta["uid"]
+    def _cached(self, ref: PodRef) -> JSON | None:
+        """The proxy as this process's cache has it now, if it is still that incarnation and unbound."""
+        current = self.informers[ref.cluster].get(f"{ref.namespace}/{ref.name}")
+        return current if current is not None and current["metadata"]["uid"] == ref.uid else None
 
     def on_event(self, source: str, kind: str, pod: JSON) -> None:
         if kind == "DELETED" or pod["spec"].get("nodeName"):
@@ -187,8 +187,7 @@ class ElectPublisher:
             log.info("resync: %d proxy pods still need a target", len(batch))
             await self.rt.bus.publish_many(batch)
             for _, message, _ in batch:
-                pod = self.informers[message.proxy.cluster].get(f"{message.proxy.namespace}/{message.proxy.name}")
-                if pod is not None and pod["metadata"]["uid"] == message.proxy.uid:
+                if (pod := self._cached(message.proxy)) is not None:
                     self.published[message.proxy.uid] = (Placement.of(pod).round, now)
 
 
