@@ -51,9 +51,14 @@ async def test_a_pods_whole_scheduling_is_one_trace_across_all_four_services(
         # Every service exports its spans on its own schedule: wait for one span of each.
         wanted = {"publish elect", "schedule proxy", "record choice", f"create delegate in {target}",
                   "bind proxy", "mirror status"}
-        return data if wanted <= names else None
+        missing[:] = sorted(wanted - names)
+        return data if not missing else None
 
-    trace = await eventually(whole_trace, within=30)
+    missing: list[str] = ["the trace"]
+    try:
+        trace = await eventually(whole_trace, within=60)
+    except AssertionError as exc:
+        raise AssertionError(f"spans never reported: {missing}") from exc
     spans = {s["spanID"]: s for s in trace["spans"]}
     service_of = {sid: trace["processes"][s["processID"]]["serviceName"] for sid, s in spans.items()}
     assert set(service_of.values()) >= {"watcher", "proxy-scheduler", "candidate-scheduler", "feedback"}
