@@ -25,11 +25,14 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from mcsched.constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL
 from mcsched.kube import JSON, Informer, KubeClient
@@ -42,6 +45,7 @@ BASELINE_AGAIN = "baseline, again"
 STEPS = ("proxy_bound", "delegate_created", "delegate_running", "proxy_running")
 BASELINE_STEPS = ("bound", "running")
 NAMESPACE = "bench"
+PROFILE_SECONDS = int(os.environ.get("BENCH_PROFILE", "0") or 0)
 
 
 @dataclass
@@ -145,6 +149,7 @@ class Scenario:
             await informer.wait_synced(30)
         before = _service_usage(self.env)
         started = time.monotonic()
+        profiling = asyncio.ensure_future(self._profile()) if self.elected and PROFILE_SECONDS else None
         await self._create(client, namespace)
         created_in = time.monotonic() - started
         try:
@@ -153,11 +158,38 @@ class Scenario:
             pass
         elapsed = time.monotonic() - started
         after = _service_usage(self.env)
+        if profiling is not None:
+            await profiling
         for informer in informers:
             await informer.stop()
         for c in self.clients.values():
             await c.close()
         return self._report(elapsed, created_in, before, after)
+
+    async def _profile(self) -> None:
+        """``BENCH_PROFILE=<seconds>``: CPU profiles of every API server (pprof) and service
+        (py-spy, if installed) from the start of creation, into ``.local/bench/profile/``."""
+        out = Path(os.environ.get("MCS_LOCAL_DIR", ".local")) / "bench" / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+
+        async def api_server(name: str, client: KubeClient) -> None:
+            response = await client._raw("GET", "/debug/pprof/profile", {"seconds": PROFILE_SECONDS},
+                                         timeout=aiohttp.ClientTimeout(total=PROFILE_SECONDS + 30))
+            async with response:
+                (out / f"{name}-kube-apiserver.pprof").write_bytes(await response.read())
+
+        jobs: list[Any] = [api_server(name, c) for name, c in self.clients.items()]
+        py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if py_spy:
+            for record in self.env.processes.load():
+                if record.name.startswith("svc-") and record.alive():
+                    jobs.append(asyncio.create_subprocess_exec(
+                        py_spy, "record", "--gil", "--nonblocking", "--format", "raw", "-d", str(PROFILE_SECONDS),
+                        "-p", str(record.pid), "-o", str(out / f"{record.name}.txt"),
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+        started = await asyncio.gather(*jobs, return_exceptions=True)
+        await asyncio.gather(*(p.wait() for p in started if isinstance(p, asyncio.subprocess.Process)))
+        print(f"    profiles in {out}", flush=True)
 
     async def _create(self, client: KubeClient, namespace: str) -> None:
         deployments = self.pods // 2
