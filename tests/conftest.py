@@ -55,4 +55,5 @@ async def kube(env_info: EnvironmentInfo) -> AsyncIterator[dict[str, k8s.ApiClie
 
 @pytest.fixture(scope="session")
 def nats_url(env_info: EnvironmentInfo) -> str:
-    return env_info.nats_url
+    """NATS as an administrator (the services each have a user of their own)."""
+    return env_info.nats_admin_url

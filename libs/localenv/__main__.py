@@ -23,7 +23,8 @@ def _print_usage(env: LocalEnvironment) -> None:
     print("The local environment is up:")
     for name, cluster in info.clusters.items():
         print(f"  cluster {name:<4} {cluster['server']}  nodes: {', '.join(cluster['nodes'])}")
-    print(f"  NATS      {info.nats_url} (monitoring {info.nats_monitor_url})")
+    print(f"  NATS      {info.nats_url} (monitoring {info.nats_monitor_url}); a user per stage, passwords in "
+          f"{Path(info.nats_password_files['admin']).parent}")
     print(f"  Jaeger    {info.jaeger_query_url} (OTLP gRPC {info.otlp_grpc_endpoint}, "
           f"HTTP {info.otlp_http_endpoint})")
     print()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import socket
 import time
@@ -21,9 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mcsched.natsauth import STAGES, NatsUser, authorization, stage_permissions, stage_users
+
 from .cluster import ClusterPorts, ClusterSpec, LocalCluster, gpu_workers
 from .processes import ProcessTable
 from .tools import bin_dir, nats_server_binary
+
+SUBJECT_PREFIX = "mcs"  # the services' subject prefix in the local environment
 
 _handed_out: set[int] = set()
 
@@ -61,6 +66,8 @@ class EnvironmentInfo:
     otlp_grpc_endpoint: str
     otlp_http_endpoint: str
     services_kubeconfig: str = ""  # the services' identity: the chart's roles only
+    nats_admin_url: str = ""  # NATS as an administrator (tests, tools): the URL with the admin's credentials
+    nats_password_files: dict[str, str] = field(default_factory=dict)  # NATS user -> file holding its password
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -153,7 +160,7 @@ class LocalEnvironment:
         ]
         local = [LocalCluster(spec, self.root, self.processes) for spec in specs]
         try:
-            nats = self._start_nats(log)
+            nats = self._start_nats(log, clusters)
             jaeger = self._start_jaeger(log)
             for cluster in local:
                 log(f"starting cluster {cluster.spec.name} (etcd, kube-apiserver on {cluster.spec.server}, "
@@ -183,7 +190,8 @@ class LocalEnvironment:
                 "nodes": c.spec.node_names(), "gpu_nodes": gpu_workers(c.spec.node_names()),
                 "pod_cidr": c.spec.pod_cidr,
             } for c in local},
-            nats_url=nats["url"], nats_monitor_url=nats["monitor"],
+            nats_url=nats["url"], nats_monitor_url=nats["monitor"], nats_admin_url=nats["admin_url"],
+            nats_password_files=nats["password_files"],
             jaeger_query_url=jaeger["query"],
             otlp_grpc_endpoint=jaeger["otlp_grpc"], otlp_http_endpoint=jaeger["otlp_http"],
         )
@@ -194,16 +202,37 @@ class LocalEnvironment:
         log(f"environment up in {time.monotonic() - started:.1f}s")
         return info
 
-    def _start_nats(self, log: Any) -> dict[str, str]:
+    def _start_nats(self, log: Any, clusters: list[str]) -> dict[str, Any]:
+        """nats-server with JetStream and one user per stage (every cluster a source and a target), an
+        administrator, and a candidate-scheduler user per target (``candidate-scheduler-<target>``)."""
         port, monitor = free_port(), free_port()
         store = self.root / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        log(f"starting NATS JetStream on 127.0.0.1:{port}")
+        passwords = {name: secrets.token_urlsafe(24) for name in
+                     ("admin", *STAGES, *(f"candidate-scheduler-{c}" for c in clusters))}
+        users = [NatsUser("admin", passwords["admin"], None),
+                 *stage_users(SUBJECT_PREFIX, clusters, clusters, passwords),
+                 *(NatsUser(f"candidate-scheduler-{c}", passwords[f"candidate-scheduler-{c}"],
+                            stage_permissions("candidate-scheduler", f"candidate-scheduler-{c}", SUBJECT_PREFIX,
+                                              clusters, [c])) for c in clusters)]
+        secrets_dir = store / "credentials"
+        secrets_dir.mkdir(mode=0o700)
+        files = {}
+        for name, password in passwords.items():
+            path = secrets_dir / name
+            path.write_text(password)
+            path.chmod(0o600)
+            files[name] = str(path)
+        config = store / "auth.conf"
+        config.write_text(json.dumps(authorization(users), indent=1))  # NATS reads JSON as its own format
+        config.chmod(0o600)
+        log(f"starting NATS JetStream on 127.0.0.1:{port} (a user per stage)")
         self.processes.start("nats", [
-            str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
-            "-js", "-sd", str(store), "--server_name", "local-env",
+            str(nats_server_binary()), "-c", str(config), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+            "-js", "-sd", str(store / "jetstream"), "--server_name", "local-env",
         ])
-        return {"url": f"nats://127.0.0.1:{port}", "monitor": f"http://127.0.0.1:{monitor}"}
+        return {"url": f"nats://127.0.0.1:{port}", "monitor": f"http://127.0.0.1:{monitor}",
+                "admin_url": f"nats://admin:{passwords['admin']}@127.0.0.1:{port}", "password_files": files}
 
     def restart_nats(self) -> None:
         """Stop and start nats-server on the same port and storage (for recovery tests)."""

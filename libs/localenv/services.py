@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .environment import EnvironmentInfo, LocalEnvironment, free_port
+from .environment import SUBJECT_PREFIX, EnvironmentInfo, LocalEnvironment, free_port
 
 SERVICES = ("watcher", "proxy_scheduler", "candidate_scheduler", "feedback")
 
@@ -30,7 +30,7 @@ def write_config(env: LocalEnvironment, sources: list[str] | None = None,
         "clusters": [{"name": n, "kubeconfig": info.services_kubeconfig or info.kubeconfig, "context": n,
                       "source": n in sources, "target": True} for n in names],
         "nats_url": info.nats_url,
-        "subject_prefix": "mcs",
+        "subject_prefix": SUBJECT_PREFIX,
         "resync_period_seconds": resync_seconds,
         "otlp_endpoint": info.otlp_grpc_endpoint,
         "webhook": {"listen_host": "127.0.0.1", "port": free_port()},
@@ -47,7 +47,8 @@ def process_name(service: str, replica: int) -> str:
 def start_service(env: LocalEnvironment, service: str, replica: int = 0) -> None:
     config = env.root / "mcs.yaml"
     metrics_port = free_port()
-    environ = dict(os.environ, MCS_CONFIG=str(config), PYTHONUNBUFFERED="1", MCS_METRICS_PORT=str(metrics_port))
+    environ = dict(os.environ, MCS_CONFIG=str(config), PYTHONUNBUFFERED="1", MCS_METRICS_PORT=str(metrics_port),
+                   MCS_NATS_AUTH__PASSWORD_FILE=env.info().nats_password_files[service.replace("_", "-")])
     if service == "watcher" and replica > 0:
         environ["MCS_WEBHOOK__ENABLED"] = "false"  # one webhook endpoint per environment
     env.processes.start(process_name(service, replica), [sys.executable, "-m", f"services.{service}"],

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -30,14 +31,15 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from .models import Message, SchemaError, decode
+from .natsauth import DEAD_LETTER_KIND, STREAM_KINDS, inbox_prefix, stream_name
+from .natsauth import subject as subject_name
 from .telemetry import CONSUMER_LAG, MESSAGES_DEAD, MESSAGES_FAILED, MESSAGES_HANDLED, subject_kind
 
 log = logging.getLogger(__name__)
 
-STREAM_KINDS = ("elect", "delegate", "status")
-# Messages that cannot be read or whose handling keeps failing end here (``<prefix>.dead.<kind>``),
-# kept for inspection (``nats stream view <PREFIX>_DEAD``) instead of being redelivered forever.
-DEAD_LETTER_KIND = "dead"
+# Messages that cannot be read or whose handling keeps failing end in the dead-letter stream
+# (``<prefix>.dead.<kind>``), kept for inspection (``nats stream view <PREFIX>_DEAD``)
+# instead of being redelivered forever.
 DEAD_LETTER_MAX_AGE_SECONDS = 7 * 24 * 3600.0
 DEAD_LETTER_MAX_MESSAGES = 100_000
 # A message whose handler raised this many times is dead-lettered (a resync re-derives the work
@@ -72,11 +74,22 @@ def retry_later(delay: float, note: str = "") -> Outcome:
 Handler = Callable[[M], Awaitable[Outcome]]
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """Who a connection says it is: a NATS user and password, and TLS when configured."""
+
+    user: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+
+
 class Bus:
     def __init__(self, url: str, prefix: str, client_name: str,
-                 max_failed_deliveries: int = MAX_FAILED_DELIVERIES) -> None:
+                 max_failed_deliveries: int = MAX_FAILED_DELIVERIES,
+                 credentials: Credentials | None = None) -> None:
         self.url, self.prefix, self.client_name = url, prefix, client_name
         self.max_failed_deliveries = max_failed_deliveries
+        self.credentials = credentials or Credentials()
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,10 +97,10 @@ class Bus:
     # -- naming ------------------------------------------------------------------
 
     def subject(self, kind: str, cluster: str) -> str:
-        return f"{self.prefix}.{kind}.{cluster}"
+        return subject_name(self.prefix, kind, cluster)
 
     def stream(self, kind: str) -> str:
-        return f"{self.prefix}_{kind}".upper().replace("-", "_")
+        return stream_name(self.prefix, kind)
 
     # -- connection --------------------------------------------------------------
 
@@ -101,9 +114,9 @@ class Bus:
                     self.url, name=self.client_name, max_reconnect_attempts=-1, reconnect_time_wait=1,
                     connect_timeout=3, allow_reconnect=True,
                     disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
-                    error_cb=self._on_error,
+                    error_cb=self._on_error, **self._identity(),
                 )
-                log.info("connected to NATS at %s", self.url)
+                log.info("connected to NATS at %s as %s", self.url, self.credentials.user or "anonymous")
                 return
             except (OSError, NoRespondersError, NatsTimeoutError, nats.errors.NoServersError) as exc:
                 if attempts is not None and attempt >= attempts:
@@ -113,6 +126,15 @@ class Bus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
 
+    def _identity(self) -> dict[str, Any]:
+        identity: dict[str, Any] = {}
+        if self.credentials.user:
+            identity.update(user=self.credentials.user, password=self.credentials.password or "",
+                            inbox_prefix=inbox_prefix(self.credentials.user))
+        if self.credentials.tls is not None:
+            identity["tls"] = self.credentials.tls
+        return identity
+
     async def _on_disconnect(self) -> None:
         log.warning("disconnected from NATS at %s; reconnecting", self.url)
 
@@ -120,7 +142,10 @@ class Bus:
         log.info("reconnected to NATS at %s", self.url)
 
     async def _on_error(self, exc: Exception) -> None:
-        if self.nc is None or not self.nc.is_connected:  # the client keeps retrying by itself
+        if "authorization violation" in str(exc).lower():  # retried: the credentials may be rotated meanwhile
+            log.error("NATS at %s refused the credentials of user %s: check nats_auth (docs/security.md); "
+                      "retrying", self.url, self.credentials.user or "(anonymous)")
+        elif self.nc is None or not self.nc.is_connected:  # the client keeps retrying by itself
             log.warning("NATS unreachable at %s (%s); retrying", self.url, describe(exc))
         else:
             log.warning("NATS: %s", exc)
@@ -139,20 +164,24 @@ class Bus:
             self._js = self._client().jetstream()
         return self._js
 
-    async def ensure_streams(self) -> None:
-        """Create (or update) the work-queue streams; safe to call from every replica."""
+    async def ensure_streams(self, kinds: tuple[str, ...] = (*STREAM_KINDS, DEAD_LETTER_KIND)) -> None:
+        """Create (or update) these streams (default: all); safe to call from every replica.
+
+        A stage ensures only the streams it uses, which are all its NATS user may create.
+        """
         js = self._jetstream()
-        for kind in STREAM_KINDS:
-            config = StreamConfig(
-                name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
-                retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                duplicate_window=120.0,
-            )
+        for kind in kinds:
+            if kind == DEAD_LETTER_KIND:
+                config = StreamConfig(
+                    name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
+                    retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+                    max_age=DEAD_LETTER_MAX_AGE_SECONDS, max_msgs=DEAD_LETTER_MAX_MESSAGES)
+            else:
+                config = StreamConfig(
+                    name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
+                    retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                    duplicate_window=120.0)
             await self._add_or_update(js, config)
-        await self._add_or_update(js, StreamConfig(
-            name=self.stream(DEAD_LETTER_KIND), subjects=[f"{self.prefix}.{DEAD_LETTER_KIND}.>"],
-            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-            max_age=DEAD_LETTER_MAX_AGE_SECONDS, max_msgs=DEAD_LETTER_MAX_MESSAGES))
 
     @staticmethod
     async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
@@ -337,7 +366,7 @@ class Bus:
         MESSAGES_DEAD.labels(kind, reason).inc()
         headers = {"Mcs-Subject": msg.subject, "Mcs-Reason": reason, "Mcs-Detail": detail[:1000]}
         try:
-            await self._jetstream().publish(f"{self.prefix}.{DEAD_LETTER_KIND}.{kind}", msg.data, headers=headers)
+            await self._jetstream().publish(self.subject(DEAD_LETTER_KIND, kind), msg.data, headers=headers)
         except Exception as exc:  # the message is still ended: a poison message must not loop forever
             log.warning("could not store the dead-lettered message from %s: %s", msg.subject, describe(exc))
         await msg.term()

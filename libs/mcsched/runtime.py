@@ -13,14 +13,16 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from .bus import Bus
+from .bus import Bus, Credentials
 from .kube import Informer, KubeClient
+from .natsauth import STAGE_STREAMS
 from .settings import Settings, load_settings
 from .telemetry import setup_tracing, start_http
 
@@ -99,13 +101,36 @@ def dump_tasks(informers: list[Informer]) -> None:
         log.warning("task %s: %s", task.get_name(), where or "(not started)")
 
 
+def nats_credentials(service: str, settings: Settings) -> Credentials:
+    """The service's NATS identity; ValueError when there is none and anonymity was not asked for."""
+    auth = settings.nats_auth
+    if not auth.has_credentials and not auth.allow_anonymous:
+        raise ValueError(
+            "no NATS credentials: set nats_auth.password_file (or MCS_NATS_AUTH__PASSWORD_FILE) to this "
+            f"service's NATS password (user {service!r} unless nats_auth.user says otherwise), or "
+            "nats_auth.allow_anonymous: true to connect without authentication (then anyone who can "
+            "reach NATS can start pods in every target)")
+    tls: ssl.SSLContext | None = None
+    if auth.tls_ca_file is not None or auth.tls_cert_file is not None:
+        tls = ssl.create_default_context(cafile=str(auth.tls_ca_file) if auth.tls_ca_file else None)
+        if auth.tls_cert_file is not None and auth.tls_key_file is not None:
+            tls.load_cert_chain(str(auth.tls_cert_file), str(auth.tls_key_file))
+    if not auth.has_credentials:
+        return Credentials(tls=tls)
+    return Credentials(user=auth.user or service, password=auth.read_password(), tls=tls)
+
+
 def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> None:
     try:
         settings = load_settings()
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        nats_credentials(service, settings)
+    except (ValidationError, ValueError, FileNotFoundError, ssl.SSLError) as exc:
         print(f"{service}: invalid settings:\n{exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     setup_logging(settings.log_level, service)
+    if settings.nats_auth.allow_anonymous:
+        log.warning("connecting to NATS without credentials (nats_auth.allow_anonymous): anyone who can reach "
+                    "NATS at %s can start pods in every target", settings.nats_url)
     asyncio.run(_main(service, settings, compose))
 
 
@@ -117,14 +142,14 @@ async def _main(service: str, settings: Settings, compose: Callable[[Runtime], A
     informers: list[Informer] = []
     loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(informers))
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
-              max_failed_deliveries=settings.max_failed_deliveries)
+              max_failed_deliveries=settings.max_failed_deliveries, credentials=nats_credentials(service, settings))
     connecting = asyncio.create_task(bus.connect())
     done, _ = await asyncio.wait([connecting, asyncio.create_task(stop.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)
     if connecting not in done:
         connecting.cancel()
         return
-    await bus.ensure_streams()
+    await bus.ensure_streams(STAGE_STREAMS[service])
     provider = setup_tracing(service, settings.otlp_endpoint)
     clusters: dict[str, KubeClient] = {}
     for cluster in settings.clusters:

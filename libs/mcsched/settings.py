@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -59,11 +59,50 @@ class WebhookSettings(BaseModel):
     timeout_seconds: int = Field(5, ge=1, le=30)
 
 
+class NatsAuthSettings(BaseModel):
+    """How a service proves who it is to NATS, and how it checks NATS (docs/security.md)."""
+
+    user: str | None = Field(None, description="NATS user; default: the service's stage name when a password is set")
+    password: SecretStr | None = Field(None, description="password (prefer password_file or MCS_NATS_AUTH__PASSWORD)")
+    password_file: Path | None = Field(None, description="file holding the password (e.g. a mounted Secret)")
+    allow_anonymous: bool = Field(
+        False, description="connect without credentials: anyone who reaches NATS can then place pods")
+    tls_ca_file: Path | None = Field(None, description="CA bundle to verify NATS's certificate (enables TLS)")
+    tls_cert_file: Path | None = Field(None, description="client certificate, when NATS asks for one")
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> NatsAuthSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("nats_auth: set password or password_file, not both")
+        if self.user is not None and self.password is None and self.password_file is None:
+            raise ValueError(f"nats_auth: user {self.user!r} has no password or password_file")
+        if self.allow_anonymous and (self.user or self.password or self.password_file):
+            raise ValueError("nats_auth: allow_anonymous contradicts the credentials also set")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("nats_auth: tls_cert_file and tls_key_file go together")
+        return self
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.password is not None or self.password_file is not None
+
+    def read_password(self) -> str:
+        """The password, read from its file when it comes from one (so a rotated Secret is used)."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"nats_auth.password_file {self.password_file}: {exc.strerror}") from exc
+        return self.password.get_secret_value() if self.password is not None else ""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MCS_", env_nested_delimiter="__", extra="forbid")
 
     clusters: list[ClusterSettings] = Field(default_factory=list)
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_auth: NatsAuthSettings = Field(default_factory=NatsAuthSettings)
     subject_prefix: str = Field("mcs", pattern=r"^[A-Za-z0-9_-]+$")
     resync_period_seconds: float = Field(30.0, gt=0)
     candidate_timeout_seconds: float = Field(2.0, gt=0)

@@ -28,6 +28,7 @@ from mcsched.follow import created_at
 from mcsched.follower import Follower
 from mcsched.kube import JSON, KubeError, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Message, PodRef
+from mcsched.natsauth import candidate_durable, candidate_queue
 from mcsched.placement import choose_node, pod_requests, target_score
 from mcsched.podspec import delegate_manifest, delegate_original, is_proxy
 from mcsched.proxystatus import mark_unscheduled
@@ -197,9 +198,9 @@ class TargetScheduler:
 async def compose(rt: Runtime) -> None:
     for target in rt.settings.served_targets():
         scheduler = TargetScheduler(rt, target)
-        await rt.bus.respond(rt.bus.subject("candidate", target), f"candidate-{target}", CandidateRequest,
+        await rt.bus.respond(rt.bus.subject("candidate", target), candidate_queue(target), CandidateRequest,
                              scheduler.on_candidate)
-        rt.bus.consume("delegate", f"candidate-scheduler-{target}", rt.bus.subject("delegate", target),
+        rt.bus.consume("delegate", candidate_durable(target), rt.bus.subject("delegate", target),
                        DelegateRequest, scheduler.on_delegate)
         rt.spawn(periodic(rt.settings.resync_period_seconds, scheduler.follower.sweep, f"unused copies in {target}"),
                  f"follow into {target}")

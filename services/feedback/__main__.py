@@ -46,6 +46,7 @@ from mcsched.constants import (
 from mcsched.events import EventRecorder
 from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path, read_pod
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
+from mcsched.natsauth import feedback_durable
 from mcsched.podspec import (
     delegate_name,
     is_finished,
@@ -649,7 +650,7 @@ async def compose(rt: Runtime) -> None:
     for source in rt.settings.source_names:
         # A status message may take two writes in a row (the binding, then the status) on a busy
         # source API server: a wider window keeps the consumer from queueing behind them.
-        rt.bus.consume("status", f"feedback-{source}", rt.bus.subject("status", source), StatusUpdate,
+        rt.bus.consume("status", feedback_durable(source), rt.bus.subject("status", source), StatusUpdate,
                        feedback.on_status, in_flight=STATUS_IN_FLIGHT)
 
     async def first_heartbeat_then_periodic() -> None:

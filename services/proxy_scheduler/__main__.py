@@ -29,6 +29,7 @@ from mcsched.choice import Placement, pick_target
 from mcsched.events import EventRecorder
 from mcsched.kube import JSON, KubeError, pod_path, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
+from mcsched.natsauth import proxy_scheduler_durable
 from mcsched.podspec import source_manifest
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
@@ -157,7 +158,7 @@ class ProxyScheduler:
 
 async def compose(rt: Runtime) -> None:
     scheduler = ProxyScheduler(rt)
-    rt.bus.consume("elect", "proxy-scheduler", f"{rt.settings.subject_prefix}.elect.>", ElectMessage,
+    rt.bus.consume("elect", proxy_scheduler_durable(), f"{rt.settings.subject_prefix}.elect.>", ElectMessage,
                    scheduler.on_elect)
 
 

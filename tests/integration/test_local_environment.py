@@ -97,7 +97,7 @@ async def test_deployment_is_scheduled_runs_and_is_garbage_collected(
 
 
 async def test_jetstream_message_survives_a_nats_restart(local_env: LocalEnvironment) -> None:
-    url = local_env.info().nats_url
+    url = local_env.info().nats_admin_url
     stream, subject = f"ENVTEST_{uuid.uuid4().hex[:6]}", f"envtest.{uuid.uuid4().hex[:6]}"
     nc = await nats.connect(url)
     js = nc.jetstream()

@@ -39,8 +39,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..bus import STREAM_KINDS, Bus, Handler, Outcome
+from ..bus import Bus, Handler, Outcome
 from ..models import Message, SchemaError, decode
+from ..natsauth import STREAM_KINDS
 
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
@@ -193,7 +194,7 @@ class FakeBus(Bus):
     async def connect(self, attempts: int | None = None) -> None:
         self.closed = False
 
-    async def ensure_streams(self) -> None:
+    async def ensure_streams(self, kinds: tuple[str, ...] = ()) -> None:
         return None
 
     async def close(self) -> None:

@@ -1,0 +1,174 @@
+"""Who may say what on the bus: bus names, and the NATS permissions of each stage.
+
+Pure functions, no I/O. One place names every subject, stream, durable
+consumer and queue group, and derives from those names the least each stage
+needs: a watcher can publish elect messages of its sources and nothing else,
+a candidate-scheduler serving c2 can take c2's delegate requests and answer
+c2's questions, never c3's. :func:`authorization` turns users and their
+permissions into the ``authorization`` block of a nats-server configuration
+(the local environment, the compose stack and ``mcsctl nats-config`` use
+it; the Helm chart renders the same lists in ``templates/_nats.tpl``, and a
+test compares the two).
+
+How a stage uses NATS, and so what it is granted:
+
+* JetStream publishes go to ``<prefix>.<kind>.<cluster>``; the acknowledgement
+  comes back on the client's inbox, ``_INBOX.<user>.>`` (each user has its own
+  inbox prefix, so no user can read another's replies).
+* A durable pull consumer ``D`` on stream ``S`` filtered on ``F`` is created
+  through ``$JS.API.CONSUMER.CREATE.S.D.F`` (the server checks that the filter
+  in the subject is the consumer's), read with ``$JS.API.CONSUMER.MSG.NEXT.S.D``
+  and acknowledged on ``$JS.ACK.S.D.>``. Granting exactly these keeps a stage
+  to its own consumer and filter.
+* A stage creates (and updates) the streams it uses; it can neither delete
+  nor purge them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+JS_API = "$JS.API"
+# The kinds of work kept in JetStream streams, and the dead-letter stream beside them.
+STREAM_KINDS = ("elect", "delegate", "status")
+DEAD_LETTER_KIND = "dead"
+STAGES = ("watcher", "proxy-scheduler", "candidate-scheduler", "feedback")
+# The streams each stage uses (publishes to or consumes from), and therefore creates.
+STAGE_STREAMS: dict[str, tuple[str, ...]] = {
+    "watcher": ("elect",),
+    "proxy-scheduler": ("elect", "delegate", DEAD_LETTER_KIND),
+    "candidate-scheduler": ("delegate", DEAD_LETTER_KIND),
+    "feedback": ("status", "delegate", DEAD_LETTER_KIND),
+}
+
+
+# -- names ---------------------------------------------------------------------
+
+def subject(prefix: str, kind: str, cluster: str) -> str:
+    return f"{prefix}.{kind}.{cluster}"
+
+
+def stream_name(prefix: str, kind: str) -> str:
+    return f"{prefix}_{kind}".upper().replace("-", "_")
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix of a user's connection: replies to it arrive under ``_INBOX.<user>.``."""
+    return f"_INBOX.{user}"
+
+
+def proxy_scheduler_durable() -> str:
+    return "proxy-scheduler"
+
+
+def candidate_durable(target: str) -> str:
+    return f"candidate-scheduler-{target}"
+
+
+def candidate_queue(target: str) -> str:
+    return f"candidate-{target}"
+
+
+def feedback_durable(source: str) -> str:
+    return f"feedback-{source}"
+
+
+# -- permissions ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects a user may publish to and subscribe to (NATS wildcards allowed)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False  # may answer requests it received (on their reply subjects)
+
+    def as_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"publish": {"allow": list(self.publish)},
+                                  "subscribe": {"allow": list(self.subscribe)}}
+        if self.allow_responses:
+            config["allow_responses"] = True
+        return config
+
+
+def _streams(prefix: str, kinds: Iterable[str]) -> list[str]:
+    subjects = []
+    for kind in kinds:
+        stream = stream_name(prefix, kind)
+        subjects += [f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.UPDATE.{stream}",
+                     f"{JS_API}.STREAM.INFO.{stream}"]
+    return subjects
+
+
+def _consumer(prefix: str, kind: str, durable: str, filter_subject: str) -> list[str]:
+    stream = stream_name(prefix, kind)
+    return [f"{JS_API}.CONSUMER.INFO.{stream}.{durable}",
+            f"{JS_API}.CONSUMER.CREATE.{stream}.{durable}.{filter_subject}",
+            f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>",
+            subject(prefix, DEAD_LETTER_KIND, kind)]
+
+
+def stage_permissions(stage: str, user: str, prefix: str, sources: Iterable[str],
+                      targets: Iterable[str]) -> Permissions:
+    """What a process of ``stage`` connecting as ``user`` may do, serving these sources and targets.
+
+    ``targets`` of a candidate-scheduler are the targets it serves; of the
+    proxy-scheduler and feedback, every target.
+    """
+    if stage not in STAGE_STREAMS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    sources, targets = sorted(set(sources)), sorted(set(targets))
+    publish = _streams(prefix, STAGE_STREAMS[stage])
+    subscribe = [f"{inbox_prefix(user)}.>"]
+    allow_responses = False
+    if stage == "watcher":
+        publish += [subject(prefix, "elect", s) for s in sources]
+    elif stage == "proxy-scheduler":
+        publish += _consumer(prefix, "elect", proxy_scheduler_durable(), f"{prefix}.elect.>")
+        publish += [subject(prefix, "candidate", t) for t in targets]
+        publish += [subject(prefix, "delegate", t) for t in targets]
+    elif stage == "candidate-scheduler":
+        for target in targets:
+            publish += _consumer(prefix, "delegate", candidate_durable(target), subject(prefix, "delegate", target))
+            subscribe.append(subject(prefix, "candidate", target))
+        allow_responses = True
+    elif stage == "feedback":
+        for source in sources:
+            publish += _consumer(prefix, "status", feedback_durable(source), subject(prefix, "status", source))
+            publish.append(subject(prefix, "status", source))
+        publish += [subject(prefix, "delegate", t) for t in targets]  # a resync asks again for a missing delegate
+    return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)), allow_responses)
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """A NATS user of the ``authorization`` block: ``permissions=None`` is an administrator."""
+
+    name: str
+    password: str
+    permissions: Permissions | None
+
+
+def authorization(users: Iterable[NatsUser]) -> dict[str, Any]:
+    """The ``authorization`` block of a nats-server configuration granting these users."""
+    entries = []
+    for user in users:
+        entry: dict[str, Any] = {"user": user.name, "password": user.password}
+        if user.permissions is not None:
+            entry["permissions"] = user.permissions.as_config()
+        entries.append(entry)
+    return {"authorization": {"users": entries}}
+
+
+def stage_users(prefix: str, sources: Iterable[str], targets: Iterable[str],
+                passwords: Mapping[str, str]) -> list[NatsUser]:
+    """One user per stage named like the stage, with that stage's permissions for all these clusters.
+
+    ``passwords`` maps user names to passwords; users without one are left out.
+    """
+    sources, targets = list(sources), list(targets)
+    return [NatsUser(stage, passwords[stage], stage_permissions(stage, stage, prefix, sources, targets))
+            for stage in STAGES if stage in passwords]

@@ -1,0 +1,257 @@
+"""NATS identities against a real nats-server configured by :mod:`mcsched.natsauth`.
+
+Each stage can do its own work with its own user, and nothing else: no
+anonymous connections, no publishing another stage's subjects, no taking
+another target's delegate requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.js.api import ConsumerConfig
+
+from localenv.environment import free_port
+from localenv.tools import nats_server_binary
+from mcsched.bus import ACK, Bus, Credentials, Outcome
+from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
+from mcsched.natsauth import (
+    STAGE_STREAMS,
+    NatsUser,
+    authorization,
+    candidate_durable,
+    candidate_queue,
+    feedback_durable,
+    proxy_scheduler_durable,
+    stage_permissions,
+    stage_users,
+    stream_name,
+)
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "perm"
+SOURCES, TARGETS = ["c1"], ["c1", "c2", "c3"]
+PASSWORDS = {"admin": "admin-pw", "watcher": "w-pw", "proxy-scheduler": "p-pw", "candidate-scheduler": "c-pw",
+             "feedback": "f-pw", "candidate-scheduler-c2": "c2-pw"}
+
+
+@dataclass
+class Server:
+    port: int
+
+    def url(self, user: str | None = None) -> str:
+        if user is None:
+            return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{user}:{PASSWORDS[user]}@127.0.0.1:{self.port}"
+
+    def bus(self, user: str) -> Bus:
+        return Bus(self.url(), PREFIX, f"test-{user}", credentials=Credentials(user=user, password=PASSWORDS[user]))
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    users = [NatsUser("admin", PASSWORDS["admin"], None), *stage_users(PREFIX, SOURCES, TARGETS, PASSWORDS),
+             NatsUser("candidate-scheduler-c2", PASSWORDS["candidate-scheduler-c2"],
+                      stage_permissions("candidate-scheduler", "candidate-scheduler-c2", PREFIX, SOURCES, ["c2"]))]
+    config = tmp_path / "auth.conf"
+    config.write_text(json.dumps(authorization(users)))
+    port = free_port()
+    argv = [str(nats_server_binary()), "-c", str(config), "-a", "127.0.0.1", "-p", str(port),
+            "-js", "-sd", str(tmp_path / "js")]
+    process = subprocess.Popen(argv,  # noqa: ASYNC220
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                nc = await nats.connect(f"nats://admin:admin-pw@127.0.0.1:{port}", allow_reconnect=False)
+                await nc.close()
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        admin = Bus(f"nats://127.0.0.1:{port}", PREFIX, "admin", credentials=Credentials("admin", "admin-pw"))
+        await admin.connect(attempts=1)
+        await admin.ensure_streams()
+        await admin.close()
+        yield Server(port)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def stored(server: Server, kind: str) -> int:
+    nc = await nats.connect(server.url("admin"))
+    try:
+        return (await nc.jetstream().stream_info(stream_name(PREFIX, kind))).state.messages
+    finally:
+        await nc.close()
+
+
+async def refused(server: Server, user: str, action: Callable[[Any], Coroutine[Any, Any, Any]]) -> str:
+    """Run ``action(nc)`` as ``user``; return the permission error NATS reported (fails if none)."""
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(server.url(user), error_cb=on_error, inbox_prefix=f"_INBOX.{user}",
+                            allow_reconnect=False)
+    try:
+        try:
+            await action(nc)
+        except Exception as exc:  # the request times out: NATS dropped it
+            errors.append(exc)
+        await nc.flush()
+        await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    violations = [str(e) for e in errors if "permissions violation" in str(e).lower()]
+    assert violations, f"{user}: expected a permissions violation, got {errors!r}"
+    return violations[0]
+
+
+def elect() -> ElectMessage:
+    return ElectMessage(proxy=PodRef(cluster="c1", namespace="ns", name="p", uid="u1"))
+
+
+def delegate_request() -> DelegateRequest:
+    return DelegateRequest(proxy=PodRef(cluster="c1", namespace="ns", name="p", uid="u1"), target="c3", round=1)
+
+
+async def test_connections_without_credentials_or_with_a_wrong_password_are_refused(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(Exception, match=r"(?i)authorization"):
+        await nats.connect(server.url(), allow_reconnect=False, max_reconnect_attempts=0)
+    with pytest.raises(Exception, match=r"(?i)authorization"):
+        await nats.connect(f"nats://watcher:wrong@127.0.0.1:{server.port}", allow_reconnect=False,
+                           max_reconnect_attempts=0)
+    for credentials in (None, Credentials("watcher", "wrong")):
+        caplog.clear()
+        bus = Bus(server.url(), PREFIX, "refused", credentials=credentials)
+        connecting = asyncio.create_task(bus.connect())
+        await asyncio.sleep(1.5)
+        assert not connecting.done() and not bus.connected
+        assert any("refused the credentials" in r.getMessage() for r in caplog.records)
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await bus.close()
+
+
+async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) -> None:
+    """The whole message path, every stage as its own user: elect -> ask -> delegate -> status."""
+    buses = {user: server.bus(user) for user in ("watcher", "proxy-scheduler", "candidate-scheduler-c2",
+                                                 "feedback")}
+    for user, bus in buses.items():
+        await bus.connect(attempts=1)
+        await bus.ensure_streams(STAGE_STREAMS[user.removesuffix("-c2")])
+    got: dict[str, list[Any]] = {"elect": [], "delegate": [], "status": []}
+
+    async def record(kind: str, message: Any) -> Outcome:
+        got[kind].append(message)
+        return ACK
+
+    async def answer(request: CandidateRequest) -> CandidateReply:
+        return CandidateReply(target="c2", fits=True, score=50)
+
+    try:
+        proxy_scheduler, candidate, feedback = (buses["proxy-scheduler"], buses["candidate-scheduler-c2"],
+                                                buses["feedback"])
+        proxy_scheduler.consume("elect", proxy_scheduler_durable(), f"{PREFIX}.elect.>", ElectMessage,
+                                lambda m: record("elect", m))
+        candidate.consume("delegate", candidate_durable("c2"), candidate.subject("delegate", "c2"), DelegateRequest,
+                          lambda m: record("delegate", m))
+        await candidate.respond(candidate.subject("candidate", "c2"), candidate_queue("c2"), CandidateRequest, answer)
+        feedback.consume("status", feedback_durable("c1"), feedback.subject("status", "c1"), StatusUpdate,
+                         lambda m: record("status", m))
+        ref = PodRef(cluster="c1", namespace="ns", name="p", uid="u1")
+        await buses["watcher"].publish(buses["watcher"].subject("elect", "c1"), elect(), "elect:u1:0")
+        reply = None
+        for _ in range(50):  # the candidate's subscription may take a moment to reach the server
+            reply = await proxy_scheduler.request(proxy_scheduler.subject("candidate", "c2"),
+                                                  CandidateRequest(proxy=ref, pod={}), CandidateReply, timeout=1)
+            if reply is not None:
+                break
+        assert reply is not None and reply.fits
+        await proxy_scheduler.publish(proxy_scheduler.subject("delegate", "c2"),
+                                      DelegateRequest(proxy=ref, target="c2", round=1), "delegate:u1:1")
+        status = StatusUpdate(proxy=ref, target="c2", delegate_name="p-x", delegate_uid="d1", status={})
+        await feedback.publish(feedback.subject("status", "c1"), status, "status:u1")
+        for _ in range(100):
+            if all(got.values()):
+                break
+            await asyncio.sleep(0.1)
+        assert {k: len(v) for k, v in got.items()} == {"elect": 1, "delegate": 1, "status": 1}
+    finally:
+        for bus in buses.values():
+            await bus.close()
+
+
+async def test_a_stage_cannot_publish_another_stages_work(server: Server) -> None:
+    def publish(subject: str, payload: bytes) -> Callable[[Any], Coroutine[Any, Any, Any]]:
+        async def action(nc: Any) -> None:
+            await nc.jetstream().publish(subject, payload, timeout=1)
+        return action
+
+    delegate = delegate_request().encode()
+    cases = [
+        ("watcher", f"{PREFIX}.delegate.c3", delegate),               # a watcher asks for a delegate
+        ("candidate-scheduler", f"{PREFIX}.delegate.c3", delegate),   # a target asks itself for work
+        ("watcher", f"{PREFIX}.status.c1", b"x"),
+        ("proxy-scheduler", f"{PREFIX}.status.c1", b"x"),
+        ("candidate-scheduler", f"{PREFIX}.elect.c1", elect().encode()),
+        ("feedback", f"{PREFIX}.elect.c1", elect().encode()),
+    ]
+    await asyncio.gather(*(refused(server, user, publish(subject, payload))
+                           for user, subject, payload in cases))
+    assert await stored(server, "delegate") == 0
+    assert await stored(server, "elect") == 0
+    assert await stored(server, "status") == 0
+
+
+async def test_a_candidate_scheduler_serving_c2_cannot_take_or_answer_c3s_work(server: Server) -> None:
+    admin = await nats.connect(server.url("admin"))
+    try:
+        await admin.jetstream().publish(f"{PREFIX}.delegate.c3", delegate_request().encode())
+    finally:
+        await admin.close()
+    stream = stream_name(PREFIX, "delegate")
+
+    async def consume_c3_durable(nc: Any) -> None:
+        sub = await nc.jetstream().pull_subscribe(f"{PREFIX}.delegate.c3", durable=candidate_durable("c3"),
+                                                  stream=stream)
+        await sub.fetch(1, timeout=1)
+
+    async def own_durable_with_c3_filter(nc: Any) -> None:
+        await nc.jetstream().add_consumer(stream, ConsumerConfig(
+            name=candidate_durable("c2"), durable_name=candidate_durable("c2"),
+            filter_subject=f"{PREFIX}.delegate.c3"), timeout=1)
+
+    async def answer_c3_questions(nc: Any) -> None:
+        await nc.subscribe(f"{PREFIX}.candidate.c3", queue=candidate_queue("c3"))
+
+    async def steal_feedback_work(nc: Any) -> None:
+        sub = await nc.jetstream().pull_subscribe(f"{PREFIX}.status.c1", durable=feedback_durable("c1"),
+                                                  stream=stream_name(PREFIX, "status"))
+        await sub.fetch(1, timeout=1)
+
+    for action in (consume_c3_durable, own_durable_with_c3_filter, answer_c3_questions, steal_feedback_work):
+        await refused(server, "candidate-scheduler-c2", action)
+    assert await stored(server, "delegate") == 1, "c3's delegate request must still be waiting for c3"
+
+
+async def test_only_the_proxy_scheduler_takes_elect_messages(server: Server) -> None:
+    async def take_elect(nc: Any) -> None:
+        sub = await nc.jetstream().pull_subscribe(f"{PREFIX}.elect.>", durable=proxy_scheduler_durable(),
+                                                  stream=stream_name(PREFIX, "elect"))
+        await sub.fetch(1, timeout=1)
+
+    await asyncio.gather(*(refused(server, user, take_elect)
+                           for user in ("watcher", "candidate-scheduler", "feedback")))
