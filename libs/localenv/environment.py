@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import shutil
 import socket
 import time
@@ -22,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mcsched.natsauth import STAGES, NatsUser, authorization, stage_permissions, stage_users
+from mcsched.cli import nats_config
+from mcsched.settings import Settings
 
 from .cluster import ClusterPorts, ClusterSpec, LocalCluster, gpu_workers
 from .processes import ProcessTable
@@ -207,32 +207,20 @@ class LocalEnvironment:
         administrator, and a candidate-scheduler user per target (``candidate-scheduler-<target>``)."""
         port, monitor = free_port(), free_port()
         store = self.root / "nats"
-        store.mkdir(parents=True, exist_ok=True)
-        passwords = {name: secrets.token_urlsafe(24) for name in
-                     ("admin", *STAGES, *(f"candidate-scheduler-{c}" for c in clusters))}
-        users = [NatsUser("admin", passwords["admin"], None),
-                 *stage_users(SUBJECT_PREFIX, clusters, clusters, passwords),
-                 *(NatsUser(f"candidate-scheduler-{c}", passwords[f"candidate-scheduler-{c}"],
-                            stage_permissions("candidate-scheduler", f"candidate-scheduler-{c}", SUBJECT_PREFIX,
-                                              clusters, [c])) for c in clusters)]
-        secrets_dir = store / "credentials"
-        secrets_dir.mkdir(mode=0o700)
-        files = {}
-        for name, password in passwords.items():
-            path = secrets_dir / name
-            path.write_text(password)
-            path.chmod(0o600)
-            files[name] = str(path)
-        config = store / "auth.conf"
-        config.write_text(json.dumps(authorization(users), indent=1))  # NATS reads JSON as its own format
-        config.chmod(0o600)
+        credentials = store / "credentials"
+        credentials.mkdir(parents=True, mode=0o700)
+        every_role = Settings(subject_prefix=SUBJECT_PREFIX,
+                              clusters=[{"name": c, "source": True, "target": True} for c in clusters])
+        config = nats_config(every_role, credentials, per_target_candidates=True)
+        files = {path.name: str(path) for path in sorted(credentials.iterdir()) if path != config}
         log(f"starting NATS JetStream on 127.0.0.1:{port} (a user per stage)")
         self.processes.start("nats", [
             str(nats_server_binary()), "-c", str(config), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
             "-js", "-sd", str(store / "jetstream"), "--server_name", "local-env",
         ])
+        admin = Path(files["admin"]).read_text()
         return {"url": f"nats://127.0.0.1:{port}", "monitor": f"http://127.0.0.1:{monitor}",
-                "admin_url": f"nats://admin:{passwords['admin']}@127.0.0.1:{port}", "password_files": files}
+                "admin_url": f"nats://admin:{admin}@127.0.0.1:{port}", "password_files": files}
 
     def restart_nats(self) -> None:
         """Stop and start nats-server on the same port and storage (for recovery tests)."""

@@ -3,6 +3,8 @@
     mcsctl clusters                 clusters, roles, virtual nodes and capacity
     mcsctl proxies [-n NS]          proxy pods with their target, delegate and phase
     mcsctl explain NS/POD           why a pod is where it is: decision, refusals, trace
+    mcsctl nats-config DIR          NATS users for the stages: a password file per stage in DIR
+                                    (kept if present) and DIR/auth.conf for nats-server
 
 Reads the services' settings (``--config`` or ``MCS_CONFIG``) for the
 clusters; ``--jaeger`` (or ``MCS_JAEGER_URL``) adds each target's answer from
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import sys
 import urllib.error
 import urllib.request
@@ -27,6 +30,7 @@ from pydantic import ValidationError
 from .capacity import is_virtual_node
 from .constants import PARENT_UID_LABEL, PROXY_SCHEDULER_NAME, TRACE_ID_ANNOTATION, target_of_virtual_node
 from .kube import JSON, KubeClient, KubeError, pod_path
+from .natsauth import STAGES, NatsUser, authorization, stage_permissions
 from .placement import Resources, node_allocatable
 from .podspec import delegate_name
 from .settings import Settings
@@ -214,6 +218,35 @@ def _render(command: str, result: Any) -> str:
     return "\n".join(lines)
 
 
+def nats_config(settings: Settings, directory: Path, per_target_candidates: bool = False) -> Path:
+    """Write a password file per stage and an administrator (new random ones, existing ones kept) and
+    the nats-server ``authorization`` block granting each stage its permissions; returns its path.
+
+    ``per_target_candidates`` adds a user ``candidate-scheduler-<target>`` per target, allowed that
+    target's work only, for a candidate-scheduler process per target.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix, sources = settings.subject_prefix, settings.source_names
+    grants = [(stage, stage, settings.served_targets() if stage == "candidate-scheduler" else settings.target_names)
+              for stage in STAGES]
+    if per_target_candidates:
+        grants += [("candidate-scheduler", f"candidate-scheduler-{t}", [t]) for t in settings.target_names]
+    passwords: dict[str, str] = {}
+    for user in ("admin", *(user for _, user, _ in grants)):
+        path = directory / user
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(24))
+            path.chmod(0o600)
+        passwords[user] = path.read_text().strip()
+    users = [NatsUser("admin", passwords["admin"], None)]
+    users += [NatsUser(user, passwords[user], stage_permissions(stage, user, prefix, sources, targets))
+              for stage, user, targets in grants]
+    config = directory / "auth.conf"
+    config.write_text(json.dumps(authorization(users), indent=1))  # nats-server reads JSON as its own format
+    config.chmod(0o600)
+    return config
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> Any:
     async with Operator(settings, args.jaeger) as operator:
         if args.command == "clusters":
@@ -242,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     explain = sub.add_parser("explain", help="why a pod is where it is")
     explain.add_argument("pod", help="NAMESPACE/NAME of the proxy pod")
     explain.add_argument("--source", help="source cluster (default: the first)")
+    nats_users = sub.add_parser("nats-config", help="NATS users and permissions for the stages (docs/security.md)")
+    nats_users.add_argument("directory", type=Path, help="where the password files and auth.conf go")
+    nats_users.add_argument("--per-target-candidates", action="store_true",
+                            help="also a user candidate-scheduler-<target> per target, for a process per target")
     args = parser.parse_args(argv)
     if args.config:
         os.environ["MCS_CONFIG"] = args.config
@@ -250,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, FileNotFoundError) as exc:
         print(f"mcsctl: cannot read settings: {exc}", file=sys.stderr)
         return 2
+    if args.command == "nats-config":
+        print(f"wrote {nats_config(settings, args.directory, args.per_target_candidates)}")
+        return 0
     if args.kubeconfig:  # an operator reads with their own rights, not the services'
         kubeconfig = Path(args.kubeconfig)
         settings = settings.model_copy(update={"clusters": [

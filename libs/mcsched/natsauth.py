@@ -26,7 +26,7 @@ How a stage uses NATS, and so what it is granted:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,14 +161,3 @@ def authorization(users: Iterable[NatsUser]) -> dict[str, Any]:
             entry["permissions"] = user.permissions.as_config()
         entries.append(entry)
     return {"authorization": {"users": entries}}
-
-
-def stage_users(prefix: str, sources: Iterable[str], targets: Iterable[str],
-                passwords: Mapping[str, str]) -> list[NatsUser]:
-    """One user per stage named like the stage, with that stage's permissions for all these clusters.
-
-    ``passwords`` maps user names to passwords; users without one are left out.
-    """
-    sources, targets = list(sources), list(targets)
-    return [NatsUser(stage, passwords[stage], stage_permissions(stage, stage, prefix, sources, targets))
-            for stage in STAGES if stage in passwords]

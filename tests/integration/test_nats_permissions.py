@@ -8,7 +8,6 @@ another target's delegate requests.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -22,26 +21,23 @@ from nats.js.api import ConsumerConfig
 from localenv.environment import free_port
 from localenv.tools import nats_server_binary
 from mcsched.bus import ACK, Bus, Credentials, Outcome
+from mcsched.cli import nats_config
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.natsauth import (
     STAGE_STREAMS,
-    NatsUser,
-    authorization,
     candidate_durable,
     candidate_queue,
     feedback_durable,
     proxy_scheduler_durable,
-    stage_permissions,
-    stage_users,
     stream_name,
 )
+from mcsched.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 PREFIX = "perm"
 SOURCES, TARGETS = ["c1"], ["c1", "c2", "c3"]
-PASSWORDS = {"admin": "admin-pw", "watcher": "w-pw", "proxy-scheduler": "p-pw", "candidate-scheduler": "c-pw",
-             "feedback": "f-pw", "candidate-scheduler-c2": "c2-pw"}
+PASSWORDS: dict[str, str] = {}  # user -> password, as nats_config wrote them
 
 
 @dataclass
@@ -59,11 +55,10 @@ class Server:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    users = [NatsUser("admin", PASSWORDS["admin"], None), *stage_users(PREFIX, SOURCES, TARGETS, PASSWORDS),
-             NatsUser("candidate-scheduler-c2", PASSWORDS["candidate-scheduler-c2"],
-                      stage_permissions("candidate-scheduler", "candidate-scheduler-c2", PREFIX, SOURCES, ["c2"]))]
-    config = tmp_path / "auth.conf"
-    config.write_text(json.dumps(authorization(users)))
+    settings = Settings(subject_prefix=PREFIX, clusters=[{"name": c, "source": c in SOURCES, "target": True}
+                                                         for c in TARGETS])
+    config = nats_config(settings, tmp_path / "credentials", per_target_candidates=True)
+    PASSWORDS.update({path.name: path.read_text() for path in config.parent.iterdir() if path != config})
     port = free_port()
     argv = [str(nats_server_binary()), "-c", str(config), "-a", "127.0.0.1", "-p", str(port),
             "-js", "-sd", str(tmp_path / "js")]
@@ -72,12 +67,12 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     try:
         for _ in range(100):
             try:
-                nc = await nats.connect(f"nats://admin:admin-pw@127.0.0.1:{port}", allow_reconnect=False)
+                nc = await nats.connect(f"nats://admin:{PASSWORDS['admin']}@127.0.0.1:{port}", allow_reconnect=False)
                 await nc.close()
                 break
             except Exception:
                 await asyncio.sleep(0.1)
-        admin = Bus(f"nats://127.0.0.1:{port}", PREFIX, "admin", credentials=Credentials("admin", "admin-pw"))
+        admin = Bus(f"nats://127.0.0.1:{port}", PREFIX, "admin", credentials=Credentials("admin", PASSWORDS["admin"]))
         await admin.connect(attempts=1)
         await admin.ensure_streams()
         await admin.close()

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from mcsched.natsauth import (
-    STAGES,
-    NatsUser,
-    authorization,
-    candidate_durable,
-    stage_permissions,
-    stage_users,
-)
+from mcsched.cli import nats_config
+from mcsched.natsauth import STAGES, NatsUser, authorization, candidate_durable, stage_permissions
 from mcsched.runtime import nats_credentials
 from mcsched.settings import NatsAuthSettings, Settings
 
@@ -81,9 +76,20 @@ def test_feedback_publishes_status_and_asks_again_for_missing_delegates() -> Non
     assert not covered("mcs.elect.c1", p.publish) and not covered("mcs.candidate.c1", p.publish)
 
 
-def test_every_stage_has_a_user_and_unknown_stages_are_refused() -> None:
-    users = stage_users("mcs", ["c1"], ["c1"], {s: f"{s}-pw" for s in STAGES})
-    assert [u.name for u in users] == list(STAGES)
+def test_nats_config_gives_every_stage_a_user_and_keeps_existing_passwords(tmp_path: Path) -> None:
+    settings = Settings(clusters=CLUSTERS, serve_targets=["c2"])
+    (tmp_path / "watcher").write_text("kept")
+    config = nats_config(settings, tmp_path, per_target_candidates=True)
+    users = {u["user"]: u for u in json.loads(config.read_text())["authorization"]["users"]}
+    assert set(users) == {"admin", *STAGES, "candidate-scheduler-c1", "candidate-scheduler-c2",
+                          "candidate-scheduler-c3"}
+    assert users["watcher"]["password"] == "kept"
+    assert "permissions" not in users["admin"]
+    assert all(users[u]["password"] == (tmp_path / u).read_text() for u in users)
+    served = users["candidate-scheduler"]["permissions"]["subscribe"]["allow"]
+    assert "mcs.candidate.c2" in served and "mcs.candidate.c3" not in served  # serve_targets
+    assert users["candidate-scheduler-c3"]["permissions"]["subscribe"]["allow"][-1] == "mcs.candidate.c3"
+    assert oct(config.stat().st_mode & 0o777) == "0o600" and oct((tmp_path / "admin").stat().st_mode & 0o777) == "0o600"
     with pytest.raises(ValueError, match="unknown stage"):
         stage_permissions("scheduler", "x", "mcs", [], [])
 
