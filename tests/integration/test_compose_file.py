@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from mcsched.cli import main as mcsctl
 from mcsched.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -40,6 +41,7 @@ SERVICES = {
 }
 CONFIG_TARGET = "/etc/mcs/config.yaml"
 KUBECONFIG_TARGET = "/etc/mcs/kubeconfig"
+NATS_SECRETS = "/run/secrets/nats"
 
 Compose = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -85,8 +87,8 @@ def model(compose: Compose) -> dict[str, Any]:
     return normalized(compose)
 
 
-def test_six_services(model: dict[str, Any]) -> None:
-    assert set(model["services"]) == {"nats", "jaeger", *SERVICES}
+def test_seven_services(model: dict[str, Any]) -> None:
+    assert set(model["services"]) == {"nats-credentials", "nats", "jaeger", *SERVICES}
 
 
 def test_the_four_services_run_one_image_and_differ_only_by_module(model: dict[str, Any]) -> None:
@@ -106,13 +108,35 @@ def test_the_four_services_run_one_image_and_differ_only_by_module(model: dict[s
 def test_the_four_services_mount_the_config_and_kubeconfig_files(model: dict[str, Any]) -> None:
     for name in SERVICES:
         mounts = {m["target"]: m for m in model["services"][name]["volumes"]}
-        assert set(mounts) == {CONFIG_TARGET, KUBECONFIG_TARGET}
+        assert set(mounts) == {CONFIG_TARGET, KUBECONFIG_TARGET, NATS_SECRETS}
         assert Path(mounts[CONFIG_TARGET]["source"]) == COMPOSE_DIR / "config.yaml"
         assert Path(mounts[KUBECONFIG_TARGET]["source"]) == COMPOSE_DIR / "kubeconfig"
+        secrets = mounts.pop(NATS_SECRETS)
+        assert (secrets["type"], secrets["source"], secrets["read_only"]) == ("volume", "nats-credentials", True)
         for mount in mounts.values():
             assert mount["type"] == "bind" and mount["read_only"] is True
             # A missing file must fail the start, not become an empty directory.
             assert not mount.get("bind", {}).get("create_host_path", False)
+
+
+def test_every_stage_connects_to_nats_as_its_own_user(model: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-credentials writes a password per stage before NATS starts; each stage reads its own."""
+    init = model["services"]["nats-credentials"]
+    assert init["image"] == IMAGE and init["entrypoint"] == ["mcsctl"]
+    assert init["command"][-2:] == ["nats-config", NATS_SECRETS]
+    assert {m["target"]: m["source"] for m in init["volumes"]}[NATS_SECRETS] == "nats-credentials"
+    nats = model["services"]["nats"]
+    assert nats["depends_on"]["nats-credentials"]["condition"] == "service_completed_successfully"
+    assert nats["command"][nats["command"].index("-c") + 1] == f"{NATS_SECRETS}/auth.conf"
+    for name in SERVICES:
+        assert model["services"][name]["environment"]["MCS_NATS_AUTH__PASSWORD_FILE"] == f"{NATS_SECRETS}/{name}"
+    # What the init container runs, on the example settings: a file per stage and auth.conf.
+    for variable in [v for v in os.environ if v.startswith("MCS_")]:
+        monkeypatch.delenv(variable)
+    assert mcsctl(["--config", str(COMPOSE_DIR / "config.yaml"), "nats-config", str(tmp_path)]) == 0
+    users = {u["user"] for u in json.loads((tmp_path / "auth.conf").read_text())["authorization"]["users"]}
+    assert users == {"admin", *SERVICES} and all((tmp_path / name).is_file() for name in SERVICES)
 
 
 def test_the_four_services_wait_for_nats_to_be_healthy(model: dict[str, Any]) -> None:
@@ -140,9 +164,9 @@ def test_nats_keeps_jetstream_on_a_named_volume_and_has_a_healthcheck(model: dic
     command = nats["command"]
     assert "-js" in command and command[command.index("-sd") + 1] == "/data"
     assert command[command.index("-m") + 1] == "8222"
-    [volume] = nats["volumes"]
-    assert (volume["type"], volume["source"], volume["target"]) == ("volume", "nats-data", "/data")
-    assert "nats-data" in model["volumes"]
+    volume = {m["target"]: m for m in nats["volumes"]}["/data"]
+    assert (volume["type"], volume["source"]) == ("volume", "nats-data")
+    assert {"nats-data", "nats-credentials"} <= set(model["volumes"])
     assert "http://localhost:8222/healthz?js-enabled-only=true" in nats["healthcheck"]["test"]
     assert [p["target"] for p in nats["ports"]] == [4222]
 
