@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ import pytest
 import yaml
 from cryptography import x509
 
-from localenv.tools import bin_dir
+from localenv.tools import bin_dir, nats_server_binary
+from mcsched.natsauth import stage_permissions
 from mcsched.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -387,7 +389,7 @@ def test_bundled_nats_only_when_enabled(render: Callable[..., Docs]) -> None:
     statefulset = one(docs, "StatefulSet", name)
     nats = container(statefulset)
     assert nats["image"] == "nats:2.10-alpine"
-    assert nats["args"][:3] == ["-js", "-sd", "/data"]
+    assert nats["args"][2:5] == ["-js", "-sd", "/data"]
     assert nats["readinessProbe"]["httpGet"]["port"] == "monitor"
     assert nats["readinessProbe"]["httpGet"]["path"].startswith("/healthz")
     assert {"name": "monitor", "containerPort": 8222, "protocol": "TCP"} in nats["ports"]
@@ -402,3 +404,82 @@ def test_bundled_nats_only_when_enabled(render: Callable[..., Docs]) -> None:
     # a NATS URL of your own wins over the bundled server
     both = render(*BASE, "--set", "nats.bundled.enabled=true")
     assert config_of(both)["nats_url"] == "nats://nats.nats.svc:4222"
+
+
+# -- NATS identities ---------------------------------------------------------------------------
+
+
+def bundled_nats_conf(docs: Docs) -> str:
+    conf: str = one(docs, "Secret", f"{FULLNAME}-nats-config")["stringData"]["nats.conf"]
+    return conf
+
+
+def users_of(conf: str) -> dict[str, dict[str, Any]]:
+    """The users of the chart's NATS configuration (its passwords are variables: read as their names)."""
+    body = conf[conf.index("users:"):].split("[", 1)[1].rsplit("]", 1)[0]
+    users = {}
+    for line in body.strip().splitlines():
+        entry = yaml.safe_load(re.sub(r"password: \$(\w+)", r'password: "\1"', line.strip()))
+        users[entry["user"]] = entry
+    return users
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "candidateScheduler.serveTargets={c2}"]])
+def test_bundled_nats_grants_each_stage_what_natsauth_grants_it(render: Callable[..., Docs],
+                                                                extra: list[str]) -> None:
+    docs = render("--set", "clusterName=c1", "--set", "nats.bundled.enabled=true", "--set", "targets[0].name=c2",
+                  "--set", "targets[0].kubeconfigSecret=c2-kubeconfig", *extra)
+    users = users_of(bundled_nats_conf(docs))
+    assert set(users) == {"admin", *STAGES}
+    assert "permissions" not in users["admin"]
+    settings = Settings.model_validate(config_of(docs) | {"nats_auth": {}})
+    for stage in STAGES:
+        targets = settings.served_targets() if stage == "candidate-scheduler" else settings.target_names
+        want = stage_permissions(stage, stage, settings.subject_prefix, settings.source_names, targets)
+        got = users[stage]["permissions"]
+        assert set(got["publish"]["allow"]) == set(want.publish), stage
+        assert set(got["subscribe"]["allow"]) == set(want.subscribe), stage
+        assert got.get("allow_responses", False) == want.allow_responses, stage
+
+
+def test_every_stage_reads_only_its_own_nats_password(render: Callable[..., Docs]) -> None:
+    docs = render("--set", "clusterName=c1", "--set", "nats.bundled.enabled=true")
+    secret = one(docs, "Secret", f"{FULLNAME}-nats-auth")
+    assert set(secret["data"]) == {"admin", *STAGES}
+    assert len({base64.b64decode(v) for v in secret["data"].values()}) == 5  # random, one each
+    for stage in STAGES:
+        deployment = one(docs, "Deployment", f"{FULLNAME}-{stage}")
+        env = {e["name"]: e.get("value") for e in container(deployment)["env"]}
+        assert env["MCS_NATS_AUTH__PASSWORD_FILE"] == f"/etc/mcs/nats/{stage}"
+        [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "nats-auth"]
+        assert volume["secret"]["secretName"] == f"{FULLNAME}-nats-auth"
+        assert volume["secret"]["items"] == [{"key": stage, "path": stage}]
+    nats = container(one(docs, "StatefulSet", f"{FULLNAME}-nats"))
+    assert nats["args"][:2] == ["-c", "/etc/nats/nats.conf"]
+    refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in nats["env"]}
+    assert refs == {"admin", *STAGES}
+    assert config_of(docs)["nats_auth"] == {}  # the password file comes from each Deployment's environment
+
+    own = render("--set", "clusterName=c1", "--set", "nats.bundled.enabled=true",
+                 "--set", "nats.auth.existingSecret=mine")
+    assert not find(own, "Secret", f"{FULLNAME}-nats-auth")
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in container(one(own, "StatefulSet", f"{FULLNAME}-nats"))[
+        "env"]} == {"mine"}
+
+    anonymous = render(*BASE, "--set", "nats.auth.allowAnonymous=true")
+    assert not find(anonymous, "Secret", f"{FULLNAME}-nats-auth")
+    assert config_of(anonymous)["nats_auth"] == {"allow_anonymous": True}
+    for stage in STAGES:
+        assert "MCS_NATS_AUTH__PASSWORD_FILE" not in {e["name"] for e in container(
+            one(anonymous, "Deployment", f"{FULLNAME}-{stage}"))["env"]}
+
+
+def test_the_bundled_nats_configuration_is_valid_for_nats_server(render: Callable[..., Docs],
+                                                                 tmp_path: Path) -> None:
+    docs = render("--set", "clusterName=c1", "--set", "nats.bundled.enabled=true")
+    conf = tmp_path / "nats.conf"
+    conf.write_text(bundled_nats_conf(docs))
+    env = {**os.environ, **{f"MCS_NATS_PASSWORD_{u.upper().replace('-', '_')}": "pw" for u in ("admin", *STAGES)}}
+    result = subprocess.run([str(nats_server_binary()), "-c", str(conf), "-t"], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr

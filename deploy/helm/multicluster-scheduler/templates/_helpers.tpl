@@ -196,6 +196,15 @@ reached in-cluster (no kubeconfig); remote targets through their mounted kubecon
 {{- if .Values.candidateScheduler.serveTargets -}}
 {{- $_ := set $config "serve_targets" .Values.candidateScheduler.serveTargets -}}
 {{- end -}}
+{{- /* Each Deployment names its own password file (MCS_NATS_AUTH__PASSWORD_FILE). */ -}}
+{{- $natsAuth := dict -}}
+{{- if .Values.nats.auth.allowAnonymous -}}
+{{- $_ := set $natsAuth "allow_anonymous" true -}}
+{{- end -}}
+{{- if .Values.nats.auth.tlsSecret -}}
+{{- $_ := set $natsAuth "tls_ca_file" "/etc/mcs/nats-tls/ca.crt" -}}
+{{- end -}}
+{{- $_ := set $config "nats_auth" $natsAuth -}}
 {{- $config = merge $config (deepCopy (default dict .Values.extraConfig)) -}}
 {{- toYaml $config -}}
 {{- end -}}
