@@ -142,7 +142,7 @@ class Bus:
         log.info("reconnected to NATS at %s", self.url)
 
     async def _on_error(self, exc: Exception) -> None:
-        if "authorization violation" in str(exc).lower():  # retried: the credentials may be rotated meanwhile
+        if "authorization violation" in str(exc).lower():  # the client retries with the same credentials
             log.error("NATS at %s refused the credentials of user %s: check nats_auth (docs/security.md); "
                       "retrying", self.url, self.credentials.user or "(anonymous)")
         elif self.nc is None or not self.nc.is_connected:  # the client keeps retrying by itself

@@ -8,6 +8,7 @@ another target's delegate requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -25,12 +26,16 @@ from mcsched.cli import nats_config
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.natsauth import (
     STAGE_STREAMS,
+    NatsUser,
+    authorization,
     candidate_durable,
     candidate_queue,
     feedback_durable,
     proxy_scheduler_durable,
     stream_name,
 )
+from mcsched.pki import issue, new_ca
+from mcsched.runtime import nats_credentials
 from mcsched.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -250,3 +255,37 @@ async def test_only_the_proxy_scheduler_takes_elect_messages(server: Server) -> 
 
     await asyncio.gather(*(refused(server, user, take_elect)
                            for user in ("watcher", "candidate-scheduler", "feedback")))
+
+
+async def test_a_service_connects_over_tls_with_the_ca_it_is_given_and_refuses_another(tmp_path: Path) -> None:
+    ca, stranger = new_ca("nats-ca"), new_ca("someone-else")
+    issue(ca, "nats", ip_addresses=("127.0.0.1",), server=True).write(tmp_path / "tls.crt", tmp_path / "tls.key")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    (tmp_path / "stranger.crt").write_bytes(stranger.cert_pem)
+    (tmp_path / "password").write_text("tls-pw")
+    config = tmp_path / "auth.conf"
+    config.write_text(json.dumps(authorization([NatsUser("watcher", "tls-pw", None)])))
+    port = free_port()
+    argv = [str(nats_server_binary()), "-c", str(config), "-a", "127.0.0.1", "-p", str(port), "--tls",
+            "--tlscert", str(tmp_path / "tls.crt"), "--tlskey", str(tmp_path / "tls.key")]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+
+    def bus(ca_file: str) -> Bus:
+        settings = Settings(clusters=[{"name": "c1", "source": True, "target": True}],
+                            nats_auth={"password_file": tmp_path / "password", "tls_ca_file": tmp_path / ca_file})
+        return Bus(f"tls://127.0.0.1:{port}", PREFIX, "tls-test", credentials=nats_credentials("watcher", settings))
+
+    trusting, doubting = bus("ca.crt"), bus("stranger.crt")
+    try:
+        await asyncio.wait_for(trusting.connect(), 20)
+        assert trusting.connected
+        connecting = asyncio.create_task(doubting.connect())
+        await asyncio.sleep(2)
+        assert not doubting.connected, "a server whose certificate the CA did not sign must not be trusted"
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+    finally:
+        await trusting.close()
+        await doubting.close()
+        process.terminate()
+        process.wait(10)
