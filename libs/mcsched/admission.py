@@ -37,12 +37,34 @@ def _response(uid: str, allowed: bool, patch: list[dict[str, Any]] | None = None
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
+def _shape_problem(pod: Any) -> str | None:
+    """What makes ``pod`` something other than a pod manifest (the API server sends only pods;
+    anyone else reaching the webhook may send anything)."""
+    if not isinstance(pod, dict):
+        return "the request's object is not a pod"
+    metadata = pod.get("metadata", {})
+    if not isinstance(metadata, dict) or not isinstance(pod.get("spec", {}), dict):
+        return "the pod's metadata and spec must be objects"
+    for field in ("labels", "annotations"):
+        values = metadata.get(field) or {}
+        if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+            return f"the pod's {field} must map names to strings"
+    return None
+
+
 def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
-    request = admission_review.get("request") or {}
+    request = admission_review.get("request") if isinstance(admission_review, Mapping) else None
+    if not isinstance(request, dict):
+        return _response("", False, message="not an AdmissionReview request")
     uid = str(request.get("uid", ""))
-    pod = request.get("object") or {}
-    if request.get("kind", {}).get("kind") != "Pod" or request.get("operation") != "CREATE":
+    kind = request.get("kind")
+    if not isinstance(kind, dict) or kind.get("kind") != "Pod" or request.get("operation") != "CREATE":
         return _response(uid, True)
+    pod = request.get("object") or {}
+    problem = _shape_problem(pod)
+    if problem is not None:
+        log.warning("refusing an admission request: %s", problem)
+        return _response(uid, False, message=problem)
     try:
         elected = election(pod)
     except ElectionError as exc:
@@ -51,7 +73,13 @@ def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, 
         return _response(uid, False, message=str(exc))
     if not elected:
         return _response(uid, True)
-    return _response(uid, True, proxy_patch(pod, extra_annotations))
+    try:
+        patch = proxy_patch(pod, extra_annotations)
+    except (AttributeError, TypeError, ValueError) as exc:  # a spec no API server would have sent
+        log.warning("refusing pod %s/%s: malformed spec (%s)", request.get("namespace"),
+                    pod.get("metadata", {}).get("name"), exc)
+        return _response(uid, False, message=f"the pod cannot be made a proxy pod: malformed spec ({exc})")
+    return _response(uid, True, patch)
 
 
 def webhook_configuration(url: str, ca_bundle_pem: bytes, failure_policy: str,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 # 2: the target's scheduler places delegates (no reservations; delegate requests name the round).
 SCHEMA_VERSION = 2
@@ -50,14 +50,20 @@ def decode(data: bytes, model: type[M]) -> M:
     return model.model_validate(envelope["body"])
 
 
+# What Kubernetes accepts as names (a message naming anything else is refused when decoded, so
+# no request path is ever built from, say, "../secrets").
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
 class PodRef(BaseModel):
     """A pod in one cluster, pinned to one incarnation by its UID."""
 
     model_config = ConfigDict(frozen=True)
-    cluster: str
-    namespace: str
-    name: str
-    uid: str
+    cluster: str = Field(pattern=_DNS_LABEL)
+    namespace: str = Field(pattern=_DNS_LABEL)
+    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253)
+    uid: str = Field(pattern=r"^[A-Za-z0-9-]{1,128}$")
 
     def __str__(self) -> str:
         return f"{self.cluster}/{self.namespace}/{self.name}"

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from .constants import (
     ELECT_ANNOTATION,
@@ -35,6 +36,7 @@ from .constants import (
     VIRTUAL_NODE_TYPE_LABEL,
     VIRTUAL_NODE_TYPE_VALUE,
 )
+from .models import PodRef
 
 JSON = dict[str, Any]
 
@@ -328,6 +330,8 @@ def parent_ref(delegate: Mapping[str, Any]) -> tuple[str, str, str, str] | None:
     labels = metadata.get("labels") or {}
     try:
         name = (metadata.get("annotations") or {}).get(PARENT_NAME_ANNOTATION) or labels[PARENT_NAME_LABEL]
-        return (labels[PARENT_CLUSTER_LABEL], labels[PARENT_NAMESPACE_LABEL], name, labels[PARENT_UID_LABEL])
-    except KeyError:
+        ref = PodRef(cluster=labels[PARENT_CLUSTER_LABEL], namespace=labels[PARENT_NAMESPACE_LABEL], name=name,
+                     uid=labels[PARENT_UID_LABEL])
+    except (KeyError, ValidationError):  # not ours, or labels that name no pod Kubernetes could have
         return None
+    return (ref.cluster, ref.namespace, ref.name, ref.uid)
