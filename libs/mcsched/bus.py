@@ -15,7 +15,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -218,7 +218,7 @@ class Bus:
         """Publish durably; returns once JetStream has stored it (or knew it already)."""
         await self._jetstream().publish(subject, message.encode(), headers=self._headers(msg_id))
 
-    async def publish_many(self, items: list[tuple[str, Message, str]]) -> None:
+    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> None:
         """Publish several messages with their acks awaited together."""
         await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items))
 

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from datetime import UTC, datetime
@@ -123,9 +124,9 @@ class Feedback:
             queue.start()
             rt.closers.append(queue.stop)
         for source, informer in self.proxies.items():
-            informer.add_handler(lambda kind, pod, old, source=source: self.on_proxy(source, kind, pod))
+            informer.add_handler(functools.partial(self.on_proxy, source))
         for target, view in self.targets.items():
-            view.pods.add_handler(lambda kind, pod, old, target=target: self.on_delegate(target, kind, pod, old))
+            view.pods.add_handler(functools.partial(self.on_delegate, target))
 
     # -- helpers ---------------------------------------------------------------
 
@@ -410,7 +411,7 @@ class Feedback:
 
     # -- deletion and a pod's single life ---------------------------------------------
 
-    def on_proxy(self, source: str, kind: str, pod: JSON) -> None:
+    def on_proxy(self, source: str, kind: str, pod: JSON, _old: JSON | None = None) -> None:
         uid = pod["metadata"]["uid"]
         if kind == "DELETED":
             self.mirrored.pop(uid, None)
@@ -626,7 +627,8 @@ class Feedback:
             current = await client.create("/api/v1/nodes", node)
             log.info("virtual node %s created in %s", name, source)
         condition = self._ready_condition(target)
-        previous = next((c for c in current.get("status", {}).get("conditions") or [] if c["type"] == "Ready"), {})
+        previous: JSON = next((c for c in current.get("status", {}).get("conditions") or [] if c["type"] == "Ready"),
+                              {})
         same = previous.get("status") == condition["status"]
         condition["lastTransitionTime"] = previous.get("lastTransitionTime") if same else condition["lastHeartbeatTime"]
         if current["metadata"].get("labels") != node["metadata"]["labels"] or \

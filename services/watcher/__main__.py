@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import tempfile
@@ -152,7 +153,7 @@ class ElectPublisher:
         current = self.informers[ref.cluster].get(f"{ref.namespace}/{ref.name}")
         return current if current is not None and current["metadata"]["uid"] == ref.uid else None
 
-    def on_event(self, source: str, kind: str, pod: JSON) -> None:
+    def on_event(self, source: str, kind: str, pod: JSON, _old: JSON | None = None) -> None:
         if kind == "DELETED" or pod["spec"].get("nodeName"):
             self.published.pop(pod["metadata"]["uid"], None)
         elif self._due(pod):  # published by workers: a burst never holds up the watch
@@ -187,8 +188,8 @@ class ElectPublisher:
             log.info("resync: %d proxy pods still need a target", len(batch))
             await self.rt.bus.publish_many(batch)
             for _, message, _ in batch:
-                if (pod := self._cached(message.proxy)) is not None:
-                    self.published[message.proxy.uid] = (Placement.of(pod).round, now)
+                if (cached := self._cached(message.proxy)) is not None:
+                    self.published[message.proxy.uid] = (Placement.of(cached).round, now)
 
 
 async def compose(rt: Runtime) -> None:
@@ -202,7 +203,7 @@ async def compose(rt: Runtime) -> None:
     }
     publisher = ElectPublisher(rt, informers)
     for source, informer in informers.items():
-        informer.add_handler(lambda kind, pod, _old, source=source: publisher.on_event(source, kind, pod))
+        informer.add_handler(functools.partial(publisher.on_event, source))
     rt.spawn(periodic(rt.settings.resync_period_seconds, publisher.resync, "elect resync"), "elect resync")
 
 

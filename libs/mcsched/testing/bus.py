@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -211,7 +211,7 @@ class FakeBus(Bus):
             raise RuntimeError(f"nats: no response from stream: no stream holds {subject}")
         self.broker.store(self.stream(kind), subject, message, msg_id, self.client_name)
 
-    async def publish_many(self, items: list[tuple[str, Message, str]]) -> None:
+    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> None:
         await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items))
 
     async def notify(self, subject: str, message: Message) -> None:

@@ -1,0 +1,134 @@
+"""source-controller: in each target, the RBAC its Sources and ClusterSources grant, kept level.
+
+It runs with the target's own credentials, never a source's. It reads
+Admiralty's Source and ClusterSource objects and writes RoleBindings and
+ClusterRoleBindings (``mcsched.sources``) to the three accepted-source
+ClusterRoles only: RBAC's ``bind`` verb on those roles is all it holds, so
+even a bug here cannot grant anything else. Bindings of a deleted Source or
+ClusterSource go with it (owner references); the shared viewer binding is
+rewritten whole on every change.
+
+    python -m services.source_controller                         # in-cluster
+    python -m services.source_controller --kubeconfig K --context c2 --context c3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from mcsched.kube import Informer, KubeClient, KubeError
+from mcsched.runtime import setup_logging
+from mcsched.settings import ClusterSettings
+from mcsched.sources import (
+    CLUSTER_SOURCES_PATH,
+    RBAC,
+    SOURCES_PATH,
+    AcceptanceRoles,
+    cluster_source_bindings,
+    source_binding,
+    subjects,
+    viewer_binding,
+)
+
+log = logging.getLogger("source-controller")
+
+
+def _path(binding: dict[str, object]) -> str:
+    meta = binding["metadata"]
+    assert isinstance(meta, dict)
+    if binding["kind"] == "RoleBinding":
+        return f"/apis/{RBAC}/v1/namespaces/{meta['namespace']}/rolebindings/{meta['name']}"
+    return f"/apis/{RBAC}/v1/clusterrolebindings/{meta['name']}"
+
+
+class SourceController:
+    """One target: Sources and ClusterSources in, bindings out."""
+
+    def __init__(self, client: KubeClient, roles: AcceptanceRoles, resync_seconds: float) -> None:
+        self.client, self.roles, self.resync_seconds = client, roles, resync_seconds
+        self.sources = Informer(client, SOURCES_PATH, name=f"{client.name} sources")
+        self.cluster_sources = Informer(client, CLUSTER_SOURCES_PATH, name=f"{client.name} clustersources")
+        self.changed = asyncio.Event()
+        for informer in (self.sources, self.cluster_sources):
+            informer.add_handler(lambda *_: self.changed.set())
+
+    async def run(self) -> None:
+        self.sources.start()
+        self.cluster_sources.start()
+        try:
+            await self.sources.wait_synced()
+            await self.cluster_sources.wait_synced()
+            while True:
+                self.changed.clear()
+                try:
+                    await self.reconcile()
+                except (KubeError, OSError, TimeoutError) as exc:
+                    log.warning("%s: reconciling failed (%s); retrying", self.client.name, exc)
+                    await asyncio.sleep(2)
+                    continue
+                try:
+                    await asyncio.wait_for(self.changed.wait(), self.resync_seconds)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.sources.stop()
+            await self.cluster_sources.stop()
+
+    async def reconcile(self) -> None:
+        accepted = [*self.sources.items(), *self.cluster_sources.items()]
+        accepted = [obj for obj in accepted if not obj["metadata"].get("deletionTimestamp")]
+        bindings = [viewer_binding(accepted, self.roles)]
+        for obj in accepted:
+            obj.setdefault("kind", "Source" if obj["metadata"].get("namespace") else "ClusterSource")
+            if not subjects(obj):
+                log.warning("%s: %s %s names no identity (userName, serviceAccountName or serviceAccount): "
+                            "it grants nothing", self.client.name, obj["kind"], obj["metadata"]["name"])
+                continue
+            if obj["kind"] == "Source":
+                bindings.append(source_binding(obj, self.roles))
+            else:
+                bindings += cluster_source_bindings(obj, self.roles)
+        for binding in bindings:
+            await self.client.apply(_path(binding), binding)
+        log.info("%s: %d accepted sources, %d bindings applied", self.client.name, len(accepted), len(bindings))
+
+
+async def main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    roles = AcceptanceRoles.named(args.role_prefix)
+    contexts = args.context or [None]
+    clients = [await KubeClient.connect(ClusterSettings(name=context or "local", kubeconfig=args.kubeconfig,
+                                                        context=context)) for context in contexts]
+    tasks = [asyncio.create_task(SourceController(c, roles, args.resync_seconds).run()) for c in clients]
+    log.info("source-controller running for %s (roles %s, %s, %s)", ", ".join(c.name for c in clients),
+             roles.work, roles.viewer, roles.namespaces)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for client in clients:
+        await client.close()
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="source-controller", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig (default: in-cluster)")
+    parser.add_argument("--context", action="append", help="a target's context (repeat for several targets)")
+    parser.add_argument("--role-prefix", default="multicluster-scheduler",
+                        help="prefix of the accepted-source ClusterRoles (the chart's fullname)")
+    parser.add_argument("--resync-seconds", type=float, default=60.0)
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    setup_logging(arguments.log_level, "source-controller")
+    asyncio.run(main(arguments))
