@@ -28,7 +28,7 @@ from mcsched import pki
 
 from . import rbac
 from .processes import ProcessTable
-from .rbac import SERVICE_USER
+from .rbac import SERVICE_USER, SOURCE_CONTROLLER_USER
 from .tools import bin_dir, ensure_kwok_stages
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -121,11 +121,14 @@ class LocalCluster:
         # the API server verifies a client certificate's chain on every request, a token once.
         # The user is an admin; the services' user gets the chart's roles only (see rbac.py).
         user_token, services_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        controller_token = secrets.token_urlsafe(32)
         self.token_file.write_text(user_token)
         self.services_token_file.write_text(services_token)
+        self.source_controller_token_file.write_text(controller_token)
         (self.dir / "tokens.csv").write_text(
             f"{user_token},{self.spec.name}-user,{self.spec.name}-user,system:masters\n"
-            f"{services_token},{SERVICE_USER},{SERVICE_USER}\n")
+            f"{services_token},{SERVICE_USER},{SERVICE_USER}\n"
+            f"{controller_token},{SOURCE_CONTROLLER_USER},{SOURCE_CONTROLLER_USER}\n")
 
     @property
     def token_file(self) -> Path:
@@ -134,6 +137,10 @@ class LocalCluster:
     @property
     def services_token_file(self) -> Path:
         return self.dir / "services.token"
+
+    @property
+    def source_controller_token_file(self) -> Path:
+        return self.dir / "source-controller.token"
 
     def kubeconfig_entry(self, identity: str = "user") -> dict[str, Any]:
         """This cluster as (cluster, user, context) entries of a kubeconfig.
@@ -149,6 +156,9 @@ class LocalCluster:
             user = {"name": f"{name}-user", "user": {"token": self.token_file.read_text().strip()}}
         elif identity == "services":
             user = {"name": f"{name}-{SERVICE_USER}", "user": {"token": self.services_token_file.read_text().strip()}}
+        elif identity == "source-controller":
+            user = {"name": f"{name}-{SOURCE_CONTROLLER_USER}",
+                    "user": {"token": self.source_controller_token_file.read_text().strip()}}
         return {
             "cluster": {"name": name, "cluster": {
                 "server": self.spec.server,
@@ -264,9 +274,18 @@ class LocalCluster:
             time.sleep(0.3)
         raise TimeoutError(f"{self.spec.name}: API server not ready after {timeout:.0f}s")
 
-    def grant_services_rbac(self, source: bool) -> None:
-        """Bind the chart's roles to the services' user (they have nothing else here)."""
-        self.kubectl("apply", "--server-side", "-f", "-", input_text=rbac.manifest(self.spec.name, source))
+    def grant_services_rbac(self, source: bool, accepted_sources: list[str]) -> None:
+        """Bind the chart's roles to the services' user (they have nothing else here).
+
+        The first cluster (the source, a target of itself) binds the target role to it as the
+        chart does for "target self"; every other cluster accepts it through a ClusterSource
+        per source name, which the source-controller turns into bindings (rbac.py).
+        """
+        self.kubectl("apply", "--server-side", "-f", str(rbac.CRDS))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=30s",
+                     "crd/sources.multicluster.admiralty.io", "crd/clustersources.multicluster.admiralty.io")
+        self.kubectl("apply", "--server-side", "-f", "-",
+                     input_text=rbac.manifest(self.spec.name, source, [] if source else accepted_sources))
 
     def kubectl(self, *args: str, input_text: str | None = None) -> str:
         proc = subprocess.run(

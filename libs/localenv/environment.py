@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from mcsched.settings import Settings
 
 from .cluster import ClusterPorts, ClusterSpec, LocalCluster, gpu_workers
 from .processes import ProcessTable
+from .rbac import FULLNAME
 from .tools import bin_dir, nats_server_binary
 
 SUBJECT_PREFIX = "mcs"  # the services' subject prefix in the local environment
@@ -144,7 +146,7 @@ class LocalEnvironment:
         if self.processes.load():
             log("stopping the previous environment in this directory")
             self.down()
-        for stale in ("env.json", "kubeconfig", "services.kubeconfig", "mcs.yaml"):
+        for stale in ("env.json", "kubeconfig", "services.kubeconfig", "source-controller.kubeconfig", "mcs.yaml"):
             (self.root / stale).unlink(missing_ok=True)
         for stale_dir in ("clusters", "nats", "logs"):  # every `up` starts from empty clusters
             shutil.rmtree(self.root / stale_dir, ignore_errors=True)
@@ -167,9 +169,11 @@ class LocalEnvironment:
                     "controller-manager, scheduler, kwok)")
                 cluster.start()
             for cluster in local:
-                cluster.grant_services_rbac(source=cluster is local[0])
+                cluster.grant_services_rbac(source=cluster is local[0], accepted_sources=clusters[:1])
                 workers = cluster.spec.node_names()
                 cluster.add_nodes(workers, gpu_nodes=gpu_workers(workers))
+            self._write_kubeconfig(local)
+            self._start_source_controller(clusters)
             for cluster in local:
                 cluster.wait_nodes_ready(cluster.spec.node_names())
                 log(f"  {cluster.spec.name}: {nodes} kwok nodes Ready")
@@ -245,8 +249,17 @@ class LocalEnvironment:
             "health": f"http://127.0.0.1:{ports['health']}",
         }
 
+    def _start_source_controller(self, clusters: list[str]) -> None:
+        """One source-controller for every cluster, as its own user (rbac.py): it turns each
+        cluster's Sources and ClusterSources into bindings."""
+        self.processes.start("source-controller", [
+            sys.executable, "-m", "services.source_controller", "--kubeconfig",
+            str(self.root / "source-controller.kubeconfig"), "--role-prefix", FULLNAME,
+            *(arg for c in clusters for arg in ("--context", c))], env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
     def _write_kubeconfig(self, clusters: list[LocalCluster]) -> None:
-        for file, identity in (("kubeconfig", "user"), ("services.kubeconfig", "services")):
+        for file, identity in (("kubeconfig", "user"), ("services.kubeconfig", "services"),
+                               ("source-controller.kubeconfig", "source-controller")):
             entries = [c.kubeconfig_entry(identity) for c in clusters]
             kubeconfig = {
                 "apiVersion": "v1", "kind": "Config",

@@ -21,8 +21,11 @@ import yaml
 from .tools import bin_dir
 
 SERVICE_USER = "multicluster-scheduler"
+SOURCE_CONTROLLER_USER = "multicluster-scheduler-source-controller"
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "multicluster-scheduler"
+CRDS = CHART / "crds" / "sources.yaml"
 RELEASE = "mcs-localenv"
+FULLNAME = f"{RELEASE}-multicluster-scheduler"  # the prefix of the chart's role names here
 
 # The chart creates the MutatingWebhookConfiguration itself; in the local environment
 # the watcher registers it (webhook.register_webhook), which needs these verbs too.
@@ -34,11 +37,18 @@ def _user_subject() -> list[dict[str, str]]:
 
 
 def chart_rbac(cluster: str, source: bool) -> list[dict[str, Any]]:
-    """The chart's RBAC objects for ``cluster`` (a target; a source too if ``source``), bound to the service user."""
+    """The chart's RBAC objects for ``cluster`` (a target; a source too if ``source``), bound to the service user.
+
+    A source is also a target of itself ("target self": the chart's target role is bound to it);
+    another cluster has the accepted-source roles, bound by the source-controller (whose own
+    role goes to its own user) as the cluster's Sources and ClusterSources say.
+    """
     proc = subprocess.run(
         [str(bin_dir() / "helm"), "template", RELEASE, str(CHART), "--show-only", "templates/rbac.yaml",
+         "--show-only", "templates/source-acceptance.yaml",
          "--set", f"clusterName={cluster}", "--set", "nats.url=nats://localenv:4222",
-         "--set", f"source={str(source).lower()}", "--set", "targetSelf=true"],
+         "--set", f"source={str(source).lower()}", "--set", f"targetSelf={str(source).lower()}",
+         "--set", "acceptSources.controller=false"],
         capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"helm template of the chart's RBAC failed: {proc.stderr.strip()}")
@@ -46,7 +56,19 @@ def chart_rbac(cluster: str, source: bool) -> list[dict[str, Any]]:
     for obj in objects:
         if obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
             obj["subjects"] = _user_subject()
+    objects.append(
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": f"{FULLNAME}-source-controller"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": f"{FULLNAME}-source-controller"},
+         "subjects": [{"kind": "User", "name": SOURCE_CONTROLLER_USER, "apiGroup": "rbac.authorization.k8s.io"}]})
     return objects
+
+
+def cluster_source(source: str) -> dict[str, Any]:
+    """The ClusterSource by which a target accepts the services' user for ``source`` everywhere."""
+    return {"apiVersion": "multicluster.admiralty.io/v1alpha1", "kind": "ClusterSource",
+            "metadata": {"name": source}, "spec": {"userName": SERVICE_USER}}
 
 
 def webhook_registration_rbac() -> list[dict[str, Any]]:
@@ -63,7 +85,8 @@ def webhook_registration_rbac() -> list[dict[str, Any]]:
     ]
 
 
-def manifest(cluster: str, source: bool) -> str:
-    """Everything to apply in one cluster, as a kubectl List."""
+def manifest(cluster: str, source: bool, accepted_sources: list[str]) -> str:
+    """Everything to apply in one cluster, as a kubectl List (the CRDs of ``CRDS`` must exist)."""
     items = chart_rbac(cluster, source) + (webhook_registration_rbac() if source else [])
+    items += [cluster_source(s) for s in accepted_sources]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})

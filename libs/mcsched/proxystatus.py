@@ -1,4 +1,5 @@
-"""What a proxy pod says while it waits: its ``PodScheduled`` condition and a matching Event.
+"""What a proxy pod says while it waits: its ``PodScheduled`` condition and a matching Event,
+and the record of a target that refused it.
 
 Used by every stage that finds why a proxy cannot run yet (no cluster fits,
 a target refused it, a referenced object cannot be copied), so ``kubectl
@@ -8,12 +9,15 @@ for a pod its own scheduler cannot place.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from .choice import Placement
 from .events import EventRecorder
-from .kube import KubeClient, KubeError, pod_path
+from .kube import JSON, KubeClient, KubeError, pod_path, read_pod
+from .models import PodRef
 
 
 async def mark_unscheduled(client: KubeClient, events: EventRecorder, pod: Mapping[str, Any], message: str,
@@ -42,3 +46,31 @@ async def mark_unscheduled(client: KubeClient, events: EventRecorder, pod: Mappi
             return
         raise
     await events.record(client, pod, event_reason, message)
+
+
+async def record_refusal(client: KubeClient, ref: PodRef, proxy: JSON, target: str, reason: str) -> JSON | None:
+    """Record on the proxy (with a precondition) that ``target`` refused it; the proxy as recorded.
+
+    The proxy's placement then names no target, so the watcher publishes it
+    again and the proxy-scheduler tries the other clusters (``target`` is left
+    out for ``rejection_memory_seconds``). None when there is nothing to
+    record: the proxy is gone, bound, or placed elsewhere already.
+    """
+    for _ in range(3):
+        placement = Placement.of(proxy)
+        if placement.target != target or proxy["spec"].get("nodeName"):
+            return None
+        try:
+            recorded: JSON = await client.merge_patch(pod_path(ref.namespace, ref.name), placement.reject(
+                target, reason, time.time()).patch(proxy["metadata"]["resourceVersion"]))
+            return recorded
+        except KubeError as exc:
+            if exc.not_found:
+                return None
+            if not exc.conflict:
+                raise
+        fresh = await read_pod(client, ref.namespace, ref.name, ref.uid)
+        if fresh is None:
+            return None
+        proxy = fresh
+    raise RuntimeError(f"{ref}: the proxy kept changing while recording {target}'s refusal")

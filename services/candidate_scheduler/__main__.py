@@ -31,7 +31,7 @@ from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Me
 from mcsched.natsauth import candidate_durable, candidate_queue
 from mcsched.placement import choose_node, pod_requests, target_score
 from mcsched.podspec import delegate_manifest, delegate_original, is_proxy
-from mcsched.proxystatus import mark_unscheduled
+from mcsched.proxystatus import mark_unscheduled, record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since, trace_annotations, tracer
 from mcsched.workqueue import KeyedLocks
@@ -40,6 +40,8 @@ log = logging.getLogger("candidate-scheduler")
 
 # A namespace we just created gets its default ServiceAccount from the controller-manager within moments.
 NEW_NAMESPACE_SECONDS = 10.0
+# How long what the target's RBAC said about a namespace is taken as still true.
+ACCEPTANCE_MEMORY_SECONDS = 30.0
 
 
 class TargetScheduler:
@@ -60,6 +62,7 @@ class TargetScheduler:
         # current UID, or the garbage collector deletes the delegate.
         self.namespaces = rt.informer(target, "/api/v1/namespaces")
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
+        self.acceptance: dict[str, tuple[bool, float]] = {}  # namespace -> (we may create pods, when checked)
 
     # -- estimates -----------------------------------------------------------------
 
@@ -80,11 +83,34 @@ class TargetScheduler:
         return CandidateReply(target=self.target, fits=True, node=choice.node,
                               score=target_score(free_after, allocatable))
 
+    async def accepts(self, namespace: str) -> bool:
+        """Whether this target lets our identity create pods in ``namespace`` (its Sources and
+        ClusterSources, as RBAC says: a SelfSubjectAccessReview, remembered for a while)."""
+        known = self.acceptance.get(namespace)
+        if known is not None and time.monotonic() - known[1] < ACCEPTANCE_MEMORY_SECONDS:
+            return known[0]
+        review = await self.client.create("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"namespace": namespace, "verb": "create", "resource": "pods"}}})
+        allowed = bool((review.get("status") or {}).get("allowed"))
+        self.acceptance[namespace] = (allowed, time.monotonic())
+        return allowed
+
+    def not_accepted(self, namespace: str) -> str:
+        return (f"cluster {self.target} does not accept this source's pods in namespace {namespace} "
+                "(no Source there nor ClusterSource names this source's identity)")
+
     async def on_candidate(self, request: CandidateRequest) -> Message:
         with tracer.start_as_current_span(f"candidate {self.target}", attributes={"pod": str(request.proxy)}) as span:
             existing = self.view.delegates.get(request.proxy.uid)
-            reply = (CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"), score=100.0)
-                     if existing is not None else self.estimate(request.pod))
+            if existing is not None:
+                reply = CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"),
+                                       score=100.0)
+            elif self.view.ready and not await self.accepts(request.proxy.namespace):
+                reply = CandidateReply(target=self.target, fits=False,
+                                       reason=self.not_accepted(request.proxy.namespace))
+            else:
+                reply = self.estimate(request.pod)
             span.set_attributes({"fits": reply.fits, "node": reply.node or "", "score": reply.score,
                                  "reason": reply.reason})
             return reply
@@ -168,6 +194,23 @@ class TargetScheduler:
         except ValueError as exc:  # posing as a proxy with a broken annotation: nothing to create
             log.warning("delegate request for %s: %s; ignored", ref, exc)
             return ACK
+        try:
+            return await self._create_delegate(request, proxy, original)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            # The target's RBAC refuses our identity here (its Sources changed since the estimate):
+            # recorded as this target's refusal, so the pod goes on to the other clusters.
+            self.acceptance[ref.namespace] = (False, time.monotonic())
+            reason = f"{self.not_accepted(ref.namespace)}: {exc.message}"
+            source = self.rt.clusters[ref.cluster]
+            if await record_refusal(source, ref, proxy, self.target, reason) is not None:
+                await self.events.record(source, proxy, "DelegateRefused", reason)
+                log.info("%s: %s", ref, reason)
+            return ACK
+
+    async def _create_delegate(self, request: DelegateRequest, proxy: JSON, original: JSON) -> Outcome:
+        ref = request.proxy
         namespace = await self._namespace(ref.namespace)
         waiting = await self._follow(ref, original, namespace)
         if waiting is not None:

@@ -57,6 +57,7 @@ from mcsched.podspec import (
     status_differs,
     unschedulable_reason,
 )
+from mcsched.proxystatus import record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
 from mcsched.workqueue import KeyedLocks, WorkQueue
@@ -331,32 +332,6 @@ class Feedback:
                                 f" (node {node} in {target})", kind="Normal")
         return target
 
-    async def _record_refusal(self, target: str, ref: PodRef, proxy: JSON, reason: str) -> JSON | None:
-        """Record on the proxy (with a precondition) that ``target`` refused it; the proxy as recorded.
-
-        None when there is nothing to record: the proxy is gone, bound, or placed elsewhere already.
-        """
-        client = self.rt.clusters[ref.cluster]
-        for _ in range(3):
-            placement = Placement.of(proxy)
-            if placement.target != target or proxy["spec"].get("nodeName"):
-                return None
-            try:
-                recorded: JSON = await client.merge_patch(pod_path(ref.namespace, ref.name),
-                                                          placement.reject(target, reason, time.time()).patch(
-                                                              proxy["metadata"]["resourceVersion"]))
-                return recorded
-            except KubeError as exc:
-                if exc.not_found:
-                    return None
-                if not exc.conflict:
-                    raise
-            fresh = await read_pod(client, ref.namespace, ref.name, ref.uid)
-            if fresh is None:
-                return None
-            proxy = fresh
-        raise RuntimeError(f"{ref}: the proxy kept changing while recording {target}'s refusal")
-
     async def _refused(self, target: str, ref: PodRef, proxy: JSON, reason: str,
                        delegate: str, delegate_uid: str, delegate_version: str | None) -> None:
         """The target's scheduler cannot place the delegate: record it, free the pod for another cluster.
@@ -368,7 +343,7 @@ class Feedback:
         back instead, unless the pod has gone on to another cluster already.
         """
         client = self.rt.clusters[ref.cluster]
-        recorded = await self._record_refusal(target, ref, proxy, reason)
+        recorded = await record_refusal(self.rt.clusters[ref.cluster], ref, proxy, target, reason)
         if recorded is None:
             return
         if await self._delete_pod(target, ref.namespace, delegate, delegate_uid, resource_version=delegate_version):
@@ -522,7 +497,8 @@ class Feedback:
             first_missed = self.missing_since.setdefault(meta["uid"], time.monotonic())
             if time.monotonic() - first_missed >= DELEGATE_GRACE_SECONDS:
                 reason = f"cluster {target} is not a target" if view is None else f"cluster {target} is unreachable"
-                if await self._record_refusal(target, _ref(source, proxy), proxy, reason) is not None:
+                ref = _ref(source, proxy)
+                if await record_refusal(self.rt.clusters[source], ref, proxy, target, reason) is not None:
                     log.info("%s chose %s, which cannot take it (%s); trying another cluster",
                              _ref(source, proxy), target, reason)
             return

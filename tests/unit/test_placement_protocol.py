@@ -611,6 +611,47 @@ async def test_a_pod_placed_in_a_cluster_that_cannot_take_it_is_freed_for_the_ot
     assert Placement.of(world.proxy(proxy)).target in world.targets, "placed in a cluster that can take it"
 
 
+# -- targets choose whom they accept ------------------------------------------------------------------------------
+
+
+async def test_a_target_that_does_not_accept_the_source_in_a_namespace_is_never_chosen_and_says_why(
+        world: World) -> None:
+    world.clusters["c2"].forbidden_namespaces.add(NS)  # c2 has no Source in NS, nor a ClusterSource for us
+    proxy = await world.create_proxy()
+    await world.run()
+    assert Placement.of(world.proxy(proxy)).target == "c3"
+    assert world.delegates("c2") == [] and world.delegate("c3", proxy) is not None
+
+    world.clusters["c3"].forbidden_namespaces.add(NS)
+    world.target_schedulers["c3"].acceptance.clear()  # what c3's RBAC said is remembered for a while
+    waiting = await world.create_proxy("web-1")
+    await world.run()
+    scheduled = condition(world.proxy(waiting), "PodScheduled")
+    assert scheduled is not None and scheduled["status"] == "False"
+    for target in TARGETS:
+        assert f"cluster {target} does not accept this source's pods in namespace {NS}" in scheduled["message"]
+    assert world.delegate("c2", waiting) is None and world.delegate("c3", waiting) is None
+
+
+async def test_a_target_whose_rbac_refuses_the_delegate_after_the_estimate_is_recorded_as_refusing(
+        world: World) -> None:
+    proxy = await world.create_proxy()
+    [elect] = world.bus.pending("elect")
+    assert (await world.bus.deliver(elect)).acked
+    await world.settle()
+    target = Placement.of(world.proxy(proxy)).target
+    assert target is not None
+    world.clusters[target].forbidden_namespaces.add(NS)  # its Source was deleted between estimate and create
+    await world.run("delegate")
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target is None and "does not accept" in placement.rejections[target].reason
+    assert "DelegateRefused" in reasons(world.c1, proxy)
+    await world.run()
+    other = world.other(target)
+    assert Placement.of(world.proxy(proxy)).target == other and world.delegate(other, proxy) is not None
+    assert world.delegates(target) == []
+
+
 # -- a pod lives once -----------------------------------------------------------------------------------------------
 
 

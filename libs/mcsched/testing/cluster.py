@@ -97,6 +97,9 @@ def stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+
+
 @dataclass(frozen=True)
 class Location:
     """What a request path names: ``resource`` in ``namespace`` ("" if cluster-scoped), ``name``, ``sub``."""
@@ -259,6 +262,9 @@ class FakeCluster(KubeClient):
         self.objects: dict[tuple[str, str, str], JSON] = {}
         self.calls: list[Call] = []
         self.faults: list[Fault] = []
+        # Namespaces this cluster's RBAC refuses writes in (403), as a target without a Source
+        # there would; SelfSubjectAccessReviews answer accordingly.
+        self.forbidden_namespaces: set[str] = set()
         self._revision = 100
         self._uids = itertools.count(1)
         self._subscribers: list[_Subscriber] = []
@@ -287,12 +293,19 @@ class FakeCluster(KubeClient):
         return answer
 
     def _answer(self, method: str, path: str, params: dict[str, Any], body: Any, content_type: str) -> JSON:
+        if method == "POST" and path == ACCESS_REVIEWS:
+            attributes = (body.get("spec") or {}).get("resourceAttributes") or {}
+            allowed = attributes.get("namespace") not in self.forbidden_namespaces
+            return {**body, "status": {"allowed": allowed}}
         try:
             where = locate(path)
         except ValueError as exc:
             raise self._error(method, path, 404, "NotFound", str(exc)) from None
         if method == "GET":
             return self._get(method, path, where, params)
+        if method in ("POST", "PUT", "PATCH", "DELETE") and where.namespace in self.forbidden_namespaces:
+            raise self._error(method, path, 403, "Forbidden",
+                              f'{where.resource} is forbidden: cannot {method} in the namespace "{where.namespace}"')
         if method == "POST":
             if where.resource == "pods" and where.name and where.sub == "binding":
                 return self._bind(method, path, where, body)
