@@ -34,7 +34,7 @@ from mcsched.constants import (
     SOURCE_MANIFEST_ANNOTATION,
 )
 from mcsched.kube import JSON, pod_path
-from mcsched.models import CandidateReply, DelegateRequest, ElectMessage, PodRef, StatusUpdate
+from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.placement import cpu_milli
 from mcsched.podspec import apply_patch, delegate_manifest, delegate_name, source_manifest
 from mcsched.testing import (
@@ -618,8 +618,14 @@ async def test_a_target_that_does_not_accept_the_source_in_a_namespace_is_never_
         world: World) -> None:
     world.clusters["c2"].forbidden_namespaces.add(NS)  # c2 has no Source in NS, nor a ClusterSource for us
     proxy = await world.create_proxy()
+    answer = await world.target_schedulers["c2"].on_candidate(CandidateRequest(proxy=ref(proxy), pod=proxy))
+    assert isinstance(answer, CandidateReply) and not answer.fits
+    assert answer.reason == f"cluster c2 does not accept this source's pods in namespace {NS} " \
+        "(no Source there nor ClusterSource names this source's identity)"
     await world.run()
-    assert Placement.of(world.proxy(proxy)).target == "c3"
+    placement = Placement.of(world.proxy(proxy))
+    assert (placement.target, placement.round, dict(placement.rejections)) == ("c3", 1, {}), \
+        "c2 must be left out by its estimate, not tried and refused"
     assert world.delegates("c2") == [] and world.delegate("c3", proxy) is not None
 
     world.clusters["c3"].forbidden_namespaces.add(NS)
