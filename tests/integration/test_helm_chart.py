@@ -164,7 +164,7 @@ def test_four_deployments_with_per_stage_replicas_and_resources(render: Callable
     docs = render(*BASE, *args, "--set", "feedback.resources.limits.memory=3Gi",
                   "--set", "proxyScheduler.nodeSelector.pool=system",
                   "--set-json", 'candidateScheduler.extraEnv=[{"name": "MCS_LOG_LEVEL", "value": "DEBUG"}]')
-    deployments = find(docs, "Deployment")
+    deployments = [d for d in find(docs, "Deployment") if d["metadata"]["name"] != f"{FULLNAME}-source-controller"]
     assert sorted(d["metadata"]["name"] for d in deployments) == sorted(f"{FULLNAME}-{c}" for c in STAGES)
     for component, (_, module) in STAGES.items():
         deployment = one(docs, "Deployment", f"{FULLNAME}-{component}")
@@ -366,14 +366,51 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     # without target self the target role is still there for an operator to bind, but not bound here
     no_self = render(*BASE, "--set", "targetSelf=false", "--set", "targets[0].name=c2,targets[0].kubeconfigSecret=k")
     assert one(no_self, "ClusterRole", f"{FULLNAME}-target")
-    assert [b["metadata"]["name"] for b in find(no_self, "ClusterRoleBinding")] == [f"{FULLNAME}-source"]
+    assert sorted(b["metadata"]["name"] for b in find(no_self, "ClusterRoleBinding")) == [
+        f"{FULLNAME}-source", f"{FULLNAME}-source-controller"]
+
+
+def test_targets_accept_sources_through_roles_only_the_source_controller_may_bind(
+        render: Callable[..., Docs]) -> None:
+    docs = render("--set", "clusterName=c2", "--set", "source=false")
+    work = rules_of(docs, "ClusterRole", f"{FULLNAME}-accepted-source")
+    assert work == {("", "pods"): {"get", "list", "watch", "create", "delete"},
+                    ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete"},
+                    ("", "secrets"): {"get", "list", "watch", "create", "update", "delete"},
+                    ("", "serviceaccounts"): {"get"}}
+    assert rules_of(docs, "ClusterRole", f"{FULLNAME}-accepted-source-viewer") == {
+        ("", r): {"get", "list", "watch"} for r in ("nodes", "pods", "namespaces")}
+    assert rules_of(docs, "ClusterRole", f"{FULLNAME}-accepted-source-namespaces") == {
+        ("", "namespaces"): {"create"}}
+    controller = one(docs, "ClusterRole", f"{FULLNAME}-source-controller")["rules"]
+    [bind] = [r for r in controller if "bind" in r["verbs"]]
+    assert bind["verbs"] == ["bind"] and bind["resources"] == ["clusterroles"]
+    assert sorted(bind["resourceNames"]) == sorted(f"{FULLNAME}-{r}" for r in (
+        "accepted-source", "accepted-source-namespaces", "accepted-source-viewer"))
+    assert not any("escalate" in r["verbs"] or "pods" in r["resources"] for r in controller)
+    deployment = one(docs, "Deployment", f"{FULLNAME}-source-controller")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == f"{FULLNAME}-source-controller"
+    assert container(deployment)["command"][:3] == ["python", "-m", "services.source_controller"]
+    assert FULLNAME in container(deployment)["command"]  # --role-prefix: the roles above
+    crds = CHART / "crds" / "sources.yaml"
+    kinds = {d["spec"]["names"]["kind"]: d for d in yaml.safe_load_all(crds.read_text())}
+    assert set(kinds) == {"Source", "ClusterSource"}
+    assert {d["spec"]["group"] for d in kinds.values()} == {"multicluster.admiralty.io"}
+    assert kinds["Source"]["spec"]["scope"] == "Namespaced" and kinds["ClusterSource"]["spec"]["scope"] == "Cluster"
+    fields = {k: set(d["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"])
+              for k, d in kinds.items()}
+    assert fields == {"Source": {"serviceAccountName", "userName"}, "ClusterSource": {"serviceAccount", "userName"}}
+    assert not find(render("--set", "clusterName=c2", "--set", "source=false",
+                           "--set", "acceptSources.controller=false"), "Deployment")
 
 
 def test_target_only_install_renders_rbac_and_no_services(render: Callable[..., Docs]) -> None:
-    docs = render("--set", "clusterName=c2", "--set", "source=false")  # no NATS needed: nothing runs here
-    assert not find(docs, "Deployment") and not find(docs, "StatefulSet")
+    docs = render("--set", "clusterName=c2", "--set", "source=false")  # no NATS needed: no stage runs here
+    assert [d["metadata"]["name"] for d in find(docs, "Deployment")] == [f"{FULLNAME}-source-controller"]
+    assert not find(docs, "StatefulSet")
     assert not find(docs, "MutatingWebhookConfiguration") and not find(docs, "ConfigMap")
-    assert [b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding")] == [f"{FULLNAME}-target"]
+    assert sorted(b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding")) == [
+        f"{FULLNAME}-source-controller", f"{FULLNAME}-target"]
     assert one(docs, "ServiceAccount", FULLNAME)
 
 

@@ -46,7 +46,7 @@ def test_helm_install_is_accepted_and_its_pods_run_on_kwok_nodes(
         assert {"Deployment", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "Secret",
                 "ConfigMap", "Service", "ServiceAccount"} <= kinds
         pods = json.loads(kubectl(env_info, "get", "pods", "-n", namespace, "-o", "json"))["items"]
-        assert len(pods) == 5  # watcher, 2 proxy-schedulers, candidate-scheduler, feedback
+        assert len(pods) == 6  # watcher, 2 proxy-schedulers, candidate-scheduler, feedback, source-controller
         for pod in pods:
             assert pod["status"]["phase"] == "Running", pod["metadata"]["name"]
             assert pod["spec"]["nodeName"].startswith(f"{CLUSTER}-worker-")
