@@ -11,7 +11,7 @@ from kubernetes_asyncio import client as k8s
 from localenv import LocalEnvironment
 from localenv.services import start_services, stop_services, wait_services_ready, write_config
 from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
-from tests.e2e.pipeline import SOURCE, converged, wait_virtual_nodes_ready
+from tests.e2e.pipeline import SOURCE, empty_and_delete_namespace, wait_virtual_nodes_ready
 
 
 @pytest.fixture(scope="session")
@@ -34,14 +34,4 @@ async def namespace(pipeline: LocalEnvironment, kube: dict[str, k8s.ApiClient]) 
     await k8s.CoreV1Api(kube[SOURCE]).create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(
         name=name, labels={NAMESPACE_LABEL: NAMESPACE_LABEL_VALUE})))
     yield name
-    # Leave the clusters empty for the next test: remove the workload, wait until the
-    # pipeline has deleted every delegate, then drop the namespace everywhere.
-    await k8s.AppsV1Api(kube[SOURCE]).delete_collection_namespaced_deployment(name)
-    await k8s.CoreV1Api(kube[SOURCE]).delete_collection_namespaced_pod(name)
-    await converged(kube, name, 0, within=90)
-    for api in kube.values():
-        try:
-            await k8s.CoreV1Api(api).delete_namespace(name)
-        except k8s.ApiException as exc:
-            if exc.status != 404:
-                raise
+    await empty_and_delete_namespace(kube, name)

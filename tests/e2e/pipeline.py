@@ -155,3 +155,17 @@ async def create_when_ready(create: Any) -> None:
                 raise
             await asyncio.sleep(0.5)
     raise AssertionError("namespace never got its default ServiceAccount")
+
+
+async def empty_and_delete_namespace(kube: dict[str, k8s.ApiClient], name: str) -> None:
+    """Leave the clusters empty for the next test: remove the workload, wait until the
+    pipeline has deleted every delegate, then drop the namespace everywhere."""
+    await k8s.AppsV1Api(kube[SOURCE]).delete_collection_namespaced_deployment(name)
+    await k8s.CoreV1Api(kube[SOURCE]).delete_collection_namespaced_pod(name)
+    await converged(kube, name, 0, within=90)
+    for api in kube.values():
+        try:
+            await k8s.CoreV1Api(api).delete_namespace(name)
+        except k8s.ApiException as exc:
+            if exc.status != 404:
+                raise

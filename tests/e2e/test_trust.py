@@ -21,7 +21,7 @@ from localenv import LocalEnvironment
 from localenv.rbac import SERVICE_USER, cluster_source
 from localenv.tools import bin_dir
 from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
-from tests.e2e.pipeline import JSON, SOURCE, converged, create_when_ready, list_pods
+from tests.e2e.pipeline import JSON, SOURCE, create_when_ready, empty_and_delete_namespace, list_pods
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.e2e
@@ -92,11 +92,4 @@ async def test_a_target_accepts_a_source_only_where_its_sources_say(
         c2.kubectl("delete", "source", SOURCE, "-n", accepted, "--ignore-not-found")
         await eventually(lambda: asyncio.to_thread(lambda: can(pipeline, "create", "namespaces", None)))
         for namespace in (accepted, refused):
-            await source_core.delete_collection_namespaced_pod(namespace)
-            await converged(kube, namespace, 0, within=90)
-            for api in kube.values():
-                try:
-                    await k8s.CoreV1Api(api).delete_namespace(namespace)
-                except k8s.ApiException as exc:
-                    if exc.status != 404:
-                        raise
+            await empty_and_delete_namespace(kube, namespace)
