@@ -42,6 +42,7 @@ from .environment import LocalEnvironment
 from .services import SERVICES, start_service, start_services, wait_services_ready, write_config
 
 BASELINE_AGAIN = "baseline, again"
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")  # <cluster>-<this>
 STEPS = ("proxy_bound", "delegate_created", "delegate_running", "proxy_running")
 BASELINE_STEPS = ("bound", "running")
 NAMESPACE = "bench"
@@ -411,8 +412,8 @@ def _cpu_groups(result: JSON) -> dict[str, float]:
     """A scenario's CPU per 1000 pods by kind of process: each cluster's control plane, NATS, Jaeger, services."""
     groups: dict[str, float] = {}
     for name, cpu in result.get("environment_cpu_seconds_per_1000_pods", {}).items():
-        cluster = name.split("-", 1)[0]
-        group = f"{cluster} control plane" if name.startswith(cluster + "-") and cluster != name else name
+        cluster, _, component = name.partition("-")
+        group = f"{cluster} control plane" if component in CONTROL_PLANE else name
         groups[group] = groups.get(group, 0.0) + cpu
     groups["services"] = sum(c["cpu_seconds_per_1000_pods"] for c in result.get("service_cost", {}).values())
     return groups
