@@ -31,6 +31,8 @@ from .constants import (
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
     SOURCE_MANIFEST_ANNOTATION,
+    TRACE_ID_ANNOTATION,
+    TRACEPARENT_ANNOTATION,
     VIRTUAL_NODE_TAINT_KEY,
     VIRTUAL_NODE_TAINT_VALUE,
     VIRTUAL_NODE_TYPE_LABEL,
@@ -111,7 +113,15 @@ def delegate_original(proxy: Mapping[str, Any]) -> JSON:
             spec.pop(name, None)
     for name in ("nodeName", "ephemeralContainers"):  # never set on a pod being created
         spec.pop(name, None)
-    return {"metadata": original.get("metadata") or {}, "spec": spec}
+    metadata = proxy.get("metadata") or {}
+    annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k not in PROXY_ONLY_ANNOTATIONS}
+    return {"metadata": {"labels": dict(metadata.get("labels") or {}), "annotations": annotations}, "spec": spec}
+
+
+# Annotations the webhook and the stages put on a proxy: never copied to its delegate.
+PROXY_ONLY_ANNOTATIONS = frozenset({
+    ELECT_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION,
+    TRACE_ID_ANNOTATION, TRACEPARENT_ANNOTATION})
 
 
 PROXY_TOLERATIONS = [
@@ -138,14 +148,10 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
         if len(kept) == len(metadata.get("annotations") or {}):
             return []
         return [{"op": "add", "path": "/metadata/annotations", "value": kept}]
-    original = {
-        "metadata": {
-            "labels": metadata.get("labels") or {},
-            "annotations": {k: v for k, v in (metadata.get("annotations") or {}).items()
-                            if k != ELECT_ANNOTATION},
-        },
-        "spec": spec,
-    }
+    # Only what the proxy itself no longer has: the user's scheduling fields (the webhook replaces
+    # them below). Everything else is the proxy's own spec and metadata, so the annotation stays
+    # small whatever the pod's size (annotations are limited to 256 KiB in all).
+    original = {"spec": {name: spec[name] for name in SCHEDULING_FIELDS if name in spec}}
     # A pod created from a proxy's YAML must not arrive with a cluster already chosen.
     annotations = _without_placement(metadata.get("annotations") or {})
     annotations.update(extra_annotations or {})

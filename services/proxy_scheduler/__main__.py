@@ -30,7 +30,7 @@ from mcsched.events import EventRecorder
 from mcsched.kube import JSON, KubeError, pod_path, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
 from mcsched.natsauth import proxy_scheduler_durable
-from mcsched.podspec import source_manifest
+from mcsched.podspec import delegate_original
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
 from mcsched.telemetry import observe_since, tracer
@@ -134,7 +134,7 @@ class ProxyScheduler:
         if pod is None:
             return None
         try:
-            original = source_manifest(pod)
+            original = delegate_original(pod)
         except ValueError as exc:
             await self.events.record(self.rt.clusters[ref.cluster], pod, "FailedScheduling", f"bad proxy pod: {exc}")
             return None

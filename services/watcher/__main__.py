@@ -32,7 +32,7 @@ from mcsched.choice import Placement
 from mcsched.constants import PLACEMENT_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
-from mcsched.podspec import source_manifest
+from mcsched.podspec import delegate_original
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
 from mcsched.telemetry import pod_trace, trace_annotations, tracer
@@ -132,7 +132,7 @@ class ElectPublisher:
         meta = pod["metadata"]
         ref = PodRef(cluster=source, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
         try:
-            manifest: JSON | None = source_manifest(pod)
+            manifest: JSON | None = delegate_original(pod)
         except ValueError:  # not made by our webhook: the proxy-scheduler reads it and says what is wrong
             manifest = None
         return ElectMessage(proxy=ref, reason=reason, manifest=manifest, created=meta.get("creationTimestamp"),

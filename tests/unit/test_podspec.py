@@ -15,10 +15,12 @@ from mcsched.constants import (
     SOURCE_MANIFEST_ANNOTATION,
 )
 from mcsched.podspec import (
+    SCHEDULING_FIELDS,
     ElectionError,
     apply_patch,
     delegate_manifest,
     delegate_name,
+    delegate_original,
     election,
     is_finished,
     is_proxy,
@@ -75,10 +77,26 @@ def test_proxy_patch_makes_a_proxy_and_keeps_the_original() -> None:
     keys = [(t["key"], t.get("tolerationSeconds")) for t in proxy["spec"]["tolerations"]]
     assert ("node.kubernetes.io/not-ready", 300) not in keys, "a 300s toleration would evict proxies"
     assert ("node.kubernetes.io/not-ready", None) in keys
-    original = source_manifest(proxy)
-    assert original["spec"] == pod["spec"]
+    # The annotation keeps only what the proxy lost (the scheduling fields), so it stays small.
+    assert source_manifest(proxy) == {"spec": {k: pod["spec"][k] for k in SCHEDULING_FIELDS if k in pod["spec"]}}
+    original = delegate_original(proxy)
+    assert original["spec"]["containers"] == pod["spec"]["containers"]
+    assert {k: original["spec"].get(k) for k in SCHEDULING_FIELDS} == {k: pod["spec"].get(k) for k in SCHEDULING_FIELDS}
     assert ELECT_ANNOTATION not in original["metadata"]["annotations"]
+    assert SOURCE_MANIFEST_ANNOTATION not in original["metadata"]["annotations"]
     assert original["metadata"]["labels"] == pod["metadata"]["labels"]
+
+
+def test_a_pod_near_the_size_limit_becomes_a_proxy_whose_annotations_stay_small() -> None:
+    """Annotations are limited to 256 KiB in all: a copy of a big spec there would fail admission."""
+    pod = elected_pod()
+    pod["spec"]["containers"][0]["env"] = [{"name": f"V{i}", "value": "x" * 1000} for i in range(900)]  # ~0.9 MB
+    pod["metadata"]["annotations"]["big"] = "y" * 200_000
+    proxy = apply_patch(pod, proxy_patch(pod))
+    size = sum(len(k) + len(v) for k, v in proxy["metadata"]["annotations"].items())
+    assert size < 256 * 1024, f"proxy annotations are {size} bytes"
+    delegate = delegate_original(proxy)
+    assert len(delegate["spec"]["containers"][0]["env"]) == 900 and delegate["metadata"]["annotations"]["big"]
 
 
 def test_proxy_patch_is_idempotent() -> None:
@@ -96,7 +114,7 @@ def test_delegate_name_is_stable_and_kubernetes_like() -> None:
 
 def test_delegate_manifest_from_original() -> None:
     pod = elected_pod()
-    original = source_manifest(apply_patch(pod, proxy_patch(pod)))
+    original = delegate_original(apply_patch(pod, proxy_patch(pod)))
     owner = {"metadata": {"name": "default", "uid": "ns-uid"}}
     delegate = delegate_manifest(original, source="c1", namespace="default", proxy_name="nginx-abc",
                                  proxy_uid="u1", owner=owner)
@@ -229,11 +247,11 @@ def test_a_delegate_is_built_from_the_proxys_own_spec_and_the_users_scheduling_f
     assert original["spec"]["tolerations"] == pod["spec"]["tolerations"]
     assert original["spec"]["containers"] == proxy["spec"]["containers"]
     forged = json.loads(proxy["metadata"]["annotations"][SOURCE_MANIFEST_ANNOTATION])
-    forged["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    forged["spec"]["containers"] = [{"name": "evil", "image": "evil", "securityContext": {"privileged": True}}]
     forged["spec"]["hostNetwork"] = True
     proxy["metadata"]["annotations"][SOURCE_MANIFEST_ANNOTATION] = json.dumps(forged)
     original = delegate_original(proxy)
-    assert "securityContext" not in original["spec"]["containers"][0] and "hostNetwork" not in original["spec"]
+    assert original["spec"]["containers"] == proxy["spec"]["containers"] and "hostNetwork" not in original["spec"]
     proxy["spec"]["ephemeralContainers"] = [{"name": "debug", "image": "busybox"}]
     proxy["spec"]["nodeName"] = "admiralty-c2"
     assert "ephemeralContainers" not in delegate_original(proxy)["spec"]
