@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from .cluster_constraints import ConstraintError, split
 from .constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
 from .podspec import ElectionError, election, proxy_patch
 
@@ -73,6 +74,11 @@ def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, 
         return _response(uid, False, message=str(exc))
     if not elected:
         return _response(uid, True)
+    try:
+        split(pod)  # the cluster-level constraints must be readable before the pod is accepted
+    except ConstraintError as exc:
+        log.warning("refusing pod %s/%s: %s", request.get("namespace"), pod.get("metadata", {}).get("name"), exc)
+        return _response(uid, False, message=str(exc))
     try:
         patch = proxy_patch(pod, extra_annotations)
     except (AttributeError, TypeError, ValueError) as exc:  # a spec no API server would have sent

@@ -13,6 +13,9 @@ DOMAIN = "multicluster.admiralty.io"
 ELECT_ANNOTATION = f"{DOMAIN}/elect"
 NAMESPACE_LABEL = "multicluster-scheduler"
 NAMESPACE_LABEL_VALUE = "enabled"
+# Cluster-level constraints (mcsched.cluster_constraints): Admiralty's two annotations.
+PROXY_CONSTRAINTS_ANNOTATION = f"{DOMAIN}/proxy-pod-scheduling-constraints"
+USE_SPEC_CONSTRAINTS_ANNOTATION = f"{DOMAIN}/use-constraints-from-spec-for-proxy-pod-scheduling"
 
 # What a proxy pod carries.
 PROXY_SCHEDULER_NAME = "admiralty-proxy"
@@ -40,6 +43,7 @@ VIRTUAL_NODE_TAINT_VALUE = "admiralty"
 VIRTUAL_NODE_TYPE_LABEL = "type"
 VIRTUAL_NODE_TYPE_VALUE = "virtual-kubelet"
 VIRTUAL_NODE_TARGET_LABEL = f"{DOMAIN}/target"
+CLUSTER_TARGET_NAME_LABEL = f"{DOMAIN}/cluster-target-name"  # Admiralty's name for the same label
 NODE_ROLE_LABEL = "kubernetes.io/role"
 NODE_LEASE_NAMESPACE = "kube-node-lease"
 

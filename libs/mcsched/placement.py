@@ -372,7 +372,7 @@ def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]
     return any(_tolerates_one(toleration, taint) for toleration in tolerations)
 
 
-def _taint_text(taint: Mapping[str, Any]) -> str:
+def taint_text(taint: Mapping[str, Any]) -> str:
     key = taint.get("key") or ""
     value = taint.get("value") or ""
     effect = taint.get("effect") or ""
@@ -492,7 +492,7 @@ def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Re
         reasons.append("node is not Ready")
     for taint in node_spec.get("taints") or []:
         if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(tolerations, taint):
-            reasons.append(f"untolerated taint {_taint_text(taint)}")
+            reasons.append(f"untolerated taint {taint_text(taint)}")
     if not matches_node_selector(pod, node):
         reasons.append("node selector/affinity mismatch")
     if request is None:

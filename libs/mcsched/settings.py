@@ -35,6 +35,9 @@ class ClusterSettings(BaseModel):
     scheduler_name: str | None = Field(
         None, description="scheduler of this target that places delegates (default: the pod's own, "
         "usually the target's default-scheduler)")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="target only: labels of its virtual nodes, for cluster-level "
+        "constraints (besides its name and the labels all its nodes share)")
 
     @field_validator("name")
     @classmethod

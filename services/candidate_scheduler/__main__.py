@@ -22,6 +22,7 @@ from opentelemetry import trace
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.capacity import TargetView
 from mcsched.choice import Placement
+from mcsched.cluster_constraints import split
 from mcsched.constants import PLACEMENT_ROUND_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.events import EventRecorder
 from mcsched.follow import created_at
@@ -190,7 +191,7 @@ class TargetScheduler:
         if proxy is None:
             return ACK
         try:
-            original = delegate_original(proxy)
+            _, original = split(delegate_original(proxy))  # under use-constraints-from-spec, without them
         except ValueError as exc:  # posing as a proxy with a broken annotation: nothing to create
             log.warning("delegate request for %s: %s; ignored", ref, exc)
             return ACK

@@ -31,6 +31,7 @@ from mcsched.bus import ACK, PUBLISHERS, Outcome
 from mcsched.capacity import TargetView
 from mcsched.choice import Placement, delegate_round
 from mcsched.constants import (
+    CLUSTER_TARGET_NAME_LABEL,
     NODE_LEASE_NAMESPACE,
     NODE_ROLE_LABEL,
     PARENT_UID_LABEL,
@@ -564,8 +565,10 @@ class Feedback:
         capacity: dict[str, Any] = allocatable.to_dict()
         name = virtual_node_name(target)
         labels = {k: v for k, v in view.common_labels().items() if not k.startswith("kubernetes.io/hostname")}
+        labels.update(self.rt.settings.cluster(target).labels)
         labels.update({VIRTUAL_NODE_TYPE_LABEL: VIRTUAL_NODE_TYPE_VALUE, NODE_ROLE_LABEL: "agent",
-                       VIRTUAL_NODE_TARGET_LABEL: target, "kubernetes.io/hostname": name})
+                       VIRTUAL_NODE_TARGET_LABEL: target, CLUSTER_TARGET_NAME_LABEL: target,
+                       "kubernetes.io/hostname": name})
         return {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": labels},
@@ -607,10 +610,14 @@ class Feedback:
                               {})
         same = previous.get("status") == condition["status"]
         condition["lastTransitionTime"] = previous.get("lastTransitionTime") if same else condition["lastHeartbeatTime"]
-        if current["metadata"].get("labels") != node["metadata"]["labels"] or \
-                current["spec"].get("taints") != node["spec"]["taints"]:
-            await client.merge_patch(path, {"metadata": {"labels": node["metadata"]["labels"]},
-                                            "spec": {"taints": node["spec"]["taints"]}})
+        # Only what the heartbeat owns: its labels (a merge patch leaves others alone) and its own
+        # taint. A cordon (spec.unschedulable) and taints an operator added are kept as they are.
+        labels, taints = node["metadata"]["labels"], current["spec"].get("taints") or []
+        [own_taint] = node["spec"]["taints"]
+        wanted_taints = taints if own_taint in taints else [*taints, own_taint]
+        current_labels = current["metadata"].get("labels") or {}
+        if any(current_labels.get(k) != v for k, v in labels.items()) or wanted_taints != taints:
+            await client.merge_patch(path, {"metadata": {"labels": labels}, "spec": {"taints": wanted_taints}})
         status = dict(node["status"], conditions=[condition])
         await client.merge_patch(f"{path}/status", {"status": status})
         await self._renew_lease(client, name, current["metadata"]["uid"])

@@ -26,6 +26,8 @@ from opentelemetry import trace
 
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.choice import Placement, pick_target
+from mcsched.cluster_constraints import ConstraintError, refusal, split
+from mcsched.constants import VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE, virtual_node_name
 from mcsched.events import EventRecorder
 from mcsched.kube import JSON, KubeError, pod_path, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
@@ -45,6 +47,21 @@ class ProxyScheduler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.events = EventRecorder("admiralty-proxy-scheduler")
+        # Each source's virtual nodes (a handful of objects): their labels, cordon and taints decide
+        # which clusters a pod's cluster-level constraints allow.
+        self.virtual_nodes = {source: rt.informer(source, "/api/v1/nodes",
+                                                  label_selector=f"{VIRTUAL_NODE_TYPE_LABEL}={VIRTUAL_NODE_TYPE_VALUE}")
+                              for source in rt.settings.source_names}
+
+    def excluded_clusters(self, source: str, constraints: JSON) -> dict[str, str]:
+        """Targets whose virtual node in ``source`` the pod's cluster-level constraints exclude, with why."""
+        nodes = self.virtual_nodes[source]
+        excluded = {}
+        for target in self.rt.settings.target_names:
+            reason = refusal(constraints, nodes.get(virtual_node_name(target)))
+            if reason is not None:
+                excluded[target] = reason
+        return excluded
 
     async def _read_proxy(self, ref: PodRef) -> JSON | None:
         return await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
@@ -86,14 +103,20 @@ class ProxyScheduler:
             if placement.target is not None:  # chosen before (a redelivery or a racing replica)
                 await self._request_delegate(ref, placement.target, placement.round)
                 return ACK
+            try:
+                constraints, target_pod = split(original)
+            except ConstraintError as exc:  # the webhook refuses these; a proxy made without it may have one
+                log.warning("%s: %s", ref, exc)
+                return await self._unschedulable(ref, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
+            excluded = self.excluded_clusters(ref.cluster, constraints)
             refused = placement.recent_rejections(time.time(), self.rt.settings.rejection_memory_seconds)
-            askable = [t for t in self.rt.settings.target_names if t not in refused]
-            question = CandidateRequest(proxy=ref, pod=original)
+            askable = [t for t in self.rt.settings.target_names if t not in refused and t not in excluded]
+            question = CandidateRequest(proxy=ref, pod=target_pod)
             answers = dict(await asyncio.gather(*(self._ask(t, question) for t in askable)))
             scores = {t: r.score for t, r in answers.items() if r is not None and r.fits}
             target = pick_target(ref.uid, scores)
             if target is None:
-                return await self._unschedulable(ref, answers, refused)
+                return await self._unschedulable(ref, answers, refused, excluded)
             chosen = placement.choose(target)
             trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
             try:
@@ -141,13 +164,14 @@ class ProxyScheduler:
         return original, Placement.of(pod), pod["metadata"]["resourceVersion"]
 
     async def _unschedulable(self, ref: PodRef, answers: dict[str, CandidateReply | None],
-                             refused: dict[str, str]) -> Outcome:
+                             refused: dict[str, str], excluded: dict[str, str]) -> Outcome:
         pod = await self._undecided(ref)
         if pod is None or Placement.of(pod).target is not None:  # or another replica chose meanwhile
             return ACK
         reasons = {target: reply.reason if reply else "no candidate-scheduler answered"
                    for target, reply in answers.items()}
         reasons.update({target: f"refused by its scheduler: {reason}" for target, reason in refused.items()})
+        reasons.update({target: f"excluded: {reason}" for target, reason in excluded.items()})
         message = f"0/{len(reasons)} clusters are available: " + "; ".join(
             f"{target}: {reason}" for target, reason in sorted(reasons.items()))
         trace.get_current_span().set_attributes({"unschedulable": True, "reason": message})

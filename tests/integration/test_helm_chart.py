@@ -335,7 +335,7 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     assert source[("", "pods")] == {"get", "list", "watch", "patch", "delete"}
     assert "create" not in source[("", "pods")]  # a source never creates pods; targets do
     assert source[("", "nodes/status")] == {"patch"}
-    assert source[("", "nodes")] == {"get", "create", "patch"}  # only the virtual nodes
+    assert source[("", "nodes")] == {"get", "list", "watch", "create", "patch"}  # virtual nodes
     # ConfigMaps and Secrets are only read in a source, to copy those a delegate uses into its target.
     assert source[("", "configmaps")] == source[("", "secrets")] == {"get", "list", "watch"}
     assert all(group == "" for group, _ in source)  # leases are granted in kube-node-lease only

@@ -29,9 +29,11 @@ from mcsched.constants import (
     PARENT_CLUSTER_LABEL,
     PARENT_UID_LABEL,
     PLACEMENT_ANNOTATION,
+    PROXY_CONSTRAINTS_ANNOTATION,
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
     SOURCE_MANIFEST_ANNOTATION,
+    USE_SPEC_CONSTRAINTS_ANNOTATION,
 )
 from mcsched.kube import JSON, pod_path
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
@@ -609,6 +611,60 @@ async def test_a_pod_placed_in_a_cluster_that_cannot_take_it_is_freed_for_the_ot
     assert placement.target is None and "not a target" in placement.rejections["c9"].reason
     await world.run()
     assert Placement.of(world.proxy(proxy)).target in world.targets, "placed in a cluster that can take it"
+
+
+# -- choosing clusters ----------------------------------------------------------------------------------------------
+
+
+def virtual_node(target: str, **spec: object) -> JSON:
+    return {"metadata": {"name": f"admiralty-{target}", "labels": {
+        "type": "virtual-kubelet", "multicluster.admiralty.io/cluster-target-name": target,
+        "topology.kubernetes.io/region": f"region-{target}"}},
+        "spec": {"taints": [{"key": "virtual-kubelet.io/provider", "value": "admiralty", "effect": "NoSchedule"}],
+                 **spec}}
+
+
+async def test_cluster_constraints_and_a_cordon_leave_clusters_out_and_say_why(world: World) -> None:
+    world.c1.put("nodes", virtual_node("c2", unschedulable=True))  # an operator cordoned c2
+    world.c1.put("nodes", virtual_node("c3"))
+    await world.settle()
+    proxy = await world.create_proxy()
+    await world.run()
+    placement = Placement.of(world.proxy(proxy))
+    assert (placement.target, dict(placement.rejections)) == ("c3", {})
+    assert world.delegates("c2") == []
+
+    pinned = user_pod("pinned")
+    pinned["metadata"]["annotations"][PROXY_CONSTRAINTS_ANNOTATION] = \
+        "nodeSelector:\n  topology.kubernetes.io/region: region-c2\n"
+    waiting = await world.c1.create(pod_path(NS), admitted(pinned))
+    await world.settle()
+    await world.run()
+    scheduled = condition(world.proxy(waiting), "PodScheduled")
+    assert scheduled is not None and scheduled["status"] == "False"
+    assert "c2: excluded: its virtual node is cordoned" in scheduled["message"]
+    assert "c3: excluded: the pod's cluster constraints" in scheduled["message"]
+
+    world.c1.put("nodes", virtual_node("c2"))  # uncordoned
+    await world.settle()
+    await world.run()
+    assert Placement.of(world.proxy(waiting)).target == "c2"
+
+
+async def test_with_use_constraints_from_spec_the_pods_own_constraints_choose_the_cluster_not_the_node(
+        world: World) -> None:
+    for target in TARGETS:
+        world.c1.put("nodes", virtual_node(target))
+    await world.settle()
+    pod = user_pod("regional")
+    pod["metadata"]["annotations"][USE_SPEC_CONSTRAINTS_ANNOTATION] = "true"
+    pod["spec"]["nodeSelector"] = {"topology.kubernetes.io/region": "region-c3"}  # no real node has it
+    proxy = await world.c1.create(pod_path(NS), admitted(pod))
+    await world.settle()
+    await world.run()
+    assert Placement.of(world.proxy(proxy)).target == "c3"
+    delegate = world.delegate("c3", proxy)
+    assert delegate is not None and "nodeSelector" not in delegate["spec"], "the constraint was the cluster's"
 
 
 # -- targets choose whom they accept ------------------------------------------------------------------------------

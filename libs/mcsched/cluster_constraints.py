@@ -1,0 +1,107 @@
+"""Which clusters a pod may use: Admiralty's cluster-level constraints, matched against virtual nodes.
+
+Pure functions, no I/O. A pod's own nodeSelector, affinity, tolerations and
+topology spread apply in the target, to its real nodes. Two annotations (the
+ones Admiralty v0.13 introduced, with its meaning) add constraints on the
+clusters themselves, matched against the virtual nodes ``admiralty-<target>``
+and their labels (the target's name, and every label all of its nodes share,
+such as ``topology.kubernetes.io/region``):
+
+* ``multicluster.admiralty.io/proxy-pod-scheduling-constraints``: a pod-spec
+  fragment (YAML or JSON: nodeSelector, affinity, tolerations,
+  topologySpreadConstraints) applied to virtual nodes, *in addition* to the
+  pod's own constraints, which still apply in the target;
+* ``multicluster.admiralty.io/use-constraints-from-spec-for-proxy-pod-scheduling``:
+  the pod's own constraints apply to virtual nodes *instead* of the target's
+  nodes (the delegate gets none of them).
+
+A virtual node also refuses pods while it is cordoned (``spec.unschedulable``)
+or has a NoSchedule/NoExecute taint the constraints do not tolerate, as any
+node would: that is how an operator stops new placements in a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from .constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
+from .placement import UNSCHEDULABLE_TAINT_KEY, matches_node_selector, taint_text, tolerates
+from .podspec import PROXY_TOLERATIONS
+
+JSON = dict[str, Any]
+CONSTRAINT_FIELDS = ("nodeSelector", "affinity", "tolerations", "topologySpreadConstraints")
+# What the pod's own constraints become in the target under use-constraints-from-spec: nothing
+# (tolerations stay: they allow, never restrict).
+_TARGET_FIELDS_MOVED = ("nodeSelector", "affinity", "topologySpreadConstraints")
+
+
+class ConstraintError(ValueError):
+    """The proxy-pod-scheduling-constraints annotation cannot be read."""
+
+
+def split(original: Mapping[str, Any]) -> tuple[JSON, JSON]:
+    """(cluster constraints as a pod, the pod as its target sees it) for the user's pod ``original``.
+
+    ``original`` is :func:`mcsched.podspec.delegate_original`'s pod (the user's
+    spec, labels and annotations). Raises :class:`ConstraintError` for an
+    annotation that is not a pod-spec fragment.
+    """
+    annotations = (original.get("metadata") or {}).get("annotations") or {}
+    spec = original.get("spec") or {}
+    target_pod: JSON = {"metadata": original.get("metadata") or {}, "spec": spec}
+    if PROXY_CONSTRAINTS_ANNOTATION in annotations:
+        constraints = _parse(annotations[PROXY_CONSTRAINTS_ANNOTATION])
+    elif USE_SPEC_CONSTRAINTS_ANNOTATION in annotations:
+        constraints = {k: copy.deepcopy(spec[k]) for k in CONSTRAINT_FIELDS if k in spec}
+        target_pod = {"metadata": target_pod["metadata"],
+                      "spec": {k: v for k, v in spec.items() if k not in _TARGET_FIELDS_MOVED}}
+    else:
+        constraints = {}
+    return {"spec": constraints}, target_pod
+
+
+def _parse(raw: str) -> JSON:
+    try:
+        fragment = yaml.safe_load(raw) if raw.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION} is not YAML: {exc}") from exc
+    if fragment is None:
+        return {}
+    if not isinstance(fragment, dict):
+        raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION} must be a pod-spec fragment (a mapping)")
+    unknown = sorted(set(fragment) - set(CONSTRAINT_FIELDS))
+    if unknown:
+        raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION} has fields other than "
+                              f"{', '.join(CONSTRAINT_FIELDS)}: {', '.join(unknown)}")
+    expected = {"nodeSelector": dict, "affinity": dict, "tolerations": list, "topologySpreadConstraints": list}
+    for name, value in fragment.items():
+        if not isinstance(value, expected[name]):
+            raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION}: {name} must be a "
+                                  f"{'mapping' if expected[name] is dict else 'list'}")
+    return dict(fragment)
+
+
+def refusal(constraints: Mapping[str, Any], virtual_node: Mapping[str, Any] | None) -> str | None:
+    """Why the cluster of ``virtual_node`` is excluded for a pod with these constraints; None if it is not.
+
+    An unknown virtual node (not created yet) excludes nothing: the cluster's
+    own answer says whether it can take the pod.
+    """
+    if virtual_node is None:
+        return None
+    spec = constraints.get("spec") or {}
+    tolerations = [*PROXY_TOLERATIONS, *(spec.get("tolerations") or [])]
+    node_spec = virtual_node.get("spec") or {}
+    if node_spec.get("unschedulable") and not tolerates(
+            tolerations, {"key": UNSCHEDULABLE_TAINT_KEY, "effect": "NoSchedule"}):
+        return "its virtual node is cordoned"
+    for taint in node_spec.get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(tolerations, taint):
+            return f"its virtual node has the untolerated taint {taint_text(taint)}"
+    if not matches_node_selector(constraints, virtual_node):
+        return "the pod's cluster constraints (nodeSelector/affinity on virtual-node labels) exclude it"
+    return None
