@@ -256,11 +256,13 @@ def test_config_lists_the_clusters_with_their_roles_and_kubeconfigs(
     kubeconfig.write_text(INLINE_KUBECONFIG)
     docs = render(*BASE,
                   "--set", "targets[0].name=c2", "--set-file", f"targets[0].kubeconfig={kubeconfig}",
-                  "--set", "targets[1].name=c3,targets[1].kubeconfigSecret=c3-kubeconfig,targets[1].context=admin@c3")
+                  "--set", "targets[1].name=c3,targets[1].kubeconfigSecret=c3-kubeconfig,targets[1].context=admin@c3",
+                  "--set", "targets[0].labels.tier=gold", "--set", "clusterLabels.zone=home")
     config = config_of(docs)
     assert config["clusters"] == [
-        {"name": "c1", "source": True, "target": True},
-        {"name": "c2", "kubeconfig": "/etc/mcs/targets/c2/config", "source": False, "target": True},
+        {"name": "c1", "source": True, "target": True, "labels": {"zone": "home"}},
+        {"name": "c2", "kubeconfig": "/etc/mcs/targets/c2/config", "source": False, "target": True,
+         "labels": {"tier": "gold"}},
         {"name": "c3", "kubeconfig": "/etc/mcs/targets/c3/config", "context": "admin@c3",
          "source": False, "target": True},
     ]

@@ -162,11 +162,18 @@ config.yaml read by every service (MCS_CONFIG), see docs/configuration.md. The l
 reached in-cluster (no kubeconfig); remote targets through their mounted kubeconfigs.
 */}}
 {{- define "mcs.config" -}}
-{{- $clusters := list (dict "name" .Values.clusterName "source" .Values.source "target" .Values.targetSelf) -}}
+{{- $self := dict "name" .Values.clusterName "source" .Values.source "target" .Values.targetSelf -}}
+{{- if .Values.clusterLabels -}}
+{{- $_ := set $self "labels" .Values.clusterLabels -}}
+{{- end -}}
+{{- $clusters := list $self -}}
 {{- range .Values.targets -}}
 {{- $cluster := dict "name" .name "kubeconfig" (printf "/etc/mcs/targets/%s/config" .name) "source" false "target" true -}}
 {{- if .context -}}
 {{- $_ := set $cluster "context" .context -}}
+{{- end -}}
+{{- if .labels -}}
+{{- $_ := set $cluster "labels" .labels -}}
 {{- end -}}
 {{- $clusters = append $clusters $cluster -}}
 {{- end -}}
