@@ -13,13 +13,14 @@ import pytest
 from kubernetes_asyncio import client as k8s
 
 from localenv import LocalEnvironment
-from mcsched.constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
+from mcsched.constants import PROXY_CONSTRAINTS_ANNOTATION, PROXY_SCHEDULER_NAME, USE_SPEC_CONSTRAINTS_ANNOTATION
 from tests.e2e.pipeline import JSON, SOURCE, create_when_ready, list_pods
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 
 REGION = "topology.kubernetes.io/region"
+PROXY = PROXY_SCHEDULER_NAME  # proxies, not the delegates c1 runs as a target of itself
 
 
 def elected_pod(name: str, annotations: dict[str, str] | None = None, **spec: object) -> JSON:
@@ -89,3 +90,61 @@ async def test_a_cordoned_or_tainted_virtual_node_takes_no_new_pods_and_keeps_it
     finally:
         c1.kubectl("taint", "node", "admiralty-c2", "upgrade-")
     assert await eventually(lambda: proxy_node(core, namespace, "pinned"), within=60) == "admiralty-c2"
+
+
+async def test_draining_a_virtual_node_moves_its_pods_to_other_clusters_within_the_disruption_budget(
+        kube: dict[str, k8s.ApiClient], namespace: str, pipeline: LocalEnvironment) -> None:
+    c1 = pipeline.cluster(SOURCE)
+    apps = k8s.AppsV1Api(kube[SOURCE])
+    labels = {"app": "drained"}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "drained"},
+                  "spec": {"replicas": 4, "selector": {"matchLabels": labels},
+                           "template": {"metadata": {"labels": labels,
+                                                     "annotations": {"multicluster.admiralty.io/elect": ""}},
+                                        "spec": elected_pod("x")["spec"]}}}
+    c1.kubectl("cordon", "admiralty-c1")  # so that every pod starts in c2
+    try:
+        await create_when_ready(lambda: apps.create_namespaced_deployment(namespace, deployment))
+
+        async def proxies() -> list[JSON]:
+            return [p for p in await list_pods(kube[SOURCE], namespace, label_selector="app=drained")  # c1's
+                    if not p["metadata"].get("deletionTimestamp") and p["spec"].get("schedulerName") == PROXY]
+
+        async def all_running_on(node: str) -> list[tuple[str, str, str]] | None:
+            """The proxies when all 4 run on ``node``; None (and the state in the failure) otherwise."""
+            pods = await proxies()
+            state = [(p["metadata"]["name"], p["spec"].get("nodeName") or "", p["status"].get("phase") or "")
+                     for p in pods]
+            if len(pods) == 4 and all(n == node and phase == "Running" for _, n, phase in state):
+                return state
+            last_state[:] = state
+            return None
+
+        last_state: list[tuple[str, str, str]] = []
+
+        await eventually(lambda: all_running_on("admiralty-c2"), within=90)
+    finally:
+        c1.kubectl("uncordon", "admiralty-c1")
+    budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "drained"},
+              "spec": {"minAvailable": 3, "selector": {"matchLabels": labels}}}
+    await k8s.PolicyV1Api(kube[SOURCE]).create_namespaced_pod_disruption_budget(namespace, budget)
+
+    def ready(pod: JSON) -> bool:
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
+
+    drain = asyncio.create_task(asyncio.to_thread(
+        c1.kubectl, "drain", "admiralty-c2", "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=180s"))
+    try:
+        lowest = 4
+        while not drain.done():  # sample the budget while the drain is under way
+            lowest = min(lowest, sum(ready(p) for p in await proxies()))
+            await asyncio.sleep(0.3)
+        await drain
+        assert lowest >= 3, f"only {lowest} of 4 pods were ready at one point: the budget was violated"
+        try:
+            await eventually(lambda: all_running_on("admiralty-c1"), within=90)
+        except AssertionError:
+            raise AssertionError(f"after the drain: {last_state}") from None
+        assert await list_pods(kube["c2"], namespace) == []
+    finally:
+        c1.kubectl("uncordon", "admiralty-c2")
