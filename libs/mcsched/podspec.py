@@ -20,6 +20,7 @@ import orjson
 from pydantic import ValidationError
 
 from .constants import (
+    DOMAIN,
     ELECT_ANNOTATION,
     PARENT_CLUSTER_LABEL,
     PARENT_NAME_ANNOTATION,
@@ -30,6 +31,7 @@ from .constants import (
     PLACEMENT_ROUND_ANNOTATION,
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
+    SKIP_PREFIXING_ANNOTATION,
     SOURCE_MANIFEST_ANNOTATION,
     TRACE_ID_ANNOTATION,
     TRACEPARENT_ANNOTATION,
@@ -237,7 +239,9 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
         spec.pop("schedulerName")
     if scheduler_name:
         spec["schedulerName"] = scheduler_name
-    labels = dict(metadata.get("labels") or {})
+    skip = skipped_label_keys(metadata.get("annotations") or {})
+    labels = {delegate_label_key(k, skip): v for k, v in (metadata.get("labels") or {}).items()}
+    _rewrite_selectors(spec, skip)
     labels.update({
         PARENT_CLUSTER_LABEL: source, PARENT_NAMESPACE_LABEL: namespace,
         PARENT_NAME_LABEL: proxy_name[:63].rstrip("-_."), PARENT_UID_LABEL: proxy_uid,
@@ -253,6 +257,63 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
             "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": False,
         }]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def skipped_label_keys(annotations: Mapping[str, str]) -> frozenset[str]:
+    """Label keys a pod asks to keep as they are on its delegate (Admiralty's annotation, comma-separated)."""
+    raw = annotations.get(SKIP_PREFIXING_ANNOTATION) or ""
+    return frozenset(k.strip() for k in raw.split(",") if k.strip())
+
+
+def delegate_label_key(key: str, skip: frozenset[str] = frozenset()) -> str:
+    """A pod's label key as its delegate carries it: in our domain (Admiralty's rule), unless skipped.
+
+    ``app`` becomes ``multicluster.admiralty.io/app`` and ``example.com/tier``
+    ``multicluster.admiralty.io/tier``, so that nothing in a target selects a
+    delegate by the user's labels by mistake: not a ReplicaSet, a Service, or a
+    PodDisruptionBudget of the same application (in the source itself, when it
+    is its own target, that would count every pod twice).
+    """
+    if key in skip:
+        return key
+    return f"{DOMAIN}/{key.rsplit('/', 1)[-1]}"
+
+
+def _rewrite_selector(selector: Any, skip: frozenset[str]) -> None:
+    if not isinstance(selector, dict):
+        return
+    if isinstance(selector.get("matchLabels"), dict):
+        selector["matchLabels"] = {delegate_label_key(k, skip): v for k, v in selector["matchLabels"].items()}
+    for expression in selector.get("matchExpressions") or []:
+        if isinstance(expression, dict) and isinstance(expression.get("key"), str):
+            expression["key"] = delegate_label_key(expression["key"], skip)
+
+
+def _rewrite_term(term: Any, skip: frozenset[str]) -> None:
+    """A pod (anti-)affinity term or a topology spread constraint: its pod selector names delegates' labels."""
+    if not isinstance(term, dict):
+        return
+    _rewrite_selector(term.get("labelSelector"), skip)
+    for field in ("matchLabelKeys", "mismatchLabelKeys"):
+        if isinstance(term.get(field), list):
+            term[field] = [delegate_label_key(k, skip) if isinstance(k, str) else k for k in term[field]]
+
+
+def _rewrite_selectors(spec: JSON, skip: frozenset[str]) -> None:
+    """Make the delegate's pod selectors (affinity to other pods, topology spread) match delegates' labels.
+
+    Namespace selectors select namespaces, whose labels do not change: they are left alone.
+    """
+    affinity: JSON = spec["affinity"] if isinstance(spec.get("affinity"), dict) else {}
+    for kind in ("podAffinity", "podAntiAffinity"):
+        rules: JSON = affinity[kind] if isinstance(affinity.get(kind), dict) else {}
+        for term in rules.get("requiredDuringSchedulingIgnoredDuringExecution") or []:
+            _rewrite_term(term, skip)
+        for weighted in rules.get("preferredDuringSchedulingIgnoredDuringExecution") or []:
+            if isinstance(weighted, dict):
+                _rewrite_term(weighted.get("podAffinityTerm"), skip)
+    for constraint in spec.get("topologySpreadConstraints") or []:
+        _rewrite_term(constraint, skip)
 
 
 MIRRORED_STATUS_FIELDS = (

@@ -120,7 +120,9 @@ def test_delegate_manifest_from_original() -> None:
                                  proxy_uid="u1", owner=owner)
     spec, meta = delegate["spec"], delegate["metadata"]
     assert meta["name"] == delegate_name("nginx-abc", "u1")
-    assert meta["labels"]["app"] == "nginx" and meta["labels"][PARENT_UID_LABEL] == "u1"
+    # The user's labels move into our domain, so nothing in the target selects the delegate by mistake.
+    assert meta["labels"]["multicluster.admiralty.io/app"] == "nginx" and "app" not in meta["labels"]
+    assert meta["labels"][PARENT_UID_LABEL] == "u1"
     assert ELECT_ANNOTATION not in meta["annotations"]
     assert meta["ownerReferences"][0]["kind"] == "Namespace" and meta["ownerReferences"][0]["controller"]
     assert "nodeName" not in spec, "the target's scheduler places the delegate"
@@ -258,3 +260,34 @@ def test_a_delegate_is_built_from_the_proxys_own_spec_and_the_users_scheduling_f
     assert "nodeName" not in delegate_original(proxy)["spec"]
     with pytest.raises(ValueError):
         delegate_original({"metadata": {}, "spec": {}})
+
+
+def test_delegate_labels_move_into_our_domain_and_its_pod_selectors_follow() -> None:
+    term = {"labelSelector": {"matchLabels": {"app": "web"},
+                              "matchExpressions": [{"key": "example.com/tier", "operator": "In", "values": ["a"]}]},
+            "namespaceSelector": {"matchLabels": {"team": "x"}}, "topologyKey": "kubernetes.io/hostname",
+            "matchLabelKeys": ["pod-template-hash"]}
+    spec = {"containers": [{"name": "c", "image": "i"}],
+            "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term],
+                                             "preferredDuringSchedulingIgnoredDuringExecution": [
+                                                 {"weight": 1, "podAffinityTerm": json.loads(json.dumps(term))}]}},
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+                                           "labelSelector": {"matchLabels": {"app": "web", "keep.io/me": "1"}}}]}
+    original = {"metadata": {"labels": {"app": "web", "example.com/tier": "a", "keep.io/me": "1"},
+                             "annotations": {"multicluster.admiralty.io/label-keys-to-skip-prefixing": "keep.io/me"}},
+                "spec": spec}
+    delegate = delegate_manifest(original, source="c1", namespace="n", proxy_name="p", proxy_uid="u")
+    labels = delegate["metadata"]["labels"]
+    assert {k: v for k, v in labels.items() if not k.startswith("multicluster.admiralty.io/parent")} == {
+        "multicluster.admiralty.io/app": "web", "multicluster.admiralty.io/tier": "a", "keep.io/me": "1"}
+    required = delegate["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert required["labelSelector"]["matchLabels"] == {"multicluster.admiralty.io/app": "web"}
+    assert required["labelSelector"]["matchExpressions"][0]["key"] == "multicluster.admiralty.io/tier"
+    assert required["namespaceSelector"] == {"matchLabels": {"team": "x"}}  # namespaces keep their labels
+    assert required["matchLabelKeys"] == ["multicluster.admiralty.io/pod-template-hash"]
+    preferred = delegate["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == {"multicluster.admiralty.io/app": "web"}
+    assert delegate["spec"]["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"] == {
+        "multicluster.admiralty.io/app": "web", "keep.io/me": "1"}
+    assert spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0][
+        "labelSelector"]["matchLabels"] == {"app": "web"}, "the original is not changed"
