@@ -70,7 +70,7 @@ def test_job_delegate_stage_is_a_pod_stage_selecting_running_job_delegates() -> 
     assert expressions == {
         ".metadata.deletionTimestamp": ("DoesNotExist", None),
         ".status.phase": ("In", ["Running"]),  # pod-ready only takes Pending pods: the two never meet
-        '.metadata.labels["batch.kubernetes.io/job-name"]': ("Exists", None),
+        '.metadata.labels["multicluster.admiralty.io/job-name"]': ("Exists", None),
         '.metadata.labels["multicluster.admiralty.io/parent-uid"]': ("Exists", None),
         ".metadata.ownerReferences.[].kind": ("NotIn", ["Job"]),  # Job-owned pods are pod-complete's
     }
