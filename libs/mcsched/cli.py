@@ -160,7 +160,8 @@ class Operator:
         return result
 
     def _answers(self, trace_id: str) -> list[JSON]:
-        """Each target's answer to the last placement round, from the pod's trace."""
+        """Each target's answer to the last placement round, from the pod's trace (a cluster the pod's
+        cluster-level constraints, a cordon or a taint left out answers "excluded: ...")."""
         if not self.jaeger_url:
             return []
         try:
@@ -170,7 +171,7 @@ class Operator:
             return []
         answers: dict[str, JSON] = {}
         for span in sorted((s for t in data for s in t["spans"]), key=lambda s: s["startTime"]):
-            if span["operationName"].startswith("ask "):
+            if span["operationName"].startswith(("ask ", "exclude ")):
                 tags = {t["key"]: t["value"] for t in span.get("tags", [])}
                 answers[str(tags.get("target"))] = {
                     "target": tags.get("target"), "fits": tags.get("fits"), "node": tags.get("node") or None,

@@ -109,6 +109,10 @@ class ProxyScheduler:
                 log.warning("%s: %s", ref, exc)
                 return await self._unschedulable(ref, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
             excluded = self.excluded_clusters(ref.cluster, constraints)
+            for left_out, reason in excluded.items():  # in the pod's trace beside the answers (mcsctl explain)
+                with tracer.start_as_current_span(f"exclude {left_out}", attributes={
+                        "target": left_out, "fits": False, "reason": f"excluded: {reason}"}):
+                    pass
             refused = placement.recent_rejections(time.time(), self.rt.settings.rejection_memory_seconds)
             askable = [t for t in self.rt.settings.target_names if t not in refused and t not in excluded]
             question = CandidateRequest(proxy=ref, pod=target_pod)

@@ -8,6 +8,10 @@ Every kwok node of the local environment carries ``topology.kubernetes.io/region
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 from kubernetes_asyncio import client as k8s
@@ -28,6 +32,12 @@ def elected_pod(name: str, annotations: dict[str, str] | None = None, **spec: ob
             "metadata": {"name": name, "annotations": {"multicluster.admiralty.io/elect": "", **(annotations or {})}},
             "spec": {"containers": [{"name": "app", "image": "nginx",
                                      "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}], **spec}}
+
+
+async def _with(check: Any, key: str) -> dict[str, str] | None:
+    """``check()``'s answers once they include ``key`` (spans reach Jaeger a few seconds late)."""
+    answers: dict[str, str] = await check()
+    return answers if key in answers else None
 
 
 async def proxy_node(core: k8s.CoreV1Api, namespace: str, name: str) -> str | None:
@@ -87,6 +97,17 @@ async def test_a_cordoned_or_tainted_virtual_node_takes_no_new_pods_and_keeps_it
         await core.create_namespaced_pod(namespace, pinned)
         message = await eventually(lambda: pending_message(core, namespace, "pinned"), within=60)
         assert "c2: excluded: its virtual node has the untolerated taint upgrade=blue:NoSchedule" in message
+
+        async def explained() -> dict[str, str]:  # mcsctl explain, from the pod's trace in Jaeger
+            info = pipeline.info()
+            run = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "mcsched.cli", "--config", str(pipeline.root / "mcs.yaml"), "--kubeconfig",
+                info.kubeconfig, "--jaeger", info.jaeger_query_url, "-o", "json", "explain", f"{namespace}/pinned"],
+                capture_output=True, text=True, timeout=60)
+            return {a["target"]: a["reason"] or "" for a in json.loads(run.stdout)["answers"]}
+
+        answers = await eventually(lambda: _with(explained, "c2"), within=60)
+        assert answers["c2"] == "excluded: its virtual node has the untolerated taint upgrade=blue:NoSchedule"
     finally:
         c1.kubectl("taint", "node", "admiralty-c2", "upgrade-")
     assert await eventually(lambda: proxy_node(core, namespace, "pinned"), within=60) == "admiralty-c2"
