@@ -15,6 +15,10 @@ such as ``topology.kubernetes.io/region``):
   the pod's own constraints apply to virtual nodes *instead* of the target's
   nodes (the delegate gets none of them).
 
+Preferred node affinity in the constraints ranks the clusters: among those
+that can take the pod, only the ones with the highest summed weight are
+drawn from ("run in c1, burst to c2 when c1 is full").
+
 A virtual node also refuses pods while it is cordoned (``spec.unschedulable``)
 or has a NoSchedule/NoExecute taint the constraints do not tolerate, as any
 node would: that is how an operator stops new placements in a cluster.
@@ -29,7 +33,7 @@ from typing import Any
 import yaml
 
 from .constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
-from .placement import UNSCHEDULABLE_TAINT_KEY, matches_node_selector, taint_text, tolerates
+from .placement import UNSCHEDULABLE_TAINT_KEY, matches_node_selector, preferred_weight, taint_text, tolerates
 from .podspec import PROXY_TOLERATIONS
 
 JSON = dict[str, Any]
@@ -105,3 +109,12 @@ def refusal(constraints: Mapping[str, Any], virtual_node: Mapping[str, Any] | No
     if not matches_node_selector(constraints, virtual_node):
         return "the pod's cluster constraints (nodeSelector/affinity on virtual-node labels) exclude it"
     return None
+
+
+def preferred(constraints: Mapping[str, Any], virtual_nodes: Mapping[str, Mapping[str, Any] | None],
+              candidates: list[str]) -> list[str]:
+    """The candidates the constraints' preferred node affinity ranks first (all of them without preferences)."""
+    weights = {t: preferred_weight(constraints, node) if (node := virtual_nodes.get(t)) is not None else 0
+               for t in candidates}
+    best = max(weights.values(), default=0)
+    return [t for t in candidates if weights[t] == best]

@@ -439,6 +439,20 @@ def _term_matches(term: Mapping[str, Any], labels: Mapping[str, str], node_name:
     )
 
 
+def preferred_weight(pod: Mapping[str, Any], node: Mapping[str, Any]) -> int:
+    """The summed weights of the pod's preferred node-affinity terms the node matches (0: no preference)."""
+    affinity: Mapping[str, Any] = (pod.get("spec") or {}).get("affinity") or {}
+    terms = (affinity.get("nodeAffinity") or {}).get("preferredDuringSchedulingIgnoredDuringExecution") or []
+    metadata: Mapping[str, Any] = node.get("metadata") or {}
+    labels: Mapping[str, str] = metadata.get("labels") or {}
+    total = 0
+    for term in terms:
+        if isinstance(term, Mapping) and _term_matches(term.get("preference") or {}, labels,
+                                                       metadata.get("name") or ""):
+            total += int(term.get("weight") or 0)
+    return total
+
+
 def matches_node_selector(pod: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
     """True if the node satisfies the pod's ``nodeSelector`` and its required node affinity."""
     spec: Mapping[str, Any] = pod.get("spec") or {}

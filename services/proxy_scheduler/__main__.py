@@ -26,7 +26,7 @@ from opentelemetry import trace
 
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.choice import Placement, pick_target
-from mcsched.cluster_constraints import ConstraintError, refusal, split
+from mcsched.cluster_constraints import ConstraintError, preferred, refusal, split
 from mcsched.constants import VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE, virtual_node_name
 from mcsched.events import EventRecorder
 from mcsched.kube import JSON, KubeError, pod_path, read_pod
@@ -118,7 +118,9 @@ class ProxyScheduler:
             question = CandidateRequest(proxy=ref, pod=target_pod)
             answers = dict(await asyncio.gather(*(self._ask(t, question) for t in askable)))
             scores = {t: r.score for t, r in answers.items() if r is not None and r.fits}
-            target = pick_target(ref.uid, scores)
+            nodes = {t: self.virtual_nodes[ref.cluster].get(virtual_node_name(t)) for t in scores}
+            first = preferred(constraints, nodes, sorted(scores))  # preferred affinity ranks the clusters
+            target = pick_target(ref.uid, {t: scores[t] for t in first})
             if target is None:
                 return await self._unschedulable(ref, answers, refused, excluded)
             chosen = placement.choose(target)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mcsched.cluster_constraints import ConstraintError, refusal, split
+from mcsched.cluster_constraints import ConstraintError, preferred, refusal, split
 from mcsched.constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
 
 REGION = "topology.kubernetes.io/region"
@@ -90,3 +90,16 @@ def test_a_cordoned_or_tainted_virtual_node_takes_no_new_pods_unless_tolerated()
 def test_a_malformed_constraints_annotation_is_refused_with_what_is_wrong(raw: str, message: str) -> None:
     with pytest.raises(ConstraintError, match=message):
         split(user_pod({PROXY_CONSTRAINTS_ANNOTATION: raw}))
+
+
+def test_preferred_affinity_ranks_clusters_and_the_best_ones_are_kept() -> None:
+    fragment = json.dumps({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 10, "preference": {"matchExpressions": [{"key": REGION, "operator": "In", "values": ["us"]}]}},
+        {"weight": 1, "preference": {"matchExpressions": [{"key": REGION, "operator": "In", "values": ["eu"]}]}}]}}})
+    constraints, _ = split(user_pod({PROXY_CONSTRAINTS_ANNOTATION: fragment}))
+    nodes = {"c1": virtual_node("c1", "us"), "c2": virtual_node("c2", "eu"), "c3": virtual_node("c3", "ap")}
+    assert preferred(constraints, nodes, ["c1", "c2", "c3"]) == ["c1"]
+    assert preferred(constraints, nodes, ["c2", "c3"]) == ["c2"], "c1 full: burst to the next preference"
+    assert preferred(constraints, nodes, ["c3"]) == ["c3"]
+    free, _ = split(user_pod())
+    assert preferred(free, nodes, ["c1", "c2", "c3"]) == ["c1", "c2", "c3"]  # no preference: all drawn from

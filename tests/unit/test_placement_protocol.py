@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -649,6 +650,30 @@ async def test_cluster_constraints_and_a_cordon_leave_clusters_out_and_say_why(w
     await world.settle()
     await world.run()
     assert Placement.of(world.proxy(waiting)).target == "c2"
+
+
+async def test_preferred_cluster_affinity_fills_the_preferred_cluster_then_bursts(world: World) -> None:
+    for target in TARGETS:
+        world.c1.put("nodes", virtual_node(target))
+    world.clusters["c2"].put("nodes", node("c2-n1", cpu="1"))  # room for one 500m pod besides nothing else
+    await world.settle()
+    prefer_c2 = json.dumps({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 50, "preference": {"matchExpressions": [
+            {"key": "topology.kubernetes.io/region", "operator": "In", "values": ["region-c2"]}]}}]}}})
+    placed = []
+    for i in range(3):
+        pod = user_pod(f"bursty-{i}", cpu="400m")
+        pod["metadata"]["annotations"][PROXY_CONSTRAINTS_ANNOTATION] = prefer_c2
+        proxy = await world.c1.create(pod_path(NS), admitted(pod))
+        await world.settle()
+        await world.run()
+        target = Placement.of(world.proxy(proxy)).target
+        placed.append(target)
+        if target == "c2":  # c2's scheduler places it, so its room is taken for the next estimate
+            name = world.delegate("c2", proxy)["metadata"]["name"]  # type: ignore[index]
+            world.clusters["c2"].bind_pod(NS, name, "c2-n1")
+            await world.settle()
+    assert placed == ["c2", "c2", "c3"], placed
 
 
 async def test_with_use_constraints_from_spec_the_pods_own_constraints_choose_the_cluster_not_the_node(
