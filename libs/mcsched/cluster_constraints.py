@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from .constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
-from .placement import UNSCHEDULABLE_TAINT_KEY, matches_node_selector, preferred_weight, taint_text, tolerates
+from .placement import CORDONED, matches_node_selector, preferred_weight, scheduling_blocks
 from .podspec import PROXY_TOLERATIONS
 
 JSON = dict[str, Any]
@@ -98,14 +98,10 @@ def refusal(constraints: Mapping[str, Any], virtual_node: Mapping[str, Any] | No
     if virtual_node is None:
         return None
     spec = constraints.get("spec") or {}
-    tolerations = [*PROXY_TOLERATIONS, *(spec.get("tolerations") or [])]
-    node_spec = virtual_node.get("spec") or {}
-    if node_spec.get("unschedulable") and not tolerates(
-            tolerations, {"key": UNSCHEDULABLE_TAINT_KEY, "effect": "NoSchedule"}):
-        return "its virtual node is cordoned"
-    for taint in node_spec.get("taints") or []:
-        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(tolerations, taint):
-            return f"its virtual node has the untolerated taint {taint_text(taint)}"
+    blocks = scheduling_blocks([*PROXY_TOLERATIONS, *(spec.get("tolerations") or [])], virtual_node)
+    if blocks:
+        return ("its virtual node is cordoned" if blocks[0] == CORDONED
+                else f"its virtual node has the untolerated taint {blocks[0]}")
     if not matches_node_selector(constraints, virtual_node):
         return "the pod's cluster constraints (nodeSelector/affinity on virtual-node labels) exclude it"
     return None

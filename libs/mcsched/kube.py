@@ -59,6 +59,9 @@ class KubeError(Exception):
         return self.status == 409
 
 
+ACCESS_REVIEWS_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+
+
 def pod_path(namespace: str, name: str = "", sub: str = "") -> str:
     path = f"/api/v1/namespaces/{quote(namespace)}/pods"
     if name:

@@ -484,6 +484,24 @@ def _is_ready(node: Mapping[str, Any]) -> bool:
     )
 
 
+def scheduling_blocks(tolerations: Sequence[Mapping[str, Any]], node: Mapping[str, Any]) -> list[str]:
+    """What keeps new pods with these tolerations off the node: its cordon, then each untolerated
+    NoSchedule/NoExecute taint (as text), in that order; ``[]`` when nothing does."""
+    node_spec: Mapping[str, Any] = node.get("spec") or {}
+    blocks: list[str] = []
+    if node_spec.get("unschedulable") and not tolerates(
+        tolerations, {"key": UNSCHEDULABLE_TAINT_KEY, "effect": "NoSchedule"}
+    ):
+        blocks.append(CORDONED)
+    for taint in node_spec.get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(tolerations, taint):
+            blocks.append(taint_text(taint))
+    return blocks
+
+
+CORDONED = "cordoned"
+
+
 def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Resources,
                        request: Resources | None = None, *, allocatable: Resources | None = None) -> list[str]:
     """Why the pod cannot go on the node, given the resources already used there; ``[]`` if it fits.
@@ -495,18 +513,12 @@ def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Re
     resource the node does not list at all has none free ("insufficient nvidia.com/gpu").
     """
     pod_spec: Mapping[str, Any] = pod.get("spec") or {}
-    node_spec: Mapping[str, Any] = node.get("spec") or {}
     tolerations: list[Mapping[str, Any]] = pod_spec.get("tolerations") or []
-    reasons: list[str] = []
-    if node_spec.get("unschedulable") and not tolerates(
-        tolerations, {"key": UNSCHEDULABLE_TAINT_KEY, "effect": "NoSchedule"}
-    ):
-        reasons.append("node is unschedulable")
+    blocks = scheduling_blocks(tolerations, node)
+    reasons: list[str] = ["node is unschedulable"] if blocks[:1] == [CORDONED] else []
     if not _is_ready(node):
         reasons.append("node is not Ready")
-    for taint in node_spec.get("taints") or []:
-        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(tolerations, taint):
-            reasons.append(f"untolerated taint {taint_text(taint)}")
+    reasons += [f"untolerated taint {block}" for block in blocks if block != CORDONED]
     if not matches_node_selector(pod, node):
         reasons.append("node selector/affinity mismatch")
     if request is None:

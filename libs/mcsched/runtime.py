@@ -123,7 +123,7 @@ def nats_credentials(service: str, settings: Settings) -> Credentials:
 def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> None:
     try:
         settings = load_settings()
-        nats_credentials(service, settings)
+        credentials = nats_credentials(service, settings)
     except (ValidationError, ValueError, FileNotFoundError, ssl.SSLError) as exc:
         print(f"{service}: invalid settings:\n{exc}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -131,10 +131,11 @@ def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> 
     if settings.nats_auth.allow_anonymous:
         log.warning("connecting to NATS without credentials (nats_auth.allow_anonymous): anyone who can reach "
                     "NATS at %s can start pods in every target", settings.nats_url)
-    asyncio.run(_main(service, settings, compose))
+    asyncio.run(_main(service, settings, credentials, compose))
 
 
-async def _main(service: str, settings: Settings, compose: Callable[[Runtime], Awaitable[None]]) -> None:
+async def _main(service: str, settings: Settings, credentials: Credentials,
+                compose: Callable[[Runtime], Awaitable[None]]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,7 +143,7 @@ async def _main(service: str, settings: Settings, compose: Callable[[Runtime], A
     informers: list[Informer] = []
     loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(informers))
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
-              max_failed_deliveries=settings.max_failed_deliveries, credentials=nats_credentials(service, settings))
+              max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials)
     connecting = asyncio.create_task(bus.connect())
     done, _ = await asyncio.wait([connecting, asyncio.create_task(stop.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)

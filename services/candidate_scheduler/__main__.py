@@ -27,7 +27,7 @@ from mcsched.constants import PLACEMENT_ROUND_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.events import EventRecorder
 from mcsched.follow import created_at
 from mcsched.follower import Follower
-from mcsched.kube import JSON, KubeError, read_pod
+from mcsched.kube import ACCESS_REVIEWS_PATH, JSON, KubeError, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Message, PodRef
 from mcsched.natsauth import candidate_durable, candidate_queue
 from mcsched.placement import choose_node, pod_requests, target_score
@@ -90,7 +90,7 @@ class TargetScheduler:
         known = self.acceptance.get(namespace)
         if known is not None and time.monotonic() - known[1] < ACCEPTANCE_MEMORY_SECONDS:
             return known[0]
-        review = await self.client.create("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", {
+        review = await self.client.create(ACCESS_REVIEWS_PATH, {
             "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
             "spec": {"resourceAttributes": {"namespace": namespace, "verb": "create", "resource": "pods"}}})
         allowed = bool((review.get("status") or {}).get("allowed"))

@@ -79,11 +79,12 @@ class SourceController:
             await self.cluster_sources.stop()
 
     async def reconcile(self) -> None:
-        accepted = [*self.sources.items(), *self.cluster_sources.items()]
-        accepted = [obj for obj in accepted if not obj["metadata"].get("deletionTimestamp")]
+        # Listed objects come without their kind, which says how their identities are named.
+        accepted = [{**obj, "kind": kind} for kind, informer in (("Source", self.sources),
+                                                                 ("ClusterSource", self.cluster_sources))
+                    for obj in informer.items() if not obj["metadata"].get("deletionTimestamp")]
         bindings = [viewer_binding(accepted, self.roles)]
         for obj in accepted:
-            obj.setdefault("kind", "Source" if obj["metadata"].get("namespace") else "ClusterSource")
             if not subjects(obj):
                 log.warning("%s: %s %s names no identity (userName, serviceAccountName or serviceAccount): "
                             "it grants nothing", self.client.name, obj["kind"], obj["metadata"]["name"])

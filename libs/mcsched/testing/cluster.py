@@ -69,7 +69,7 @@ from urllib.parse import unquote
 from kubernetes_asyncio.client import Configuration
 
 from ..constants import VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
-from ..kube import JSON, Informer, KubeClient, KubeError, object_key
+from ..kube import ACCESS_REVIEWS_PATH, JSON, Informer, KubeClient, KubeError, object_key
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,6 @@ _UID_NAMESPACE = uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8")
 def stamp(seconds: float) -> str:
     """An RFC 3339 time as the API server writes it (whole seconds)."""
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 
 @dataclass(frozen=True)
@@ -293,7 +290,7 @@ class FakeCluster(KubeClient):
         return answer
 
     def _answer(self, method: str, path: str, params: dict[str, Any], body: Any, content_type: str) -> JSON:
-        if method == "POST" and path == ACCESS_REVIEWS:
+        if method == "POST" and path == ACCESS_REVIEWS_PATH:
             attributes = (body.get("spec") or {}).get("resourceAttributes") or {}
             allowed = attributes.get("namespace") not in self.forbidden_namespaces
             return {**body, "status": {"allowed": allowed}}
