@@ -202,24 +202,7 @@ class LocalCluster:
             "--unsafe-no-fsync", "--quota-backend-bytes", str(2 * 1024**3),
             "--log-level", "warn",
         ])
-        self.processes.start(f"{s.name}-kube-apiserver", [
-            str(b / "kube-apiserver"),
-            "--etcd-servers", f"http://127.0.0.1:{p.etcd_client}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-            "--secure-port", str(p.apiserver),
-            "--tls-cert-file", str(d / "apiserver.crt"), "--tls-private-key-file", str(d / "apiserver.key"),
-            "--client-ca-file", str(self.ca_file), "--token-auth-file", str(d / "tokens.csv"),
-            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-            "--service-account-key-file", str(d / "sa.pub"),
-            "--service-account-signing-key-file", str(d / "sa.key"),
-            "--service-cluster-ip-range", s.service_cidr,
-            "--authorization-mode", "Node,RBAC",
-            "--allow-privileged=true",
-            "--endpoint-reconciler-type", "none",
-            "--max-requests-inflight", "800", "--max-mutating-requests-inflight", "400",
-            "--profiling=true", "--event-ttl", "2h",
-        ])
-        self.wait_ready()
+        self.start_api_server()
         self.processes.start(f"{s.name}-kube-controller-manager", [
             str(b / "kube-controller-manager"),
             "--kubeconfig", str(self.admin_kubeconfig),
@@ -243,6 +226,37 @@ class LocalCluster:
             "--node-lease-duration-seconds", "40",
             "--server-address", f"127.0.0.1:{p.kwok}", "-v", "WARN",
         ])
+
+    def _api_server_argv(self) -> list[str]:
+        s, d, b = self.spec, self.dir, bin_dir()
+        p = s.ports
+        return [
+            str(b / "kube-apiserver"),
+            "--etcd-servers", f"http://127.0.0.1:{p.etcd_client}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(p.apiserver),
+            "--tls-cert-file", str(d / "apiserver.crt"), "--tls-private-key-file", str(d / "apiserver.key"),
+            "--client-ca-file", str(self.ca_file), "--token-auth-file", str(d / "tokens.csv"),
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", str(d / "sa.pub"),
+            "--service-account-signing-key-file", str(d / "sa.key"),
+            "--service-cluster-ip-range", s.service_cidr,
+            "--authorization-mode", "Node,RBAC",
+            "--allow-privileged=true",
+            "--endpoint-reconciler-type", "none",
+            "--max-requests-inflight", "800", "--max-mutating-requests-inflight", "400",
+            "--profiling=true", "--event-ttl", "2h",
+        ]
+
+    def start_api_server(self, wait: bool = True) -> None:
+        """Start (or start again, after :meth:`stop_api_server`) the API server on its etcd."""
+        self.processes.start(f"{self.spec.name}-kube-apiserver", self._api_server_argv())
+        if wait:
+            self.wait_ready()
+
+    def stop_api_server(self) -> None:
+        """Stop the API server only: to clients the cluster is lost, its etcd and the rest keep running."""
+        self.processes.stop(f"{self.spec.name}-kube-apiserver")
 
     def stop(self) -> None:
         for component in ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):

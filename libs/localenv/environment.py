@@ -192,7 +192,7 @@ class LocalEnvironment:
                 "server": c.spec.server, "context": c.spec.name,
                 "admin_kubeconfig": str(c.admin_kubeconfig), "ca_file": str(c.ca_file),
                 "nodes": c.spec.node_names(), "gpu_nodes": gpu_workers(c.spec.node_names()),
-                "pod_cidr": c.spec.pod_cidr,
+                "pod_cidr": c.spec.pod_cidr, "ports": asdict(c.spec.ports),
             } for c in local},
             nats_url=nats["url"], nats_monitor_url=nats["monitor"], nats_admin_url=nats["admin_url"],
             nats_password_files=nats["password_files"],
@@ -275,8 +275,8 @@ class LocalEnvironment:
     def cluster(self, name: str) -> LocalCluster:
         """A running cluster of this environment, to add nodes or call kubectl."""
         info = self.info().clusters[name]
-        spec = ClusterSpec(name, list(self.info().clusters).index(name),
-                           ClusterPorts(0, 0, int(info["server"].rsplit(":", 1)[1]), 0), len(info["nodes"]))
+        spec = ClusterSpec(name, list(self.info().clusters).index(name), ClusterPorts(**info["ports"]),
+                           len(info["nodes"]))
         return LocalCluster(spec, self.root, self.processes)
 
     def down(self) -> None:

@@ -18,7 +18,7 @@ import orjson
 
 from .cluster_constraints import ConstraintError, split
 from .constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
-from .podspec import ElectionError, election, proxy_patch
+from .podspec import DEFAULT_TOLERATION_SECONDS, ElectionError, election, proxy_patch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def _shape_problem(pod: Any) -> str | None:
     return None
 
 
-def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None,
+           failover_seconds: int | None = DEFAULT_TOLERATION_SECONDS) -> dict[str, Any]:
     request = admission_review.get("request") if isinstance(admission_review, Mapping) else None
     if not isinstance(request, dict):
         return _response("", False, message="not an AdmissionReview request")
@@ -80,7 +81,7 @@ def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, 
         log.warning("refusing pod %s/%s: %s", request.get("namespace"), pod.get("metadata", {}).get("name"), exc)
         return _response(uid, False, message=str(exc))
     try:
-        patch = proxy_patch(pod, extra_annotations)
+        patch = proxy_patch(pod, extra_annotations, failover_seconds)
     except (AttributeError, TypeError, ValueError) as exc:  # a spec no API server would have sent
         log.warning("refusing pod %s/%s: malformed spec (%s)", request.get("namespace"),
                     pod.get("metadata", {}).get("name"), exc)

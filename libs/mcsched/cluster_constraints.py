@@ -34,7 +34,7 @@ import yaml
 
 from .constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
 from .placement import CORDONED, matches_node_selector, preferred_weight, scheduling_blocks
-from .podspec import PROXY_TOLERATIONS
+from .podspec import VIRTUAL_NODE_TOLERATION
 
 JSON = dict[str, Any]
 CONSTRAINT_FIELDS = ("nodeSelector", "affinity", "tolerations", "topologySpreadConstraints")
@@ -98,7 +98,7 @@ def refusal(constraints: Mapping[str, Any], virtual_node: Mapping[str, Any] | No
     if virtual_node is None:
         return None
     spec = constraints.get("spec") or {}
-    blocks = scheduling_blocks([*PROXY_TOLERATIONS, *(spec.get("tolerations") or [])], virtual_node)
+    blocks = scheduling_blocks([VIRTUAL_NODE_TOLERATION, *(spec.get("tolerations") or [])], virtual_node)
     if blocks:
         return ("its virtual node is cordoned" if blocks[0] == CORDONED
                 else f"its virtual node has the untolerated taint {blocks[0]}")

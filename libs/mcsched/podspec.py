@@ -126,23 +126,63 @@ PROXY_ONLY_ANNOTATIONS = frozenset({
     TRACE_ID_ANNOTATION, TRACEPARENT_ANNOTATION})
 
 
-PROXY_TOLERATIONS = [
-    {"key": VIRTUAL_NODE_TAINT_KEY, "operator": "Equal", "value": VIRTUAL_NODE_TAINT_VALUE,
-     "effect": "NoSchedule"},
-    # A proxy's fate follows its delegate, never the virtual node's heartbeat.
-    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
-    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
-]
+# Every proxy tolerates the taint that keeps ordinary pods off virtual nodes.
+VIRTUAL_NODE_TOLERATION = {"key": VIRTUAL_NODE_TAINT_KEY, "operator": "Equal", "value": VIRTUAL_NODE_TAINT_VALUE,
+                           "effect": "NoSchedule"}
+
+# The taints the node lifecycle controller puts on a node that stopped reporting Ready; a pod that
+# does not tolerate them is evicted (for a proxy: its cluster is lost, its controller replaces it).
+FAILOVER_TAINT_KEYS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+# What the API server's DefaultTolerationSeconds admission gives a pod that did not choose.
+DEFAULT_TOLERATION_SECONDS = 300
+
+
+def _is_defaulted(toleration: Mapping[str, Any]) -> bool:
+    return (toleration.get("key") in FAILOVER_TAINT_KEYS and toleration.get("operator") == "Exists"
+            and toleration.get("effect") == "NoExecute"
+            and toleration.get("tolerationSeconds") == DEFAULT_TOLERATION_SECONDS)
+
+
+def proxy_tolerations(tolerations: list[JSON], failover_seconds: int | None) -> list[JSON]:
+    """A proxy's tolerations: the pod's own, the virtual-node taint's, and how long it stays on a lost cluster.
+
+    A pod that chose how long it tolerates a NotReady or unreachable node (any
+    value but the 300 s Kubernetes gives every pod, or a toleration matching
+    those taints some other way) keeps its choice. Otherwise the defaulted
+    toleration is replaced by ``failover_seconds`` (None: forever), so the
+    node lifecycle controller evicts the proxy that long after its cluster was
+    lost, and its controller starts a replacement in a reachable cluster.
+    """
+    kept = [t for t in tolerations if not _is_defaulted(t) and t.get("key") != VIRTUAL_NODE_TAINT_KEY]
+    for key in FAILOVER_TAINT_KEYS:
+        if any(_tolerates_no_execute(t, key) for t in kept):
+            continue
+        toleration: JSON = {"key": key, "operator": "Exists", "effect": "NoExecute"}
+        if failover_seconds is not None:
+            toleration["tolerationSeconds"] = failover_seconds
+        kept.append(toleration)
+    return [*kept, dict(VIRTUAL_NODE_TOLERATION)]
+
+
+def _tolerates_no_execute(toleration: Mapping[str, Any], key: str) -> bool:
+    """Whether ``toleration`` matches the NoExecute taint ``key`` (whatever its value)."""
+    if toleration.get("effect") not in (None, "", "NoExecute"):
+        return False
+    if not toleration.get("key"):
+        return toleration.get("operator") == "Exists"
+    return bool(toleration.get("key") == key)
 
 
 def _without_placement(annotations: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in annotations.items() if k not in (PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION)}
 
 
-def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None) -> list[JSON]:
+def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None,
+                failover_seconds: int | None = DEFAULT_TOLERATION_SECONDS) -> list[JSON]:
     """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy with no cluster chosen).
 
-    ``extra_annotations`` (e.g. the pod's trace context) are added to the proxy only.
+    ``extra_annotations`` (e.g. the pod's trace context) are added to the proxy only;
+    ``failover_seconds`` is how long the proxy stays on a lost cluster (:func:`proxy_tolerations`).
     """
     metadata, spec = pod.get("metadata", {}), pod.get("spec", {})
     if is_proxy(pod):  # e.g. re-created from a proxy's YAML: only a cluster already chosen is dropped
@@ -161,16 +201,13 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
     finalizers = list(metadata.get("finalizers") or [])
     if PROXY_FINALIZER not in finalizers:
         finalizers.append(PROXY_FINALIZER)
-    # Replace the not-ready/unreachable tolerations DefaultTolerationSeconds added (300s): the
-    # shortest matching toleration wins, and a proxy must never be evicted for its virtual node.
-    replaced = {t["key"] for t in PROXY_TOLERATIONS}
-    tolerations = [t for t in spec.get("tolerations") or [] if t.get("key") not in replaced]
+    tolerations = proxy_tolerations(list(spec.get("tolerations") or []), failover_seconds)
     ops: list[JSON] = [
         {"op": "add", "path": "/metadata/annotations", "value": annotations},
         {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
         {"op": "add", "path": "/spec/schedulerName", "value": PROXY_SCHEDULER_NAME},
         {"op": "add", "path": "/spec/nodeSelector", "value": {VIRTUAL_NODE_TYPE_LABEL: VIRTUAL_NODE_TYPE_VALUE}},
-        {"op": "add", "path": "/spec/tolerations", "value": [*tolerations, *PROXY_TOLERATIONS]},
+        {"op": "add", "path": "/spec/tolerations", "value": tolerations},
     ]
     if "affinity" in spec:
         ops.append({"op": "remove", "path": "/spec/affinity"})

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a target whose scheduler refused a pod is not chosen again for it for this long")
     unschedulable_retry_seconds: float = Field(5.0, gt=0)
     heartbeat_seconds: float = Field(10.0, gt=0)
+    failover_seconds: int | None = Field(
+        300, ge=0, description="how long a proxy stays on a NotReady virtual node (its cluster lost) before it is "
+        "evicted and its controller replaces it elsewhere; a pod's own tolerationSeconds win; null: never")
     max_failed_deliveries: int = Field(
         10, ge=1, description="a bus message whose handling failed this many times is dead-lettered")
     serve_targets: list[str] | None = Field(

@@ -617,7 +617,17 @@ class Feedback:
         wanted_taints = taints if own_taint in taints else [*taints, own_taint]
         current_labels = current["metadata"].get("labels") or {}
         if any(current_labels.get(k) != v for k, v in labels.items()) or wanted_taints != taints:
-            await client.merge_patch(path, {"metadata": {"labels": labels}, "spec": {"taints": wanted_taints}})
+            # Only onto the node as read: the node lifecycle controller adds and removes its
+            # not-ready/unreachable taints meanwhile, and an old list must not bring one back.
+            try:
+                await client.merge_patch(path, {
+                    "metadata": {"labels": labels, "resourceVersion": current["metadata"]["resourceVersion"]},
+                    "spec": {"taints": wanted_taints}})
+            except KubeError as exc:
+                if not exc.conflict:
+                    raise
+                log.info("virtual node %s in %s changed meanwhile; its labels wait for the next heartbeat",
+                         name, source)
         status = dict(node["status"], conditions=[condition])
         await client.merge_patch(f"{path}/status", {"status": status})
         await self._renew_lease(client, name, current["metadata"]["uid"])

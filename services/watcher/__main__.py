@@ -74,7 +74,8 @@ async def start_webhook(rt: Runtime) -> None:
         with tracer.start_as_current_span("admit pod", context=otel_context.Context(), attributes={
                 "k8s.namespace": str((body.get("request") or {}).get("namespace", "")),
                 "k8s.pod.generate_name": str(meta.get("generateName") or meta.get("name") or "")}):
-            return web.Response(body=orjson.dumps(review(body, trace_annotations())), content_type="application/json")
+            answer = review(body, trace_annotations(), rt.settings.failover_seconds)
+            return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -16,7 +16,7 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -24,6 +24,7 @@ import pytest
 from mcsched.admission import review
 from mcsched.choice import Placement
 from mcsched.constants import (
+    CLUSTER_TARGET_NAME_LABEL,
     ELECT_ANNOTATION,
     NAMESPACE_LABEL,
     NAMESPACE_LABEL_VALUE,
@@ -317,6 +318,38 @@ async def test_compose_wires_every_stage_on_the_fake_runtime(world: World) -> No
         assert [c["status"] for c in virtual["status"]["conditions"]] == ["True"]
         lease = world.c1.find("leases", "kube-node-lease", f"admiralty-{target}")
         assert lease is not None and lease["metadata"]["ownerReferences"][0]["uid"] == virtual["metadata"]["uid"]
+
+
+async def test_the_heartbeat_never_brings_back_a_taint_the_node_lifecycle_controller_just_removed(
+        world: World) -> None:
+    await world.feedback.heartbeat()
+    not_ready = {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute", "timeAdded": "2026-01-01T00:00:00Z"}
+
+    def lost(node: dict[str, Any]) -> None:  # c2 was unreachable; an operator also relabelled the node
+        node["spec"]["taints"].append(not_ready)
+        node["metadata"]["labels"][CLUSTER_TARGET_NAME_LABEL] = "someone-else"
+
+    world.c1.modify("nodes", "", "admiralty-c2", lost)
+    read = world.c1.request
+
+    async def controller_acts_between_read_and_write(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        answer = await read(method, path, *args, **kwargs)
+        if method == "GET" and path == "/api/v1/nodes/admiralty-c2":  # c2 is back: the taint goes
+            world.c1.modify("nodes", "", "admiralty-c2",
+                            lambda node: node["spec"].update(taints=[t for t in node["spec"]["taints"]
+                                                                     if t != not_ready]))
+        return answer
+
+    world.c1.request = controller_acts_between_read_and_write  # type: ignore[method-assign]
+    await world.feedback.heartbeat()
+    world.c1.request = read  # type: ignore[method-assign]
+    node = world.c1.find("nodes", "", "admiralty-c2")
+    assert node is not None and not_ready not in node["spec"]["taints"]
+    await world.feedback.heartbeat()  # the labels are the heartbeat's own again at the next beat
+    node = world.c1.find("nodes", "", "admiralty-c2")
+    assert node is not None and node["metadata"]["labels"][CLUSTER_TARGET_NAME_LABEL] == "c2"
+    assert node["spec"]["taints"] == [{"key": "virtual-kubelet.io/provider", "value": "admiralty",
+                                       "effect": "NoSchedule"}]
 
 
 # -- racing choices ------------------------------------------------------------------------------------------

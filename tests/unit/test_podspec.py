@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,10 @@ from mcsched.constants import (
     PROXY_SCHEDULER_NAME,
     SOURCE_MANIFEST_ANNOTATION,
 )
+from mcsched.placement import tolerates
 from mcsched.podspec import (
     SCHEDULING_FIELDS,
+    VIRTUAL_NODE_TOLERATION,
     ElectionError,
     apply_patch,
     delegate_manifest,
@@ -74,9 +77,7 @@ def test_proxy_patch_makes_a_proxy_and_keeps_the_original() -> None:
     assert proxy["spec"]["nodeSelector"] == {"type": "virtual-kubelet"}
     assert "affinity" not in proxy["spec"]
     assert PROXY_FINALIZER in proxy["metadata"]["finalizers"]
-    keys = [(t["key"], t.get("tolerationSeconds")) for t in proxy["spec"]["tolerations"]]
-    assert ("node.kubernetes.io/not-ready", 300) not in keys, "a 300s toleration would evict proxies"
-    assert ("node.kubernetes.io/not-ready", None) in keys
+    assert VIRTUAL_NODE_TOLERATION in proxy["spec"]["tolerations"]
     # The annotation keeps only what the proxy lost (the scheduling fields), so it stays small.
     assert source_manifest(proxy) == {"spec": {k: pod["spec"][k] for k in SCHEDULING_FIELDS if k in pod["spec"]}}
     original = delegate_original(proxy)
@@ -85,6 +86,45 @@ def test_proxy_patch_makes_a_proxy_and_keeps_the_original() -> None:
     assert ELECT_ANNOTATION not in original["metadata"]["annotations"]
     assert SOURCE_MANIFEST_ANNOTATION not in original["metadata"]["annotations"]
     assert original["metadata"]["labels"] == pod["metadata"]["labels"]
+
+
+NOT_READY, UNREACHABLE = "node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"
+DEFAULTED = [{"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+             for key in (NOT_READY, UNREACHABLE)]
+
+
+def _failover_seconds(tolerations: list[dict[str, Any]]) -> dict[str, list[int | None]]:
+    """taint key -> the tolerationSeconds of each toleration that matches its NoExecute taint."""
+    taints = {key: {"key": key, "effect": "NoExecute"} for key in (NOT_READY, UNREACHABLE)}
+    return {key: [t.get("tolerationSeconds") for t in tolerations if tolerates([t], taint)]
+            for key, taint in taints.items()}
+
+
+@pytest.mark.parametrize(("own", "failover_seconds", "expected"), [
+    # What every pod gets from DefaultTolerationSeconds: replaced by the setting.
+    (DEFAULTED, 300, {NOT_READY: [300], UNREACHABLE: [300]}),
+    (DEFAULTED, 20, {NOT_READY: [20], UNREACHABLE: [20]}),
+    (DEFAULTED, None, {NOT_READY: [None], UNREACHABLE: [None]}),
+    ([], 45, {NOT_READY: [45], UNREACHABLE: [45]}),
+    # A pod's own choice wins, key by key.
+    ([{**DEFAULTED[0], "tolerationSeconds": 10}, DEFAULTED[1]], 600, {NOT_READY: [10], UNREACHABLE: [600]}),
+    ([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute"}], 60,
+     {NOT_READY: [60], UNREACHABLE: [None]}),
+    ([{"key": UNREACHABLE, "operator": "Exists"}], 60, {NOT_READY: [60], UNREACHABLE: [None]}),
+    ([{"operator": "Exists"}], 60, {NOT_READY: [None], UNREACHABLE: [None]}),
+    # A toleration of another effect does not keep the pod on a lost cluster.
+    ([{"key": NOT_READY, "operator": "Exists", "effect": "NoSchedule"}], 60, {NOT_READY: [60], UNREACHABLE: [60]}),
+])
+def test_a_proxy_leaves_a_lost_cluster_after_the_pods_own_delay_or_the_setting(
+        own: list[dict[str, Any]], failover_seconds: int | None, expected: dict[str, list[int | None]]) -> None:
+    pod = elected_pod()
+    pod["spec"]["tolerations"] = [*own, {"key": "gpu", "operator": "Exists"}]
+    proxy = apply_patch(pod, proxy_patch(pod, failover_seconds=failover_seconds))
+    tolerations = proxy["spec"]["tolerations"]
+    assert _failover_seconds([t for t in tolerations if t.get("key") != "gpu"]) == expected
+    assert {"key": "gpu", "operator": "Exists"} in tolerations and VIRTUAL_NODE_TOLERATION in tolerations
+    # The delegate keeps the pod's tolerations as the user (and DefaultTolerationSeconds) made them.
+    assert delegate_original(proxy)["spec"]["tolerations"] == pod["spec"]["tolerations"]
 
 
 def test_a_pod_near_the_size_limit_becomes_a_proxy_whose_annotations_stay_small() -> None:

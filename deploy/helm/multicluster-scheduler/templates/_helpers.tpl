@@ -194,6 +194,7 @@ reached in-cluster (no kubeconfig); remote targets through their mounted kubecon
       "nats_url" (include "mcs.natsUrl" .)
       "subject_prefix" .Values.subjectPrefix
       "resync_period_seconds" .Values.resyncPeriodSeconds
+      "failover_seconds" .Values.failoverSeconds
       "metrics_port" (int .Values.metricsPort)
       "log_level" .Values.logLevel
       "webhook" $webhook -}}
