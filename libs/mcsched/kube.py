@@ -18,7 +18,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import orjson
@@ -116,6 +116,23 @@ class KubeClient:
         elif self.config.username and self.config.password:
             headers["Authorization"] = self.config.get_basic_auth_token()
         return headers
+
+    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, str]:
+        """A new TLS connection to the API server, for a request the caller frames itself (an upgrade
+        to a stream protocol, which aiohttp's client does not do): (reader, writer, Host header value,
+        path prefix of the server URL). Not through ``config.proxy``."""
+        url = urlsplit(self.base)
+        host, port = url.hostname or "localhost", url.port or (443 if url.scheme == "https" else 80)
+        ssl_context = self._ssl_context() if url.scheme == "https" else None
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ssl_context,
+            server_hostname=(self.config.tls_server_name or host) if ssl_context else None)
+        return reader, writer, url.netloc, url.path.rstrip("/")
+
+    async def authorization(self) -> dict[str, str]:
+        """The Authorization header of this client's requests (empty with a client certificate)."""
+        headers = await self._headers("application/json")
+        return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
 
     async def close(self) -> None:
         session, self._session = self._session, None

@@ -52,17 +52,17 @@ def decode(data: bytes, model: type[M]) -> M:
 
 # What Kubernetes accepts as names (a message naming anything else is refused when decoded, so
 # no request path is ever built from, say, "../secrets").
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 class PodRef(BaseModel):
     """A pod in one cluster, pinned to one incarnation by its UID."""
 
     model_config = ConfigDict(frozen=True)
-    cluster: str = Field(pattern=_DNS_LABEL)
-    namespace: str = Field(pattern=_DNS_LABEL)
-    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253)
+    cluster: str = Field(pattern=DNS_LABEL)
+    namespace: str = Field(pattern=DNS_LABEL)
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253)
     uid: str = Field(pattern=r"^[A-Za-z0-9-]{1,128}$")
 
     def __str__(self) -> str:

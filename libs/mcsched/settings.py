@@ -62,6 +62,21 @@ class WebhookSettings(BaseModel):
     timeout_seconds: int = Field(5, ge=1, le=30)
 
 
+class KubeletSettings(BaseModel):
+    """feedback only: the kubelet endpoint of the virtual nodes (kubectl logs, exec, attach, port-forward)."""
+
+    enabled: bool = True
+    listen_host: str = "0.0.0.0"
+    port: int = Field(10250, ge=1, le=65535, description="for the first source; the n-th source's is port + n")
+    address: str | None = Field(
+        None, description="the address virtual nodes advertise (InternalIP), which the sources' API servers "
+        "connect to; default: $POD_IP, else this host's address")
+    cert_file: Path | None = Field(None, description="serving certificate (default: self-signed at start)")
+    key_file: Path | None = None
+    client_ca_file: Path | None = Field(
+        None, description="CA of the API servers' kubelet client certificates (default: each source's cluster CA)")
+
+
 class NatsAuthSettings(BaseModel):
     """How a service proves who it is to NATS, and how it checks NATS (docs/security.md)."""
 
@@ -124,6 +139,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(9090, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 or null: off")
     log_level: str = "INFO"
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    kubelet: KubeletSettings = Field(default_factory=KubeletSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,106 @@
+"""The kubelet API calls a virtual node answers, and where each goes: pure, no I/O.
+
+A source's API server serves ``kubectl logs``, ``exec``, ``attach`` and
+``port-forward`` on a pod by calling the kubelet of the pod's node. For a
+proxy pod that node is a virtual node, so the call reaches us; each call is
+forwarded to the same subresource of the proxy's delegate in its target
+(:func:`target_request`). This module parses the kubelet paths
+(:func:`parse`), says what the caller must be allowed in the source, as the
+kubelet's own authorizer does (:func:`access_review`), and maps the query.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+from .models import DNS_LABEL, DNS_SUBDOMAIN
+
+CallKind = Literal["containerLogs", "exec", "attach", "portForward"]
+
+# kubelet query -> pod subresource query (the API server names them differently for the kubelet).
+_STREAM_PARAMS = {"input": "stdin", "output": "stdout", "error": "stderr", "tty": "tty"}
+_LOG_PARAMS = ("follow", "previous", "timestamps", "tailLines", "sinceSeconds", "sinceTime", "limitBytes")
+_SUBRESOURCE = {"containerLogs": "log", "exec": "exec", "attach": "attach", "portForward": "portforward"}
+
+
+class KubeletCallError(ValueError):
+    """The request is not a kubelet call we forward; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class KubeletCall:
+    kind: CallKind
+    namespace: str
+    pod: str
+    container: str | None  # None for portForward
+    query: tuple[tuple[str, str], ...]
+    uid: str | None = None  # the pod's uid, when the path names it
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the call upgrades to a stream protocol (SPDY or WebSocket) instead of a plain response."""
+        return self.kind != "containerLogs"
+
+
+def parse(method: str, target: str) -> KubeletCall:
+    """The kubelet call of a request line (``GET /containerLogs/ns/pod/container?follow=true``)."""
+    split = urlsplit(target)
+    parts = [p for p in split.path.split("/") if p]
+    if not parts or parts[0] not in _SUBRESOURCE:
+        raise KubeletCallError(404, f"{split.path}: a virtual node serves only containerLogs, exec, attach "
+                                    "and portForward")
+    kind: CallKind = parts[0]  # type: ignore[assignment]
+    expected = 3 if kind == "portForward" else 4
+    uid = None
+    if len(parts) == expected + 1 and kind != "containerLogs":  # the form with the pod's uid
+        uid = parts[3]
+        parts = parts[:3] + parts[4:]
+    if len(parts) != expected:
+        raise KubeletCallError(400, f"{split.path}: expected /{kind}/<namespace>/<pod>"
+                                    f"{'' if kind == 'portForward' else '/<container>'}")
+    namespace, pod = parts[1], parts[2]
+    container = parts[3] if expected == 4 else None
+    if not re.match(DNS_LABEL, namespace) or not re.match(DNS_SUBDOMAIN, pod) or len(pod) > 253 or (
+            container is not None and not re.match(DNS_LABEL, container)):
+        raise KubeletCallError(400, f"{split.path}: namespace, pod and container must be Kubernetes names")
+    if method not in ("GET", "POST") or (kind == "containerLogs" and method != "GET"):
+        raise KubeletCallError(405, f"{method} is not allowed on {kind}")
+    return KubeletCall(kind, namespace, pod, container, tuple(parse_qsl(split.query, keep_blank_values=True)), uid)
+
+
+def access_review(call: KubeletCall, node: str, user: str, groups: Sequence[str]) -> dict[str, Any]:
+    """The SubjectAccessReview the kubelet's authorizer would make: ``nodes/proxy`` on the node,
+    ``get`` to read logs, ``create`` to open a stream (whatever the HTTP method, as for websockets)."""
+    return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": user, "groups": list(groups),
+                     "resourceAttributes": {"verb": "create" if call.streaming else "get",
+                                            "resource": "nodes", "subresource": "proxy", "name": node}}}
+
+
+def target_request(call: KubeletCall, delegate: str) -> tuple[str, str]:
+    """(method, path with query) of the delegate's pod subresource in its target."""
+    query: list[tuple[str, str]] = []
+    if call.container is not None:
+        query.append(("container", call.container))
+    for key, value in call.query:
+        if call.kind == "containerLogs" and key in _LOG_PARAMS:
+            query.append((key, value))
+        elif call.kind == "containerLogs" and key == "tail":  # the kubelet's old name
+            if value != "all":
+                query.append(("tailLines", value))
+        elif call.kind in ("exec", "attach") and key in _STREAM_PARAMS:
+            query.append((_STREAM_PARAMS[key], "true" if value in ("1", "true") else "false"))
+        elif call.kind == "exec" and key == "command":
+            query.append((key, value))
+        elif call.kind == "portForward" and key == "port":
+            query.append(("ports", value))
+    path = f"/api/v1/namespaces/{call.namespace}/pods/{quote(delegate)}/{_SUBRESOURCE[call.kind]}"
+    return ("GET" if call.kind == "containerLogs" else "POST"), path + (f"?{urlencode(query)}" if query else "")
