@@ -1,0 +1,71 @@
+"""Recovery (issue 11): what a slow handler, a deleted stream or consumer, an unreachable cluster,
+an unschedulable pod, a late delegate, a stale status and a big resync must not do.
+
+The bus tests run the real :class:`~mcsched.bus.Bus` on :class:`~mcsched.testing.jetstream.FakeJetStream`
+(its pull loop, acks and recovery are what run); the others run the services on
+the fakes of ``mcsched.testing``, as ``test_placement_protocol.py`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from mcsched.bus import ACK, Bus, Outcome
+from mcsched.models import ElectMessage, PodRef
+from mcsched.testing import FakeJetStream, connect_bus
+
+
+def elect(uid: str) -> ElectMessage:
+    return ElectMessage(proxy=PodRef(cluster="c1", namespace="ns", name=uid, uid=uid))
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+async def jetstream() -> AsyncIterator[tuple[FakeJetStream, list[Bus]]]:
+    js = FakeJetStream()
+    buses: list[Bus] = []
+    yield js, buses
+    for bus in buses:
+        await bus.close()
+
+
+async def started(js: FakeJetStream, buses: list[Bus], name: str) -> Bus:
+    bus = connect_bus(Bus("nats://fake", "mcs", name), js)
+    buses.append(bus)
+    await bus.ensure_streams(("elect",))
+    return bus
+
+
+# -- a slow handler ----------------------------------------------------------------------------------
+
+
+async def test_a_handler_slower_than_ack_wait_keeps_its_message_from_other_processes(
+        jetstream: tuple[FakeJetStream, list[Bus]]) -> None:
+    js, buses = jetstream
+    first, second = await started(js, buses, "p1"), await started(js, buses, "p2")
+    calls: list[str] = []
+
+    def slow(process: str) -> Callable[[ElectMessage], Awaitable[Outcome]]:
+        async def handle(message: ElectMessage) -> Outcome:
+            calls.append(process)
+            await asyncio.sleep(1.0)  # more than three times ack_wait
+            return ACK
+        return handle
+
+    await first.publish(first.subject("elect", "c1"), elect("u1"), "elect:u1")
+    first.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, slow("p1"), ack_wait=0.3)
+    await until(lambda: calls == ["p1"])
+    second.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, slow("p2"), ack_wait=0.3)
+    await until(lambda: not js.messages["MCS_ELECT"])
+    await asyncio.sleep(0.2)
+    assert calls == ["p1"], "handed to another process while its handler was still at work"
