@@ -69,3 +69,51 @@ async def test_a_handler_slower_than_ack_wait_keeps_its_message_from_other_proce
     await until(lambda: not js.messages["MCS_ELECT"])
     await asyncio.sleep(0.2)
     assert calls == ["p1"], "handed to another process while its handler was still at work"
+
+
+# -- a stream or consumer deleted at runtime -------------------------------------------------------------
+
+
+def collecting(into: list[str]) -> Callable[[ElectMessage], Awaitable[Outcome]]:
+    async def handle(message: ElectMessage) -> Outcome:
+        into.append(message.proxy.uid)
+        return ACK
+    return handle
+
+
+async def test_a_consumer_deleted_at_runtime_is_created_again_and_readiness_says_so_meanwhile(
+        jetstream: tuple[FakeJetStream, list[Bus]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 0.1, raising=False)
+    js, buses = jetstream
+    bus = await started(js, buses, "p1")
+    received: list[str] = []
+    bus.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received))
+    await bus.publish(bus.subject("elect", "c1"), elect("before"), "elect:before")
+    await until(lambda: received == ["before"])
+    assert bus.problems() == []
+
+    js.unavailable = True  # the consumer cannot be created again yet
+    js.delete_consumer("MCS_ELECT", "proxy-scheduler")
+    await until(lambda: any("proxy-scheduler" in p for p in bus.problems()))
+    js.unavailable = False
+    await bus.publish(bus.subject("elect", "c1"), elect("after"), "elect:after")
+    await until(lambda: received == ["before", "after"])
+    assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
+    await until(lambda: bus.problems() == [])
+
+
+async def test_a_stream_deleted_at_runtime_is_created_again_by_its_publisher_and_its_consumer(
+        jetstream: tuple[FakeJetStream, list[Bus]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 0.1, raising=False)
+    js, buses = jetstream
+    watcher, scheduler = await started(js, buses, "watcher"), await started(js, buses, "proxy-scheduler")
+    received: list[str] = []
+    scheduler.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received))
+    await watcher.publish(watcher.subject("elect", "c1"), elect("before"), "elect:before")
+    await until(lambda: received == ["before"])
+
+    js.delete_stream("MCS_ELECT")
+    await watcher.publish(watcher.subject("elect", "c1"), elect("after"), "elect:after")  # no stream: made again
+    await until(lambda: received == ["before", "after"])
+    assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
+    await until(lambda: scheduler.problems() == [] and watcher.problems() == [])

@@ -18,7 +18,9 @@ is modelled, and only that:
   or its last ``in_progress`` (another process would get it), or ``delay``
   after a ``nak``;
 * what an operator or a crash does: :meth:`FakeJetStream.delete_stream` and
-  :meth:`FakeJetStream.delete_consumer`.
+  :meth:`FakeJetStream.delete_consumer`; ``unavailable``: JetStream cannot
+  answer its API (no quorum, say), every stream and consumer call raises
+  ``ServiceUnavailableError``.
 
 Not modelled: de-duplication by message id, subject wildcards other than a
 trailing ``>``, max_deliver, flow control, headers beyond storing them.
@@ -137,11 +139,17 @@ class FakeJetStream:
         self.sequence = itertools.count(1)
         self.fetched = 0
         self.api_calls: list[str] = []
+        self.unavailable = False
+
+    def _api(self, call: str) -> None:
+        self.api_calls.append(call)
+        if self.unavailable:
+            raise ServiceUnavailableError(code=503, description="JetStream not available")
 
     # -- the nats-py surface the bus uses ---------------------------------------------------------------
 
     async def add_stream(self, config: StreamConfig) -> None:
-        self.api_calls.append(f"STREAM.CREATE.{config.name}")
+        self._api(f"STREAM.CREATE.{config.name}")
         current = self.streams.get(str(config.name))
         if current is not None and current != config:
             raise BadRequestError(code=400, description="stream name already in use with a different configuration")
@@ -149,7 +157,7 @@ class FakeJetStream:
         self.messages.setdefault(str(config.name), [])
 
     async def update_stream(self, config: StreamConfig) -> None:
-        self.api_calls.append(f"STREAM.UPDATE.{config.name}")
+        self._api(f"STREAM.UPDATE.{config.name}")
         if str(config.name) not in self.streams:
             raise NotFoundError(code=404, description="stream not found")
         self.streams[str(config.name)] = config
@@ -166,7 +174,7 @@ class FakeJetStream:
 
     async def pull_subscribe(self, subject: str, durable: str, stream: str,
                              config: ConsumerConfig) -> FakePullSubscription:
-        self.api_calls.append(f"CONSUMER.INFO.{stream}.{durable}")
+        self._api(f"CONSUMER.INFO.{stream}.{durable}")
         if stream not in self.streams:
             raise NotFoundError(code=404, description="stream not found")
         if (stream, durable) not in self.consumers:
@@ -176,6 +184,7 @@ class FakeJetStream:
 
     async def consumer_info(self, stream: str, durable: str) -> FakeConsumerInfo:
         await asyncio.sleep(0)
+        self._api(f"CONSUMER.INFO.{stream}.{durable}")
         if stream not in self.streams:
             raise NotFoundError(code=404, err_code=10059, description="stream not found")
         if (stream, durable) not in self.consumers:
