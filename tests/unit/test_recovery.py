@@ -14,8 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from mcsched.bus import ACK, Bus, Outcome
+from mcsched.choice import Placement
+from mcsched.kube import pod_path
 from mcsched.models import ElectMessage, PodRef
-from mcsched.testing import FakeJetStream, connect_bus
+from mcsched.testing import FakeJetStream, connect_bus, fake_settings
+from tests.unit.test_placement_protocol import NS, SOURCE, TARGETS, World, admitted, node, ref, user_pod
 
 
 def elect(uid: str) -> ElectMessage:
@@ -117,3 +120,39 @@ async def test_a_stream_deleted_at_runtime_is_created_again_by_its_publisher_and
     await until(lambda: received == ["before", "after"])
     assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
     await until(lambda: scheduler.problems() == [] and watcher.problems() == [])
+
+
+# -- a pod that fits nowhere -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    w = World()
+    w.settings = fake_settings(sources=(SOURCE,), targets=TARGETS, unschedulable_retry_seconds=0.05)
+    await w.start()
+    try:
+        yield w
+        assert w.problems() == []
+    finally:
+        await w.close()
+
+
+async def test_a_pod_that_fits_nowhere_holds_no_ack_pending_slot_and_piles_up_no_copies(world: World) -> None:
+    proxy = await world.c1.create(pod_path(NS), admitted(user_pod("big", cpu="64")))
+    await world.settle()
+    [first] = [d for d in await world.run() if d.envelope.kind == "elect"]
+    assert first.acked, "a nak keeps the message pending ack for as long as the pod waits"
+    assert world.bus.pending("elect") == []
+
+    asked = len(world.broker.requests)  # a resync re-publishes it meanwhile: acked at once, nothing asked
+    await world.bus.publish(f"mcs.elect.{SOURCE}", ElectMessage(proxy=ref(proxy), reason="resync"),
+                            f"elect:{proxy['metadata']['uid']}:0:1")
+    [copy] = world.bus.pending("elect")
+    assert (await world.bus.deliver(copy)).acked and len(world.broker.requests) == asked
+
+    await until(lambda: len(world.broker.requests) >= asked + len(TARGETS))  # the proxy-scheduler tries again
+    world.clusters["c2"].put("nodes", node("c2-big", cpu="128"))  # room appears
+    await world.settle()
+    await until(lambda: Placement.of(world.proxy(proxy)).target == "c2")
+    assert world.bus.pending("elect") == []
+    assert not any(d.retried for d in world.broker.deliveries)
