@@ -587,8 +587,18 @@ class Feedback:
                 "message": f"cluster {target} cannot be reached", "lastHeartbeatTime": now}
 
     async def heartbeat(self) -> None:
-        await asyncio.gather(*(self._heartbeat(source, target) for source in self.rt.settings.source_names
-                               for target in self.targets), return_exceptions=False)
+        """Every target's virtual node in every source."""
+        await asyncio.gather(*(self.heartbeat_target(target) for target in self.targets))
+
+    async def heartbeat_target(self, target: str) -> None:
+        """``target``'s virtual node in every source, each on its own: one that fails is logged, not waited for."""
+        sources = self.rt.settings.source_names
+        results = await asyncio.gather(*(self._heartbeat(source, target) for source in sources),
+                                       return_exceptions=True)
+        for source, result in zip(sources, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("heartbeat of virtual node %s in %s failed: %s", virtual_node_name(target), source,
+                            result)
 
     async def _heartbeat(self, source: str, target: str) -> None:
         client = self.rt.clusters[source]
@@ -605,6 +615,8 @@ class Feedback:
             node["status"]["conditions"] = [condition]
             current = await client.create("/api/v1/nodes", node)
             log.info("virtual node %s created in %s", name, source)
+        # A target not reached since the start: its Ready condition says so; what is known of it stays.
+        known = self.targets[target].nodes.synced.is_set()
         condition = self._ready_condition(target)
         previous: JSON = next((c for c in current.get("status", {}).get("conditions") or [] if c["type"] == "Ready"),
                               {})
@@ -616,9 +628,10 @@ class Feedback:
         [own_taint] = node["spec"]["taints"]
         wanted_taints = taints if own_taint in taints else [*taints, own_taint]
         current_labels = current["metadata"].get("labels") or {}
-        if any(current_labels.get(k) != v for k, v in labels.items()) or wanted_taints != taints:
-            await client.merge_patch(path, {"metadata": {"labels": labels}, "spec": {"taints": wanted_taints}})
-        status = dict(node["status"], conditions=[condition])
+        if (known and any(current_labels.get(k) != v for k, v in labels.items())) or wanted_taints != taints:
+            await client.merge_patch(path, {"metadata": {"labels": labels if known else {}},
+                                            "spec": {"taints": wanted_taints}})
+        status = dict(node["status"], conditions=[condition]) if known else {"conditions": [condition]}
         await client.merge_patch(f"{path}/status", {"status": status})
         await self._renew_lease(client, name, current["metadata"]["uid"])
 
@@ -638,13 +651,18 @@ async def compose(rt: Runtime) -> None:
         rt.bus.consume("status", feedback_durable(source), rt.bus.subject("status", source), StatusUpdate,
                        feedback.on_status, in_flight=STATUS_IN_FLIGHT)
 
-    async def first_heartbeat_then_periodic() -> None:
-        for view in feedback.targets.values():
-            await view.nodes.wait_synced()
-        await feedback.heartbeat()
-        await periodic(rt.settings.heartbeat_seconds, feedback.heartbeat, "virtual node heartbeat")
+    async def virtual_nodes(target: str) -> None:
+        """One target's heartbeats: the first once its nodes are known, or as NotReady if it cannot be reached."""
+        try:
+            await feedback.targets[target].nodes.wait_synced(rt.settings.heartbeat_seconds)
+        except TimeoutError:
+            log.warning("cluster %s not reached yet; its virtual nodes say NotReady until it is", target)
+        await feedback.heartbeat_target(target)
+        await periodic(rt.settings.heartbeat_seconds, functools.partial(feedback.heartbeat_target, target),
+                       f"virtual node heartbeat of {target}")
 
-    rt.spawn(first_heartbeat_then_periodic(), "virtual nodes")
+    for target in feedback.targets:  # each on its own: an unreachable target holds up no other
+        rt.spawn(virtual_nodes(target), f"virtual nodes of {target}")
     rt.spawn(periodic(rt.settings.resync_period_seconds, feedback.resync, "feedback resync"), "feedback resync")
 
 

@@ -13,11 +13,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
 from mcsched.bus import ACK, Bus, Outcome
 from mcsched.choice import Placement
+from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
 from mcsched.kube import pod_path
 from mcsched.models import ElectMessage, PodRef
-from mcsched.testing import FakeJetStream, connect_bus, fake_settings
+from mcsched.settings import WebhookSettings
+from mcsched.testing import FakeBus, FakeCluster, FakeJetStream, FakeRuntime, connect_bus, fake_settings
+from services.feedback.__main__ import compose as feedback
+from services.watcher.__main__ import compose as watcher
 from tests.unit.test_placement_protocol import NS, SOURCE, TARGETS, World, admitted, node, ref, user_pod
 
 
@@ -156,3 +161,66 @@ async def test_a_pod_that_fits_nowhere_holds_no_ack_pending_slot_and_piles_up_no
     await until(lambda: Placement.of(world.proxy(proxy)).target == "c2")
     assert world.bus.pending("elect") == []
     assert not any(d.retried for d in world.broker.deliveries)
+
+
+# -- a cluster unreachable at start-up -------------------------------------------------------------------
+
+
+async def test_a_source_unreachable_at_start_holds_up_neither_the_other_sources_nor_their_watch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoSocket:  # the webhook is served as configured, without listening on a port
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            return None
+
+    monkeypatch.setattr("aiohttp.web.TCPSite", NoSocket)
+    monkeypatch.setattr("services.watcher.__main__.REGISTER_RETRY_SECONDS", 0.05, raising=False)
+    clusters = {name: FakeCluster(name) for name in ("c0", "c1", "c2")}
+    for source in ("c0", "c1"):
+        clusters[source].put("namespaces", {"metadata": {"name": NS, "labels": {NAMESPACE_LABEL:
+                                                                                NAMESPACE_LABEL_VALUE}}})
+    clusters["c1"].set_reachable(False)
+    settings = fake_settings(sources=("c0", "c1"), targets=("c2",),
+                             webhook=WebhookSettings(enabled=True, register_webhook=True))
+    rt = FakeRuntime("watcher", settings, FakeBus(), clusters, run_spawned=True)
+    try:
+        await asyncio.wait_for(watcher(rt), 2)  # compose returns: nothing waits for c1
+        await clusters["c0"].create(pod_path(NS), admitted(user_pod("web-0")))
+        await until(lambda: len(rt.fake_bus.pending("elect", cluster="c0")) == 1)  # c0's watch works
+        await until(lambda: clusters["c0"].find("mutatingwebhookconfigurations", "", WEBHOOK_CONFIGURATION_NAME)
+                    is not None)
+        assert clusters["c1"].find("mutatingwebhookconfigurations", "", WEBHOOK_CONFIGURATION_NAME) is None
+        clusters["c1"].set_reachable(True)
+        await until(lambda: clusters["c1"].find("mutatingwebhookconfigurations", "", WEBHOOK_CONFIGURATION_NAME)
+                    is not None)
+        assert rt.failures == []
+    finally:
+        await rt.close()
+
+
+async def test_a_target_unreachable_at_start_holds_up_no_other_target_s_virtual_node() -> None:
+    clusters = {name: FakeCluster(name) for name in ("c1", "c2", "c3")}
+    for target in ("c2", "c3"):
+        clusters[target].put("nodes", node(f"{target}-n1"))
+    clusters["c3"].set_reachable(False)
+    settings = fake_settings(sources=("c1",), targets=("c2", "c3"), heartbeat_seconds=0.05)
+    rt = FakeRuntime("feedback", settings, FakeBus(), clusters, run_spawned=True)
+    try:
+        await feedback(rt)
+
+        def ready(target: str) -> str | None:
+            virtual = clusters["c1"].find("nodes", "", f"admiralty-{target}")
+            conditions = (virtual or {}).get("status", {}).get("conditions") or []
+            return next((str(c["status"]) for c in conditions if c["type"] == "Ready"), None)
+
+        await until(lambda: ready("c2") == "True")
+        await until(lambda: ready("c3") == "False")  # NotReady, as Kubernetes says of a node it cannot reach
+        clusters["c3"].set_reachable(True)
+        await until(lambda: ready("c3") == "True")
+        virtual = clusters["c1"].find("nodes", "", "admiralty-c3")
+        assert virtual is not None and virtual["status"]["allocatable"]["cpu"] == "4000m"
+        assert rt.failures == []
+    finally:
+        await rt.close()
