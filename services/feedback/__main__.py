@@ -61,7 +61,7 @@ from mcsched.podspec import (
 from mcsched.proxystatus import record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
-from mcsched.workqueue import KeyedLocks, WorkQueue
+from mcsched.workqueue import KeyedLocks, WorkQueue, for_each
 
 log = logging.getLogger("feedback")
 
@@ -72,6 +72,8 @@ DELEGATE_GRACE_SECONDS = 15.0
 SCHEDULED_FOLD_SECONDS = 1.0
 # Status messages handled at once by one process (each mostly waits on its source's API server).
 STATUS_IN_FLIGHT = 192
+# Proxies (then delegates) a resync handles at once: each may await an API server or a JetStream ack.
+RESYNC_CONCURRENCY = 16
 # A status just written is not written again for this long, even if the proxy cache does not show it yet.
 MIRROR_MEMORY_SECONDS = 10.0
 
@@ -473,17 +475,15 @@ class Feedback:
     # -- resync ------------------------------------------------------------------------
 
     async def resync(self) -> None:
+        """Every proxy, then every delegate, of the synced caches, ``RESYNC_CONCURRENCY`` at a time."""
         epoch = int(time.time() // self.rt.settings.resync_period_seconds)
-        for source, informer in self.proxies.items():
-            if not self._synced(informer):
-                continue
-            for proxy in informer.items():
-                await self._resync_proxy(source, proxy, epoch)
-        for target, view in self.targets.items():
-            if not self._synced(view.pods):
-                continue
-            for delegate in list(view.pods.items()):
-                await self._resync_delegate(target, delegate, epoch)
+        proxies = [(source, proxy) for source, informer in self.proxies.items() if self._synced(informer)
+                   for proxy in informer.items()]
+        await for_each(proxies, lambda item: self._resync_proxy(*item, epoch), RESYNC_CONCURRENCY, "resync of a proxy")
+        delegates = [(target, delegate) for target, view in self.targets.items() if self._synced(view.pods)
+                     for delegate in view.pods.items()]
+        await for_each(delegates, lambda item: self._resync_delegate(*item, epoch), RESYNC_CONCURRENCY,
+                       "resync of a delegate")
 
     async def _resync_proxy(self, source: str, proxy: JSON, epoch: int) -> None:
         meta = proxy["metadata"]

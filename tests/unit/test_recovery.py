@@ -16,11 +16,12 @@ import pytest
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
 from mcsched.bus import ACK, Bus, Outcome
 from mcsched.choice import Placement
-from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
-from mcsched.kube import pod_path
+from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL, PROXY_SCHEDULER_NAME
+from mcsched.kube import JSON, pod_path
 from mcsched.models import ElectMessage, PodRef
 from mcsched.settings import WebhookSettings
-from mcsched.testing import FakeBus, FakeCluster, FakeJetStream, FakeRuntime, connect_bus, fake_settings
+from mcsched.testing import FakeBus, FakeCluster, FakeJetStream, FakeRuntime, connect_bus, fake_settings, settle
+from services.feedback.__main__ import RESYNC_CONCURRENCY, Feedback
 from services.feedback.__main__ import compose as feedback
 from services.watcher.__main__ import compose as watcher
 from tests.unit.test_placement_protocol import NS, SOURCE, TARGETS, World, admitted, node, ref, user_pod
@@ -222,5 +223,42 @@ async def test_a_target_unreachable_at_start_holds_up_no_other_target_s_virtual_
         virtual = clusters["c1"].find("nodes", "", "admiralty-c3")
         assert virtual is not None and virtual["status"]["allocatable"]["cpu"] == "4000m"
         assert rt.failures == []
+    finally:
+        await rt.close()
+
+
+# -- a big resync ----------------------------------------------------------------------------------------
+
+
+async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded() -> None:
+    clusters = {name: FakeCluster(name) for name in ("c1", "c2")}
+    for cluster in clusters.values():
+        cluster.put("namespaces", {"metadata": {"name": NS}})
+    for i in range(40):
+        clusters["c1"].put("pods", {"metadata": {"name": f"p{i}", "namespace": NS},
+                                    "spec": {"schedulerName": PROXY_SCHEDULER_NAME, "containers": []}})
+        clusters["c2"].put("pods", {"metadata": {"name": f"d{i}", "namespace": NS, "labels": {
+            PARENT_UID_LABEL: f"u{i}"}}, "spec": {"containers": []}})
+    rt = FakeRuntime("feedback", fake_settings(sources=("c1",), targets=("c2",)), FakeBus(), clusters)
+    try:
+        await feedback(rt)
+        await settle(rt)
+        [service] = [c.handler.__self__ for c in rt.fake_bus.broker.consumers["feedback-c1"]]
+        assert isinstance(service, Feedback)
+        at_once, peak, seen = 0, 0, []
+
+        async def slow(_target: str, pod: JSON, _epoch: int) -> None:
+            nonlocal at_once, peak
+            at_once += 1
+            peak = max(peak, at_once)
+            await asyncio.sleep(0.01)  # an API call, a JetStream ack
+            seen.append(pod["metadata"]["name"])
+            at_once -= 1
+
+        service._resync_proxy = slow  # type: ignore[method-assign]
+        service._resync_delegate = slow  # type: ignore[method-assign]
+        await service.resync()
+        assert sorted(seen) == sorted([f"p{i}" for i in range(40)] + [f"d{i}" for i in range(40)])
+        assert 1 < peak <= RESYNC_CONCURRENCY
     finally:
         await rt.close()
