@@ -14,7 +14,8 @@
   proxy (deleted, so its controller replaces it), unless the pod had finished,
   which keeps its final status.
 * Repair (on events and on every resync): a delegate whose proxy no longer
-  exists, or whose proxy's placement names another cluster, is removed; a
+  exists (e.g. created by a late request after the proxy's finalizer let it
+  go), or whose proxy's placement names another cluster, is removed; a
   proxy whose delegate request was lost gets it again.
 """
 
@@ -122,9 +123,10 @@ class Feedback:
         # proxy uid -> since when (monotonic) the resync finds its delegate missing
         self.missing_since: dict[str, float] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
+        self.orphans: WorkQueue[tuple[str, str, str]] = WorkQueue("remove orphan delegates", self._orphan_key)
         self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key,
                                                                  workers=PUBLISHERS)
-        for queue in (self.finalizing, self.statuses):
+        for queue in (self.finalizing, self.orphans, self.statuses):
             queue.start()
             rt.closers.append(queue.stop)
         for source, informer in self.proxies.items():
@@ -169,6 +171,7 @@ class Feedback:
             self.published.pop((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]), None)
             await self._delegate_gone(target, ref, delegate)
             return
+        self._check_parent(target, ref, delegate)
         signal = _delegate_signal(delegate)
         if old is not None and _delegate_signal(old) == signal:
             return
@@ -441,6 +444,46 @@ class Feedback:
             await self._delete_pod(source, meta["namespace"], meta["name"], meta["uid"], grace=0)
         log.info("proxy %s released after its delegate was deleted", ref)
 
+    def _check_parent(self, target: str, ref: PodRef, delegate: JSON) -> None:
+        """A delegate whose proxy is gone or going is removed now, not at the next resync.
+
+        A delegate request handled late (its proxy read before the proxy was
+        deleted and its finalizer let it go) creates a delegate nobody else
+        would delete.
+        """
+        informer = self.proxies.get(ref.cluster)
+        if informer is None or not self._synced(informer) or delegate["metadata"].get("deletionTimestamp"):
+            return
+        proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
+        if proxy is None:  # or the cache has not seen it yet: the API server decides
+            self.orphans.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
+        elif proxy["metadata"].get("deletionTimestamp"):
+            self.finalizing.add((ref.cluster, ref.namespace, ref.name))
+
+    async def _orphan_key(self, key: tuple[str, str, str]) -> None:
+        target, namespace, name = key
+        delegate = self.targets[target].pods.get(f"{namespace}/{name}")
+        if delegate is not None:
+            await self._remove_orphan(target, delegate)
+
+    async def _remove_orphan(self, target: str, delegate: JSON) -> None:
+        """Delete the delegate if its proxy is gone: the cache says so, and then its API server."""
+        parent = parent_ref(delegate)
+        meta = delegate["metadata"]
+        if parent is None or meta.get("deletionTimestamp"):
+            return
+        source, namespace, name, uid = parent
+        informer = self.proxies.get(source)
+        if informer is None or not self._synced(informer) or self._proxy(source, namespace, name, uid) is not None:
+            return
+        try:
+            if await read_pod(self.rt.clusters[source], namespace, name, uid) is not None:
+                return
+        except KubeError:
+            return
+        log.info("delegate %s/%s in %s has no proxy any more; deleting it", meta["namespace"], meta["name"], target)
+        await self._delete_pod(target, meta["namespace"], meta["name"], meta["uid"])
+
     async def _delegate_gone(self, target: str, ref: PodRef, delegate: JSON) -> None:
         proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
         if proxy is None:
@@ -531,7 +574,6 @@ class Feedback:
         if parent is None:
             return
         source, namespace, name, uid = parent
-        informer = self.proxies.get(source)
         ref = PodRef(cluster=source, namespace=namespace, name=name, uid=uid)
         meta = delegate["metadata"]
         proxy = self._proxy(source, namespace, name, uid)
@@ -546,16 +588,7 @@ class Feedback:
                     (not bound and (node is not None or refusal is not None)):
                 await self._publish_status(target, ref, delegate, epoch)
             return
-        if informer is None or not self._synced(informer) or meta.get("deletionTimestamp"):
-            return
-        # The cache says the proxy is gone: ask the API server before deleting anything.
-        try:
-            if await read_pod(self.rt.clusters[source], namespace, name, uid) is not None:
-                return
-        except KubeError:
-            return
-        log.info("delegate %s/%s in %s has no proxy any more; deleting it", meta["namespace"], meta["name"], target)
-        await self._delete_pod(target, meta["namespace"], meta["name"], meta["uid"])
+        await self._remove_orphan(target, delegate)
 
     # -- virtual nodes -----------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -262,3 +263,33 @@ async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded()
         assert 1 < peak <= RESYNC_CONCURRENCY
     finally:
         await rt.close()
+
+
+# -- a late delegate -------------------------------------------------------------------------------------
+
+
+async def test_a_delegate_created_after_its_proxy_was_let_go_is_removed_at_once(world: World) -> None:
+    proxy = await world.create_proxy()
+    await world.run("elect")
+    target = Placement.of(world.proxy(proxy)).target
+    assert target is not None
+    [request] = world.bus.pending("delegate")
+    follower = world.target_schedulers[target].follower
+    ensure, reached, release = follower.ensure, asyncio.Event(), asyncio.Event()
+
+    async def slow_ensure(*args: Any) -> str | None:  # the proxy was read; copying what it uses takes a while
+        reached.set()
+        await release.wait()
+        return await ensure(*args)
+
+    follower.ensure = slow_ensure  # type: ignore[method-assign]
+    handling = asyncio.create_task(world.bus.deliver(request))
+    await asyncio.wait_for(reached.wait(), 5)
+    await world.c1.delete(pod_path(NS, proxy["metadata"]["name"]))  # the user deletes the pod meanwhile
+    await world.settle()
+    assert world.c1.pod(NS, proxy["metadata"]["name"]) is None, "no delegate yet: the finalizer let it go"
+
+    release.set()
+    assert (await handling).acked
+    await world.settle()
+    assert world.delegate(target, proxy) is None, "an orphan until the next resync"
