@@ -53,6 +53,7 @@ from mcsched.natsauth import feedback_durable
 from mcsched.podspec import (
     delegate_name,
     is_finished,
+    mirror_patch,
     mirrored_status,
     newer_resource_version,
     parent_ref,
@@ -112,8 +113,9 @@ class Feedback:
                                rt.informer(target, "/api/v1/pods", label_selector=PARENT_UID_LABEL))
             for target in rt.settings.target_names
         }
-        # proxy uid -> the status last written onto it, from which delegate version, and when (the proxy cache lags)
-        self.mirrored: dict[str, tuple[JSON, str | None, float]] = {}
+        # proxy uid -> the status last written onto it, from which delegate version, the proxy's resourceVersion
+        # after the write, and when (the proxy cache lags)
+        self.mirrored: dict[str, tuple[JSON, str | None, str | None, float]] = {}
         # proxy uid -> the target this process bound it to, and when (until the proxy cache shows it)
         self.bound: dict[str, tuple[str, float]] = {}
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
@@ -222,18 +224,49 @@ class Feedback:
 
     # -- status: source side -------------------------------------------------------
 
-    def _written_already(self, uid: str, wanted: JSON, version: str | None) -> bool:
-        """Whether this process wrote, moments ago, this status or one from a later delegate version.
+    def _written_already(self, uid: str, wanted: JSON, version: str | None, proxy: JSON) -> bool:
+        """Whether this process wrote, moments ago, a status from a later delegate version (a late
+        message is never written over it), or this very status onto a later proxy than ``proxy``.
 
-        The proxy cache may not show that write yet: then neither the same status
-        again nor an older one (a late message) is written.
+        The proxy cache may not show that write yet: then the same status is not
+        written again. A proxy that shows the write, or a later change (another
+        writer's, say an older status), is judged on what it shows, so that
+        change is corrected.
         """
         written = self.mirrored.get(uid)
-        if written is None or time.monotonic() - written[2] > MIRROR_MEMORY_SECONDS:
+        if written is None or time.monotonic() - written[3] > MIRROR_MEMORY_SECONDS:
             return False
-        status, written_version, _ = written
-        return newer_resource_version(written_version, version) or (
-            status == wanted and written_version == version)
+        status, written_version, proxy_version, _ = written
+        if newer_resource_version(written_version, version):
+            return True
+        return status == wanted and written_version == version and \
+            newer_resource_version(proxy_version, proxy["metadata"].get("resourceVersion"))
+
+    async def _mirror(self, ref: PodRef, target: str, proxy: JSON, wanted: JSON) -> JSON | None:
+        """Write ``wanted`` as the proxy's status, guarded by its resourceVersion; the proxy as written.
+
+        A proxy changed meanwhile is read again and the status computed anew
+        from it; None when it is gone, being deleted or no longer bound to ``target``.
+        """
+        client = self.rt.clusters[ref.cluster]
+        for _ in range(3):
+            try:
+                written: JSON = await client.merge_patch(pod_path(ref.namespace, ref.name, "status"),
+                                                         mirror_patch(proxy, wanted))
+                return written
+            except KubeError as exc:
+                if exc.not_found:
+                    return None
+                if not exc.conflict:
+                    raise
+            current = await read_pod(client, ref.namespace, ref.name, ref.uid)
+            if current is None or current["metadata"].get("deletionTimestamp") or \
+                    target_of_virtual_node(current["spec"].get("nodeName")) != target:
+                return None
+            if not status_differs(current.get("status") or {}, wanted):
+                return current
+            proxy = current
+        raise RuntimeError(f"{ref}: the proxy kept changing while mirroring its delegate's status")
 
     async def on_status(self, update: StatusUpdate) -> Outcome:
         # One message per proxy at a time: two changes of one delegate handled together would
@@ -283,13 +316,14 @@ class Feedback:
                 return ACK  # only just scheduled: the proxy shows Pending already; Running follows
         if is_finished(proxy) and wanted.get("phase") not in ("Succeeded", "Failed"):
             return ACK  # a finished pod's status is final (an older message handled after a newer one)
-        if status_differs(proxy.get("status") or {}, wanted) and not self._written_already(ref.uid, wanted, version):
+        if status_differs(proxy.get("status") or {}, wanted) and \
+                not self._written_already(ref.uid, wanted, version, proxy):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
-                # Strategic merge: conditions merge by type, so the proxy keeps its own PodScheduled.
-                await self.rt.clusters[ref.cluster].strategic_patch(pod_path(ref.namespace, ref.name, "status"),
-                                                                    {"status": wanted})
-            self.mirrored[ref.uid] = (wanted, version, time.monotonic())
+                written = await self._mirror(ref, update.target, proxy, wanted)
+            if written is None:
+                return ACK
+            self.mirrored[ref.uid] = (wanted, version, written["metadata"].get("resourceVersion"), time.monotonic())
             if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
                 observe_since_creation("proxy_running", proxy)
         return ACK

@@ -20,8 +20,18 @@ from mcsched.choice import Placement
 from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL, PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, pod_path
 from mcsched.models import ElectMessage, PodRef
+from mcsched.podspec import delegate_name, mirror_patch, mirrored_status, status_differs
 from mcsched.settings import WebhookSettings
-from mcsched.testing import FakeBus, FakeCluster, FakeJetStream, FakeRuntime, connect_bus, fake_settings, settle
+from mcsched.testing import (
+    FakeBus,
+    FakeCluster,
+    FakeJetStream,
+    FakeRuntime,
+    connect_bus,
+    fake_settings,
+    merge_patch,
+    settle,
+)
 from services.feedback.__main__ import RESYNC_CONCURRENCY, Feedback
 from services.feedback.__main__ import compose as feedback
 from services.watcher.__main__ import compose as watcher
@@ -293,3 +303,60 @@ async def test_a_delegate_created_after_its_proxy_was_let_go_is_removed_at_once(
     assert (await handling).acked
     await world.settle()
     assert world.delegate(target, proxy) is None, "an orphan until the next resync"
+
+
+# -- status mirroring ------------------------------------------------------------------------------------
+
+
+async def test_a_status_field_the_delegate_no_longer_has_leaves_the_proxy_too(world: World) -> None:
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+
+    def disrupted(pod: JSON) -> None:
+        pod["status"].update(message="The node had condition: [DiskPressure].", reason="Terminating")
+        pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True"})
+
+    world.clusters[target].modify("pods", NS, name, disrupted)
+    await world.settle()
+    await world.run()
+    assert world.proxy(proxy)["status"]["reason"] == "Terminating"
+
+    def recovered(pod: JSON) -> None:
+        for field in ("message", "reason"):
+            del pod["status"][field]
+        pod["status"]["conditions"] = [c for c in pod["status"]["conditions"] if c["type"] != "DisruptionTarget"]
+
+    world.clusters[target].modify("pods", NS, name, recovered)
+    await world.settle()
+    await world.run()
+    status = world.proxy(proxy)["status"]
+    assert "message" not in status and "reason" not in status
+    assert sorted(c["type"] for c in status["conditions"]) == ["ContainersReady", "Initialized", "PodScheduled",
+                                                              "Ready"]
+
+
+async def test_a_status_turned_back_by_another_writer_is_corrected_by_the_next_copy(world: World) -> None:
+    proxy, _target = await world.running()
+    last = [e for e in world.broker.published if e.kind == "status"][-1]
+    # Another replica, its cache lagging, writes an older status moments after this one wrote the newer.
+    world.c1.modify("pods", NS, proxy["metadata"]["name"], lambda pod: pod["status"].update(phase="Pending"))
+    await world.settle()
+
+    assert (await world.bus.deliver(world.bus.duplicate(last))).acked  # the newer status, once more
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Running", "swallowed as 'just mirrored'"
+
+
+def test_the_mirror_patch_writes_exactly_the_delegate_s_fields_over_the_proxy_version_it_read() -> None:
+    proxy = {"metadata": {"resourceVersion": "41"}, "status": {
+        "phase": "Running", "message": "gone since", "conditions": [
+            {"type": "PodScheduled", "status": "True"}, {"type": "DisruptionTarget", "status": "True"}]}}
+    wanted = mirrored_status({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"},
+                                                                 {"type": "PodScheduled", "status": "True"}]})
+    assert status_differs(proxy["status"], wanted)
+    patch = mirror_patch(proxy, wanted)
+    assert patch["metadata"] == {"resourceVersion": "41"}
+    assert patch["status"]["message"] is None and patch["status"]["phase"] == "Running"
+    assert patch["status"]["conditions"] == [{"type": "PodScheduled", "status": "True"},
+                                             {"type": "Ready", "status": "True"}]
+    assert not status_differs(merge_patch(proxy, patch)["status"], wanted)
