@@ -26,7 +26,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
@@ -51,6 +51,8 @@ FETCH_WAIT_SECONDS = 1.0
 # Workers that publish from a service's work queue: each awaits its JetStream ack, so this
 # many acks are awaited together (on a loaded machine an ack takes tens of milliseconds).
 PUBLISHERS = 32
+# How often a consumer is asked whether it still exists (and how far behind it is).
+CONSUMER_CHECK_SECONDS = 5.0
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 
@@ -93,6 +95,7 @@ class Bus:
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._consumer_problems: dict[str, str] = {}  # durable -> why it does not deliver now
 
     # -- naming ------------------------------------------------------------------
 
@@ -216,7 +219,17 @@ class Bus:
 
     async def publish(self, subject: str, message: Message, msg_id: str) -> None:
         """Publish durably; returns once JetStream has stored it (or knew it already)."""
-        await self._jetstream().publish(subject, message.encode(), headers=self._headers(msg_id))
+        await self._store(subject, message.encode(), self._headers(msg_id))
+
+    async def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        """Publish to JetStream; a stream deleted meanwhile is created again, then the message stored."""
+        try:
+            await self._jetstream().publish(subject, data, headers=headers)
+        except NoStreamResponseError:
+            kind = subject_kind(subject)
+            log.warning("no stream holds %s (deleted?); creating %s again", subject, self.stream(kind))
+            await self.ensure_streams((kind,))
+            await self._jetstream().publish(subject, data, headers=headers)
 
     async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> None:
         """Publish several messages with their acks awaited together."""
@@ -269,48 +282,85 @@ class Bus:
 
     async def _consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
                        in_flight: int, ack_wait: float) -> None:
-        stream = self.stream(kind)
-        config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_deliver=-1,
-                                max_ack_pending=10_000, deliver_policy=DeliverPolicy.ALL,
-                                filter_subject=subject)
-        while True:
-            try:
-                js = self._jetstream()
-                sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
-                break
-            except (TimeoutError, NotFoundError, NatsTimeoutError, OSError) as exc:
-                log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
-                await asyncio.sleep(1)
         handling: set[asyncio.Task[None]] = set()
-        lag_checked = 0.0
         try:
-            while True:
-                if time.monotonic() - lag_checked > 5:
-                    lag_checked = time.monotonic()
-                    try:
-                        info = await sub.consumer_info()
-                        CONSUMER_LAG.labels(durable).set(info.num_pending or 0)
-                    except Exception:  # lag is advice; fetching goes on regardless
-                        pass
-                if len(handling) >= in_flight:
-                    await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
-                    continue
+            while True:  # each turn: (re-)create the stream and the consumer, then pull until the consumer is gone
+                sub = await self._subscribe(kind, durable, subject, ack_wait)
+                await self._pull(sub, durable, model, handler, in_flight, ack_wait, handling)
+                self._consumer_problems[durable] = f"consumer {durable} on {self.stream(kind)} is missing; re-creating"
+                log.warning("consumer %s on %s is gone (deleted, or its stream was); re-creating it", durable,
+                            self.stream(kind))
                 try:
-                    messages = await sub.fetch(in_flight - len(handling), timeout=FETCH_WAIT_SECONDS)
-                except (TimeoutError, NatsTimeoutError):
-                    continue
-                except Exception as exc:  # connection trouble: the client reconnects by itself
-                    log.warning("fetch on %s failed (%s); retrying", durable, exc)
-                    await asyncio.sleep(1)
-                    continue
-                for msg in messages:
-                    task = asyncio.create_task(self._handle(msg, model, handler, ack_wait))
-                    handling.add(task)
-                    task.add_done_callback(handling.discard)
+                    await sub.unsubscribe()
+                except Exception:  # its inbox goes with the connection anyway
+                    pass
         finally:
             for task in handling:
                 task.cancel()
             await asyncio.gather(*handling, return_exceptions=True)  # unacked: redelivered later
+
+    async def _subscribe(self, kind: str, durable: str, subject: str,
+                         ack_wait: float) -> JetStreamContext.PullSubscription:
+        """Ensure the stream and the durable consumer exist (both may have been deleted), and pull from it."""
+        stream = self.stream(kind)
+        config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_deliver=-1,
+                                max_ack_pending=10_000, deliver_policy=DeliverPolicy.ALL,
+                                filter_subject=subject)
+        self._consumer_problems.setdefault(durable, f"consumer {durable} on {stream} not subscribed yet")
+        while True:
+            try:
+                js = self._jetstream()
+                await self.ensure_streams((kind,))
+                sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+                self._consumer_problems.pop(durable, None)
+                return sub
+            except (TimeoutError, OSError, nats.errors.Error) as exc:  # NATS away, or JetStream refusing
+                self._consumer_problems[durable] = f"cannot subscribe {durable} to {subject}: {describe(exc)}"
+                log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
+                await asyncio.sleep(1)
+
+    async def _pull(self, sub: JetStreamContext.PullSubscription, durable: str, model: type[M],
+                    handler: Handler[M], in_flight: int, ack_wait: float,
+                    handling: set[asyncio.Task[None]]) -> None:
+        """Fetch and handle messages; returns when the consumer is found gone.
+
+        Whether it still exists is asked every few seconds (with its lag) and
+        at once after a fetch failed.
+        """
+        checked = 0.0
+        while True:
+            if time.monotonic() - checked > CONSUMER_CHECK_SECONDS:
+                checked = time.monotonic()
+                try:
+                    info = await sub.consumer_info()
+                    CONSUMER_LAG.labels(durable).set(info.num_pending or 0)
+                    self._consumer_problems.pop(durable, None)
+                except NotFoundError:
+                    return
+                except Exception as exc:  # NATS away: the client reconnects by itself
+                    self._consumer_problems[durable] = f"consumer {durable} unreachable: {describe(exc)}"
+            if len(handling) >= in_flight:
+                await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                messages = await sub.fetch(in_flight - len(handling), timeout=FETCH_WAIT_SECONDS)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception as exc:  # connection trouble, or the consumer is gone: asked at once
+                log.warning("fetch on %s failed (%s); retrying", durable, exc)
+                self._consumer_problems[durable] = f"fetching from consumer {durable} fails: {describe(exc)}"
+                checked = 0.0
+                await asyncio.sleep(1)
+                continue
+            for msg in messages:
+                task = asyncio.create_task(self._handle(msg, model, handler, ack_wait))
+                handling.add(task)
+                task.add_done_callback(handling.discard)
+
+    def problems(self) -> list[str]:
+        """What keeps this bus from working: no connection, a consumer missing or failing (for readiness)."""
+        problems = [] if self.connected else [f"NATS at {self.url} not connected"]
+        return problems + sorted(self._consumer_problems.values())
 
     @staticmethod
     async def _keep_alive(msg: Msg, every: float) -> None:
@@ -366,7 +416,7 @@ class Bus:
         MESSAGES_DEAD.labels(kind, reason).inc()
         headers = {"Mcs-Subject": msg.subject, "Mcs-Reason": reason, "Mcs-Detail": detail[:1000]}
         try:
-            await self._jetstream().publish(self.subject(DEAD_LETTER_KIND, kind), msg.data, headers=headers)
+            await self._store(self.subject(DEAD_LETTER_KIND, kind), msg.data, headers)
         except Exception as exc:  # the message is still ended: a poison message must not loop forever
             log.warning("could not store the dead-lettered message from %s: %s", msg.subject, describe(exc))
         await msg.term()

@@ -6,7 +6,8 @@ Pure functions on Kubernetes JSON dicts, no I/O:
 * :func:`proxy_patch` is the admission webhook's JSON patch that turns an
   elected pod into a proxy pod, keeping the original in an annotation;
 * :func:`delegate_manifest` builds the delegate for a target from that original;
-* :func:`mirrored_status` is the proxy status that mirrors a delegate's.
+* :func:`mirrored_status` is the proxy status that mirrors a delegate's, and
+  :func:`mirror_patch` the write that puts it on the proxy.
 """
 
 from __future__ import annotations
@@ -363,8 +364,8 @@ def mirrored_status(delegate_status: Mapping[str, Any]) -> JSON:
     """The proxy status that mirrors a delegate's (the fields a user reads).
 
     ``PodScheduled`` belongs to the proxy (the API server sets it when the proxy
-    is bound to its virtual node), so it is not mirrored: the status is written
-    with a strategic merge patch, which merges conditions by type and so keeps it.
+    is bound to its virtual node), so it is not mirrored: :func:`mirror_patch`
+    keeps the proxy's own.
     The values are shared with ``delegate_status``, not copied: treat the result as read-only.
     """
     status = {k: delegate_status[k] for k in MIRRORED_STATUS_FIELDS if k in delegate_status}
@@ -385,20 +386,34 @@ def newer_resource_version(a: str | None, b: str | None) -> bool:
         return False
 
 
-def status_differs(proxy_status: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    """Whether writing ``wanted`` (a :func:`mirrored_status`) would change the proxy's status.
+def _comparable(status: Mapping[str, Any]) -> JSON:
+    """A mirrored status with its conditions keyed by type and absent fields dropped, to compare two."""
+    mirrored = mirrored_status(status)
+    compared: JSON = {k: v for k, v in mirrored.items() if v is not None and k != "conditions"}
+    compared["conditions"] = {c.get("type"): c for c in mirrored.get("conditions") or []}
+    return compared
 
-    Conditions are compared by type, as the strategic merge patch writes them:
-    the proxy's own ``PodScheduled`` is not a difference.
+
+def status_differs(proxy_status: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether the proxy's status does not mirror ``wanted`` (a :func:`mirrored_status`) exactly.
+
+    A field or condition the delegate no longer has, still on the proxy, is a
+    difference; the proxy's own ``PodScheduled`` is not.
     """
-    for key, value in wanted.items():
-        if key == "conditions":
-            have = {c.get("type"): c for c in proxy_status.get("conditions") or []}
-            if any(have.get(c.get("type")) != c for c in value):
-                return True
-        elif proxy_status.get(key) != value:
-            return True
-    return False
+    return _comparable(proxy_status) != _comparable(wanted)
+
+
+def mirror_patch(proxy: Mapping[str, Any], wanted: Mapping[str, Any]) -> JSON:
+    """A merge patch for the proxy's status subresource that makes it mirror ``wanted`` exactly.
+
+    Mirrored fields the delegate no longer has are removed, the conditions are
+    replaced as a whole (the proxy's own ``PodScheduled`` kept), and the write
+    is guarded by the proxy's resourceVersion: it was computed from that version.
+    """
+    own = [c for c in (proxy.get("status") or {}).get("conditions") or [] if c.get("type") == "PodScheduled"]
+    status: JSON = {field: wanted.get(field) for field in MIRRORED_STATUS_FIELDS}  # None removes it
+    status["conditions"] = own + [c for c in wanted.get("conditions") or [] if c.get("type") != "PodScheduled"]
+    return {"metadata": {"resourceVersion": proxy["metadata"]["resourceVersion"]}, "status": status}
 
 
 def unschedulable_reason(pod: Mapping[str, Any]) -> str | None:

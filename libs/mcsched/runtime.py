@@ -170,6 +170,6 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
 
 
 def not_ready(bus: Bus, informers: list[Informer]) -> list[str]:
-    problems = [] if bus.connected else [f"NATS at {bus.url} not connected"]
+    problems = bus.problems()
     problems += [f"cache {i.name} cannot reach its API server" for i in informers if not i.healthy]
     return problems

@@ -4,20 +4,36 @@ Handlers stay fast (watch streams are never held up by API calls), a key
 queued many times while waiting is processed once, and a key is never worked
 on by two workers at once. A failed reconcile is retried with back-off.
 :class:`KeyedLocks` gives the same one-at-a-time rule to message handlers,
-which a consumer runs many at once.
+which a consumer runs many at once. :func:`for_each` runs a pass over many
+keys (a resync) a bounded number at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+async def for_each(items: Iterable[T], action: Callable[[T], Awaitable[None]], limit: int, what: str) -> None:
+    """Run ``action`` on every item, ``limit`` at a time; one that fails is logged and the others go on."""
+    pending = iter(items)
+
+    async def worker() -> None:
+        for item in pending:  # shared: each item goes to the first free worker
+            try:
+                await action(item)
+            except Exception as exc:
+                log.warning("%s failed: %s", what, exc)
+
+    await asyncio.gather(*(worker() for _ in range(limit)))
 
 
 class WorkQueue(Generic[K]):

@@ -14,7 +14,8 @@
   proxy (deleted, so its controller replaces it), unless the pod had finished,
   which keeps its final status.
 * Repair (on events and on every resync): a delegate whose proxy no longer
-  exists, or whose proxy's placement names another cluster, is removed; a
+  exists (e.g. created by a late request after the proxy's finalizer let it
+  go), or whose proxy's placement names another cluster, is removed; a
   proxy whose delegate request was lost gets it again.
 """
 
@@ -52,6 +53,7 @@ from mcsched.natsauth import feedback_durable
 from mcsched.podspec import (
     delegate_name,
     is_finished,
+    mirror_patch,
     mirrored_status,
     newer_resource_version,
     parent_ref,
@@ -61,7 +63,7 @@ from mcsched.podspec import (
 from mcsched.proxystatus import record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
-from mcsched.workqueue import KeyedLocks, WorkQueue
+from mcsched.workqueue import KeyedLocks, WorkQueue, for_each
 
 log = logging.getLogger("feedback")
 
@@ -72,6 +74,8 @@ DELEGATE_GRACE_SECONDS = 15.0
 SCHEDULED_FOLD_SECONDS = 1.0
 # Status messages handled at once by one process (each mostly waits on its source's API server).
 STATUS_IN_FLIGHT = 192
+# Proxies (then delegates) a resync handles at once: each may await an API server or a JetStream ack.
+RESYNC_CONCURRENCY = 16
 # A status just written is not written again for this long, even if the proxy cache does not show it yet.
 MIRROR_MEMORY_SECONDS = 10.0
 
@@ -109,8 +113,9 @@ class Feedback:
                                rt.informer(target, "/api/v1/pods", label_selector=PARENT_UID_LABEL))
             for target in rt.settings.target_names
         }
-        # proxy uid -> the status last written onto it, from which delegate version, and when (the proxy cache lags)
-        self.mirrored: dict[str, tuple[JSON, str | None, float]] = {}
+        # proxy uid -> the status last written onto it, from which delegate version, the proxy's resourceVersion
+        # after the write, and when (the proxy cache lags)
+        self.mirrored: dict[str, tuple[JSON, str | None, str | None, float]] = {}
         # proxy uid -> the target this process bound it to, and when (until the proxy cache shows it)
         self.bound: dict[str, tuple[str, float]] = {}
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
@@ -120,9 +125,10 @@ class Feedback:
         # proxy uid -> since when (monotonic) the resync finds its delegate missing
         self.missing_since: dict[str, float] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
+        self.orphans: WorkQueue[tuple[str, str, str]] = WorkQueue("remove orphan delegates", self._orphan_key)
         self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key,
                                                                  workers=PUBLISHERS)
-        for queue in (self.finalizing, self.statuses):
+        for queue in (self.finalizing, self.orphans, self.statuses):
             queue.start()
             rt.closers.append(queue.stop)
         for source, informer in self.proxies.items():
@@ -167,6 +173,7 @@ class Feedback:
             self.published.pop((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]), None)
             await self._delegate_gone(target, ref, delegate)
             return
+        self._check_parent(target, ref, delegate)
         signal = _delegate_signal(delegate)
         if old is not None and _delegate_signal(old) == signal:
             return
@@ -217,18 +224,49 @@ class Feedback:
 
     # -- status: source side -------------------------------------------------------
 
-    def _written_already(self, uid: str, wanted: JSON, version: str | None) -> bool:
-        """Whether this process wrote, moments ago, this status or one from a later delegate version.
+    def _written_already(self, uid: str, wanted: JSON, version: str | None, proxy: JSON) -> bool:
+        """Whether this process wrote, moments ago, a status from a later delegate version (a late
+        message is never written over it), or this very status onto a later proxy than ``proxy``.
 
-        The proxy cache may not show that write yet: then neither the same status
-        again nor an older one (a late message) is written.
+        The proxy cache may not show that write yet: then the same status is not
+        written again. A proxy that shows the write, or a later change (another
+        writer's, say an older status), is judged on what it shows, so that
+        change is corrected.
         """
         written = self.mirrored.get(uid)
-        if written is None or time.monotonic() - written[2] > MIRROR_MEMORY_SECONDS:
+        if written is None or time.monotonic() - written[3] > MIRROR_MEMORY_SECONDS:
             return False
-        status, written_version, _ = written
-        return newer_resource_version(written_version, version) or (
-            status == wanted and written_version == version)
+        status, written_version, proxy_version, _ = written
+        if newer_resource_version(written_version, version):
+            return True
+        return status == wanted and written_version == version and \
+            newer_resource_version(proxy_version, proxy["metadata"].get("resourceVersion"))
+
+    async def _mirror(self, ref: PodRef, target: str, proxy: JSON, wanted: JSON) -> JSON | None:
+        """Write ``wanted`` as the proxy's status, guarded by its resourceVersion; the proxy as written.
+
+        A proxy changed meanwhile is read again and the status computed anew
+        from it; None when it is gone, being deleted or no longer bound to ``target``.
+        """
+        client = self.rt.clusters[ref.cluster]
+        for _ in range(3):
+            try:
+                written: JSON = await client.merge_patch(pod_path(ref.namespace, ref.name, "status"),
+                                                         mirror_patch(proxy, wanted))
+                return written
+            except KubeError as exc:
+                if exc.not_found:
+                    return None
+                if not exc.conflict:
+                    raise
+            current = await read_pod(client, ref.namespace, ref.name, ref.uid)
+            if current is None or current["metadata"].get("deletionTimestamp") or \
+                    target_of_virtual_node(current["spec"].get("nodeName")) != target:
+                return None
+            if not status_differs(current.get("status") or {}, wanted):
+                return current
+            proxy = current
+        raise RuntimeError(f"{ref}: the proxy kept changing while mirroring its delegate's status")
 
     async def on_status(self, update: StatusUpdate) -> Outcome:
         # One message per proxy at a time: two changes of one delegate handled together would
@@ -278,13 +316,14 @@ class Feedback:
                 return ACK  # only just scheduled: the proxy shows Pending already; Running follows
         if is_finished(proxy) and wanted.get("phase") not in ("Succeeded", "Failed"):
             return ACK  # a finished pod's status is final (an older message handled after a newer one)
-        if status_differs(proxy.get("status") or {}, wanted) and not self._written_already(ref.uid, wanted, version):
+        if status_differs(proxy.get("status") or {}, wanted) and \
+                not self._written_already(ref.uid, wanted, version, proxy):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
-                # Strategic merge: conditions merge by type, so the proxy keeps its own PodScheduled.
-                await self.rt.clusters[ref.cluster].strategic_patch(pod_path(ref.namespace, ref.name, "status"),
-                                                                    {"status": wanted})
-            self.mirrored[ref.uid] = (wanted, version, time.monotonic())
+                written = await self._mirror(ref, update.target, proxy, wanted)
+            if written is None:
+                return ACK
+            self.mirrored[ref.uid] = (wanted, version, written["metadata"].get("resourceVersion"), time.monotonic())
             if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
                 observe_since_creation("proxy_running", proxy)
         return ACK
@@ -439,6 +478,46 @@ class Feedback:
             await self._delete_pod(source, meta["namespace"], meta["name"], meta["uid"], grace=0)
         log.info("proxy %s released after its delegate was deleted", ref)
 
+    def _check_parent(self, target: str, ref: PodRef, delegate: JSON) -> None:
+        """A delegate whose proxy is gone or going is removed now, not at the next resync.
+
+        A delegate request handled late (its proxy read before the proxy was
+        deleted and its finalizer let it go) creates a delegate nobody else
+        would delete.
+        """
+        informer = self.proxies.get(ref.cluster)
+        if informer is None or not self._synced(informer) or delegate["metadata"].get("deletionTimestamp"):
+            return
+        proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
+        if proxy is None:  # or the cache has not seen it yet: the API server decides
+            self.orphans.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
+        elif proxy["metadata"].get("deletionTimestamp"):
+            self.finalizing.add((ref.cluster, ref.namespace, ref.name))
+
+    async def _orphan_key(self, key: tuple[str, str, str]) -> None:
+        target, namespace, name = key
+        delegate = self.targets[target].pods.get(f"{namespace}/{name}")
+        if delegate is not None:
+            await self._remove_orphan(target, delegate)
+
+    async def _remove_orphan(self, target: str, delegate: JSON) -> None:
+        """Delete the delegate if its proxy is gone: the cache says so, and then its API server."""
+        parent = parent_ref(delegate)
+        meta = delegate["metadata"]
+        if parent is None or meta.get("deletionTimestamp"):
+            return
+        source, namespace, name, uid = parent
+        informer = self.proxies.get(source)
+        if informer is None or not self._synced(informer) or self._proxy(source, namespace, name, uid) is not None:
+            return
+        try:
+            if await read_pod(self.rt.clusters[source], namespace, name, uid) is not None:
+                return
+        except KubeError:
+            return
+        log.info("delegate %s/%s in %s has no proxy any more; deleting it", meta["namespace"], meta["name"], target)
+        await self._delete_pod(target, meta["namespace"], meta["name"], meta["uid"])
+
     async def _delegate_gone(self, target: str, ref: PodRef, delegate: JSON) -> None:
         proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
         if proxy is None:
@@ -473,17 +552,15 @@ class Feedback:
     # -- resync ------------------------------------------------------------------------
 
     async def resync(self) -> None:
+        """Every proxy, then every delegate, of the synced caches, ``RESYNC_CONCURRENCY`` at a time."""
         epoch = int(time.time() // self.rt.settings.resync_period_seconds)
-        for source, informer in self.proxies.items():
-            if not self._synced(informer):
-                continue
-            for proxy in informer.items():
-                await self._resync_proxy(source, proxy, epoch)
-        for target, view in self.targets.items():
-            if not self._synced(view.pods):
-                continue
-            for delegate in list(view.pods.items()):
-                await self._resync_delegate(target, delegate, epoch)
+        proxies = [(source, proxy) for source, informer in self.proxies.items() if self._synced(informer)
+                   for proxy in informer.items()]
+        await for_each(proxies, lambda item: self._resync_proxy(*item, epoch), RESYNC_CONCURRENCY, "resync of a proxy")
+        delegates = [(target, delegate) for target, view in self.targets.items() if self._synced(view.pods)
+                     for delegate in view.pods.items()]
+        await for_each(delegates, lambda item: self._resync_delegate(*item, epoch), RESYNC_CONCURRENCY,
+                       "resync of a delegate")
 
     async def _resync_proxy(self, source: str, proxy: JSON, epoch: int) -> None:
         meta = proxy["metadata"]
@@ -531,7 +608,6 @@ class Feedback:
         if parent is None:
             return
         source, namespace, name, uid = parent
-        informer = self.proxies.get(source)
         ref = PodRef(cluster=source, namespace=namespace, name=name, uid=uid)
         meta = delegate["metadata"]
         proxy = self._proxy(source, namespace, name, uid)
@@ -546,16 +622,7 @@ class Feedback:
                     (not bound and (node is not None or refusal is not None)):
                 await self._publish_status(target, ref, delegate, epoch)
             return
-        if informer is None or not self._synced(informer) or meta.get("deletionTimestamp"):
-            return
-        # The cache says the proxy is gone: ask the API server before deleting anything.
-        try:
-            if await read_pod(self.rt.clusters[source], namespace, name, uid) is not None:
-                return
-        except KubeError:
-            return
-        log.info("delegate %s/%s in %s has no proxy any more; deleting it", meta["namespace"], meta["name"], target)
-        await self._delete_pod(target, meta["namespace"], meta["name"], meta["uid"])
+        await self._remove_orphan(target, delegate)
 
     # -- virtual nodes -----------------------------------------------------------
 
@@ -587,8 +654,18 @@ class Feedback:
                 "message": f"cluster {target} cannot be reached", "lastHeartbeatTime": now}
 
     async def heartbeat(self) -> None:
-        await asyncio.gather(*(self._heartbeat(source, target) for source in self.rt.settings.source_names
-                               for target in self.targets), return_exceptions=False)
+        """Every target's virtual node in every source."""
+        await asyncio.gather(*(self.heartbeat_target(target) for target in self.targets))
+
+    async def heartbeat_target(self, target: str) -> None:
+        """``target``'s virtual node in every source, each on its own: one that fails is logged, not waited for."""
+        sources = self.rt.settings.source_names
+        results = await asyncio.gather(*(self._heartbeat(source, target) for source in sources),
+                                       return_exceptions=True)
+        for source, result in zip(sources, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("heartbeat of virtual node %s in %s failed: %s", virtual_node_name(target), source,
+                            result)
 
     async def _heartbeat(self, source: str, target: str) -> None:
         client = self.rt.clusters[source]
@@ -605,6 +682,8 @@ class Feedback:
             node["status"]["conditions"] = [condition]
             current = await client.create("/api/v1/nodes", node)
             log.info("virtual node %s created in %s", name, source)
+        # A target not reached since the start: its Ready condition says so; what is known of it stays.
+        known = self.targets[target].nodes.synced.is_set()
         condition = self._ready_condition(target)
         previous: JSON = next((c for c in current.get("status", {}).get("conditions") or [] if c["type"] == "Ready"),
                               {})
@@ -616,19 +695,20 @@ class Feedback:
         [own_taint] = node["spec"]["taints"]
         wanted_taints = taints if own_taint in taints else [*taints, own_taint]
         current_labels = current["metadata"].get("labels") or {}
-        if any(current_labels.get(k) != v for k, v in labels.items()) or wanted_taints != taints:
+        if (known and any(current_labels.get(k) != v for k, v in labels.items())) or wanted_taints != taints:
             # Only onto the node as read: the node lifecycle controller adds and removes its
             # not-ready/unreachable taints meanwhile, and an old list must not bring one back.
             try:
                 await client.merge_patch(path, {
-                    "metadata": {"labels": labels, "resourceVersion": current["metadata"]["resourceVersion"]},
+                    "metadata": {"labels": labels if known else {},
+                                 "resourceVersion": current["metadata"]["resourceVersion"]},
                     "spec": {"taints": wanted_taints}})
             except KubeError as exc:
                 if not exc.conflict:
                     raise
                 log.info("virtual node %s in %s changed meanwhile; its labels wait for the next heartbeat",
                          name, source)
-        status = dict(node["status"], conditions=[condition])
+        status = dict(node["status"], conditions=[condition]) if known else {"conditions": [condition]}
         await client.merge_patch(f"{path}/status", {"status": status})
         await self._renew_lease(client, name, current["metadata"]["uid"])
 
@@ -648,13 +728,18 @@ async def compose(rt: Runtime) -> None:
         rt.bus.consume("status", feedback_durable(source), rt.bus.subject("status", source), StatusUpdate,
                        feedback.on_status, in_flight=STATUS_IN_FLIGHT)
 
-    async def first_heartbeat_then_periodic() -> None:
-        for view in feedback.targets.values():
-            await view.nodes.wait_synced()
-        await feedback.heartbeat()
-        await periodic(rt.settings.heartbeat_seconds, feedback.heartbeat, "virtual node heartbeat")
+    async def virtual_nodes(target: str) -> None:
+        """One target's heartbeats: the first once its nodes are known, or as NotReady if it cannot be reached."""
+        try:
+            await feedback.targets[target].nodes.wait_synced(rt.settings.heartbeat_seconds)
+        except TimeoutError:
+            log.warning("cluster %s not reached yet; its virtual nodes say NotReady until it is", target)
+        await feedback.heartbeat_target(target)
+        await periodic(rt.settings.heartbeat_seconds, functools.partial(feedback.heartbeat_target, target),
+                       f"virtual node heartbeat of {target}")
 
-    rt.spawn(first_heartbeat_then_periodic(), "virtual nodes")
+    for target in feedback.targets:  # each on its own: an unreachable target holds up no other
+        rt.spawn(virtual_nodes(target), f"virtual nodes of {target}")
     rt.spawn(periodic(rt.settings.resync_period_seconds, feedback.resync, "feedback resync"), "feedback resync")
 
 

@@ -13,7 +13,12 @@ here for the next target.
 The recorded choice is what makes a pod run once: a racing replica or a
 redelivered message finds a target recorded already and only re-requests
 that target's delegate. A pod that fits nowhere gets ``PodScheduled=False``
-with every cluster's reason and a ``FailedScheduling`` Event, and is tried again.
+with every cluster's reason and a ``FailedScheduling`` Event; its message is
+acked (a nak would hold one of the consumer's ``max_ack_pending`` slots for
+as long as the pod waits) and this process tries it again every
+``unschedulable_retry_seconds``, from the proxy as its API server has it.
+Copies of its message meanwhile (a resync's) are acked at once; the
+watcher's resync brings it back if this process goes away.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from mcsched.podspec import delegate_original
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
 from mcsched.telemetry import observe_since, tracer
+from mcsched.workqueue import WorkQueue
 
 log = logging.getLogger("proxy-scheduler")
 
@@ -52,6 +58,11 @@ class ProxyScheduler:
         self.virtual_nodes = {source: rt.informer(source, "/api/v1/nodes",
                                                   label_selector=f"{VIRTUAL_NODE_TYPE_LABEL}={VIRTUAL_NODE_TYPE_VALUE}")
                               for source in rt.settings.source_names}
+        # proxy uid -> its elect message, while the pod fits nowhere and waits for its retry here
+        self.waiting: dict[str, ElectMessage] = {}
+        self.retries: WorkQueue[str] = WorkQueue("retry unschedulable", self._retry)
+        self.retries.start()
+        rt.closers.append(self.retries.stop)
 
     def excluded_clusters(self, source: str, constraints: JSON) -> dict[str, str]:
         """Targets whose virtual node in ``source`` the pod's cluster-level constraints exclude, with why."""
@@ -84,9 +95,31 @@ class ProxyScheduler:
         return target, reply
 
     async def on_elect(self, message: ElectMessage) -> Outcome:
+        if message.proxy.uid in self.waiting:
+            return ACK  # fits nowhere, and tried again here soon: a copy adds nothing
         with tracer.start_as_current_span("schedule proxy", attributes={"pod": str(message.proxy),
                                                                         "reason": message.reason}):
             return await self._schedule(message)
+
+    async def _retry(self, uid: str) -> None:
+        """Try a pod that fit nowhere again, from the proxy as its API server has it now."""
+        message = self.waiting.pop(uid, None)
+        if message is None:
+            return
+        fresh = message.model_copy(update={"manifest": None, "resource_version": None})
+        try:
+            with tracer.start_as_current_span("schedule proxy", attributes={"pod": str(message.proxy),
+                                                                            "reason": "unschedulable"}):
+                outcome = await self._schedule(fresh)
+        except Exception:
+            self.waiting.setdefault(uid, message)  # the work queue tries again with back-off
+            raise
+        if not outcome.ack:
+            self._retry_after(fresh, outcome.delay)
+
+    def _retry_after(self, message: ElectMessage, delay: float) -> None:
+        self.waiting[message.proxy.uid] = message
+        self.retries.add_after(message.proxy.uid, delay)
 
     async def _schedule(self, message: ElectMessage) -> Outcome:
         ref = message.proxy
@@ -107,7 +140,7 @@ class ProxyScheduler:
                 constraints, target_pod = split(original)
             except ConstraintError as exc:  # the webhook refuses these; a proxy made without it may have one
                 log.warning("%s: %s", ref, exc)
-                return await self._unschedulable(ref, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
+                return await self._unschedulable(message, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
             excluded = self.excluded_clusters(ref.cluster, constraints)
             for left_out, reason in excluded.items():  # in the pod's trace beside the answers (mcsctl explain)
                 with tracer.start_as_current_span(f"exclude {left_out}", attributes={
@@ -122,7 +155,7 @@ class ProxyScheduler:
             first = preferred(constraints, nodes, sorted(scores))  # preferred affinity ranks the clusters
             target = pick_target(ref.uid, {t: scores[t] for t in first})
             if target is None:
-                return await self._unschedulable(ref, answers, refused, excluded)
+                return await self._unschedulable(message, answers, refused, excluded)
             chosen = placement.choose(target)
             trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
             try:
@@ -169,8 +202,9 @@ class ProxyScheduler:
             return None
         return original, Placement.of(pod), pod["metadata"]["resourceVersion"]
 
-    async def _unschedulable(self, ref: PodRef, answers: dict[str, CandidateReply | None],
+    async def _unschedulable(self, message: ElectMessage, answers: dict[str, CandidateReply | None],
                              refused: dict[str, str], excluded: dict[str, str]) -> Outcome:
+        ref = message.proxy
         pod = await self._undecided(ref)
         if pod is None or Placement.of(pod).target is not None:  # or another replica chose meanwhile
             return ACK
@@ -178,12 +212,13 @@ class ProxyScheduler:
                    for target, reply in answers.items()}
         reasons.update({target: f"refused by its scheduler: {reason}" for target, reason in refused.items()})
         reasons.update({target: f"excluded: {reason}" for target, reason in excluded.items()})
-        message = f"0/{len(reasons)} clusters are available: " + "; ".join(
+        why = f"0/{len(reasons)} clusters are available: " + "; ".join(
             f"{target}: {reason}" for target, reason in sorted(reasons.items()))
-        trace.get_current_span().set_attributes({"unschedulable": True, "reason": message})
-        await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, pod, message)
-        log.info("%s is unschedulable: %s", ref, message)
-        return retry_later(self.rt.settings.unschedulable_retry_seconds, "unschedulable")
+        trace.get_current_span().set_attributes({"unschedulable": True, "reason": why})
+        await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, pod, why)
+        log.info("%s is unschedulable: %s", ref, why)
+        self._retry_after(message, self.rt.settings.unschedulable_retry_seconds)
+        return ACK
 
 
 async def compose(rt: Runtime) -> None:

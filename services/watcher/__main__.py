@@ -1,7 +1,8 @@
 """watcher: owns the elect step.
 
 * Serves the mutating admission webhook that turns elected pods into proxy
-  pods at creation (and registers it in every source cluster).
+  pods at creation (and registers it in every source cluster, each on its
+  own: a source unreachable at start holds up neither the others nor the watch).
 * Watches the proxy pods not yet bound to a virtual node in every source and
   publishes an ``elect`` message for each that has no cluster chosen: when it
   is new, and again each time a target's scheduler refused it (a new round of
@@ -40,6 +41,9 @@ from mcsched.workqueue import WorkQueue
 
 log = logging.getLogger("watcher")
 
+# A source that refused the webhook's registration (or cannot be reached) is asked again this often.
+REGISTER_RETRY_SECONDS = 2.0
+
 
 def _serving_material(settings: WebhookSettings, url: str) -> tuple[ssl.SSLContext, bytes]:
     """TLS context for the webhook and the CA bundle the API servers must trust."""
@@ -61,7 +65,8 @@ def _serving_material(settings: WebhookSettings, url: str) -> tuple[ssl.SSLConte
     return context, ca.cert_pem
 
 
-async def start_webhook(rt: Runtime) -> None:
+async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
+    """Serve the admission webhook; the URL the API servers call and the CA bundle they must trust."""
     settings = rt.settings.webhook
     url = settings.url or f"https://127.0.0.1:{settings.port}"
     context, ca_bundle = _serving_material(settings, url)
@@ -88,19 +93,28 @@ async def start_webhook(rt: Runtime) -> None:
     await web.TCPSite(runner, settings.listen_host, settings.port, ssl_context=context).start()
     rt.closers.append(runner.cleanup)
     log.info("admission webhook listening on %s:%d", settings.listen_host, settings.port)
-    if settings.register_webhook:
-        config = webhook_configuration(url.rstrip("/") + WEBHOOK_PATH, ca_bundle, settings.failure_policy,
-                                       settings.timeout_seconds)
-        for source in rt.settings.source_names:
-            path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{WEBHOOK_CONFIGURATION_NAME}"
-            while True:
-                try:
-                    await rt.clusters[source].apply(path, config)
-                    log.info("webhook registered in %s (calls %s)", source, url)
-                    break
-                except (KubeError, OSError) as exc:
-                    log.warning("cannot register the webhook in %s yet (%s); retrying", source, exc)
-                    await asyncio.sleep(2)
+    return url, ca_bundle
+
+
+def register_webhook(rt: Runtime, url: str, ca_bundle: bytes) -> None:
+    """Register the webhook in every source, each on its own: an unreachable source holds up no other."""
+    settings = rt.settings.webhook
+    config = webhook_configuration(url.rstrip("/") + WEBHOOK_PATH, ca_bundle, settings.failure_policy,
+                                   settings.timeout_seconds)
+    for source in rt.settings.source_names:
+        rt.spawn(_register(rt, source, url, config), f"register webhook in {source}")
+
+
+async def _register(rt: Runtime, source: str, url: str, config: JSON) -> None:
+    path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{WEBHOOK_CONFIGURATION_NAME}"
+    while True:
+        try:
+            await rt.clusters[source].apply(path, config)
+            log.info("webhook registered in %s (calls %s)", source, url)
+            return
+        except (KubeError, OSError) as exc:
+            log.warning("cannot register the webhook in %s yet (%s); retrying", source, exc)
+            await asyncio.sleep(REGISTER_RETRY_SECONDS)
 
 
 class ElectPublisher:
@@ -195,7 +209,9 @@ class ElectPublisher:
 
 async def compose(rt: Runtime) -> None:
     if rt.settings.webhook.enabled:
-        await start_webhook(rt)
+        url, ca_bundle = await serve_webhook(rt)
+        if rt.settings.webhook.register_webhook:
+            register_webhook(rt, url, ca_bundle)
     # Only proxies still waiting for a target: once bound, a proxy leaves this cache (a DELETED event).
     informers = {
         source: rt.informer(source, "/api/v1/pods",

@@ -170,6 +170,17 @@ class World:
         await self.settle()
         return deliveries
 
+    async def retry_unschedulable(self) -> None:
+        """The proxy-schedulers' retry of the pods that fit nowhere comes now (its timer is
+        ``unschedulable_retry_seconds``); the pipeline runs."""
+        for rt in self.runtimes:
+            if rt.service == "proxy-scheduler":
+                scheduler = owner(rt.fake_bus, "proxy-scheduler", ProxyScheduler)
+                for uid in list(scheduler.waiting):
+                    scheduler.retries.add(uid)
+        await self.settle()
+        await self.run()
+
     def problems(self) -> list[str]:
         """Failures nobody awaited (cache handlers, spawned tasks) and handlers that raised."""
         return [f"{rt.service}: {e!r}" for rt in self.runtimes for e in rt.errors()] + \
@@ -529,7 +540,8 @@ async def test_a_refusal_is_recorded_and_the_next_target_tried_until_every_clust
     await world.refuse(other, proxy, "0/1 nodes are available: 1 node(s) had untolerated taint {gpu: true}.")
     deliveries = await world.run()
     [last] = [d for d in deliveries if d.envelope.kind == "elect"]
-    assert not last.acked and last.outcome is not None and last.outcome.note == "unschedulable"
+    assert last.acked  # fits nowhere: acked, and tried again by the proxy-scheduler (no ack-pending slot held)
+    assert proxy["metadata"]["uid"] in owner(world.runtimes[1].fake_bus, "proxy-scheduler", ProxyScheduler).waiting
     waiting = world.proxy(proxy)
     assert not waiting["spec"].get("nodeName") and not waiting["metadata"].get("deletionTimestamp")
     scheduled = condition(waiting, "PodScheduled")
@@ -681,7 +693,7 @@ async def test_cluster_constraints_and_a_cordon_leave_clusters_out_and_say_why(w
 
     world.c1.put("nodes", virtual_node("c2"))  # uncordoned
     await world.settle()
-    await world.run()
+    await world.retry_unschedulable()
     assert Placement.of(world.proxy(waiting)).target == "c2"
 
 

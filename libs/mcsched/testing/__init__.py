@@ -6,6 +6,9 @@
 * :mod:`.bus`: :class:`FakeBroker` and :class:`FakeBus` (a :class:`~mcsched.bus.Bus`),
   where the test delivers, drops, duplicates and reorders messages and sees each
   handler's outcome;
+* :mod:`.jetstream`: :class:`FakeJetStream`, the nats-py JetStream calls answered in
+  memory, under a real :class:`~mcsched.bus.Bus` (``connect_bus``): its pull loop,
+  ``in_progress``, and re-creating a deleted stream or consumer run as written;
 * :mod:`.runtime`: :class:`FakeRuntime` (a :class:`~mcsched.runtime.Runtime`) for
   ``compose()`` and the service classes, :func:`fake_settings` and :func:`settle`.
 
@@ -15,6 +18,7 @@ leaves out. Used by ``tests/unit`` (e.g. ``test_placement_protocol.py``).
 
 from .bus import Delivery, Envelope, FakeBroker, FakeBus, RequestRecord
 from .cluster import Call, FakeCluster, FakeInformer, merge_patch, stamp, strategic_merge_patch
+from .jetstream import FakeJetStream, connect_bus
 from .runtime import FakeRuntime, fake_settings, settle
 
 __all__ = [
@@ -25,8 +29,10 @@ __all__ = [
     "FakeBus",
     "FakeCluster",
     "FakeInformer",
+    "FakeJetStream",
     "FakeRuntime",
     "RequestRecord",
+    "connect_bus",
     "fake_settings",
     "merge_patch",
     "settle",

@@ -37,6 +37,11 @@ Not modelled: json patches (no service sends one), watches over HTTP (caches
 are fed directly, see :class:`FakeInformer`), admission, defaulting beyond the
 above, RBAC, garbage collection by owner references, set-based selectors.
 
+:meth:`FakeCluster.set_reachable` cuts the cluster off (and back): every
+request then fails as a refused connection does (``ConnectionRefusedError``)
+and its caches get no events (they neither sync nor stay healthy) until it
+is reachable again.
+
 Other actors (a user with kubectl, the target's kube-scheduler, a kubelet)
 act through :meth:`FakeCluster.put`, :meth:`~FakeCluster.modify`,
 :meth:`~FakeCluster.remove`, :meth:`~FakeCluster.bind_pod`,
@@ -262,6 +267,7 @@ class FakeCluster(KubeClient):
         # Namespaces this cluster's RBAC refuses writes in (403), as a target without a Source
         # there would; SelfSubjectAccessReviews answer accordingly.
         self.forbidden_namespaces: set[str] = set()
+        self.unreachable = False
         self._revision = 100
         self._uids = itertools.count(1)
         self._subscribers: list[_Subscriber] = []
@@ -276,6 +282,8 @@ class FakeCluster(KubeClient):
     async def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json") -> JSON:
         await asyncio.sleep(0)  # as over a network: other tasks run while a request is on its way
+        if self.unreachable:
+            raise ConnectionRefusedError(f"{self.name}: connection refused")
         body = copy.deepcopy(body)
         try:
             for fault in self.faults:
@@ -538,6 +546,13 @@ class FakeCluster(KubeClient):
         return [copy.deepcopy(o) for (r, ns, _), o in sorted(self.objects.items())
                 if r == resource and namespace in ("", ns)]
 
+    def set_reachable(self, reachable: bool) -> None:
+        """Cut the cluster off from every client and cache (False), or bring it back (True)."""
+        self.unreachable = not reachable
+        for subscriber in self._subscribers:
+            subscriber.informer.healthy = reachable and subscriber.informer.synced.is_set()
+            subscriber.informer._wakeup.set()
+
     def unsubscribe(self, informer: FakeInformer) -> None:
         self._subscribers = [s for s in self._subscribers if s.informer is not informer]
 
@@ -715,7 +730,7 @@ class FakeInformer(Informer):
     @property
     def idle(self) -> bool:
         """Nothing being delivered, nothing deliverable waiting."""
-        return not self._busy and (self.lagging or not self._queue)
+        return not self._busy and (self.lagging or self.cluster.unreachable or not self._queue)
 
     # -- delivery -------------------------------------------------------------------------------------
 
@@ -728,7 +743,8 @@ class FakeInformer(Informer):
     async def _deliver(self, count: int | None) -> None:
         async with self._lock:
             delivered = 0
-            while self._queue and (delivered < count if count is not None else not self.lagging):
+            while self._queue and not self.cluster.unreachable and \
+                    (delivered < count if count is not None else not self.lagging):
                 event, obj = self._queue.popleft()
                 self._busy = True
                 try:

@@ -1,0 +1,362 @@
+"""Recovery (issue 11): what a slow handler, a deleted stream or consumer, an unreachable cluster,
+an unschedulable pod, a late delegate, a stale status and a big resync must not do.
+
+The bus tests run the real :class:`~mcsched.bus.Bus` on :class:`~mcsched.testing.jetstream.FakeJetStream`
+(its pull loop, acks and recovery are what run); the others run the services on
+the fakes of ``mcsched.testing``, as ``test_placement_protocol.py`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
+from mcsched.bus import ACK, Bus, Outcome
+from mcsched.choice import Placement
+from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL, PROXY_SCHEDULER_NAME
+from mcsched.kube import JSON, pod_path
+from mcsched.models import ElectMessage, PodRef
+from mcsched.podspec import delegate_name, mirror_patch, mirrored_status, status_differs
+from mcsched.settings import WebhookSettings
+from mcsched.testing import (
+    FakeBus,
+    FakeCluster,
+    FakeJetStream,
+    FakeRuntime,
+    connect_bus,
+    fake_settings,
+    merge_patch,
+    settle,
+)
+from services.feedback.__main__ import RESYNC_CONCURRENCY, Feedback
+from services.feedback.__main__ import compose as feedback
+from services.watcher.__main__ import compose as watcher
+from tests.unit.test_placement_protocol import NS, SOURCE, TARGETS, World, admitted, node, ref, user_pod
+
+
+def elect(uid: str) -> ElectMessage:
+    return ElectMessage(proxy=PodRef(cluster="c1", namespace="ns", name=uid, uid=uid))
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+async def jetstream() -> AsyncIterator[tuple[FakeJetStream, list[Bus]]]:
+    js = FakeJetStream()
+    buses: list[Bus] = []
+    yield js, buses
+    for bus in buses:
+        await bus.close()
+
+
+async def started(js: FakeJetStream, buses: list[Bus], name: str) -> Bus:
+    bus = connect_bus(Bus("nats://fake", "mcs", name), js)
+    buses.append(bus)
+    await bus.ensure_streams(("elect",))
+    return bus
+
+
+# -- a slow handler ----------------------------------------------------------------------------------
+
+
+async def test_a_handler_slower_than_ack_wait_keeps_its_message_from_other_processes(
+        jetstream: tuple[FakeJetStream, list[Bus]]) -> None:
+    js, buses = jetstream
+    first, second = await started(js, buses, "p1"), await started(js, buses, "p2")
+    calls: list[str] = []
+
+    def slow(process: str) -> Callable[[ElectMessage], Awaitable[Outcome]]:
+        async def handle(message: ElectMessage) -> Outcome:
+            calls.append(process)
+            await asyncio.sleep(1.0)  # more than three times ack_wait
+            return ACK
+        return handle
+
+    await first.publish(first.subject("elect", "c1"), elect("u1"), "elect:u1")
+    first.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, slow("p1"), ack_wait=0.3)
+    await until(lambda: calls == ["p1"])
+    second.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, slow("p2"), ack_wait=0.3)
+    await until(lambda: not js.messages["MCS_ELECT"])
+    await asyncio.sleep(0.2)
+    assert calls == ["p1"], "handed to another process while its handler was still at work"
+
+
+# -- a stream or consumer deleted at runtime -------------------------------------------------------------
+
+
+def collecting(into: list[str]) -> Callable[[ElectMessage], Awaitable[Outcome]]:
+    async def handle(message: ElectMessage) -> Outcome:
+        into.append(message.proxy.uid)
+        return ACK
+    return handle
+
+
+async def test_a_consumer_deleted_at_runtime_is_created_again_and_readiness_says_so_meanwhile(
+        jetstream: tuple[FakeJetStream, list[Bus]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 0.1, raising=False)
+    js, buses = jetstream
+    bus = await started(js, buses, "p1")
+    received: list[str] = []
+    bus.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received))
+    await bus.publish(bus.subject("elect", "c1"), elect("before"), "elect:before")
+    await until(lambda: received == ["before"])
+    assert bus.problems() == []
+
+    js.unavailable = True  # the consumer cannot be created again yet
+    js.delete_consumer("MCS_ELECT", "proxy-scheduler")
+    await until(lambda: any("proxy-scheduler" in p for p in bus.problems()))
+    js.unavailable = False
+    await bus.publish(bus.subject("elect", "c1"), elect("after"), "elect:after")
+    await until(lambda: received == ["before", "after"])
+    assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
+    await until(lambda: bus.problems() == [])
+
+
+async def test_a_stream_deleted_at_runtime_is_created_again_by_its_publisher_and_its_consumer(
+        jetstream: tuple[FakeJetStream, list[Bus]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 0.1, raising=False)
+    js, buses = jetstream
+    watcher, scheduler = await started(js, buses, "watcher"), await started(js, buses, "proxy-scheduler")
+    received: list[str] = []
+    scheduler.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received))
+    await watcher.publish(watcher.subject("elect", "c1"), elect("before"), "elect:before")
+    await until(lambda: received == ["before"])
+
+    js.delete_stream("MCS_ELECT")
+    await watcher.publish(watcher.subject("elect", "c1"), elect("after"), "elect:after")  # no stream: made again
+    await until(lambda: received == ["before", "after"])
+    assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
+    await until(lambda: scheduler.problems() == [] and watcher.problems() == [])
+
+
+# -- a pod that fits nowhere -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    w = World()
+    w.settings = fake_settings(sources=(SOURCE,), targets=TARGETS, unschedulable_retry_seconds=0.05)
+    await w.start()
+    try:
+        yield w
+        assert w.problems() == []
+    finally:
+        await w.close()
+
+
+async def test_a_pod_that_fits_nowhere_holds_no_ack_pending_slot_and_piles_up_no_copies(world: World) -> None:
+    proxy = await world.c1.create(pod_path(NS), admitted(user_pod("big", cpu="64")))
+    await world.settle()
+    [first] = [d for d in await world.run() if d.envelope.kind == "elect"]
+    assert first.acked, "a nak keeps the message pending ack for as long as the pod waits"
+    assert world.bus.pending("elect") == []
+
+    asked = len(world.broker.requests)  # a resync re-publishes it meanwhile: acked at once, nothing asked
+    await world.bus.publish(f"mcs.elect.{SOURCE}", ElectMessage(proxy=ref(proxy), reason="resync"),
+                            f"elect:{proxy['metadata']['uid']}:0:1")
+    [copy] = world.bus.pending("elect")
+    assert (await world.bus.deliver(copy)).acked and len(world.broker.requests) == asked
+
+    await until(lambda: len(world.broker.requests) >= asked + len(TARGETS))  # the proxy-scheduler tries again
+    world.clusters["c2"].put("nodes", node("c2-big", cpu="128"))  # room appears
+    await world.settle()
+    await until(lambda: Placement.of(world.proxy(proxy)).target == "c2")
+    assert world.bus.pending("elect") == []
+    assert not any(d.retried for d in world.broker.deliveries)
+
+
+# -- a cluster unreachable at start-up -------------------------------------------------------------------
+
+
+async def test_a_source_unreachable_at_start_holds_up_neither_the_other_sources_nor_their_watch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoSocket:  # the webhook is served as configured, without listening on a port
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            return None
+
+    monkeypatch.setattr("aiohttp.web.TCPSite", NoSocket)
+    monkeypatch.setattr("services.watcher.__main__.REGISTER_RETRY_SECONDS", 0.05, raising=False)
+    clusters = {name: FakeCluster(name) for name in ("c0", "c1", "c2")}
+    for source in ("c0", "c1"):
+        clusters[source].put("namespaces", {"metadata": {"name": NS, "labels": {NAMESPACE_LABEL:
+                                                                                NAMESPACE_LABEL_VALUE}}})
+    clusters["c1"].set_reachable(False)
+    settings = fake_settings(sources=("c0", "c1"), targets=("c2",),
+                             webhook=WebhookSettings(enabled=True, register_webhook=True))
+    rt = FakeRuntime("watcher", settings, FakeBus(), clusters, run_spawned=True)
+    try:
+        await asyncio.wait_for(watcher(rt), 2)  # compose returns: nothing waits for c1
+        await clusters["c0"].create(pod_path(NS), admitted(user_pod("web-0")))
+        await until(lambda: len(rt.fake_bus.pending("elect", cluster="c0")) == 1)  # c0's watch works
+        await until(lambda: clusters["c0"].find("mutatingwebhookconfigurations", "", WEBHOOK_CONFIGURATION_NAME)
+                    is not None)
+        assert clusters["c1"].find("mutatingwebhookconfigurations", "", WEBHOOK_CONFIGURATION_NAME) is None
+        clusters["c1"].set_reachable(True)
+        await until(lambda: clusters["c1"].find("mutatingwebhookconfigurations", "", WEBHOOK_CONFIGURATION_NAME)
+                    is not None)
+        assert rt.failures == []
+    finally:
+        await rt.close()
+
+
+async def test_a_target_unreachable_at_start_holds_up_no_other_target_s_virtual_node() -> None:
+    clusters = {name: FakeCluster(name) for name in ("c1", "c2", "c3")}
+    for target in ("c2", "c3"):
+        clusters[target].put("nodes", node(f"{target}-n1"))
+    clusters["c3"].set_reachable(False)
+    settings = fake_settings(sources=("c1",), targets=("c2", "c3"), heartbeat_seconds=0.05)
+    rt = FakeRuntime("feedback", settings, FakeBus(), clusters, run_spawned=True)
+    try:
+        await feedback(rt)
+
+        def ready(target: str) -> str | None:
+            virtual = clusters["c1"].find("nodes", "", f"admiralty-{target}")
+            conditions = (virtual or {}).get("status", {}).get("conditions") or []
+            return next((str(c["status"]) for c in conditions if c["type"] == "Ready"), None)
+
+        await until(lambda: ready("c2") == "True")
+        await until(lambda: ready("c3") == "False")  # NotReady, as Kubernetes says of a node it cannot reach
+        clusters["c3"].set_reachable(True)
+        await until(lambda: ready("c3") == "True")
+        virtual = clusters["c1"].find("nodes", "", "admiralty-c3")
+        assert virtual is not None and virtual["status"]["allocatable"]["cpu"] == "4000m"
+        assert rt.failures == []
+    finally:
+        await rt.close()
+
+
+# -- a big resync ----------------------------------------------------------------------------------------
+
+
+async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded() -> None:
+    clusters = {name: FakeCluster(name) for name in ("c1", "c2")}
+    for cluster in clusters.values():
+        cluster.put("namespaces", {"metadata": {"name": NS}})
+    for i in range(40):
+        clusters["c1"].put("pods", {"metadata": {"name": f"p{i}", "namespace": NS},
+                                    "spec": {"schedulerName": PROXY_SCHEDULER_NAME, "containers": []}})
+        clusters["c2"].put("pods", {"metadata": {"name": f"d{i}", "namespace": NS, "labels": {
+            PARENT_UID_LABEL: f"u{i}"}}, "spec": {"containers": []}})
+    rt = FakeRuntime("feedback", fake_settings(sources=("c1",), targets=("c2",)), FakeBus(), clusters)
+    try:
+        await feedback(rt)
+        await settle(rt)
+        [service] = [c.handler.__self__ for c in rt.fake_bus.broker.consumers["feedback-c1"]]
+        assert isinstance(service, Feedback)
+        at_once, peak, seen = 0, 0, []
+
+        async def slow(_target: str, pod: JSON, _epoch: int) -> None:
+            nonlocal at_once, peak
+            at_once += 1
+            peak = max(peak, at_once)
+            await asyncio.sleep(0.01)  # an API call, a JetStream ack
+            seen.append(pod["metadata"]["name"])
+            at_once -= 1
+
+        service._resync_proxy = slow  # type: ignore[method-assign]
+        service._resync_delegate = slow  # type: ignore[method-assign]
+        await service.resync()
+        assert sorted(seen) == sorted([f"p{i}" for i in range(40)] + [f"d{i}" for i in range(40)])
+        assert 1 < peak <= RESYNC_CONCURRENCY
+    finally:
+        await rt.close()
+
+
+# -- a late delegate -------------------------------------------------------------------------------------
+
+
+async def test_a_delegate_created_after_its_proxy_was_let_go_is_removed_at_once(world: World) -> None:
+    proxy = await world.create_proxy()
+    await world.run("elect")
+    target = Placement.of(world.proxy(proxy)).target
+    assert target is not None
+    [request] = world.bus.pending("delegate")
+    follower = world.target_schedulers[target].follower
+    ensure, reached, release = follower.ensure, asyncio.Event(), asyncio.Event()
+
+    async def slow_ensure(*args: Any) -> str | None:  # the proxy was read; copying what it uses takes a while
+        reached.set()
+        await release.wait()
+        return await ensure(*args)
+
+    follower.ensure = slow_ensure  # type: ignore[method-assign]
+    handling = asyncio.create_task(world.bus.deliver(request))
+    await asyncio.wait_for(reached.wait(), 5)
+    await world.c1.delete(pod_path(NS, proxy["metadata"]["name"]))  # the user deletes the pod meanwhile
+    await world.settle()
+    assert world.c1.pod(NS, proxy["metadata"]["name"]) is None, "no delegate yet: the finalizer let it go"
+
+    release.set()
+    assert (await handling).acked
+    await world.settle()
+    assert world.delegate(target, proxy) is None, "an orphan until the next resync"
+
+
+# -- status mirroring ------------------------------------------------------------------------------------
+
+
+async def test_a_status_field_the_delegate_no_longer_has_leaves_the_proxy_too(world: World) -> None:
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+
+    def disrupted(pod: JSON) -> None:
+        pod["status"].update(message="The node had condition: [DiskPressure].", reason="Terminating")
+        pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True"})
+
+    world.clusters[target].modify("pods", NS, name, disrupted)
+    await world.settle()
+    await world.run()
+    assert world.proxy(proxy)["status"]["reason"] == "Terminating"
+
+    def recovered(pod: JSON) -> None:
+        for field in ("message", "reason"):
+            del pod["status"][field]
+        pod["status"]["conditions"] = [c for c in pod["status"]["conditions"] if c["type"] != "DisruptionTarget"]
+
+    world.clusters[target].modify("pods", NS, name, recovered)
+    await world.settle()
+    await world.run()
+    status = world.proxy(proxy)["status"]
+    assert "message" not in status and "reason" not in status
+    assert sorted(c["type"] for c in status["conditions"]) == ["ContainersReady", "Initialized", "PodScheduled",
+                                                              "Ready"]
+
+
+async def test_a_status_turned_back_by_another_writer_is_corrected_by_the_next_copy(world: World) -> None:
+    proxy, _target = await world.running()
+    last = [e for e in world.broker.published if e.kind == "status"][-1]
+    # Another replica, its cache lagging, writes an older status moments after this one wrote the newer.
+    world.c1.modify("pods", NS, proxy["metadata"]["name"], lambda pod: pod["status"].update(phase="Pending"))
+    await world.settle()
+
+    assert (await world.bus.deliver(world.bus.duplicate(last))).acked  # the newer status, once more
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Running", "swallowed as 'just mirrored'"
+
+
+def test_the_mirror_patch_writes_exactly_the_delegate_s_fields_over_the_proxy_version_it_read() -> None:
+    proxy = {"metadata": {"resourceVersion": "41"}, "status": {
+        "phase": "Running", "message": "gone since", "conditions": [
+            {"type": "PodScheduled", "status": "True"}, {"type": "DisruptionTarget", "status": "True"}]}}
+    wanted = mirrored_status({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"},
+                                                                 {"type": "PodScheduled", "status": "True"}]})
+    assert status_differs(proxy["status"], wanted)
+    patch = mirror_patch(proxy, wanted)
+    assert patch["metadata"] == {"resourceVersion": "41"}
+    assert patch["status"]["message"] is None and patch["status"]["phase"] == "Running"
+    assert patch["status"]["conditions"] == [{"type": "PodScheduled", "status": "True"},
+                                             {"type": "Ready", "status": "True"}]
+    assert not status_differs(merge_patch(proxy, patch)["status"], wanted)
