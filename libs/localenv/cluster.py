@@ -42,6 +42,11 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPUS_PER_GPU_NODE = "2"
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 
+# What every container of a kwok pod has logged (kwok runs no containers: see _write_kwok_debugging).
+KWOK_LOG_LINES = ("starting", "listening on :80", "ready")
+# The user the API server is to kubelets (its --kubelet-client-certificate), as kubeadm names it.
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
+
 
 def gpu_workers(workers: Sequence[str], environ: Mapping[str, str] = os.environ) -> list[str]:
     """The workers of a cluster that get GPUs: the last one, unless ``MCS_GPU_NODES=0``.
@@ -116,6 +121,10 @@ class LocalCluster:
         pki.issue(ca, f"{self.spec.name}-admin", organization="system:masters", client=True).write(
             self.dir / "admin.crt", self.dir / "admin.key"
         )
+        # The API server's identity to kubelets (kwok's, and the virtual nodes' endpoint), as kubeadm's
+        # apiserver-kubelet-client: bound to system:kubelet-api-admin (see grant_services_rbac).
+        pki.issue(ca, KUBELET_CLIENT_USER, client=True).write(
+            self.dir / "apiserver-kubelet-client.crt", self.dir / "apiserver-kubelet-client.key")
         pki.service_account_keys().write(self.dir / "sa.pub", self.dir / "sa.key")
         # Users and services authenticate with bearer tokens, as in-cluster service accounts do:
         # the API server verifies a client certificate's chain on every request, a token once.
@@ -219,13 +228,35 @@ class LocalCluster:
         ])
         self.processes.start(f"{s.name}-kwok", [
             str(b / "kwok"), "--kubeconfig", str(self.admin_kubeconfig),
-            "--config", str(ensure_kwok_stages()),
+            "--config", str(ensure_kwok_stages()), "--config", str(self._write_kwok_debugging()),
+            "--node-port", str(p.kwok),
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector", f"{KWOK_NODE_ANNOTATION}=fake",
             "--cidr", s.pod_cidr, "--node-ip", "127.0.0.1",
             "--node-lease-duration-seconds", "40",
             "--server-address", f"127.0.0.1:{p.kwok}", "-v", "WARN",
         ])
+
+    def _write_kwok_debugging(self) -> Path:
+        """What kwok answers for its pods' logs, exec and port-forward (it runs no containers).
+
+        Every container's log is ``KWOK_LOG_LINES`` (CRI format, followed like a live log); exec runs
+        the command on this machine in an empty directory; a forwarded port echoes what it gets (cat).
+        """
+        logs, workdir = self.dir / "kwok-container.log", self.dir / "kwok-exec"
+        workdir.mkdir(parents=True, exist_ok=True)
+        logs.write_text("".join(f"2026-01-01T00:00:0{i}.000000000Z stdout F {line}\n"
+                                for i, line in enumerate(KWOK_LOG_LINES)))
+        config = self.dir / "kwok-debugging.yaml"
+        documents = [
+            {"kind": "ClusterLogs", "spec": {"logs": [{"logsFile": str(logs), "follow": True}]}},
+            {"kind": "ClusterExec", "spec": {"execs": [{"local": {"workDir": str(workdir)}}]}},
+            {"kind": "ClusterPortForward", "spec": {"forwards": [{"command": ["cat"]}]}},
+        ]
+        config.write_text("\n---\n".join(json.dumps({"apiVersion": "kwok.x-k8s.io/v1alpha1",
+                                                       "metadata": {"name": "local-environment"}, **d})
+                                           for d in documents) + "\n")
+        return config
 
     def _api_server_argv(self) -> list[str]:
         s, d, b = self.spec, self.dir, bin_dir()
@@ -246,6 +277,9 @@ class LocalCluster:
             "--endpoint-reconciler-type", "none",
             "--max-requests-inflight", "800", "--max-mutating-requests-inflight", "400",
             "--profiling=true", "--event-ttl", "2h",
+            "--kubelet-client-certificate", str(d / "apiserver-kubelet-client.crt"),
+            "--kubelet-client-key", str(d / "apiserver-kubelet-client.key"),
+            "--kubelet-preferred-address-types", "InternalIP,Hostname",
         ]
 
     def start_api_server(self, wait: bool = True) -> None:
@@ -300,6 +334,8 @@ class LocalCluster:
                      "crd/sources.multicluster.admiralty.io", "crd/clustersources.multicluster.admiralty.io")
         self.kubectl("apply", "--server-side", "-f", "-",
                      input_text=rbac.manifest(self.spec.name, source, [] if source else accepted_sources))
+        self.kubectl("create", "clusterrolebinding", "kube-apiserver-kubelet-client",
+                     "--clusterrole=system:kubelet-api-admin", f"--user={KUBELET_CLIENT_USER}")
 
     def kubectl(self, *args: str, input_text: str | None = None) -> str:
         proc = subprocess.run(

@@ -34,6 +34,7 @@ def write_config(env: LocalEnvironment, sources: list[str] | None = None,
         "resync_period_seconds": resync_seconds,
         "otlp_endpoint": info.otlp_grpc_endpoint,
         "webhook": {"listen_host": "127.0.0.1", "port": free_port()},
+        "kubelet": {"listen_host": "127.0.0.1", "port": free_port(), "address": "127.0.0.1"},
     }
     path = env.root / "mcs.yaml"
     path.write_text(json.dumps(config, indent=1))
@@ -51,6 +52,8 @@ def start_service(env: LocalEnvironment, service: str, replica: int = 0) -> None
                    MCS_NATS_AUTH__PASSWORD_FILE=env.info().nats_password_files[service.replace("_", "-")])
     if service == "watcher" and replica > 0:
         environ["MCS_WEBHOOK__ENABLED"] = "false"  # one webhook endpoint per environment
+    if service == "feedback" and replica > 0:
+        environ["MCS_KUBELET__ENABLED"] = "false"  # one kubelet endpoint per environment
     env.processes.start(process_name(service, replica), [sys.executable, "-m", f"services.{service}"],
                         env=environ, meta={"metrics_url": f"http://127.0.0.1:{metrics_port}"})
 

@@ -5,19 +5,22 @@ A source's API server serves ``kubectl logs``, ``exec``, ``attach`` and
 proxy pod that node is a virtual node, so the call reaches us; each call is
 forwarded to the same subresource of the proxy's delegate in its target
 (:func:`target_request`). This module parses the kubelet paths
-(:func:`parse`), says what the caller must be allowed in the source, as the
-kubelet's own authorizer does (:func:`access_review`), and maps the query.
+(:func:`parse`), finds the delegate of a proxy (:func:`delegate_of`), says
+what the caller must be allowed in the source, as the kubelet's own
+authorizer does (:func:`access_review`), and maps the query.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
+from .constants import PROXY_SCHEDULER_NAME, target_of_virtual_node
 from .models import DNS_LABEL, DNS_SUBDOMAIN
+from .podspec import delegate_name
 
 CallKind = Literal["containerLogs", "exec", "attach", "portForward"]
 
@@ -74,6 +77,32 @@ def parse(method: str, target: str) -> KubeletCall:
     if method not in ("GET", "POST") or (kind == "containerLogs" and method != "GET"):
         raise KubeletCallError(405, f"{method} is not allowed on {kind}")
     return KubeletCall(kind, namespace, pod, container, tuple(parse_qsl(split.query, keep_blank_values=True)), uid)
+
+
+@dataclass(frozen=True)
+class Delegate:
+    """Where a proxy's calls go: its target, its delegate's name there, its virtual node in the source."""
+
+    target: str
+    name: str
+    node: str
+
+
+def delegate_of(proxy: Mapping[str, Any] | None, call: KubeletCall) -> Delegate | str:
+    """The delegate ``call`` goes to, or why there is none (the answer's 404 message)."""
+    where = f"pod {call.namespace}/{call.pod}"
+    if proxy is None:
+        return f"{where} not found"
+    meta, spec = proxy.get("metadata") or {}, proxy.get("spec") or {}
+    if spec.get("schedulerName") != PROXY_SCHEDULER_NAME:
+        return f"{where} is not a proxy pod"
+    if call.uid is not None and call.uid != meta.get("uid"):
+        return f"{where} is another incarnation (uid {meta.get('uid')}, not {call.uid})"
+    node = spec.get("nodeName") or ""
+    target = target_of_virtual_node(node)
+    if target is None:
+        return f"{where} has no delegate running yet"
+    return Delegate(target, delegate_name(str(meta.get("name")), str(meta.get("uid"))), node)
 
 
 def access_review(call: KubeletCall, node: str, user: str, groups: Sequence[str]) -> dict[str, Any]:

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import h11
 
-from .kube import KubeClient, KubeError
-from .kubeletapi import KubeletCall, KubeletCallError, access_review, parse, target_request
+from .kube import Informer, KubeClient, KubeError, pod_path
+from .kubeletapi import Delegate, KubeletCall, KubeletCallError, access_review, delegate_of, parse, target_request
+from .settings import KubeletSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,7 @@ _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-len
 _CHUNK = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Delegate:
-    """Where a proxy's calls go: its target, its delegate's name there, its virtual node here."""
-
-    target: str
-    name: str
-    node: str
-
-
-Resolver = Callable[[str, str], Awaitable[Delegate | str]]  # (namespace, pod) -> Delegate, or why there is none
+Resolver = Callable[[KubeletCall], Awaitable[Delegate | str]]  # the call's delegate, or why there is none
 
 
 def serving_context(cert_file: Path | None, key_file: Path | None, client_ca_files: Sequence[str]) -> ssl.SSLContext:
@@ -122,7 +114,7 @@ class KubeletServer:
             except KubeletCallError as exc:
                 await _answer(conn, writer, exc.status, str(exc))
                 return
-            found = await self.resolve(call.namespace, call.pod)
+            found = await self.resolve(call)
             if isinstance(found, str):
                 await _answer(conn, writer, 404, found)
                 return
@@ -256,3 +248,60 @@ async def _splice(down_rest: bytes, reader: asyncio.StreamReader, up_writer: asy
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def advertised_address(configured: str | None) -> str:
+    """The address virtual nodes give the API servers: the setting, else $POD_IP, else this host's."""
+    import os
+    import socket
+
+    return configured or os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
+
+
+def proxy_resolver(source: KubeClient, proxies: Informer) -> Resolver:
+    """Find a call's proxy in the cache of the source's proxies (read from the API server when the
+    cache does not have it yet), then its delegate."""
+    async def resolve(call: KubeletCall) -> Delegate | str:
+        proxy = proxies.get(f"{call.namespace}/{call.pod}")
+        if proxy is None:
+            try:
+                proxy = await source.get(pod_path(call.namespace, call.pod))
+            except KubeError as exc:
+                if not exc.not_found:
+                    raise
+        return delegate_of(proxy, call)
+
+    return resolve
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a source's API server reaches its virtual nodes' kubelet API."""
+
+    address: str
+    port: int
+    server: KubeletServer
+
+
+async def start_endpoints(settings: KubeletSettings, sources: Sequence[str], clusters: Mapping[str, KubeClient],
+                          targets: Sequence[str], proxies: Mapping[str, Informer]) -> dict[str, Endpoint]:
+    """One endpoint per source, the n-th on ``port + n``.
+
+    A source whose client CA is unknown (no ``client_ca_file``, no CA in its kubeconfig) gets none,
+    with a warning: its API server could not prove who calls.
+    """
+    address = advertised_address(settings.address)
+    endpoints: dict[str, Endpoint] = {}
+    for index, source in enumerate(sources):
+        client = clusters[source]
+        ca_file = str(settings.client_ca_file) if settings.client_ca_file else client.config.ssl_ca_cert
+        if not ca_file:
+            log.warning("no CA for %s's kubelet client certificates (kubelet.client_ca_file): kubectl logs and "
+                        "exec on its proxies will not work", source)
+            continue
+        resolve = proxy_resolver(client, proxies[source])
+        server = KubeletServer(source, client, {t: clusters[t] for t in targets}, resolve)
+        await server.start(settings.listen_host, settings.port + index,
+                           serving_context(settings.cert_file, settings.key_file, [ca_file]))
+        endpoints[source] = Endpoint(address, settings.port + index, server)
+    return endpoints

@@ -13,6 +13,9 @@
 * A pod lives once: a delegate deleted or evicted in its target ends its
   proxy (deleted, so its controller replaces it), unless the pod had finished,
   which keeps its final status.
+* kubectl logs, exec, attach and port-forward on a proxy: each source's API
+  server calls its virtual nodes' kubelet endpoint, which forwards the call
+  to the delegate (mcsched.kubeletserver).
 * Repair (on events and on every resync): a delegate whose proxy no longer
   exists (e.g. created by a late request after the proxy's finalizer let it
   go), or whose proxy's placement names another cluster, is removed; a
@@ -48,6 +51,7 @@ from mcsched.constants import (
 )
 from mcsched.events import EventRecorder
 from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path, read_pod
+from mcsched.kubeletserver import Endpoint, start_endpoints
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.natsauth import feedback_durable
 from mcsched.podspec import (
@@ -119,6 +123,7 @@ class Feedback:
         # proxy uid -> the target this process bound it to, and when (until the proxy cache shows it)
         self.bound: dict[str, tuple[str, float]] = {}
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
+        self.kubelet_endpoints: dict[str, Endpoint] = {}  # source -> its virtual nodes' kubelet API
         self.scheduled_fold_seconds = SCHEDULED_FOLD_SECONDS
         # (target, namespace, delegate name) -> the resourceVersion of the delegate last published
         self.published: dict[tuple[str, str, str], str | None] = {}
@@ -708,7 +713,12 @@ class Feedback:
                     raise
                 log.info("virtual node %s in %s changed meanwhile; its labels wait for the next heartbeat",
                          name, source)
-        status = dict(node["status"], conditions=[condition]) if known else {"conditions": [condition]}
+        status: JSON = dict(node["status"], conditions=[condition]) if known else {"conditions": [condition]}
+        endpoint = self.kubelet_endpoints.get(source)
+        if endpoint is not None:  # where the source's API server sends kubectl logs and exec
+            status["addresses"] = [{"type": "InternalIP", "address": endpoint.address},
+                                   {"type": "Hostname", "address": name}]
+            status["daemonEndpoints"] = {"kubeletEndpoint": {"Port": endpoint.port}}
         await client.merge_patch(f"{path}/status", {"status": status})
         await self._renew_lease(client, name, current["metadata"]["uid"])
 
@@ -738,6 +748,11 @@ async def compose(rt: Runtime) -> None:
         await periodic(rt.settings.heartbeat_seconds, functools.partial(feedback.heartbeat_target, target),
                        f"virtual node heartbeat of {target}")
 
+    if rt.settings.kubelet.enabled:
+        feedback.kubelet_endpoints = await start_endpoints(
+            rt.settings.kubelet, rt.settings.source_names, rt.clusters, rt.settings.target_names, feedback.proxies)
+        for endpoint in feedback.kubelet_endpoints.values():
+            rt.closers.append(endpoint.server.stop)
     for target in feedback.targets:  # each on its own: an unreachable target holds up no other
         rt.spawn(virtual_nodes(target), f"virtual nodes of {target}")
     rt.spawn(periodic(rt.settings.resync_period_seconds, feedback.resync, "feedback resync"), "feedback resync")

@@ -323,6 +323,11 @@ def rules_of(docs: Docs, kind: str, name: str) -> dict[tuple[str, str], set[str]
             for group in rule["apiGroups"] for resource in rule["resources"]}
 
 
+# kubectl logs, exec, attach and port-forward on a proxy, forwarded to its delegate.
+REMOTE_POD_ACCESS = {("", "pods/log"): {"get"}, ("", "pods/exec"): {"create"}, ("", "pods/attach"): {"create"},
+                     ("", "pods/portforward"): {"create"}}
+
+
 def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     docs = render(*BASE)
     roles = find(docs, "ClusterRole") + find(docs, "Role")
@@ -340,6 +345,8 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     assert source[("", "nodes")] == {"get", "list", "watch", "create", "patch"}  # virtual nodes
     # ConfigMaps and Secrets are only read in a source, to copy those a delegate uses into its target.
     assert source[("", "configmaps")] == source[("", "secrets")] == {"get", "list", "watch"}
+    # The virtual nodes' kubelet endpoint checks its callers as a kubelet does.
+    assert source.pop(("authorization.k8s.io", "subjectaccessreviews")) == {"create"}
     assert all(group == "" for group, _ in source)  # leases are granted in kube-node-lease only
 
     leases = one(docs, "Role", f"{FULLNAME}-node-leases")
@@ -355,6 +362,7 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
         ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete"},
         ("", "secrets"): {"get", "list", "watch", "create", "update", "delete"},
         ("", "serviceaccounts"): {"get"},
+        **REMOTE_POD_ACCESS,
     }
 
     subject = [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
@@ -379,7 +387,7 @@ def test_targets_accept_sources_through_roles_only_the_source_controller_may_bin
     assert work == {("", "pods"): {"get", "list", "watch", "create", "delete"},
                     ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete"},
                     ("", "secrets"): {"get", "list", "watch", "create", "update", "delete"},
-                    ("", "serviceaccounts"): {"get"}}
+                    ("", "serviceaccounts"): {"get"}, **REMOTE_POD_ACCESS}
     assert rules_of(docs, "ClusterRole", f"{FULLNAME}-accepted-source-viewer") == {
         ("", r): {"get", "list", "watch"} for r in ("nodes", "pods", "namespaces")}
     assert rules_of(docs, "ClusterRole", f"{FULLNAME}-accepted-source-namespaces") == {

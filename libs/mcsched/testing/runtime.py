@@ -24,7 +24,7 @@ from typing import Any
 
 from ..kube import KubeClient
 from ..runtime import Runtime
-from ..settings import ClusterSettings, Settings, WebhookSettings
+from ..settings import ClusterSettings, KubeletSettings, Settings, WebhookSettings
 from ..workqueue import WorkQueue
 from .bus import FakeBus
 from .cluster import FakeCluster, FakeInformer
@@ -32,14 +32,16 @@ from .cluster import FakeCluster, FakeInformer
 
 def fake_settings(*, sources: tuple[str, ...] = ("c1",), targets: tuple[str, ...] = ("c2",),
                   **overrides: Any) -> Settings:
-    """Settings for clusters named ``sources`` and ``targets`` (a name in both is both), no webhook, no metrics.
+    """Settings for clusters named ``sources`` and ``targets`` (a name in both is both), no webhook, no metrics,
+    no kubelet endpoint.
 
     Timers that would act behind a test's back are an hour long unless overridden.
     """
     names = list(dict.fromkeys([*sources, *targets]))
     clusters = [ClusterSettings(name=n, source=n in sources, target=n in targets) for n in names]
     values: dict[str, Any] = {"metrics_port": None, "resync_period_seconds": 3600.0, "heartbeat_seconds": 3600.0,
-                              "webhook": WebhookSettings(enabled=False, register_webhook=False)}
+                              "webhook": WebhookSettings(enabled=False, register_webhook=False),
+                              "kubelet": KubeletSettings(enabled=False)}
     values.update(overrides)
     return Settings(clusters=clusters, **values)
 
