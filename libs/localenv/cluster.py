@@ -288,6 +288,32 @@ class LocalCluster:
         if wait:
             self.wait_ready()
 
+    def wait_recovered(self, timeout: float = 150.0) -> None:
+        """After the API server came back: wait until the controller-manager, the scheduler and kwok
+        act again (their watches back off while it was gone): a probe namespace gets its default
+        ServiceAccount and a pod there runs. Leaves the cluster as a test that stopped it found it."""
+        probe = f"recovery-probe-{secrets.token_hex(3)}"
+        deadline = time.monotonic() + timeout
+        self.kubectl("create", "namespace", probe)
+        try:
+            while True:
+                try:
+                    self.kubectl("-n", probe, "get", "serviceaccount", "default")
+                    break
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{self.spec.name}: no default ServiceAccount after {timeout:.0f}s: "
+                                           "the controller-manager did not recover") from None
+                    time.sleep(1)
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": probe},
+                   "spec": {"containers": [{"name": "probe", "image": "probe"}]}}
+            self.kubectl("apply", "-f", "-", input_text=json.dumps(pod))
+            remaining = max(1, int(deadline - time.monotonic()))
+            self.kubectl("-n", probe, "wait", "--for=jsonpath={.status.phase}=Running", f"--timeout={remaining}s",
+                         "pod/probe")
+        finally:
+            self.kubectl("delete", "namespace", probe, "--wait=false")
+
     def stop_api_server(self) -> None:
         """Stop the API server only: to clients the cluster is lost, its etcd and the rest keep running."""
         self.processes.stop(f"{self.spec.name}-kube-apiserver")

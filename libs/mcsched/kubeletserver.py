@@ -27,6 +27,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 import h11
@@ -195,7 +196,7 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> obj
 
 async def _answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, message: str) -> None:
     body = message.encode()
-    writer.write(conn.send(h11.Response(status_code=status, headers=[
+    writer.write(conn.send(h11.Response(status_code=status, reason=HTTPStatus(status).phrase.encode(), headers=[
         (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
         (b"connection", b"close")])) or b"")
     writer.write(conn.send(h11.Data(data=body)) or b"")

@@ -116,6 +116,7 @@ async def test_a_lost_cluster_s_proxies_are_replaced_elsewhere_and_only_their_de
         assert samples > 1
     finally:
         await asyncio.to_thread(lost.start_api_server)
+        await asyncio.to_thread(lost.wait_recovered)
 
     async def settled() -> bool:
         pods = await list_pods(kube[LOST], namespace)

@@ -239,23 +239,22 @@ async def test_two_replicas_of_every_stage_fill_the_nodes_past_90_percent_withou
 async def test_unreachable_target_is_avoided_and_used_again_when_it_returns(
     kube: dict[str, k8s.ApiClient], namespace: str, pipeline: LocalEnvironment
 ) -> None:
-    apiserver = pipeline.processes.get("c2-kube-apiserver")
-    assert apiserver is not None
     core = k8s.CoreV1Api(kube[SOURCE])
 
     async def virtual_node_ready(ready: str) -> bool:
         node = await core.read_node("admiralty-c2")
         return any(c.type == "Ready" and c.status == ready for c in node.status.conditions)
 
-    pipeline.processes.stop("c2-kube-apiserver")
+    c2 = pipeline.cluster("c2")
+    await asyncio.to_thread(c2.stop_api_server)
     try:
         await eventually(lambda: virtual_node_ready("False"), within=60)
         await deploy_nginx(kube, namespace, 4)
         state = await converged(kube, namespace, 4, within=60, targets=("c1",))  # c2 cannot be listed now
         assert {p["spec"]["nodeName"] for p in state.proxies} == {"admiralty-c1"}
     finally:
-        pipeline.processes.start("c2-kube-apiserver", apiserver.argv)
-        await asyncio.to_thread(pipeline.cluster("c2").wait_ready)
+        await asyncio.to_thread(c2.start_api_server)
+        await asyncio.to_thread(c2.wait_recovered)
     await eventually(lambda: virtual_node_ready("True"), within=60)
     await k8s.AppsV1Api(kube[SOURCE]).patch_namespaced_deployment_scale("nginx", namespace, {"spec": {"replicas": 12}})
     state = await converged(kube, namespace, 12, within=90)
