@@ -9,7 +9,7 @@ CLUSTERS ?= c1,c2
 NODES ?= 3
 export MCS_LOCAL_DIR ?= $(CURDIR)/.local
 
-.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench
+.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos
 
 help:
 	@echo "make demo    - build tools if needed, start the local environment and show it"
@@ -19,6 +19,7 @@ help:
 	@echo "make down    - stop everything make up started"
 	@echo "make status  - show what runs and where"
 	@echo "make bench   - benchmark (BENCH_PODS=200 for a quick run); results in .local/bench/"
+	@echo "make chaos   - faults while pods are placed and deleted (CHAOS_ROUNDS=3 for longer); docs/reliability.md"
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> Python environment in $(VENV)"
@@ -49,6 +50,10 @@ demo: up
 bench: tools
 	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline, the pipeline, the baseline again, then 2 replicas of each stage"
 	@$(PY) -m localenv bench
+
+chaos: tools
+	@echo "==> chaos: CHAOS_ROUNDS=$${CHAOS_ROUNDS:-1} round(s) of faults while pods are placed and deleted (about 6 minutes a round)"
+	@$(PY) -m localenv chaos
 
 lint: venv
 	@echo "==> ruff and mypy"

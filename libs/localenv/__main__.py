@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="processes per service")
     sub.add_parser("down", help="stop everything this environment started")
     sub.add_parser("bench", help="benchmark placement against plain scheduling (BENCH_PODS, BENCH_CLUSTERS)")
+    sub.add_parser("chaos", help="inject faults while pods are placed and deleted; check invariants (CHAOS_ROUNDS)")
     sub.add_parser("demo", help="run Admiralty's getting-started scenario on the running environment")
     tools = sub.add_parser("tools", help="build the control-plane tools that are missing")
     tools.add_argument("--force", action="store_true")
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main()
+    if args.command == "chaos":
+        from .chaos import main as chaos_main
+
+        return chaos_main()
     if args.command == "tools":
         build_tools(["--force"] if args.force else [])
         return 0
