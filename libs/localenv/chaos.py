@@ -9,8 +9,9 @@ deleted. Every pod tolerates a lost cluster for ``FAILOVER_SECONDS``.
 Each round injects every fault in turn while the churn goes on: ``kill -9``
 of each service (started again a second later), ``kill -9`` of NATS and of
 NATS after wiping its JetStream store, c2's API server stopped past the
-failover delay, and c1's API server restarted. After each fault is repaired,
-the churn pauses and the time until the pipeline converges is measured.
+failover delay, and c1's API server restarted. Once each fault is repaired
+(the process started again), the churn pauses and the time until the
+pipeline converges is measured.
 
 While it runs, a sampler checks every ``SAMPLE_SECONDS`` what must never
 happen, in the clusters it can reach (:func:`invariant_violations`): two
@@ -293,8 +294,7 @@ def _stop_api_server(env: LocalEnvironment, cluster: str, down_seconds: float) -
         local = env.cluster(cluster)
         await asyncio.to_thread(local.stop_api_server)
         await asyncio.sleep(down_seconds)
-        await asyncio.to_thread(local.start_api_server)
-        await asyncio.to_thread(local.wait_recovered)
+        await asyncio.to_thread(local.start_api_server)  # its controllers' recovery counts in the convergence
     return fault
 
 
@@ -404,8 +404,7 @@ class Chaos:
                     self.log(f"round {round_ + 1}: {name}")
                     churn.running.set()
                     await asyncio.sleep(random.uniform(2, 6))
-                    await fault()
-                    await asyncio.sleep(4)  # the churn goes on through the recovery
+                    await fault()  # the churn goes on during the fault, and stops once it is repaired
                     churn.running.clear()
                     seconds, problems = await self.converge(churn)
                     results.append(FaultResult(name, seconds, problems[:10]))
@@ -423,10 +422,13 @@ class Chaos:
                 "seconds": round(time.monotonic() - started, 1)}
 
 
-async def remove_workload(env: LocalEnvironment) -> None:
-    """Delete the chaos namespace's workload, wait until the pipeline removed every delegate, then the
-    namespace everywhere (for an environment that goes on being used, as the test session's)."""
+async def restore(env: LocalEnvironment) -> None:
+    """Leave the environment as found, for one that goes on being used (the test session's): wait
+    until every cluster's controllers act again, delete the chaos namespace's workload, wait until
+    the pipeline removed every delegate, then delete the namespace everywhere."""
     info = env.info()
+    for cluster in info.cluster_names():
+        await asyncio.to_thread(env.cluster(cluster).wait_recovered)
     clients = {c: await KubeClient.connect(ClusterSettings(name=c, kubeconfig=Path(info.kubeconfig), context=c))
                for c in info.cluster_names()}
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from localenv import LocalEnvironment
-from localenv.chaos import Chaos, passed, remove_workload, table
+from localenv.chaos import Chaos, passed, restore, table
 
 pytestmark = pytest.mark.e2e
 
@@ -15,7 +15,7 @@ async def test_one_round_of_faults_loses_nothing_and_never_breaks_an_invariant(p
     try:
         report = await Chaos(pipeline, lambda m: print(f"[chaos] {m}", flush=True)).run(rounds=1)
     finally:
-        await remove_workload(pipeline)
+        await restore(pipeline)
     print(table(report))
     assert report["samples"] > 20, "the invariants were hardly sampled"
     assert report["violations"] == [], report["violations"]
