@@ -32,6 +32,7 @@ watcher's resync brings it back if this process goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -92,6 +93,7 @@ class ProxyScheduler:
                                                        field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}"))
                        for source in rt.settings.source_names}
         self.namespaces = {source: rt.informer(source, "/api/v1/namespaces") for source in rt.settings.source_names}
+        self.choosing = {source: asyncio.Lock() for source in rt.settings.source_names}
         # proxy uid -> its elect message, while the pod fits nowhere and waits for its retry here
         self.waiting: dict[str, ElectMessage] = {}
         self.retries: WorkQueue[str] = WorkQueue("retry unschedulable", self._retry)
@@ -202,38 +204,42 @@ class ProxyScheduler:
             answers = dict(await asyncio.gather(*(self._ask(t, question) for t in askable)))
             scores = {t: r.score for t, r in answers.items() if r is not None and r.fits}
             # Counted again (choices were made while the answers came), then reserved with no await between.
-            members = counts.members()
-            late = spread_refusals(constraints, pod, nodes, members, sorted(scores))
-            excluded.update(late)
-            first = preferred(constraints, nodes, sorted(t for t in scores if t not in late))  # affinity ranks first
-            first = weighted(weights, pod, members, spread_ranked(constraints, pod, nodes, members, first))
-            target = pick_target(ref.uid, {t: scores[t] for t in first})
-            if target is None:
-                return await self._unschedulable(message, {t: a for t, a in answers.items() if t not in late},
-                                                 refused, excluded)
-            chosen = placement.choose(target)
-            counts.reserve(pod, chosen)
-            confirmation = None
-            if any(s.hard for s in spread_constraints(constraints, pod.labels)):
-                confirmation = counts.expect(ref.uid, chosen, functools.partial(
-                    spread_allows, constraints, pod, nodes, target))
-            trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
-            try:
-                with tracer.start_as_current_span("record choice", attributes={"target": target}):
-                    recorded = await self.rt.clusters[ref.cluster].merge_patch(
-                        pod_path(ref.namespace, ref.name), chosen.patch(version))
-            except KubeError as exc:
-                counts.release(ref.uid)
-                counts.forget(ref.uid)
-                if exc.not_found:
-                    return ACK
-                if not exc.conflict:
-                    raise
-                proxy = await self._current(ref)  # changed meanwhile: decide again from what it is now
-                if proxy is None:
-                    return ACK
-                original, placement, version = proxy
-                continue
+            # Under DoNotSchedule the choices of this process are also written one at a time, in the order
+            # they are made, so each is right against every placement stored before it.
+            hard = any(s.hard for s in spread_constraints(constraints, pod.labels))
+            async with self.choosing[ref.cluster] if hard else contextlib.nullcontext():
+                members = counts.members()
+                late = spread_refusals(constraints, pod, nodes, members, sorted(scores))
+                excluded.update(late)
+                first = preferred(constraints, nodes, sorted(t for t in scores if t not in late))  # affinity first
+                first = weighted(weights, pod, members, spread_ranked(constraints, pod, nodes, members, first))
+                target = pick_target(ref.uid, {t: scores[t] for t in first})
+                if target is None:
+                    return await self._unschedulable(message, {t: a for t, a in answers.items() if t not in late},
+                                                     refused, excluded)
+                chosen = placement.choose(target)
+                counts.reserve(pod, chosen)
+                confirmation = None
+                if hard:
+                    confirmation = counts.expect(ref.uid, chosen, functools.partial(
+                        spread_allows, constraints, pod, nodes, target))
+                trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
+                try:
+                    with tracer.start_as_current_span("record choice", attributes={"target": target}):
+                        recorded = await self.rt.clusters[ref.cluster].merge_patch(
+                            pod_path(ref.namespace, ref.name), chosen.patch(version))
+                except KubeError as exc:
+                    counts.release(ref.uid)
+                    counts.forget(ref.uid)
+                    if exc.not_found:
+                        return ACK
+                    if not exc.conflict:
+                        raise
+                    proxy = await self._current(ref)  # changed meanwhile: decide again from what it is now
+                    if proxy is None:
+                        return ACK
+                    original, placement, version = proxy
+                    continue
             if confirmation is not None and not await self._confirmed(ref, confirmation):
                 # A choice stored before ours (another replica's) makes ours overshoot: withdrawn, decided again.
                 withdrawn = await self._withdraw(ref, chosen, recorded["metadata"]["resourceVersion"])

@@ -755,14 +755,27 @@ def replica_pod(name: str, annotations: dict[str, str] | None = None, replica_se
     return pod
 
 
-async def burst(world: World, count: int, annotations: dict[str, str] | None = None) -> list[JSON]:
-    """``count`` replicas created at once, their elect messages handled concurrently by one proxy-scheduler."""
+async def burst(world: World, count: int, annotations: dict[str, str] | None = None,
+                lagging_cache: bool = False) -> list[JSON]:
+    """``count`` replicas created at once, their elect messages handled concurrently by one proxy-scheduler
+    (whose cache of proxies shows none of its choices until all are written, with ``lagging_cache``)."""
     proxies = [await world.c1.create(pod_path(NS), admitted(replica_pod(f"web-abc-{i}", annotations)))
                for i in range(count)]
     await world.settle()
     elects = world.bus.pending("elect")
     assert len(elects) == count
-    deliveries = await world.bus.deliver_together(*((e, 0) for e in elects))
+    cache = world.informer(world.runtimes[1], SOURCE)
+    if lagging_cache:
+        cache.lag()
+    handling = asyncio.ensure_future(world.bus.deliver_together(*((e, 0) for e in elects)))
+    if lagging_cache:
+        for _ in range(5000):
+            await asyncio.sleep(0)
+            if all(world.placement_writes(p) for p in proxies):
+                break
+        assert all(world.placement_writes(p) for p in proxies), "every choice made while the cache lags"
+        await cache.flush()
+    deliveries = await handling
     assert all(d.acked for d in deliveries)
     await world.run()
     return [world.proxy(p) for p in proxies]
@@ -781,9 +794,9 @@ async def test_a_burst_of_8_replicas_spread_with_max_skew_1_splits_4_4(world: Wo
     prefer_c2 = {**json.loads(SPREAD_BY_CLUSTER), "affinity": {"nodeAffinity": {
         "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {"matchExpressions": [
             {"key": CLUSTER_TARGET_NAME_LABEL, "operator": "In", "values": ["c2"]}]}}]}}}
-    proxies = await burst(world, 8, {PROXY_CONSTRAINTS_ANNOTATION: json.dumps(prefer_c2)})
+    proxies = await burst(world, 8, {PROXY_CONSTRAINTS_ANNOTATION: json.dumps(prefer_c2)}, lagging_cache=True)
     assert split_of(proxies) == {"c2": 4, "c3": 4}
-    # one write each, none withdrawn: the process's concurrent choices counted each other
+    # one write each, none withdrawn: the process's own choices counted before its cache showed them
     assert [world.placement_writes(p) for p in proxies] == [[200]] * 8
     assert all(world.delegate(Placement.of(p).target or "", p) is not None for p in proxies)
 
