@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 
 from .cluster_constraints import ConstraintError, split
-from .constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
+from .constants import CLUSTER_WEIGHTS_ANNOTATION, ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE
 from .podspec import DEFAULT_TOLERATION_SECONDS, ElectionError, election, proxy_patch
+from .spread import SpreadError, parse_weights
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,10 @@ def review(admission_review: Mapping[str, Any], extra_annotations: Mapping[str, 
         return _response(uid, True)
     try:
         split(pod)  # the cluster-level constraints must be readable before the pod is accepted
-    except ConstraintError as exc:
+        weights = (pod.get("metadata", {}).get("annotations") or {}).get(CLUSTER_WEIGHTS_ANNOTATION)
+        if weights is not None:
+            parse_weights(weights)
+    except (ConstraintError, SpreadError) as exc:
         log.warning("refusing pod %s/%s: %s", request.get("namespace"), pod.get("metadata", {}).get("name"), exc)
         return _response(uid, False, message=str(exc))
     try:

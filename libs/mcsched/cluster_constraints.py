@@ -17,7 +17,9 @@ such as ``topology.kubernetes.io/region``):
 
 Preferred node affinity in the constraints ranks the clusters: among those
 that can take the pod, only the ones with the highest summed weight are
-drawn from ("run in c1, burst to c2 when c1 is full").
+drawn from ("run in c1, burst to c2 when c1 is full"). Topology spread
+constraints in them count the source's proxies per domain of virtual-node
+labels (:mod:`mcsched.spread`).
 
 A virtual node also refuses pods while it is cordoned (``spec.unschedulable``)
 or has a NoSchedule/NoExecute taint the constraints do not tolerate, as any
@@ -35,6 +37,7 @@ import yaml
 from .constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
 from .placement import CORDONED, matches_node_selector, preferred_weight, scheduling_blocks
 from .podspec import VIRTUAL_NODE_TOLERATION
+from .spread import SpreadError, check_spread_constraints
 
 JSON = dict[str, Any]
 CONSTRAINT_FIELDS = ("nodeSelector", "affinity", "tolerations", "topologySpreadConstraints")
@@ -86,6 +89,11 @@ def _parse(raw: str) -> JSON:
         if not isinstance(value, expected[name]):
             raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION}: {name} must be a "
                                   f"{'mapping' if expected[name] is dict else 'list'}")
+    if "topologySpreadConstraints" in fragment:
+        try:
+            check_spread_constraints(fragment["topologySpreadConstraints"])
+        except SpreadError as exc:
+            raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION}: {exc}") from exc
     return dict(fragment)
 
 

@@ -10,6 +10,14 @@ then picks the node; feedback binds the proxy to ``admiralty-<target>`` once
 the delegate is scheduled, or records the refusal, which brings the pod back
 here for the next target.
 
+Topology spread and weighted splits count the source's proxies (a cache of
+them, this process's own choices not yet in it): a DoNotSchedule spread
+constraint excludes the clusters that would exceed maxSkew, before and again
+after the answers; ScheduleAnyway, then the weights, narrow the draw. A
+choice under DoNotSchedule is confirmed once its write comes back through the
+watch, against what was stored before it, and withdrawn if another
+replica's earlier choice made it overshoot (``mcsched.proxycounts``).
+
 The recorded choice is what makes a pod run once: a racing replica or a
 redelivered message finds a target recorded already and only re-requests
 that target's delegate. A pod that fits nowhere gets ``PodScheduled=False``
@@ -24,22 +32,40 @@ watcher's resync brings it back if this process goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
+from dataclasses import replace
 
 from opentelemetry import trace
 
 from mcsched.bus import ACK, Outcome, retry_later
 from mcsched.choice import Placement, pick_target
 from mcsched.cluster_constraints import ConstraintError, preferred, refusal, split
-from mcsched.constants import VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE, virtual_node_name
+from mcsched.constants import (
+    PROXY_SCHEDULER_NAME,
+    VIRTUAL_NODE_TYPE_LABEL,
+    VIRTUAL_NODE_TYPE_VALUE,
+    virtual_node_name,
+)
 from mcsched.events import EventRecorder
 from mcsched.kube import JSON, KubeError, pod_path, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
 from mcsched.natsauth import proxy_scheduler_durable
 from mcsched.podspec import delegate_original
+from mcsched.proxycounts import ProxyCounts
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
+from mcsched.spread import (
+    SpreadError,
+    spread_allows,
+    spread_constraints,
+    spread_ranked,
+    spread_refusals,
+    weighted,
+    weights_of,
+)
 from mcsched.telemetry import observe_since, tracer
 from mcsched.workqueue import WorkQueue
 
@@ -47,6 +73,9 @@ log = logging.getLogger("proxy-scheduler")
 
 # A write that loses a race on the proxy's resourceVersion is tried again this often, re-reading it.
 CHOICE_ATTEMPTS = 3
+# How long a choice under a DoNotSchedule spread constraint waits for its own write in the cache to be
+# confirmed; past it the choice stands (feedback's resync asks for the delegate 15 s after a choice anyway).
+CONFIRM_SECONDS = 5.0
 
 
 class ProxyScheduler:
@@ -58,6 +87,13 @@ class ProxyScheduler:
         self.virtual_nodes = {source: rt.informer(source, "/api/v1/nodes",
                                                   label_selector=f"{VIRTUAL_NODE_TYPE_LABEL}={VIRTUAL_NODE_TYPE_VALUE}")
                               for source in rt.settings.source_names}
+        # Each source's proxies, counted per cluster by topology spread and weighted splits; its
+        # namespaces, whose cluster-weights annotation applies to pods without their own.
+        self.counts = {source: ProxyCounts(rt.informer(source, "/api/v1/pods",
+                                                       field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}"))
+                       for source in rt.settings.source_names}
+        self.namespaces = {source: rt.informer(source, "/api/v1/namespaces") for source in rt.settings.source_names}
+        self.choosing = {source: asyncio.Lock() for source in rt.settings.source_names}
         # proxy uid -> its elect message, while the pod fits nowhere and waits for its retry here
         self.waiting: dict[str, ElectMessage] = {}
         self.retries: WorkQueue[str] = WorkQueue("retry unschedulable", self._retry)
@@ -73,6 +109,16 @@ class ProxyScheduler:
             if reason is not None:
                 excluded[target] = reason
         return excluded
+
+    def cluster_nodes(self, source: str) -> dict[str, JSON | None]:
+        """Every target's virtual node in ``source`` (None while it does not exist)."""
+        return {t: self.virtual_nodes[source].get(virtual_node_name(t)) for t in self.rt.settings.target_names}
+
+    def weights(self, ref: PodRef, original: JSON) -> dict[str, int]:
+        """The pod's cluster weights: its own annotation, else its namespace's (SpreadError if malformed)."""
+        namespace = self.namespaces[ref.cluster].get(ref.namespace) or {}
+        return weights_of(original["metadata"].get("annotations") or {},
+                          namespace.get("metadata", {}).get("annotations") or {})
 
     async def _read_proxy(self, ref: PodRef) -> JSON | None:
         return await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid)
@@ -138,10 +184,16 @@ class ProxyScheduler:
                 return ACK
             try:
                 constraints, target_pod = split(original)
-            except ConstraintError as exc:  # the webhook refuses these; a proxy made without it may have one
+                weights = self.weights(ref, original)
+            except (ConstraintError, SpreadError) as exc:  # the webhook refuses these on pods (not on namespaces)
                 log.warning("%s: %s", ref, exc)
                 return await self._unschedulable(message, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
+            counts = self.counts[ref.cluster]
+            pod = counts.subject(ref, original["metadata"].get("labels") or {})
+            nodes = self.cluster_nodes(ref.cluster)
             excluded = self.excluded_clusters(ref.cluster, constraints)
+            excluded.update(spread_refusals(constraints, pod, nodes, counts.members(),
+                                            [t for t in self.rt.settings.target_names if t not in excluded]))
             for left_out, reason in excluded.items():  # in the pod's trace beside the answers (mcsctl explain)
                 with tracer.start_as_current_span(f"exclude {left_out}", attributes={
                         "target": left_out, "fits": False, "reason": f"excluded: {reason}"}):
@@ -151,26 +203,50 @@ class ProxyScheduler:
             question = CandidateRequest(proxy=ref, pod=target_pod)
             answers = dict(await asyncio.gather(*(self._ask(t, question) for t in askable)))
             scores = {t: r.score for t, r in answers.items() if r is not None and r.fits}
-            nodes = {t: self.virtual_nodes[ref.cluster].get(virtual_node_name(t)) for t in scores}
-            first = preferred(constraints, nodes, sorted(scores))  # preferred affinity ranks the clusters
-            target = pick_target(ref.uid, {t: scores[t] for t in first})
-            if target is None:
-                return await self._unschedulable(message, answers, refused, excluded)
-            chosen = placement.choose(target)
-            trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
-            try:
-                with tracer.start_as_current_span("record choice", attributes={"target": target}):
-                    recorded = await self.rt.clusters[ref.cluster].merge_patch(
-                        pod_path(ref.namespace, ref.name), chosen.patch(version))
-            except KubeError as exc:
-                if exc.not_found:
+            # Counted again (choices were made while the answers came), then reserved with no await between.
+            # Under DoNotSchedule the choices of this process are also written one at a time, in the order
+            # they are made, so each is right against every placement stored before it.
+            hard = any(s.hard for s in spread_constraints(constraints, pod.labels))
+            async with self.choosing[ref.cluster] if hard else contextlib.nullcontext():
+                members = counts.members()
+                late = spread_refusals(constraints, pod, nodes, members, sorted(scores))
+                excluded.update(late)
+                first = preferred(constraints, nodes, sorted(t for t in scores if t not in late))  # affinity first
+                first = weighted(weights, pod, members, spread_ranked(constraints, pod, nodes, members, first))
+                target = pick_target(ref.uid, {t: scores[t] for t in first})
+                if target is None:
+                    return await self._unschedulable(message, {t: a for t, a in answers.items() if t not in late},
+                                                     refused, excluded)
+                chosen = placement.choose(target)
+                counts.reserve(pod, chosen)
+                confirmation = None
+                if hard:
+                    confirmation = counts.expect(ref.uid, chosen, functools.partial(
+                        spread_allows, constraints, pod, nodes, target))
+                trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
+                try:
+                    with tracer.start_as_current_span("record choice", attributes={"target": target}):
+                        recorded = await self.rt.clusters[ref.cluster].merge_patch(
+                            pod_path(ref.namespace, ref.name), chosen.patch(version))
+                except KubeError as exc:
+                    counts.release(ref.uid)
+                    counts.forget(ref.uid)
+                    if exc.not_found:
+                        return ACK
+                    if not exc.conflict:
+                        raise
+                    proxy = await self._current(ref)  # changed meanwhile: decide again from what it is now
+                    if proxy is None:
+                        return ACK
+                    original, placement, version = proxy
+                    continue
+            if confirmation is not None and not await self._confirmed(ref, confirmation):
+                # A choice stored before ours (another replica's) makes ours overshoot: withdrawn, decided again.
+                withdrawn = await self._withdraw(ref, chosen, recorded["metadata"]["resourceVersion"])
+                if withdrawn is None:
                     return ACK
-                if not exc.conflict:
-                    raise
-                proxy = await self._current(ref)  # changed meanwhile: decide again from what it is now
-                if proxy is None:
-                    return ACK
-                original, placement, version = proxy
+                counts.reserve(pod, withdrawn[0])
+                placement, version = withdrawn
                 continue
             observe_since("cluster_chosen", message.created)
             await self._request_delegate(ref, target, chosen.round, message.created,
@@ -178,6 +254,39 @@ class ProxyScheduler:
             log.info("%s -> %s (score %.2f, round %d)", ref, target, scores[target], chosen.round)
             return ACK
         return retry_later(1.0, "the proxy kept changing")
+
+    async def _withdraw(self, ref: PodRef, chosen: Placement, version: str) -> tuple[Placement, str] | None:
+        """Take back ``chosen`` (no delegate was asked for): the placement without a target, and its
+        resourceVersion; None when the proxy is gone, bound or holds another choice by now."""
+        withdrawn = replace(chosen, target=None)
+        for _ in range(CHOICE_ATTEMPTS):
+            try:
+                recorded = await self.rt.clusters[ref.cluster].merge_patch(
+                    pod_path(ref.namespace, ref.name), withdrawn.patch(version))
+            except KubeError as exc:
+                if exc.not_found:
+                    return None
+                if not exc.conflict:
+                    raise
+                current = await self._undecided(ref)  # e.g. its status changed: still ours to take back?
+                if current is None or Placement.of(current) != chosen:
+                    return None
+                version = current["metadata"]["resourceVersion"]
+                continue
+            log.info("%s: %s withdrawn, it would exceed a topology spread constraint's maxSkew", ref, chosen.target)
+            return withdrawn, str(recorded["metadata"]["resourceVersion"])
+        raise RuntimeError(f"{ref}: the proxy kept changing while its choice of {chosen.target} was taken back")
+
+    async def _confirmed(self, ref: PodRef, confirmation: asyncio.Future[bool]) -> bool:
+        """Whether a choice still holds against the choices stored before it (True if the cache is too slow)."""
+        try:
+            return await asyncio.wait_for(confirmation, CONFIRM_SECONDS)
+        except TimeoutError:
+            log.warning("%s: the choice did not come back through the watch in %.0fs; it stands", ref,
+                        CONFIRM_SECONDS)
+            return True
+        finally:
+            self.counts[ref.cluster].forget(ref.uid)
 
     async def _undecided(self, ref: PodRef) -> JSON | None:
         """The proxy as its API server has it, unless it is gone, being deleted or bound already."""

@@ -345,6 +345,7 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     assert source[("", "nodes")] == {"get", "list", "watch", "create", "patch"}  # virtual nodes
     # ConfigMaps and Secrets are only read in a source, to copy those a delegate uses into its target.
     assert source[("", "configmaps")] == source[("", "secrets")] == {"get", "list", "watch"}
+    assert source[("", "namespaces")] == {"get", "list", "watch"}  # their cluster-weights annotation
     # The virtual nodes' kubelet endpoint checks its callers as a kubelet does.
     assert source.pop(("authorization.k8s.io", "subjectaccessreviews")) == {"create"}
     assert all(group == "" for group, _ in source)  # leases are granted in kube-node-lease only

@@ -25,6 +25,7 @@ from mcsched.admission import review
 from mcsched.choice import Placement
 from mcsched.constants import (
     CLUSTER_TARGET_NAME_LABEL,
+    CLUSTER_WEIGHTS_ANNOTATION,
     ELECT_ANNOTATION,
     NAMESPACE_LABEL,
     NAMESPACE_LABEL_VALUE,
@@ -735,6 +736,148 @@ async def test_with_use_constraints_from_spec_the_pods_own_constraints_choose_th
     assert Placement.of(world.proxy(proxy)).target == "c3"
     delegate = world.delegate("c3", proxy)
     assert delegate is not None and "nodeSelector" not in delegate["spec"], "the constraint was the cluster's"
+
+
+# -- spreading a workload across clusters ---------------------------------------------------------------------------
+
+SPREAD_BY_CLUSTER = json.dumps({"topologySpreadConstraints": [{
+    "maxSkew": 1, "topologyKey": CLUSTER_TARGET_NAME_LABEL, "whenUnsatisfiable": "DoNotSchedule",
+    "labelSelector": {"matchLabels": {"app": "web"}}, "matchLabelKeys": ["pod-template-hash"]}]})
+
+
+def replica_pod(name: str, annotations: dict[str, str] | None = None, replica_set: str = "web-abc") -> JSON:
+    """A pod as a ReplicaSet of a Deployment makes it."""
+    pod = user_pod(name, cpu="100m")
+    pod["metadata"]["labels"]["pod-template-hash"] = replica_set.rsplit("-", 1)[-1]
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replica_set,
+                                           "uid": f"uid-{replica_set}", "controller": True}]
+    pod["metadata"]["annotations"].update(annotations or {})
+    return pod
+
+
+async def burst(world: World, count: int, annotations: dict[str, str] | None = None,
+                lagging_cache: bool = False) -> list[JSON]:
+    """``count`` replicas created at once, their elect messages handled concurrently by one proxy-scheduler
+    (whose cache of proxies shows none of its choices until all are written, with ``lagging_cache``)."""
+    proxies = [await world.c1.create(pod_path(NS), admitted(replica_pod(f"web-abc-{i}", annotations)))
+               for i in range(count)]
+    await world.settle()
+    elects = world.bus.pending("elect")
+    assert len(elects) == count
+    cache = world.informer(world.runtimes[1], SOURCE)
+    if lagging_cache:
+        cache.lag()
+    handling = asyncio.ensure_future(world.bus.deliver_together(*((e, 0) for e in elects)))
+    if lagging_cache:
+        for _ in range(5000):
+            await asyncio.sleep(0)
+            if all(world.placement_writes(p) for p in proxies):
+                break
+        assert all(world.placement_writes(p) for p in proxies), "every choice made while the cache lags"
+        await cache.flush()
+    deliveries = await handling
+    assert all(d.acked for d in deliveries)
+    await world.run()
+    return [world.proxy(p) for p in proxies]
+
+
+def split_of(proxies: list[JSON]) -> dict[str | None, int]:
+    targets = [Placement.of(p).target for p in proxies]
+    return {t: targets.count(t) for t in sorted(set(targets), key=str)}
+
+
+async def test_a_burst_of_8_replicas_spread_with_max_skew_1_splits_4_4(world: World) -> None:
+    for target in TARGETS:
+        world.c1.put("nodes", virtual_node(target))
+    await world.settle()
+    # With a preference for c2 besides, every pod would go to c2 but for the spread.
+    prefer_c2 = {**json.loads(SPREAD_BY_CLUSTER), "affinity": {"nodeAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {"matchExpressions": [
+            {"key": CLUSTER_TARGET_NAME_LABEL, "operator": "In", "values": ["c2"]}]}}]}}}
+    proxies = await burst(world, 8, {PROXY_CONSTRAINTS_ANNOTATION: json.dumps(prefer_c2)}, lagging_cache=True)
+    assert split_of(proxies) == {"c2": 4, "c3": 4}
+    # one write each, none withdrawn: the process's own choices counted before its cache showed them
+    assert [world.placement_writes(p) for p in proxies] == [[200]] * 8
+    assert all(world.delegate(Placement.of(p).target or "", p) is not None for p in proxies)
+
+
+async def test_a_burst_split_by_weights_1_to_3_from_the_namespace_goes_2_6_and_a_pods_own_weights_win(
+        world: World) -> None:
+    namespace = world.c1.find("namespaces", "", NS)
+    assert namespace is not None
+    namespace["metadata"]["annotations"] = {CLUSTER_WEIGHTS_ANNOTATION: "c2=1,c3=3"}
+    world.c1.put("namespaces", namespace)
+    await world.settle()
+    proxies = await burst(world, 8)
+    assert split_of(proxies) == {"c2": 2, "c3": 6}
+    own = await world.c1.create(pod_path(NS), admitted(replica_pod("own", {CLUSTER_WEIGHTS_ANNOTATION: "c2=1"},
+                                                                   replica_set="own-xyz")))
+    await world.settle()
+    await world.run()
+    assert Placement.of(world.proxy(own)).target == "c2"
+
+
+async def test_malformed_namespace_weights_leave_the_pod_pending_and_say_why(world: World) -> None:
+    namespace = world.c1.find("namespaces", "", NS)
+    assert namespace is not None
+    namespace["metadata"]["annotations"] = {CLUSTER_WEIGHTS_ANNOTATION: "c2=1;c3=3"}  # the webhook sees pods only
+    world.c1.put("namespaces", namespace)
+    await world.settle()
+    proxy = await world.create_proxy()
+    await world.run()
+    scheduled = condition(world.proxy(proxy), "PodScheduled")
+    assert scheduled is not None and scheduled["status"] == "False"
+    assert f"c2: excluded: the namespace's annotation {CLUSTER_WEIGHTS_ANNOTATION}: 'c2=1;c3=3' is not " \
+        "<cluster>=<weight>" in scheduled["message"]
+
+
+async def test_a_replica_whose_cache_lags_withdraws_a_choice_that_overshoots_max_skew(world: World) -> None:
+    for target in TARGETS:
+        world.c1.put("nodes", virtual_node(target))
+    await world.settle()
+    first = world.runtimes[1]
+    second, _ = await world.add_proxy_scheduler()
+    await world.settle()
+    lagging = world.informer(second, SOURCE)  # the second replica's proxies: it misses the first's choice
+    lagging.lag()
+    constrained = {PROXY_CONSTRAINTS_ANNOTATION: SPREAD_BY_CLUSTER}
+    web0 = await world.c1.create(pod_path(NS), admitted(replica_pod("web-abc-0", constrained)))
+    await world.settle()
+    [elect] = world.bus.pending("elect")
+    assert (await world.bus.deliver(elect, replica=0)).acked
+    await world.settle()
+    taken = Placement.of(world.proxy(web0)).target
+    assert taken is not None and first is not None
+    free = world.other(taken)
+    second.fake_bus.unreachable.add(f"mcs.candidate.{free}")  # the second replica hears from `taken` only
+
+    web1 = await world.c1.create(pod_path(NS), admitted(replica_pod("web-abc-1", constrained)))
+    await world.settle()
+    [elect] = world.bus.pending("elect")
+    handling = asyncio.create_task(world.bus.deliver(elect, replica=1))
+    for _ in range(1000):  # until its choice (from a cache that shows no pod anywhere) is written
+        await asyncio.sleep(0)
+        if world.placement_writes(web1):
+            break
+    assert world.placement_writes(web1) == [200]
+    assert Placement.of(world.proxy(web1)).target == taken, "the race: both pods in one cluster"
+    await lagging.flush()  # its own write comes back, after web-0's: it overshoots, it is withdrawn
+    assert (await handling).acked
+    await world.settle()
+    placement = Placement.of(world.proxy(web1))
+    assert placement.target is None and placement.round == 1
+    assert world.placement_writes(web1) == [200, 200]
+    assert world.delegate(taken, web1) is None
+    scheduled = condition(world.proxy(web1), "PodScheduled")
+    assert scheduled is not None and f"{taken}: excluded: topology spread" in scheduled["message"]
+
+    second.fake_bus.unreachable.clear()
+    asked = len(world.broker.requests)
+    await world.retry_unschedulable()
+    assert Placement.of(world.proxy(web1)).target == free
+    assert {r.subject for r in world.broker.requests[asked:]} == {f"mcs.candidate.{free}"}, \
+        "a cluster the spread excludes is not asked (by either replica)"
+    assert world.delegate(free, web1) is not None
 
 
 # -- targets choose whom they accept ------------------------------------------------------------------------------
