@@ -190,9 +190,11 @@ class ProxyScheduler:
                 return await self._unschedulable(message, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
             counts = self.counts[ref.cluster]
             pod = counts.subject(ref, original["metadata"].get("labels") or {})
+            # Only a pod with spread constraints or weights counts the source's proxies (a walk over all).
+            counted = bool(weights) or bool(spread_constraints(constraints, pod.labels))
             nodes = self.cluster_nodes(ref.cluster)
             excluded = self.excluded_clusters(ref.cluster, constraints)
-            excluded.update(spread_refusals(constraints, pod, nodes, counts.members(),
+            excluded.update(spread_refusals(constraints, pod, nodes, counts.members() if counted else [],
                                             [t for t in self.rt.settings.target_names if t not in excluded]))
             for left_out, reason in excluded.items():  # in the pod's trace beside the answers (mcsctl explain)
                 with tracer.start_as_current_span(f"exclude {left_out}", attributes={
@@ -208,7 +210,7 @@ class ProxyScheduler:
             # they are made, so each is right against every placement stored before it.
             hard = any(s.hard for s in spread_constraints(constraints, pod.labels))
             async with self.choosing[ref.cluster] if hard else contextlib.nullcontext():
-                members = counts.members()
+                members = counts.members() if counted else []
                 late = spread_refusals(constraints, pod, nodes, members, sorted(scores))
                 excluded.update(late)
                 first = preferred(constraints, nodes, sorted(t for t in scores if t not in late))  # affinity first
