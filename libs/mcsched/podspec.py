@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import ValidationError
@@ -437,6 +437,29 @@ def unschedulable_reason(pod: Mapping[str, Any]) -> str | None:
 def is_finished(pod: Mapping[str, Any]) -> bool:
     """Whether the pod ran to its end (Succeeded or Failed): it never runs again."""
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def stray_action(pod: Mapping[str, Any]) -> Literal["delete", "fail"] | None:
+    """What a virtual node's "kubelet" does with a pod bound to it that is not a proxy (a DaemonSet's
+    pod that tolerates every taint, a pod created with ``nodeName`` set): nothing can run it there.
+
+    ``fail`` it as a kubelet fails a pod it cannot admit (its controller replaces it, a DaemonSet's
+    with back-off), ``delete`` it for good once it is being deleted (no kubelet will confirm it),
+    None for a proxy or a pod that ended already.
+    """
+    if is_proxy(pod) or (pod.get("spec") or {}).get("schedulerName") == PROXY_SCHEDULER_NAME:
+        return None
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return "delete"
+    return None if is_finished(pod) else "fail"
+
+
+def stray_status(node: str) -> JSON:
+    """The status :func:`stray_action` ``fail`` writes: Failed, saying why."""
+    return {"phase": "Failed", "reason": "VirtualNode",
+            "message": f"{node} is a virtual node: it runs only proxy pods (pods with the "
+                       f"{ELECT_ANNOTATION} annotation in enabled namespaces), never a pod bound to it otherwise; "
+                       "a DaemonSet should not select virtual nodes (affinity: type NotIn [virtual-kubelet])"}
 
 
 def parent_ref(delegate: Mapping[str, Any]) -> tuple[str, str, str, str] | None:

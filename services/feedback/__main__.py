@@ -62,6 +62,8 @@ from mcsched.podspec import (
     newer_resource_version,
     parent_ref,
     status_differs,
+    stray_action,
+    stray_status,
     unschedulable_reason,
 )
 from mcsched.proxystatus import record_refusal
@@ -136,6 +138,20 @@ class Feedback:
         for queue in (self.finalizing, self.orphans, self.statuses):
             queue.start()
             rt.closers.append(queue.stop)
+        # Pods bound to a virtual node that are not proxies (a DaemonSet's tolerating every taint): per
+        # source and virtual node, normally empty. Nothing can run them: failed, as a kubelet would.
+        self.strays: WorkQueue[tuple[str, str, str, str]] = WorkQueue("pods strayed onto virtual nodes",
+                                                                      self._stray_key)
+        self.stray_pods: dict[str, list[Informer]] = {
+            source: [rt.informer(source, "/api/v1/pods", field_selector=(
+                f"spec.nodeName={virtual_node_name(t)},spec.schedulerName!={PROXY_SCHEDULER_NAME}"))
+                for t in rt.settings.target_names]
+            for source in rt.settings.source_names}
+        self.strays.start()
+        rt.closers.append(self.strays.stop)
+        for source, informers in self.stray_pods.items():
+            for informer in informers:
+                informer.add_handler(functools.partial(self.on_stray, source))
         for source, informer in self.proxies.items():
             informer.add_handler(functools.partial(self.on_proxy, source))
         for target, view in self.targets.items():
@@ -442,6 +458,35 @@ class Feedback:
             self.bound.pop(uid, None)  # the cache shows the binding now
         if pod["metadata"].get("deletionTimestamp"):
             self.finalizing.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
+
+    def on_stray(self, source: str, kind: str, pod: JSON, _old: JSON | None = None) -> None:
+        if kind != "DELETED" and stray_action(pod) is not None:
+            meta = pod["metadata"]
+            self.strays.add((source, meta["namespace"], meta["name"], meta["uid"]))
+
+    async def _stray_key(self, key: tuple[str, str, str, str]) -> None:
+        source, namespace, name, uid = key
+        pod = await read_pod(self.rt.clusters[source], namespace, name, uid)
+        node = (pod or {}).get("spec", {}).get("nodeName") or ""
+        action = stray_action(pod) if pod is not None and target_of_virtual_node(node) else None
+        if pod is None or action is None:
+            return
+        meta = pod["metadata"]
+        if action == "delete":
+            await self._delete_pod(source, namespace, name, meta["uid"], grace=0)
+            return
+        log.info("pod %s/%s in %s is bound to the virtual node %s but is not a proxy: failing it", namespace,
+                 name, source, node)
+        try:
+            await self.rt.clusters[source].merge_patch(pod_path(namespace, name, "status"), {
+                "metadata": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
+                "status": stray_status(node)})
+        except KubeError as exc:
+            if not (exc.not_found or exc.conflict):
+                raise
+            self.strays.add_after(key, 1.0)  # changed meanwhile: look again
+            return
+        await self.events.record(self.rt.clusters[source], pod, "VirtualNode", stray_status(node)["message"])
 
     async def _finalize_key(self, key: tuple[str, str, str]) -> None:
         source, namespace, name = key

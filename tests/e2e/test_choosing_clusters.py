@@ -171,3 +171,35 @@ async def test_draining_a_virtual_node_moves_its_pods_to_other_clusters_within_t
         assert await list_pods(kube["c2"], namespace) == []
     finally:
         c1.kubectl("uncordon", "admiralty-c2")
+
+
+async def test_a_daemonset_tolerating_every_taint_leaves_nothing_stuck_on_virtual_nodes(
+        kube: dict[str, k8s.ApiClient], namespace: str) -> None:
+    """Its pods on virtual nodes are failed as a kubelet fails a pod it cannot admit, and go when deleted."""
+    apps = k8s.AppsV1Api(kube[SOURCE])
+    labels = {"app": "everywhere"}
+    daemonset = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "everywhere"},
+                 "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+                     "tolerations": [{"operator": "Exists"}], "terminationGracePeriodSeconds": 30,
+                     "containers": [{"name": "agent", "image": "agent"}]}}}}
+    await create_when_ready(lambda: apps.create_namespaced_daemon_set(namespace, daemonset))
+
+    async def pods() -> list[JSON]:
+        return await list_pods(kube[SOURCE], namespace, label_selector="app=everywhere")
+
+    async def settled() -> list[JSON] | None:
+        found = await pods()
+        on_virtual = [p for p in found if (p["spec"].get("nodeName") or "").startswith("admiralty-")]
+        real = [p for p in found if p not in on_virtual]
+        return found if on_virtual and len(real) == 3 and all(p["status"].get("phase") == "Running" for p in real) \
+            and all(p["status"].get("phase") == "Failed" for p in on_virtual) else None
+
+    found = await eventually(settled, within=60)
+    stray = next(p for p in found if p["spec"]["nodeName"].startswith("admiralty-"))
+    assert stray["status"]["reason"] == "VirtualNode" and "virtual node" in stray["status"]["message"]
+    await apps.delete_namespaced_daemon_set("everywhere", namespace)
+
+    async def gone() -> bool:
+        return not await pods()
+
+    await eventually(gone, within=60)  # none left Terminating for want of a kubelet

@@ -188,7 +188,10 @@ class World:
             [f"{d.envelope}: {d.error!r}" for d in self.broker.deliveries if d.error is not None]
 
     def informer(self, rt: FakeRuntime, cluster: str, resource: str = "pods") -> FakeInformer:
-        [informer] = rt.fake_informers(cluster, resource)
+        """The process's main cache of ``resource`` in ``cluster`` (not the watch of pods strayed onto
+        virtual nodes feedback also keeps)."""
+        [informer] = [i for i in rt.fake_informers(cluster, resource)
+                      if "spec.nodeName=" not in (i.field_selector or "")]
         return informer
 
     # -- pods ----------------------------------------------------------------------------------------
@@ -362,6 +365,29 @@ async def test_the_heartbeat_never_brings_back_a_taint_the_node_lifecycle_contro
     assert node is not None and node["metadata"]["labels"][CLUSTER_TARGET_NAME_LABEL] == "c2"
     assert node["spec"]["taints"] == [{"key": "virtual-kubelet.io/provider", "value": "admiralty",
                                        "effect": "NoSchedule"}]
+
+
+async def test_a_pod_that_is_not_a_proxy_bound_to_a_virtual_node_is_failed_and_goes_when_deleted(
+        world: World) -> None:
+    """A DaemonSet's pod tolerating every taint lands on admiralty-c2: nothing could ever run it there."""
+    daemon = world.c1.put("pods", {"metadata": {"name": "agent-x", "namespace": NS},
+                                   "spec": {"nodeName": "admiralty-c2", "schedulerName": "default-scheduler",
+                                            "containers": [{"name": "agent", "image": "agent"}]},
+                                   "status": {"phase": "Pending"}})
+    elsewhere = world.c1.put("pods", {"metadata": {"name": "agent-y", "namespace": NS},
+                                      "spec": {"nodeName": "c1-n1", "containers": [{"name": "agent", "image": "a"}]},
+                                      "status": {"phase": "Pending"}})
+    await world.settle()
+    failed = world.c1.pod(NS, "agent-x")
+    assert failed is not None and failed["status"]["phase"] == "Failed" and failed["status"]["reason"] == "VirtualNode"
+    assert [e["reason"] for e in world.c1.events_about(daemon["metadata"]["uid"])] == ["VirtualNode"]
+    assert world.c1.pod(NS, "agent-y") == elsewhere, "a pod on a real node is none of our business"
+
+    # Its controller deletes it with a grace period: no kubelet will confirm, so it is removed for good.
+    world.c1.modify("pods", NS, "agent-x", lambda pod: pod["metadata"].update(
+        deletionTimestamp="2026-01-01T00:00:00Z", deletionGracePeriodSeconds=30))
+    await world.settle()
+    assert world.c1.pod(NS, "agent-x") is None
 
 
 # -- racing choices ------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from mcsched.podspec import (
     proxy_patch,
     source_manifest,
     status_differs,
+    stray_action,
+    stray_status,
     unschedulable_reason,
 )
 
@@ -331,3 +333,14 @@ def test_delegate_labels_move_into_our_domain_and_its_pod_selectors_follow() -> 
         "multicluster.admiralty.io/app": "web", "keep.io/me": "1"}
     assert spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0][
         "labelSelector"]["matchLabels"] == {"app": "web"}, "the original is not changed"
+
+
+def test_a_virtual_node_fails_pods_that_are_not_proxies_and_removes_them_once_deleted() -> None:
+    proxy = apply_patch(elected_pod(), proxy_patch(elected_pod()))
+    daemon = {"metadata": {"name": "agent"}, "spec": {"schedulerName": "default-scheduler"}, "status": {}}
+    assert stray_action(proxy) is None
+    assert stray_action(daemon) == "fail"
+    assert stray_action({**daemon, "status": {"phase": "Failed"}}) is None
+    assert stray_action({**daemon, "metadata": {"name": "agent", "deletionTimestamp": "2026-01-01T00:00:00Z"}}) \
+        == "delete"
+    assert stray_status("admiralty-c2")["phase"] == "Failed"
