@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -437,6 +438,46 @@ def unschedulable_reason(pod: Mapping[str, Any]) -> str | None:
 def is_finished(pod: Mapping[str, Any]) -> bool:
     """Whether the pod ran to its end (Succeeded or Failed): it never runs again."""
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _controller(pod: Mapping[str, Any]) -> str | None:
+    return next((str(r.get("uid")) for r in (pod.get("metadata") or {}).get("ownerReferences") or []
+                 if r.get("controller")), None)
+
+
+def awaits_replacement(proxy: Mapping[str, Any], virtual_node: Mapping[str, Any] | None,
+                       siblings: Iterable[Mapping[str, Any]], now: str) -> bool:
+    """Whether a proxy being drained keeps its delegate running a little longer.
+
+    A proxy evicted from a cordoned virtual node (``kubectl drain``) with a
+    grace period, whose controller (Deployment, ReplicaSet, StatefulSet...) has
+    no replacement Ready yet, keeps its delegate until one is, or until its
+    grace period ends (``deletionTimestamp``, RFC 3339 like ``now``): the
+    replacements run before the old delegates go. Anything else (a deletion by
+    a user, a force deletion, a pod without a controller) lets it go at once.
+    """
+    meta = proxy.get("metadata") or {}
+    deadline = meta.get("deletionTimestamp")
+    owner = _controller(proxy)
+    if not deadline or not meta.get("deletionGracePeriodSeconds") or owner is None or now >= deadline:
+        return False
+    if virtual_node is None or not (virtual_node.get("spec") or {}).get("unschedulable"):
+        return False
+    return not any(_controller(s) == owner and s.get("metadata", {}).get("uid") != meta.get("uid")
+                   and not s.get("metadata", {}).get("deletionTimestamp") and _ready(s) and
+                   str(s.get("metadata", {}).get("creationTimestamp") or "") >= _eviction_time(meta)
+                   for s in siblings)
+
+
+def _eviction_time(meta: Mapping[str, Any]) -> str:
+    """When the proxy was evicted: its deletionTimestamp less its grace period (second precision)."""
+    deadline = datetime.strptime(str(meta["deletionTimestamp"]), "%Y-%m-%dT%H:%M:%SZ")
+    return (deadline - timedelta(seconds=int(meta["deletionGracePeriodSeconds"]))).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def stray_action(pod: Mapping[str, Any]) -> Literal["delete", "fail"] | None:

@@ -55,6 +55,7 @@ from mcsched.kubeletserver import Endpoint, start_endpoints
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.natsauth import feedback_durable
 from mcsched.podspec import (
+    awaits_replacement,
     delegate_name,
     is_finished,
     mirror_patch,
@@ -112,6 +113,12 @@ class Feedback:
         self.events = EventRecorder("admiralty-feedback")
         self.proxies: dict[str, Informer] = {
             source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
+            for source in rt.settings.source_names
+        }
+        # Each source's virtual nodes: a proxy drained from a cordoned one keeps its delegate until replaced.
+        self.virtual_nodes: dict[str, Informer] = {
+            source: rt.informer(source, "/api/v1/nodes",
+                                label_selector=f"{VIRTUAL_NODE_TYPE_LABEL}={VIRTUAL_NODE_TYPE_VALUE}")
             for source in rt.settings.source_names
         }
         self.targets: dict[str, TargetView] = {
@@ -502,6 +509,12 @@ class Feedback:
         if target in self.targets:
             name = delegate_name(meta["name"], meta["uid"])
             client = self.rt.clusters[target]
+            node = self.virtual_nodes[source].get(proxy["spec"].get("nodeName") or "")
+            siblings = self.proxies[source].items() if node is not None and node["spec"].get("unschedulable") else []
+            if awaits_replacement(proxy, node, siblings, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")):
+                # Drained: the delegate runs on until its controller's replacement is Ready (or the grace ends).
+                self.finalizing.add_after((source, meta["namespace"], meta["name"]), 1.0)
+                return
             try:
                 grace = meta.get("deletionGracePeriodSeconds")
                 body = {"apiVersion": "v1", "kind": "DeleteOptions",

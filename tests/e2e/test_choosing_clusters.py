@@ -17,7 +17,12 @@ import pytest
 from kubernetes_asyncio import client as k8s
 
 from localenv import LocalEnvironment
-from mcsched.constants import PROXY_CONSTRAINTS_ANNOTATION, PROXY_SCHEDULER_NAME, USE_SPEC_CONSTRAINTS_ANNOTATION
+from mcsched.constants import (
+    PARENT_UID_LABEL,
+    PROXY_CONSTRAINTS_ANNOTATION,
+    PROXY_SCHEDULER_NAME,
+    USE_SPEC_CONSTRAINTS_ANNOTATION,
+)
 from tests.e2e.pipeline import JSON, SOURCE, create_when_ready, list_pods
 from tests.helpers import eventually
 
@@ -156,14 +161,25 @@ async def test_draining_a_virtual_node_moves_its_pods_to_other_clusters_within_t
     drain = asyncio.create_task(asyncio.to_thread(
         c1.kubectl, "drain", "admiralty-c2", "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=180s"))
     try:
+        async def running_delegates() -> int:
+            """The Deployment's delegates running in either cluster and not being deleted."""
+            pods = [p for c in ("c1", "c2")
+                    for p in await list_pods(kube[c], namespace, label_selector=PARENT_UID_LABEL)]
+            return sum(p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+                       for p in pods)
+
         samples: list[list[tuple[str, bool, str]]] = []
+        running: list[int] = []
         while not drain.done():  # sample the budget while the drain is under way
             samples.append([(p["metadata"]["name"][-5:], ready(p), p["spec"].get("nodeName") or "")
                             for p in await proxies()])
+            running.append(await running_delegates())
             await asyncio.sleep(0.2)
         await drain
         lowest = min((sum(r for _, r, _ in sample) for sample in samples), default=4)
         assert lowest >= 3, f"only {lowest} of 4 pods were ready at one point: the budget was violated: {samples}"
+        # Each drained pod's delegate ran on until its replacement was Ready: never fewer than 4 running.
+        assert len(running) > 3 and min(running) >= 4, f"running delegates while draining: {running}"
         try:
             await eventually(lambda: all_running_on("admiralty-c1"), within=90)
         except AssertionError:

@@ -21,6 +21,7 @@ from mcsched.podspec import (
     VIRTUAL_NODE_TOLERATION,
     ElectionError,
     apply_patch,
+    awaits_replacement,
     delegate_manifest,
     delegate_name,
     delegate_original,
@@ -344,3 +345,39 @@ def test_a_virtual_node_fails_pods_that_are_not_proxies_and_removes_them_once_de
     assert stray_action({**daemon, "metadata": {"name": "agent", "deletionTimestamp": "2026-01-01T00:00:00Z"}}) \
         == "delete"
     assert stray_status("admiralty-c2")["phase"] == "Failed"
+
+
+def _drained(**meta: Any) -> dict[str, Any]:
+    return {"metadata": {"uid": "old", "deletionTimestamp": "2026-01-01T00:00:30Z", "deletionGracePeriodSeconds": 30,
+                         "ownerReferences": [{"kind": "ReplicaSet", "uid": "rs", "controller": True}], **meta}}
+
+
+def _sibling(uid: str, created: str, ready: bool = True, owner: str = "rs") -> dict[str, Any]:
+    return {"metadata": {"uid": uid, "creationTimestamp": created,
+                         "ownerReferences": [{"kind": "ReplicaSet", "uid": owner, "controller": True}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+CORDONED = {"metadata": {"name": "admiralty-c2"}, "spec": {"unschedulable": True}}
+
+
+@pytest.mark.parametrize(("proxy", "node", "siblings", "now", "waits"), [
+    (_drained(), CORDONED, [], "2026-01-01T00:00:05Z", True),
+    # Its replacement (made after the eviction at 00:00:00) is Ready: the delegate may go.
+    (_drained(), CORDONED, [_sibling("new", "2026-01-01T00:00:01Z")], "2026-01-01T00:00:05Z", False),
+    (_drained(), CORDONED, [_sibling("new", "2026-01-01T00:00:01Z", ready=False)], "2026-01-01T00:00:05Z", True),
+    # A pod of the set that ran before is no replacement; another controller's pod neither.
+    (_drained(), CORDONED, [_sibling("peer", "2025-12-31T23:00:00Z")], "2026-01-01T00:00:05Z", True),
+    (_drained(), CORDONED, [_sibling("new", "2026-01-01T00:00:01Z", owner="other")], "2026-01-01T00:00:05Z", True),
+    # The grace period is over: it goes whatever happened.
+    (_drained(), CORDONED, [], "2026-01-01T00:00:30Z", False),
+    # Not a drain: a node not cordoned, a force deletion, a pod without a controller.
+    (_drained(), {"metadata": {"name": "admiralty-c2"}, "spec": {}}, [], "2026-01-01T00:00:05Z", False),
+    (_drained(), None, [], "2026-01-01T00:00:05Z", False),
+    (_drained(deletionGracePeriodSeconds=0), CORDONED, [], "2026-01-01T00:00:05Z", False),
+    (_drained(ownerReferences=[]), CORDONED, [], "2026-01-01T00:00:05Z", False),
+])
+def test_a_drained_proxy_keeps_its_delegate_until_its_replacement_is_ready(
+        proxy: dict[str, Any], node: dict[str, Any] | None, siblings: list[dict[str, Any]], now: str,
+        waits: bool) -> None:
+    assert awaits_replacement(proxy, node, siblings, now) is waits
