@@ -127,3 +127,22 @@ def delegate_round(delegate: Mapping[str, Any]) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+def choice_reason(fitting: Sequence[str], narrowings: Sequence[tuple[str, Sequence[str]]], target: str) -> str:
+    """Why ``target`` won among the ``fitting`` clusters, for people (``mcsctl explain``).
+
+    ``narrowings`` are the successive rankings that kept only some clusters, each
+    named (e.g. ``("preferred node affinity", ["c1"])``), in the order applied.
+    """
+    if len(fitting) == 1:
+        return "the only cluster that fits"
+    reasons: list[str] = []
+    left = list(fitting)
+    for name, kept in narrowings:
+        if list(kept) != left:
+            reasons.append(f"{name} kept {', '.join(kept)}")
+            left = list(kept)
+    if len(left) > 1:
+        reasons.append(f"drawn among {', '.join(left)} in proportion to the room each has left")
+    return "; ".join(reasons) if reasons else f"{target} was the only one left"

@@ -155,28 +155,34 @@ class Operator:
                        for e in events],
             "trace_id": trace_id,
             "trace_url": f"{self.jaeger_url}/trace/{trace_id}" if self.jaeger_url and trace_id else None,
-            "answers": self._answers(trace_id) if trace_id else [],
+            "answers": [], "why": None,
         }
+        if trace_id:
+            result["answers"], result["why"] = self._answers(trace_id)
         return result
 
-    def _answers(self, trace_id: str) -> list[JSON]:
-        """Each target's answer to the last placement round, from the pod's trace (a cluster the pod's
-        cluster-level constraints, a cordon or a taint left out answers "excluded: ...")."""
+    def _answers(self, trace_id: str) -> tuple[list[JSON], str | None]:
+        """Each target's answer to the last placement round, and why the chosen one won, from the pod's
+        trace (a cluster the pod's cluster-level constraints, a cordon or a taint left out answers
+        "excluded: ...")."""
         if not self.jaeger_url:
-            return []
+            return [], None
         try:
             with urllib.request.urlopen(f"{self.jaeger_url}/api/traces/{trace_id}", timeout=5) as response:
                 data = json.load(response)["data"]
         except (urllib.error.URLError, OSError, ValueError, KeyError):
-            return []
+            return [], None
         answers: dict[str, JSON] = {}
+        why: str | None = None
         for span in sorted((s for t in data for s in t["spans"]), key=lambda s: s["startTime"]):
+            tags = {t["key"]: t["value"] for t in span.get("tags", [])}
             if span["operationName"].startswith(("ask ", "exclude ")):
-                tags = {t["key"]: t["value"] for t in span.get("tags", [])}
                 answers[str(tags.get("target"))] = {
                     "target": tags.get("target"), "fits": tags.get("fits"), "node": tags.get("node") or None,
                     "score": tags.get("score"), "reason": tags.get("reason") or None}
-        return list(answers.values())
+            if tags.get("why"):
+                why = str(tags["why"])
+        return list(answers.values()), why
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -210,6 +216,8 @@ def _render(command: str, result: Any) -> str:
             verdict = f"fits on {a['node']} (score {a['score']:.1f})" if a["fits"] else f"refused: {a['reason']}"
             chosen = "  <- chosen" if a["target"] == r["target"] else ""
             lines.append(f"  {a['target']}: {verdict}{chosen}")
+    if r.get("why"):
+        lines.append(f"Why:       {r['why']}")
     if r["events"]:
         lines.append("Events:")
         lines += [f"  {e['type']:<8} {e['reason']:<18} {e['message']}" for e in r["events"]]

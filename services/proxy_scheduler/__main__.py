@@ -41,7 +41,7 @@ from dataclasses import replace
 from opentelemetry import trace
 
 from mcsched.bus import ACK, Outcome, retry_later
-from mcsched.choice import Placement, pick_target
+from mcsched.choice import Placement, choice_reason, pick_target
 from mcsched.cluster_constraints import ConstraintError, preferred, refusal, split
 from mcsched.constants import (
     PROXY_SCHEDULER_NAME,
@@ -213,8 +213,10 @@ class ProxyScheduler:
                 members = counts.members() if counted else []
                 late = spread_refusals(constraints, pod, nodes, members, sorted(scores))
                 excluded.update(late)
-                first = preferred(constraints, nodes, sorted(t for t in scores if t not in late))  # affinity first
-                first = weighted(weights, pod, members, spread_ranked(constraints, pod, nodes, members, first))
+                fitting = sorted(t for t in scores if t not in late)
+                by_affinity = preferred(constraints, nodes, fitting)  # preferred affinity first, then spread, weights
+                by_spread = spread_ranked(constraints, pod, nodes, members, by_affinity)
+                first = weighted(weights, pod, members, by_spread)
                 target = pick_target(ref.uid, {t: scores[t] for t in first})
                 if target is None:
                     return await self._unschedulable(message, {t: a for t, a in answers.items() if t not in late},
@@ -225,7 +227,9 @@ class ProxyScheduler:
                 if hard:
                     confirmation = counts.expect(ref.uid, chosen, functools.partial(
                         spread_allows, constraints, pod, nodes, target))
-                trace.get_current_span().set_attributes({"target": target, "score": scores[target]})
+                why = choice_reason(fitting, [("preferred node affinity", by_affinity),
+                                              ("topology spread", by_spread), ("cluster weights", first)], target)
+                trace.get_current_span().set_attributes({"target": target, "score": scores[target], "why": why})
                 try:
                     with tracer.start_as_current_span("record choice", attributes={"target": target}):
                         recorded = await self.rt.clusters[ref.cluster].merge_patch(

@@ -59,6 +59,9 @@ async def test_mcsctl_lists_explains_and_fails_clearly(
     assert explained.returncode == 0, explained.stderr
     assert "Decision:  bound to admiralty-" in explained.stdout
     assert "<- chosen" in explained.stdout and "Jaeger:    http" in explained.stdout
+    # Both clusters fit and nothing ranks them: the draw in proportion to room decided.
+    assert "Why:       drawn among c1, c2 in proportion to the room each has left" in explained.stdout, \
+        explained.stdout
     refused = json.loads(mcsctl(pipeline, env_info, "-o", "json", "explain", f"{namespace}/huge").stdout)
     assert refused["target"] is None and "insufficient cpu" in refused["decision"]
     assert all(not a["fits"] and "insufficient cpu" in a["reason"] for a in refused["answers"])

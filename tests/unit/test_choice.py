@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mcsched.choice import Placement, Rejection, pick_target
+from mcsched.choice import Placement, Rejection, choice_reason, pick_target
 from mcsched.constants import PLACEMENT_ANNOTATION
 
 
@@ -69,3 +69,12 @@ def test_the_round_a_delegate_was_made_for() -> None:
     assert delegate_round({"metadata": {"annotations": {PLACEMENT_ROUND_ANNOTATION: "2"}}}) == 2
     assert delegate_round({"metadata": {}}) is None
     assert delegate_round({"metadata": {"annotations": {PLACEMENT_ROUND_ANNOTATION: "x"}}}) is None
+
+
+def test_the_reason_a_cluster_won_names_what_narrowed_the_choice() -> None:
+    assert choice_reason(["c2"], [], "c2") == "the only cluster that fits"
+    assert choice_reason(["c1", "c2"], [("preferred node affinity", ["c1", "c2"])], "c1") == \
+        "drawn among c1, c2 in proportion to the room each has left"
+    assert choice_reason(["c1", "c2", "c3"], [("preferred node affinity", ["c1", "c3"]),
+                                              ("topology spread", ["c1", "c3"]), ("cluster weights", ["c3"])], "c3") \
+        == "preferred node affinity kept c1, c3; cluster weights kept c3"
