@@ -291,7 +291,8 @@ class LocalCluster:
     def wait_recovered(self, timeout: float = 150.0) -> None:
         """After the API server came back: wait until the controller-manager, the scheduler and kwok
         act again (their watches back off while it was gone): a probe namespace gets its default
-        ServiceAccount and a pod there runs. Leaves the cluster as a test that stopped it found it."""
+        ServiceAccount and a pod there runs; kwok's nodes get their addresses back. Leaves the
+        cluster as a test that stopped it found it."""
         probe = f"recovery-probe-{secrets.token_hex(3)}"
         deadline = time.monotonic() + timeout
         self.kubectl("create", "namespace", probe)
@@ -313,6 +314,20 @@ class LocalCluster:
                          "pod/probe")
         finally:
             self.kubectl("delete", "namespace", probe, "--wait=false")
+        self._restore_node_addresses()
+
+    def _restore_node_addresses(self) -> None:
+        """kwok's nodes come back from an API server restart without their addresses (a kubelet posts
+        its own again; kwok does not), and without them the API server cannot reach kwok for logs and
+        exec: write them back as kwok first set them."""
+        nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+        for node in nodes:
+            name = node["metadata"]["name"]
+            if (node["metadata"].get("annotations") or {}).get(KWOK_NODE_ANNOTATION) == "fake" and \
+                    not node.get("status", {}).get("addresses"):
+                self.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(
+                    {"status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                                              {"type": "Hostname", "address": name}]}}))
 
     def stop_api_server(self) -> None:
         """Stop the API server only: to clients the cluster is lost, its etcd and the rest keep running."""
