@@ -9,7 +9,11 @@
   refusal when it could not (the proxy then goes back to the proxy-scheduler
   for another cluster), and mirrors the delegate's status onto the proxy.
 * Deletion: a proxy being deleted has its delegate deleted first (the
-  proxy's finalizer guards this), then the proxy is released.
+  proxy's finalizer guards this), then the proxy is released; a proxy drained
+  from a cordoned virtual node keeps its delegate until its controller's
+  replacement is Ready (or its grace period ends).
+* Strays: a pod bound to a virtual node that is not a proxy (a DaemonSet's)
+  is failed as a kubelet fails a pod it cannot admit, and removed once deleted.
 * A pod lives once: a delegate deleted or evicted in its target ends its
   proxy (deleted, so its controller replaces it), unless the pod had finished,
   which keeps its final status.
