@@ -242,8 +242,12 @@ async def test_unreachable_target_is_avoided_and_used_again_when_it_returns(
     core = k8s.CoreV1Api(kube[SOURCE])
 
     async def virtual_node_ready(ready: str) -> bool:
+        """admiralty-c2's Ready condition is ``ready``; when "True", the node lifecycle controller has also
+        taken its not-ready/unreachable taints off again (until then c2 is rightly left out)."""
         node = await core.read_node("admiralty-c2")
-        return any(c.type == "Ready" and c.status == ready for c in node.status.conditions)
+        lost = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+        return any(c.type == "Ready" and c.status == ready for c in node.status.conditions) and (
+            ready != "True" or not any(t.key in lost for t in node.spec.taints or []))
 
     c2 = pipeline.cluster("c2")
     await asyncio.to_thread(c2.stop_api_server)
@@ -256,6 +260,19 @@ async def test_unreachable_target_is_avoided_and_used_again_when_it_returns(
         await asyncio.to_thread(c2.start_api_server)
         await asyncio.to_thread(c2.wait_recovered)
     await eventually(lambda: virtual_node_ready("True"), within=60)
-    await k8s.AppsV1Api(kube[SOURCE]).patch_namespaced_deployment_scale("nginx", namespace, {"spec": {"replicas": 12}})
-    state = await converged(kube, namespace, 12, within=90)
-    assert "admiralty-c2" in {p["spec"]["nodeName"] for p in state.proxies}, "c2 is used again once it is back"
+    # Each stage reconnects to c2 on its own back-off (up to 10 s): new pods go on arriving, two every 3 s,
+    # until one is placed in c2; it must happen well within the reconnection time.
+    replicas = 4
+
+    async def c2_used() -> bool:
+        nonlocal replicas
+        proxies = await list_pods(kube[SOURCE], namespace)
+        if any(p["spec"].get("nodeName") == "admiralty-c2" for p in proxies):
+            return True
+        replicas += 2
+        await k8s.AppsV1Api(kube[SOURCE]).patch_namespaced_deployment_scale(
+            "nginx", namespace, {"spec": {"replicas": replicas}})
+        return False
+
+    await eventually(c2_used, within=45, interval=3)
+    await converged(kube, namespace, replicas, within=90)
