@@ -24,7 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import h11
 
+from . import pki
 from .kube import Informer, KubeClient, KubeError, pod_path
 from .kubeletapi import Delegate, KubeletCall, KubeletCallError, access_review, delegate_of, parse, target_request
 from .settings import KubeletSettings
@@ -53,8 +57,6 @@ Resolver = Callable[[KubeletCall], Awaitable[Delegate | str]]  # the call's dele
 def serving_context(cert_file: Path | None, key_file: Path | None, client_ca_files: Sequence[str]) -> ssl.SSLContext:
     """TLS for the endpoint: our certificate (self-signed when none is given: the API servers do
     not check kubelets' certificates unless told to), and client certificates required."""
-    from . import pki  # only needed here, and it pulls in cryptography
-
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.verify_mode = ssl.CERT_REQUIRED
     for ca_file in client_ca_files:
@@ -62,8 +64,6 @@ def serving_context(cert_file: Path | None, key_file: Path | None, client_ca_fil
     if cert_file is not None and key_file is not None:
         context.load_cert_chain(cert_file, key_file)
     else:
-        import tempfile
-
         ca = pki.new_ca("multicluster-scheduler-kubelet-ca")
         leaf = pki.issue(ca, "multicluster-scheduler-kubelet", server=True, ip_addresses=("127.0.0.1",))
         with tempfile.TemporaryDirectory() as tmp:
@@ -253,9 +253,6 @@ async def _splice(down_rest: bytes, reader: asyncio.StreamReader, up_writer: asy
 
 def advertised_address(configured: str | None) -> str:
     """The address virtual nodes give the API servers: the setting, else $POD_IP, else this host's."""
-    import os
-    import socket
-
     return configured or os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
 
 
