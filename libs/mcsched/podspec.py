@@ -417,6 +417,27 @@ def mirror_patch(proxy: Mapping[str, Any], wanted: Mapping[str, Any]) -> JSON:
     return {"metadata": {"resourceVersion": proxy["metadata"]["resourceVersion"]}, "status": status}
 
 
+def mirror_patch_after_binding(proxy: Mapping[str, Any], wanted: Mapping[str, Any]) -> JSON:
+    """A strategic merge patch of the status of a proxy this process has just bound (``proxy`` as it
+    was when bound), mirroring ``wanted`` without a resourceVersion precondition.
+
+    The binding changed the proxy's resourceVersion, which it does not return, so
+    :func:`mirror_patch`'s precondition would fail once and cost a read and a
+    write. This patch does not need it: conditions merge by type, so the
+    ``PodScheduled`` the binding set stays whatever it is; the other conditions
+    ``proxy`` had that ``wanted`` lacks are deleted by type; mirrored fields the
+    delegate lacks are removed (null). The write is tied to this incarnation of
+    the proxy (its uid).
+    """
+    wanted_conditions = [c for c in wanted.get("conditions") or [] if c.get("type") != "PodScheduled"]
+    keep = {c.get("type") for c in wanted_conditions} | {"PodScheduled"}
+    stale = [{"type": c.get("type"), "$patch": "delete"}
+             for c in (proxy.get("status") or {}).get("conditions") or [] if c.get("type") not in keep]
+    status: JSON = {field: wanted.get(field) for field in MIRRORED_STATUS_FIELDS}
+    status["conditions"] = wanted_conditions + stale
+    return {"metadata": {"uid": (proxy.get("metadata") or {}).get("uid")}, "status": status}
+
+
 def unschedulable_reason(pod: Mapping[str, Any]) -> str | None:
     """Why the pod's scheduler could not place it, or None while it is placed, pending or preempting.
 

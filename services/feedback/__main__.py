@@ -63,6 +63,7 @@ from mcsched.podspec import (
     delegate_name,
     is_finished,
     mirror_patch,
+    mirror_patch_after_binding,
     mirrored_status,
     newer_resource_version,
     parent_ref,
@@ -274,13 +275,26 @@ class Feedback:
         return status == wanted and written_version == version and \
             newer_resource_version(proxy_version, proxy["metadata"].get("resourceVersion"))
 
-    async def _mirror(self, ref: PodRef, target: str, proxy: JSON, wanted: JSON) -> JSON | None:
+    async def _mirror(self, ref: PodRef, target: str, proxy: JSON, wanted: JSON,
+                      after_binding: bool = False) -> JSON | None:
         """Write ``wanted`` as the proxy's status, guarded by its resourceVersion; the proxy as written.
 
         A proxy changed meanwhile is read again and the status computed anew
         from it; None when it is gone, being deleted or no longer bound to ``target``.
+        Right after this process bound it (``after_binding``), whose new resourceVersion
+        it does not know, the first write is one that needs none.
         """
         client = self.rt.clusters[ref.cluster]
+        if after_binding:
+            try:
+                done: JSON = await client.strategic_patch(pod_path(ref.namespace, ref.name, "status"),
+                                                          mirror_patch_after_binding(proxy, wanted))
+                return done
+            except KubeError as exc:
+                if exc.not_found:
+                    return None
+                if not exc.conflict:
+                    raise
         for _ in range(3):
             try:
                 written: JSON = await client.merge_patch(pod_path(ref.namespace, ref.name, "status"),
@@ -331,6 +345,7 @@ class Feedback:
             if proxy is None or proxy["metadata"].get("deletionTimestamp"):
                 return ACK
         bound = target_of_virtual_node(proxy["spec"].get("nodeName"))
+        just_bound = False  # by this call: its status write then needs no resourceVersion
         if bound is None:
             if refusal is not None:
                 await self._refused(update.target, ref, proxy, refusal, update.delegate_name, update.delegate_uid,
@@ -338,7 +353,7 @@ class Feedback:
                 return ACK
             if node is None:
                 return ACK  # the target's scheduler has not decided yet
-            bound = await self._bind(ref, update.target, proxy, node)
+            bound, just_bound = await self._bind(ref, update.target, proxy, node)
             if bound is None:  # gone, or sent to another cluster meanwhile: this delegate is a stray
                 await self._remove_stray(update.target, ref, update.delegate_name, update.delegate_uid)
                 return ACK
@@ -352,7 +367,7 @@ class Feedback:
                 not self._written_already(ref.uid, wanted, version, proxy):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
-                written = await self._mirror(ref, update.target, proxy, wanted)
+                written = await self._mirror(ref, update.target, proxy, wanted, after_binding=just_bound)
             if written is None:
                 return ACK
             self.mirrored[ref.uid] = (wanted, version, written["metadata"].get("resourceVersion"), time.monotonic())
@@ -360,7 +375,7 @@ class Feedback:
                 observe_since_creation("proxy_running", proxy)
         return ACK
 
-    async def _bind(self, ref: PodRef, target: str, proxy: JSON, node: str) -> str | None:
+    async def _bind(self, ref: PodRef, target: str, proxy: JSON, node: str) -> tuple[str | None, bool]:
         """Bind the proxy to the target's virtual node, now that its delegate is scheduled.
 
         The binding is guarded by the resourceVersion of a proxy whose placement
@@ -368,7 +383,7 @@ class Feedback:
         process's cache has not seen), the API server refuses it and the proxy
         is read again. Returns the target it is bound to (another one if it was
         bound before), or None if the proxy is gone, being deleted, or no longer
-        placed in ``target``.
+        placed in ``target``; and whether this call bound it.
         """
         client = self.rt.clusters[ref.cluster]
         version = proxy["metadata"].get("resourceVersion")
@@ -383,17 +398,17 @@ class Feedback:
                 break
             except KubeError as exc:
                 if exc.not_found:
-                    return None
+                    return None, False
                 if not exc.conflict:  # the API server refuses any other binding as a conflict
                     raise
             current = await read_pod(client, ref.namespace, ref.name, ref.uid)
             if current is None or current["metadata"].get("deletionTimestamp"):
-                return None
+                return None, False
             bound = target_of_virtual_node(current["spec"].get("nodeName"))
             if bound is not None:
-                return bound
+                return bound, False
             if Placement.of(current).target != target:
-                return None
+                return None, False
             version = current["metadata"]["resourceVersion"]  # changed meanwhile, still placed here
         else:
             raise RuntimeError(f"{ref}: the proxy kept changing while binding it to {target}")
@@ -402,7 +417,7 @@ class Feedback:
         self.events.record_soon(client, proxy, "Scheduled",
                                 f"Successfully assigned {ref.namespace}/{ref.name} to {virtual_node_name(target)}"
                                 f" (node {node} in {target})", kind="Normal")
-        return target
+        return target, True
 
     async def _refused(self, target: str, ref: PodRef, proxy: JSON, reason: str,
                        delegate: str, delegate_uid: str, delegate_version: str | None) -> None:

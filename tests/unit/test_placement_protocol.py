@@ -390,6 +390,30 @@ async def test_a_pod_that_is_not_a_proxy_bound_to_a_virtual_node_is_failed_and_g
     assert world.c1.pod(NS, "agent-x") is None
 
 
+async def test_a_delegate_scheduled_and_running_in_one_message_costs_one_binding_and_one_status_write(
+        world: World) -> None:
+    """Right after its own binding feedback does not know the proxy's resourceVersion: its status
+    write needs none (no conflict, no read), keeps the binding's PodScheduled, drops stale conditions."""
+    proxy, target = await world.place()
+    uid = proxy["metadata"]["uid"]
+    world.c1.modify("pods", NS, proxy["metadata"]["name"], lambda pod: pod["status"].setdefault(
+        "conditions", []).append({"type": "DelegateWaiting", "status": "True"}))  # from an earlier wait
+    name = delegate_name(proxy["metadata"]["name"], uid)
+    world.clusters[target].bind_pod(NS, name, f"{target}-n1")
+    world.clusters[target].set_pod_phase(NS, name, "Running")  # before feedback heard of the scheduling
+    await world.settle()
+    calls_before = len(world.c1.calls)
+    await world.run()
+    path = pod_path(NS, proxy["metadata"]["name"])
+    calls = [(c.method, c.path.removeprefix(path), c.status) for c in world.c1.calls[calls_before:]
+             if c.path.startswith(path)]
+    assert calls == [("POST", "/binding", 200), ("PATCH", "/status", 200)], calls
+    status = world.proxy(proxy)["status"]
+    assert status["phase"] == "Running"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["PodScheduled"] == "True"
+    assert "DelegateWaiting" not in {c["type"] for c in status["conditions"]}
+
+
 # -- racing choices ------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from a dict of objects, never from the network. What it models, and only that:
   an immutable ConfigMap/Secret's data and a Secret's type cannot (422);
 * merge patch (RFC 7386: objects merged, lists replaced, null deletes);
   strategic merge patch, merging lists by their Kubernetes merge key (pod and
-  node ``conditions`` by ``type``, ``podIPs``/``hostIPs`` by ``ip``,
+  node ``conditions`` by ``type``, ``$patch: delete`` removing an element, ``podIPs``/``hostIPs`` by ``ip``,
   ``ownerReferences`` by ``uid``); server-side apply as create-or-merge;
 * the pod ``binding`` subresource: sets ``spec.nodeName`` and
   ``PodScheduled=True``; 409 when the pod is bound already, being deleted,
@@ -212,6 +212,10 @@ def strategic_merge_patch(target: Any, patch: Any, resource: str, path: tuple[st
                 index = next((i for i, have in enumerate(merged)
                               if isinstance(item, Mapping) and isinstance(have, Mapping)
                               and have.get(merge_key) == item.get(merge_key)), None)
+                if isinstance(item, Mapping) and item.get("$patch") == "delete":  # the directive removes it
+                    if index is not None:
+                        del merged[index]
+                    continue
                 if index is None:
                     merged.append(copy.deepcopy(item))
                 else:
