@@ -27,7 +27,6 @@ import logging
 import os
 import socket
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -65,11 +64,7 @@ def serving_context(cert_file: Path | None, key_file: Path | None, client_ca_fil
         context.load_cert_chain(cert_file, key_file)
     else:
         ca = pki.new_ca("multicluster-scheduler-kubelet-ca")
-        leaf = pki.issue(ca, "multicluster-scheduler-kubelet", server=True, ip_addresses=("127.0.0.1",))
-        with tempfile.TemporaryDirectory() as tmp:
-            cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
-            leaf.write(cert, key)
-            context.load_cert_chain(cert, key)
+        pki.issue(ca, "multicluster-scheduler-kubelet", server=True, ip_addresses=("127.0.0.1",)).load_into(context)
     return context
 
 

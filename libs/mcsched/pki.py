@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,13 @@ class KeyPair:
         cert_path.write_bytes(self.cert_pem)
         key_path.write_bytes(self.key_pem)
         key_path.chmod(0o600)
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Serve with this pair (``ssl`` reads certificates only from files: a private temporary directory)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+            self.write(cert, key)
+            context.load_cert_chain(cert, key)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:

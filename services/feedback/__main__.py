@@ -285,20 +285,12 @@ class Feedback:
         it does not know, the first write is one that needs none.
         """
         client = self.rt.clusters[ref.cluster]
-        if after_binding:
+        path = pod_path(ref.namespace, ref.name, "status")
+        for attempt in range(3):
             try:
-                done: JSON = await client.strategic_patch(pod_path(ref.namespace, ref.name, "status"),
-                                                          mirror_patch_after_binding(proxy, wanted))
-                return done
-            except KubeError as exc:
-                if exc.not_found:
-                    return None
-                if not exc.conflict:
-                    raise
-        for _ in range(3):
-            try:
-                written: JSON = await client.merge_patch(pod_path(ref.namespace, ref.name, "status"),
-                                                         mirror_patch(proxy, wanted))
+                written: JSON = await (
+                    client.strategic_patch(path, mirror_patch_after_binding(proxy, wanted))
+                    if after_binding and attempt == 0 else client.merge_patch(path, mirror_patch(proxy, wanted)))
                 return written
             except KubeError as exc:
                 if exc.not_found:

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 import ssl
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -58,10 +57,7 @@ def _serving_material(settings: WebhookSettings, url: str) -> tuple[ssl.SSLConte
     leaf = pki.issue(ca, host, server=True,
                      ip_addresses=(host,) if is_ip else ("127.0.0.1",),
                      dns_names=() if is_ip else (host,))
-    with tempfile.TemporaryDirectory() as tmp:
-        cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
-        leaf.write(cert, key)
-        context.load_cert_chain(cert, key)
+    leaf.load_into(context)
     return context, ca.cert_pem
 
 
