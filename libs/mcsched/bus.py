@@ -284,8 +284,10 @@ class Bus:
                        in_flight: int, ack_wait: float) -> None:
         handling: set[asyncio.Task[None]] = set()
         try:
+            turn = 0
             while True:  # each turn: (re-)create the stream and the consumer, then pull until the consumer is gone
-                sub = await self._subscribe(kind, durable, subject, ack_wait)
+                sub = await self._subscribe(kind, durable, subject, ack_wait, recreate_stream=turn > 0)
+                turn += 1
                 await self._pull(sub, durable, model, handler, in_flight, ack_wait, handling)
                 self._consumer_problems[durable] = f"consumer {durable} on {self.stream(kind)} is missing; re-creating"
                 log.warning("consumer %s on %s is gone (deleted, or its stream was); re-creating it", durable,
@@ -299,9 +301,11 @@ class Bus:
                 task.cancel()
             await asyncio.gather(*handling, return_exceptions=True)  # unacked: redelivered later
 
-    async def _subscribe(self, kind: str, durable: str, subject: str,
-                         ack_wait: float) -> JetStreamContext.PullSubscription:
-        """Ensure the stream and the durable consumer exist (both may have been deleted), and pull from it."""
+    async def _subscribe(self, kind: str, durable: str, subject: str, ack_wait: float,
+                         recreate_stream: bool) -> JetStreamContext.PullSubscription:
+        """Ensure the durable consumer exists, and pull from it. The stream is ensured too when it may
+        have been deleted (``recreate_stream``: the consumer went missing; or subscribing failed): at
+        start the service ensured its streams already."""
         stream = self.stream(kind)
         config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_deliver=-1,
                                 max_ack_pending=10_000, deliver_policy=DeliverPolicy.ALL,
@@ -310,11 +314,13 @@ class Bus:
         while True:
             try:
                 js = self._jetstream()
-                await self.ensure_streams((kind,))
+                if recreate_stream:
+                    await self.ensure_streams((kind,))
                 sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
                 self._consumer_problems.pop(durable, None)
                 return sub
             except (TimeoutError, OSError, nats.errors.Error) as exc:  # NATS away, or JetStream refusing
+                recreate_stream = True
                 self._consumer_problems[durable] = f"cannot subscribe {durable} to {subject}: {describe(exc)}"
                 log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
                 await asyncio.sleep(1)
