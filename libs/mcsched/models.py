@@ -77,11 +77,15 @@ class ElectMessage(Message):
     needs no cache of proxies; without a manifest it reads the proxy itself.
     ``placement`` (the proxy's placement annotation: the clusters that refused
     it) and ``resource_version`` let it record its choice with a precondition.
+    ``controller`` is the UID of the proxy's controller (its ReplicaSet,
+    StatefulSet...): the pods that topology spread and cluster weights count
+    together, known before the proxy-scheduler's cache has seen the proxy.
     """
 
     proxy: PodRef
     reason: Literal["created", "resync", "rejected"] = "created"
     manifest: dict[str, Any] | None = None
+    controller: str | None = None
     created: str | None = None
     placement: str | None = None
     resource_version: str | None = None

@@ -47,11 +47,14 @@ class ProxyCounts:
         self.waiters: dict[str, _Waiter] = {}
         proxies.add_handler(self._on_event)
 
-    def subject(self, ref: PodRef, labels: dict[str, str]) -> Member:
-        """The pod being placed (its controller from the cache, when the cache has it already)."""
-        cached = self.proxies.get(f"{ref.namespace}/{ref.name}")
-        owner = controller_uid(cached) if cached is not None and cached["metadata"].get("uid") == ref.uid else None
-        return Member(ref.uid, ref.namespace, labels, owner)
+    def subject(self, ref: PodRef, labels: dict[str, str], controller: str | None) -> Member:
+        """The pod being placed, with its controller's UID (from the cache when a message without one
+        came from an older watcher and the cache has the pod already)."""
+        if controller is None:
+            cached = self.proxies.get(f"{ref.namespace}/{ref.name}")
+            if cached is not None and cached["metadata"].get("uid") == ref.uid:
+                controller = controller_uid(cached)
+        return Member(ref.uid, ref.namespace, labels, controller)
 
     def stored(self) -> list[Member]:
         """The proxies counted from the cache alone."""

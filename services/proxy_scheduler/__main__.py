@@ -59,6 +59,7 @@ from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
 from mcsched.spread import (
     SpreadError,
+    controller_uid,
     spread_allows,
     spread_constraints,
     spread_ranked,
@@ -173,11 +174,12 @@ class ProxyScheduler:
             log.error("elect message for unknown source %s; dropping", ref.cluster)
             return ACK
         original, placement, version = message.manifest, Placement.parse(message.placement), message.resource_version
+        controller = message.controller
         if original is None or version is None:  # not from our watcher: read the proxy itself
             proxy = await self._current(ref)
             if proxy is None:
                 return ACK
-            original, placement, version = proxy
+            original, placement, version, controller = proxy
         for _ in range(CHOICE_ATTEMPTS):
             if placement.target is not None:  # chosen before (a redelivery or a racing replica)
                 await self._request_delegate(ref, placement.target, placement.round)
@@ -189,7 +191,7 @@ class ProxyScheduler:
                 log.warning("%s: %s", ref, exc)
                 return await self._unschedulable(message, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
             counts = self.counts[ref.cluster]
-            pod = counts.subject(ref, original["metadata"].get("labels") or {})
+            pod = counts.subject(ref, original["metadata"].get("labels") or {}, controller)
             # Only a pod with spread constraints or weights counts the source's proxies (a walk over all).
             counted = bool(weights) or bool(spread_constraints(constraints, pod.labels))
             nodes = self.cluster_nodes(ref.cluster)
@@ -244,7 +246,7 @@ class ProxyScheduler:
                     proxy = await self._current(ref)  # changed meanwhile: decide again from what it is now
                     if proxy is None:
                         return ACK
-                    original, placement, version = proxy
+                    original, placement, version, controller = proxy
                     continue
             if confirmation is not None and not await self._confirmed(ref, confirmation):
                 # A choice stored before ours (another replica's) makes ours overshoot: withdrawn, decided again.
@@ -301,8 +303,8 @@ class ProxyScheduler:
             return None
         return pod
 
-    async def _current(self, ref: PodRef) -> tuple[JSON, Placement, str] | None:
-        """The user's pod, placement and resourceVersion of the proxy as its API server has it.
+    async def _current(self, ref: PodRef) -> tuple[JSON, Placement, str, str | None] | None:
+        """The user's pod, placement, resourceVersion and controller of the proxy as its API server has it.
 
         None when there is nothing (more) to decide: the proxy is gone, being
         deleted, bound already, or not a proxy made by our webhook (then an Event says so).
@@ -315,7 +317,7 @@ class ProxyScheduler:
         except ValueError as exc:
             await self.events.record(self.rt.clusters[ref.cluster], pod, "FailedScheduling", f"bad proxy pod: {exc}")
             return None
-        return original, Placement.of(pod), pod["metadata"]["resourceVersion"]
+        return original, Placement.of(pod), pod["metadata"]["resourceVersion"], controller_uid(pod)
 
     async def _unschedulable(self, message: ElectMessage, answers: dict[str, CandidateReply | None],
                              refused: dict[str, str], excluded: dict[str, str]) -> Outcome:

@@ -35,6 +35,7 @@ from mcsched.models import ElectMessage, PodRef
 from mcsched.podspec import delegate_original
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
+from mcsched.spread import controller_uid
 from mcsched.telemetry import pod_trace, trace_annotations, tracer
 from mcsched.workqueue import WorkQueue
 
@@ -146,7 +147,8 @@ class ElectPublisher:
             manifest: JSON | None = delegate_original(pod)
         except ValueError:  # not made by our webhook: the proxy-scheduler reads it and says what is wrong
             manifest = None
-        return ElectMessage(proxy=ref, reason=reason, manifest=manifest, created=meta.get("creationTimestamp"),
+        return ElectMessage(proxy=ref, reason=reason, manifest=manifest, controller=controller_uid(pod),
+                            created=meta.get("creationTimestamp"),
                             placement=(meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION),
                             resource_version=meta.get("resourceVersion"))
 
