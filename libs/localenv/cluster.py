@@ -370,9 +370,11 @@ class LocalCluster:
         chart does for "target self"; every other cluster accepts it through a ClusterSource
         per source name, which the source-controller turns into bindings (rbac.py).
         """
-        self.kubectl("apply", "--server-side", "-f", str(rbac.CRDS))
+        for crds in rbac.CRDS:
+            self.kubectl("apply", "--server-side", "-f", str(crds))
         self.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                     "crd/sources.multicluster.admiralty.io", "crd/clustersources.multicluster.admiralty.io")
+                     "crd/sources.multicluster.admiralty.io", "crd/clustersources.multicluster.admiralty.io",
+                     "crd/targets.multicluster.admiralty.io", "crd/clustertargets.multicluster.admiralty.io")
         self.kubectl("apply", "--server-side", "-f", "-",
                      input_text=rbac.manifest(self.spec.name, source, [] if source else accepted_sources))
         self.kubectl("create", "clusterrolebinding", "kube-apiserver-kubelet-client",

@@ -124,6 +124,12 @@ def jaeger_config(otlp_grpc: int, otlp_http: int, query_http: int, query_grpc: i
     return json.dumps(config, indent=1)  # JSON is YAML
 
 
+def single_kubeconfig(entry: dict[str, Any]) -> dict[str, Any]:
+    """A kubeconfig of one cluster entry (:meth:`LocalCluster.kubeconfig_entry`), its context current."""
+    return {"apiVersion": "v1", "kind": "Config", "clusters": [entry["cluster"]], "users": [entry["user"]],
+            "contexts": [entry["context"]], "current-context": entry["context"]["name"]}
+
+
 class LocalEnvironment:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -269,6 +275,32 @@ class LocalEnvironment:
                 "current-context": clusters[0].spec.name,
             }
             (self.root / file).write_text(json.dumps(kubeconfig, indent=1))
+
+    # -- a cluster the services do not know (added at runtime as a Target) --------------------------
+
+    def start_extra_cluster(self, name: str, nodes: int = 2) -> LocalCluster:
+        """Start a cluster beside the environment's, accepting its first cluster as a source (a
+        ClusterSource and a source-controller of its own), unknown to the services' settings: a test
+        adds it as a ClusterTarget at runtime. Stopped with :meth:`stop_extra_cluster` or ``down``."""
+        info = self.info()
+        spec = ClusterSpec(name, len(info.clusters), ClusterPorts(free_port(), free_port(), free_port(), free_port()),
+                           nodes)
+        cluster = LocalCluster(spec, self.root, self.processes)
+        cluster.start()
+        cluster.grant_services_rbac(source=False, accepted_sources=info.cluster_names()[:1])
+        cluster.add_nodes(spec.node_names())
+        entry = cluster.kubeconfig_entry("source-controller")
+        controller_kubeconfig = self.root / f"source-controller-{name}.kubeconfig"
+        controller_kubeconfig.write_text(json.dumps(single_kubeconfig(entry)))
+        self.processes.start(f"source-controller-{name}", [
+            sys.executable, "-m", "services.source_controller", "--kubeconfig", str(controller_kubeconfig),
+            "--role-prefix", FULLNAME, "--context", name], env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        cluster.wait_nodes_ready(spec.node_names())
+        return cluster
+
+    def stop_extra_cluster(self, cluster: LocalCluster) -> None:
+        self.processes.stop(f"source-controller-{cluster.spec.name}")
+        cluster.stop()
 
     # -- down and status ---------------------------------------------------------
 

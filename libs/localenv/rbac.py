@@ -23,7 +23,7 @@ from .tools import bin_dir
 SERVICE_USER = "multicluster-scheduler"
 SOURCE_CONTROLLER_USER = "multicluster-scheduler-source-controller"
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "multicluster-scheduler"
-CRDS = CHART / "crds" / "sources.yaml"
+CRDS = (CHART / "crds" / "sources.yaml", CHART / "crds" / "targets.yaml")
 RELEASE = "mcs-localenv"
 FULLNAME = f"{RELEASE}-multicluster-scheduler"  # the prefix of the chart's role names here
 

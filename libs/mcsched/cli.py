@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from .capacity import is_virtual_node
 from .constants import PARENT_UID_LABEL, PROXY_SCHEDULER_NAME, TRACE_ID_ANNOTATION, target_of_virtual_node
 from .kube import JSON, KubeClient, KubeError, pod_path
-from .natsauth import STAGES, NatsUser, authorization, stage_permissions
+from .natsauth import STAGES, NatsUser, authorization, granted_targets, stage_permissions
 from .placement import Resources, node_allocatable
 from .podspec import delegate_name
 from .settings import Settings
@@ -236,8 +236,7 @@ def nats_config(settings: Settings, directory: Path, per_target_candidates: bool
     """
     directory.mkdir(parents=True, exist_ok=True)
     prefix, sources = settings.subject_prefix, settings.source_names
-    grants = [(stage, stage, settings.served_targets() if stage == "candidate-scheduler" else settings.target_names)
-              for stage in STAGES]
+    grants = [(stage, stage, granted_targets(stage, settings.serve_targets)) for stage in STAGES]
     if per_target_candidates:
         grants += [("candidate-scheduler", f"candidate-scheduler-{t}", [t]) for t in settings.target_names]
     passwords: dict[str, str] = {}

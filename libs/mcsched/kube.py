@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 import orjson
 from kubernetes_asyncio.client import Configuration
-from kubernetes_asyncio.config import load_incluster_config, load_kube_config
+from kubernetes_asyncio.config import load_incluster_config, load_kube_config, load_kube_config_from_dict
 
 from .constants import FIELD_MANAGER
 from .settings import ClusterSettings
@@ -84,7 +84,10 @@ class KubeClient:
     @classmethod
     async def connect(cls, cluster: ClusterSettings) -> KubeClient:
         config = Configuration()
-        if cluster.kubeconfig is None:
+        if cluster.kubeconfig_data is not None:
+            await load_kube_config_from_dict(cluster.kubeconfig_data, context=cluster.context,
+                                             client_configuration=config)
+        elif cluster.kubeconfig is None:
             load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
         else:
             await load_kube_config(config_file=str(cluster.kubeconfig), context=cluster.context,

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 JS_API = "$JS.API"
+# Granted in place of a list of targets: every target, those the sources name at runtime too (a NATS
+# wildcard token). Stages that serve every target get it; a candidate-scheduler limited to some, those.
+ANY_TARGET = "*"
 # The kinds of work kept in JetStream streams, and the dead-letter stream beside them.
 STREAM_KINDS = ("elect", "delegate", "status")
 DEAD_LETTER_KIND = "dead"
@@ -64,7 +67,7 @@ def proxy_scheduler_durable() -> str:
 
 
 def candidate_durable(target: str) -> str:
-    return f"candidate-scheduler-{target}"
+    return "*" if target == ANY_TARGET else f"candidate-scheduler-{target}"
 
 
 def candidate_queue(target: str) -> str:
@@ -116,7 +119,8 @@ def stage_permissions(stage: str, user: str, prefix: str, sources: Iterable[str]
     """What a process of ``stage`` connecting as ``user`` may do, serving these sources and targets.
 
     ``targets`` of a candidate-scheduler are the targets it serves; of the
-    proxy-scheduler and feedback, every target.
+    proxy-scheduler and feedback, every target; ``[ANY_TARGET]`` grants every
+    target there is or will be (:func:`granted_targets`).
     """
     if stage not in STAGE_STREAMS:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
@@ -141,6 +145,14 @@ def stage_permissions(stage: str, user: str, prefix: str, sources: Iterable[str]
             publish.append(subject(prefix, "status", source))
         publish += [subject(prefix, "delegate", t) for t in targets]  # a resync asks again for a missing delegate
     return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)), allow_responses)
+
+
+def granted_targets(stage: str, serve_targets: list[str] | None) -> list[str]:
+    """The targets a stage's own user is granted: a candidate-scheduler's ``serve_targets`` when the
+    settings limit it, else every target, including those added at runtime."""
+    if stage == "candidate-scheduler" and serve_targets:
+        return sorted(serve_targets)
+    return [ANY_TARGET]
 
 
 @dataclass(frozen=True)

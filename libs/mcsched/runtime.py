@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from .bus import Bus, Credentials
-from .kube import Informer, KubeClient
+from .kube import Informer, KubeClient, KubeError
 from .natsauth import STAGE_STREAMS
 from .settings import Settings, load_settings
+from .targetdirectory import TargetDirectory
 from .telemetry import setup_tracing, start_http
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class Runtime:
     informers: list[Informer] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The sources' Targets and ClusterTargets (services whose work depends on the targets only).
+    directory: TargetDirectory | None = None
 
     def informer(self, cluster: str, path: str, **selectors: str) -> Informer:
         informer = Informer(self.clusters[cluster], path, **selectors)
@@ -134,6 +137,10 @@ def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> 
     asyncio.run(_main(service, settings, credentials, compose))
 
 
+# The services whose work depends on the set of targets: composed again when the sources name others.
+TARGET_DEPENDENT = frozenset({"proxy-scheduler", "candidate-scheduler", "feedback"})
+
+
 async def _main(service: str, settings: Settings, credentials: Credentials,
                 compose: Callable[[Runtime], Awaitable[None]]) -> None:
     stop = asyncio.Event()
@@ -142,31 +149,85 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
         loop.add_signal_handler(sig, stop.set)
     informers: list[Informer] = []
     loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(informers))
+    provider = setup_tracing(service, settings.otlp_endpoint)
+    directory: TargetDirectory | None = None
+    if service in TARGET_DEPENDENT:
+        sources = {c.name: await KubeClient.connect(c) for c in settings.clusters if c.source}
+        directory = TargetDirectory(settings, sources, settings.target_poll_seconds)
+        polling = asyncio.create_task(directory.run(), name="read the sources' targets")
+    current: list[Runtime] = []
+    http = None
+    if settings.metrics_port:
+        http = await start_http(settings.metrics_port,
+                                lambda: not_ready(current[0].bus, informers) if current else ["starting"])
+    while not stop.is_set():
+        composed = settings
+        if directory is not None:
+            try:
+                await asyncio.wait_for(directory.refresh(), settings.candidate_timeout_seconds * 5)
+            except (TimeoutError, KubeError, OSError) as exc:
+                log.warning("the sources' targets could not be read (%s); composing with those known", exc)
+            directory.changed.clear()
+            composed = settings.with_targets(directory.current.targets)
+        runtime = await _compose(service, composed, credentials, compose, stop, informers, directory)
+        if runtime is None:
+            break
+        current[:] = [runtime]
+        log.info("%s running (sources: %s, targets: %s)", service, ",".join(composed.source_names),
+                 ",".join(composed.target_names))
+        waits = [asyncio.create_task(stop.wait())]
+        if directory is not None:
+            waits.append(asyncio.create_task(directory.changed.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if not stop.is_set():
+            log.info("%s: the sources name other targets; composing again in place", service)
+        await runtime.close()
+        current.clear()
+        informers.clear()
+    log.info("%s stopping", service)
+    if directory is not None:
+        polling.cancel()
+        for client in directory.sources.values():
+            await client.close()
+    if http is not None:
+        await http.cleanup()
+    if provider is not None:
+        provider.shutdown()  # flush the spans still buffered
+
+
+async def _compose(service: str, settings: Settings, credentials: Credentials,
+                   compose: Callable[[Runtime], Awaitable[None]], stop: asyncio.Event,
+                   informers: list[Informer], directory: TargetDirectory | None) -> Runtime | None:
+    """A connected bus, the clusters' clients and the service's own parts; None if stopped meanwhile."""
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
               max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials)
     connecting = asyncio.create_task(bus.connect())
-    done, _ = await asyncio.wait([connecting, asyncio.create_task(stop.wait())],
-                                 return_when=asyncio.FIRST_COMPLETED)
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     if connecting not in done:
         connecting.cancel()
-        return
+        return None
     await bus.ensure_streams(STAGE_STREAMS[service])
-    provider = setup_tracing(service, settings.otlp_endpoint)
     clusters: dict[str, KubeClient] = {}
+    usable = []
     for cluster in settings.clusters:
-        clusters[cluster.name] = await KubeClient.connect(cluster)
-    runtime = Runtime(service, settings, bus, clusters, informers)
-    if settings.metrics_port:
-        http = await start_http(settings.metrics_port, lambda: not_ready(bus, informers))
-        runtime.closers.append(http.cleanup)
+        try:
+            clusters[cluster.name] = await KubeClient.connect(
+                settings.cluster(cluster.same_as).model_copy(update={"name": cluster.name})
+                if cluster.same_as else cluster)
+        except Exception as exc:
+            if cluster.kubeconfig_data is None and cluster.same_as is None:
+                raise  # a cluster of the settings: the operator fixes the file
+            log.warning("target %s: its kubeconfig cannot be used: %s", cluster.name, exc)
+            continue
+        usable.append(cluster)
+    settings = settings.model_copy(update={"clusters": usable})
+    runtime = Runtime(service, settings, bus, clusters, informers, directory=directory)
     await compose(runtime)
-    log.info("%s running (sources: %s, targets: %s)", service, ",".join(settings.source_names),
-             ",".join(settings.target_names))
-    await stop.wait()
-    log.info("%s stopping", service)
-    await runtime.close()
-    if provider is not None:
-        provider.shutdown()  # flush the spans still buffered
+    return runtime
 
 
 def not_ready(bus: Bus, informers: list[Informer]) -> list[str]:

@@ -38,13 +38,30 @@ class ClusterSettings(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, description="target only: labels of its virtual nodes, for cluster-level "
         "constraints (besides its name and the labels all its nodes share)")
+    excluded_labels_regexp: str | None = Field(
+        None, description="target only: virtual-node labels whose key=value matches this are left off")
+    # Set for targets read from a source's Target and ClusterTarget objects (mcsched.targets), not in files.
+    kubeconfig_data: dict[str, Any] | None = Field(None, exclude=True, repr=False)
+    same_as: str | None = Field(None, description="a target that is this source cluster (self: true)")
+    sources: list[str] | None = Field(None, description="target only: the sources whose pods may use it (default: all)")
+    namespace: str | None = Field(None, description="target only: only pods of this namespace may use it")
 
     @field_validator("name")
     @classmethod
     def _dns_label(cls, value: str) -> str:
-        if not _DNS_LABEL.match(value):
+        if not is_cluster_name(value):
             raise ValueError(f"cluster name {value!r} must be a DNS label (lowercase letters, digits, '-')")
         return value
+
+    def serves(self, source: str, namespace: str | None = None) -> bool:
+        """Whether pods of ``source`` (in ``namespace``, when given) may go to this target."""
+        if not self.target or (self.sources is not None and source not in self.sources):
+            return False
+        return self.namespace is None or namespace is None or namespace == self.namespace
+
+
+def is_cluster_name(value: str) -> bool:
+    return _DNS_LABEL.match(value) is not None
 
 
 class WebhookSettings(BaseModel):
@@ -128,6 +145,8 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a target whose scheduler refused a pod is not chosen again for it for this long")
     unschedulable_retry_seconds: float = Field(5.0, gt=0)
     heartbeat_seconds: float = Field(10.0, gt=0)
+    target_poll_seconds: float = Field(
+        3.0, gt=0, description="how often the sources' Target and ClusterTarget objects are read")
     failover_seconds: int | None = Field(
         300, ge=0, description="how long a proxy stays on a NotReady virtual node (its cluster lost) before it is "
         "evicted and its controller replaces it elsewhere; a pod's own tolerationSeconds win; null: never")
@@ -184,6 +203,19 @@ class Settings(BaseSettings):
     @property
     def target_names(self) -> list[str]:
         return [c.name for c in self.clusters if c.target]
+
+    def targets_for(self, source: str, namespace: str | None = None) -> list[str]:
+        """The targets pods of ``source`` may go to (those of ``namespace``, when given)."""
+        return [c.name for c in self.clusters if c.serves(source, namespace)]
+
+    def sources_of(self, target: str) -> list[str]:
+        """The sources whose pods may go to ``target``."""
+        cluster = self.cluster(target)
+        return [s for s in self.source_names if cluster.serves(s)]
+
+    def with_targets(self, found: list[ClusterSettings]) -> Settings:
+        """These settings with the targets read from the sources' Target and ClusterTarget objects."""
+        return self.model_copy(update={"clusters": [*self.clusters, *found]})
 
     def cluster(self, name: str) -> ClusterSettings:
         for cluster in self.clusters:

@@ -97,6 +97,13 @@ class TargetScheduler:
         self.acceptance[namespace] = (allowed, time.monotonic())
         return allowed
 
+    def serves(self, ref: PodRef) -> bool:
+        """Whether pods of the proxy's source and namespace may come here (a Target serves one namespace)."""
+        return self.rt.settings.cluster(self.target).serves(ref.cluster, ref.namespace)
+
+    def not_served(self, ref: PodRef) -> str:
+        return f"cluster {self.target} is not a target of {ref.cluster} for namespace {ref.namespace}"
+
     def not_accepted(self, namespace: str) -> str:
         return (f"cluster {self.target} does not accept this source's pods in namespace {namespace} "
                 "(no Source there nor ClusterSource names this source's identity)")
@@ -107,6 +114,8 @@ class TargetScheduler:
             if existing is not None:
                 reply = CandidateReply(target=self.target, fits=True, node=existing["spec"].get("nodeName"),
                                        score=100.0)
+            elif not self.serves(request.proxy):
+                reply = CandidateReply(target=self.target, fits=False, reason=self.not_served(request.proxy))
             elif self.view.ready and not await self.accepts(request.proxy.namespace):
                 reply = CandidateReply(target=self.target, fits=False,
                                        reason=self.not_accepted(request.proxy.namespace))
@@ -152,6 +161,9 @@ class TargetScheduler:
         """
         if ref.cluster not in self.rt.settings.source_names:
             log.warning("delegate request for %s from unknown source %s; ignored", ref, ref.cluster)
+            return None
+        if not self.serves(ref):
+            log.warning("delegate request for %s: %s; ignored", ref, self.not_served(ref))
             return None
         proxy = await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid,
                                not_older_than=resource_version)

@@ -74,6 +74,8 @@ from mcsched.podspec import (
 )
 from mcsched.proxystatus import record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
+from mcsched.targetdirectory import target_status
+from mcsched.targets import excluded_label
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
 from mcsched.workqueue import KeyedLocks, WorkQueue, for_each
 
@@ -157,7 +159,7 @@ class Feedback:
         self.stray_pods: dict[str, list[Informer]] = {
             source: [rt.informer(source, "/api/v1/pods", field_selector=(
                 f"spec.nodeName={virtual_node_name(t)},spec.schedulerName!={PROXY_SCHEDULER_NAME}"))
-                for t in rt.settings.target_names]
+                for t in rt.settings.targets_for(source)]
             for source in rt.settings.source_names}
         self.strays.start()
         rt.closers.append(self.strays.stop)
@@ -705,8 +707,10 @@ class Feedback:
         allocatable, _ = view.totals()
         capacity: dict[str, Any] = allocatable.to_dict()
         name = virtual_node_name(target)
-        labels = {k: v for k, v in view.common_labels().items() if not k.startswith("kubernetes.io/hostname")}
-        labels.update(self.rt.settings.cluster(target).labels)
+        cluster = self.rt.settings.cluster(target)
+        labels = {k: v for k, v in view.common_labels().items() if not k.startswith("kubernetes.io/hostname")
+                  and not excluded_label(cluster.excluded_labels_regexp, k, v)}
+        labels.update(cluster.labels)
         labels.update({VIRTUAL_NODE_TYPE_LABEL: VIRTUAL_NODE_TYPE_VALUE, NODE_ROLE_LABEL: "agent",
                        VIRTUAL_NODE_TARGET_LABEL: target, CLUSTER_TARGET_NAME_LABEL: target,
                        "kubernetes.io/hostname": name})
@@ -732,8 +736,9 @@ class Feedback:
         await asyncio.gather(*(self.heartbeat_target(target) for target in self.targets))
 
     async def heartbeat_target(self, target: str) -> None:
-        """``target``'s virtual node in every source, each on its own: one that fails is logged, not waited for."""
-        sources = self.rt.settings.source_names
+        """``target``'s virtual node in every source it serves, each on its own: one that fails is logged,
+        not waited for."""
+        sources = self.rt.settings.sources_of(target)
         results = await asyncio.gather(*(self._heartbeat(source, target) for source in sources),
                                        return_exceptions=True)
         for source, result in zip(sources, results, strict=True):
@@ -791,6 +796,69 @@ class Feedback:
         await client.merge_patch(f"{path}/status", {"status": status})
         await self._renew_lease(client, name, current["metadata"]["uid"])
 
+    # -- targets added and removed at runtime (mcsched.targetdirectory) ---------------------------------
+
+    def known_targets(self, source: str) -> set[str] | None:
+        """The targets whose virtual nodes belong in ``source``: those it uses, and those named by its
+        Target objects even if unusable now (a broken Secret is a lost cluster, not a removed one);
+        None while some source could not be read, when nothing may be removed."""
+        directory = self.rt.directory
+        if directory is None:
+            return set(self.rt.settings.targets_for(source))
+        if not directory.current.complete:
+            return None
+        return {*self.rt.settings.targets_for(source),
+                *(origin.key for origin in directory.current.problems if origin.source == source)}
+
+    async def remove_unknown_virtual_nodes(self) -> None:
+        """Delete the virtual nodes of targets removed from every source, then the proxies bound to them
+        (their controllers replace them elsewhere; the delegates stay in the removed cluster, which
+        the services no longer reach)."""
+        for source, nodes in self.virtual_nodes.items():
+            known = self.known_targets(source)
+            if known is None or not self._synced(nodes):
+                continue
+            for node in nodes.items():
+                target = target_of_virtual_node(node["metadata"]["name"])
+                if target is None or target in known:
+                    continue
+                name = node["metadata"]["name"]
+                log.warning("cluster %s is no longer a target of %s: deleting virtual node %s and its proxies",
+                            target, source, name)
+                try:
+                    await self.rt.clusters[source].delete(f"/api/v1/nodes/{name}")
+                except KubeError as exc:
+                    if not exc.not_found:
+                        raise
+                for proxy in self.proxies[source].items():
+                    meta = proxy["metadata"]
+                    if proxy["spec"].get("nodeName") == name and not meta.get("deletionTimestamp"):
+                        await self._delete_pod(source, meta["namespace"], meta["name"], meta["uid"])
+
+    async def report_targets(self) -> None:
+        """Each Target and ClusterTarget's Ready condition: used, or why not (written when it changes)."""
+        directory = self.rt.directory
+        if directory is None:
+            return
+        for source, objects in directory.last.items():
+            for origin, obj, _ in objects:
+                if origin not in directory.current.problems:
+                    continue
+                status = target_status(directory.current.problems[origin])
+                [wanted] = status["conditions"]
+                ready = next((c for c in (obj.get("status") or {}).get("conditions") or []
+                              if isinstance(c, dict) and c.get("type") == "Ready"), {})
+                if all(ready.get(k) == wanted[k] for k in ("status", "reason", "message")):
+                    continue
+                try:
+                    await self.rt.clusters[source].merge_patch(f"{origin.path}/status", {"status": status})
+                except KubeError as exc:
+                    if not exc.not_found:
+                        raise
+                    continue
+                if wanted["status"] != "True":
+                    log.warning("%s is not used: %s", origin, wanted["message"])
+
     async def _renew_lease(self, client: Any, name: str, node_uid: str) -> None:
         lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                  "metadata": {"name": name, "namespace": NODE_LEASE_NAMESPACE,
@@ -825,6 +893,12 @@ async def compose(rt: Runtime) -> None:
     for target in feedback.targets:  # each on its own: an unreachable target holds up no other
         rt.spawn(virtual_nodes(target), f"virtual nodes of {target}")
     rt.spawn(periodic(rt.settings.resync_period_seconds, feedback.resync, "feedback resync"), "feedback resync")
+    if rt.directory is not None:
+        async def targets() -> None:
+            await feedback.report_targets()
+            await feedback.remove_unknown_virtual_nodes()
+        rt.spawn(periodic(rt.settings.target_poll_seconds, targets, "virtual nodes of removed targets"),
+                 "targets added and removed")
 
 
 if __name__ == "__main__":

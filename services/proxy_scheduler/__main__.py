@@ -101,19 +101,19 @@ class ProxyScheduler:
         self.retries.start()
         rt.closers.append(self.retries.stop)
 
-    def excluded_clusters(self, source: str, constraints: JSON) -> dict[str, str]:
-        """Targets whose virtual node in ``source`` the pod's cluster-level constraints exclude, with why."""
+    def excluded_clusters(self, source: str, targets: list[str], constraints: JSON) -> dict[str, str]:
+        """The ``targets`` whose virtual node in ``source`` the pod's cluster-level constraints exclude, with why."""
         nodes = self.virtual_nodes[source]
         excluded = {}
-        for target in self.rt.settings.target_names:
+        for target in targets:
             reason = refusal(constraints, nodes.get(virtual_node_name(target)))
             if reason is not None:
                 excluded[target] = reason
         return excluded
 
-    def cluster_nodes(self, source: str) -> dict[str, JSON | None]:
-        """Every target's virtual node in ``source`` (None while it does not exist)."""
-        return {t: self.virtual_nodes[source].get(virtual_node_name(t)) for t in self.rt.settings.target_names}
+    def cluster_nodes(self, source: str, targets: list[str]) -> dict[str, JSON | None]:
+        """The virtual node of each of ``targets`` in ``source`` (None while it does not exist)."""
+        return {t: self.virtual_nodes[source].get(virtual_node_name(t)) for t in targets}
 
     def weights(self, ref: PodRef, original: JSON) -> dict[str, int]:
         """The pod's cluster weights: its own annotation, else its namespace's (SpreadError if malformed)."""
@@ -180,7 +180,14 @@ class ProxyScheduler:
             if proxy is None:
                 return ACK
             original, placement, version, controller = proxy
+        targets = self.rt.settings.targets_for(ref.cluster, ref.namespace)  # the namespace's Targets too
         for _ in range(CHOICE_ATTEMPTS):
+            if placement.target is not None and placement.target not in targets:
+                # chosen before its cluster was removed (its Target deleted): choose again among the others
+                withdrawn = await self._withdraw(ref, placement, version, "its cluster is no longer a target")
+                if withdrawn is None:
+                    return ACK
+                placement, version = withdrawn
             if placement.target is not None:  # chosen before (a redelivery or a racing replica)
                 await self._request_delegate(ref, placement.target, placement.round)
                 return ACK
@@ -189,21 +196,21 @@ class ProxyScheduler:
                 weights = self.weights(ref, original)
             except (ConstraintError, SpreadError) as exc:  # the webhook refuses these on pods (not on namespaces)
                 log.warning("%s: %s", ref, exc)
-                return await self._unschedulable(message, {}, {}, {t: str(exc) for t in self.rt.settings.target_names})
+                return await self._unschedulable(message, {}, {}, {t: str(exc) for t in targets})
             counts = self.counts[ref.cluster]
             pod = counts.subject(ref, original["metadata"].get("labels") or {}, controller)
             # Only a pod with spread constraints or weights counts the source's proxies (a walk over all).
             counted = bool(weights) or bool(spread_constraints(constraints, pod.labels))
-            nodes = self.cluster_nodes(ref.cluster)
-            excluded = self.excluded_clusters(ref.cluster, constraints)
+            nodes = self.cluster_nodes(ref.cluster, targets)
+            excluded = self.excluded_clusters(ref.cluster, targets, constraints)
             excluded.update(spread_refusals(constraints, pod, nodes, counts.members() if counted else [],
-                                            [t for t in self.rt.settings.target_names if t not in excluded]))
+                                            [t for t in targets if t not in excluded]))
             for left_out, reason in excluded.items():  # in the pod's trace beside the answers (mcsctl explain)
                 with tracer.start_as_current_span(f"exclude {left_out}", attributes={
                         "target": left_out, "fits": False, "reason": f"excluded: {reason}"}):
                     pass
             refused = placement.recent_rejections(time.time(), self.rt.settings.rejection_memory_seconds)
-            askable = [t for t in self.rt.settings.target_names if t not in refused and t not in excluded]
+            askable = [t for t in targets if t not in refused and t not in excluded]
             question = CandidateRequest(proxy=ref, pod=target_pod)
             answers = dict(await asyncio.gather(*(self._ask(t, question) for t in askable)))
             scores = {t: r.score for t, r in answers.items() if r is not None and r.fits}
@@ -250,7 +257,8 @@ class ProxyScheduler:
                     continue
             if confirmation is not None and not await self._confirmed(ref, confirmation):
                 # A choice stored before ours (another replica's) makes ours overshoot: withdrawn, decided again.
-                withdrawn = await self._withdraw(ref, chosen, recorded["metadata"]["resourceVersion"])
+                withdrawn = await self._withdraw(ref, chosen, recorded["metadata"]["resourceVersion"],
+                                                 "it would exceed a topology spread constraint's maxSkew")
                 if withdrawn is None:
                     return ACK
                 counts.reserve(pod, withdrawn[0])
@@ -263,7 +271,8 @@ class ProxyScheduler:
             return ACK
         return retry_later(1.0, "the proxy kept changing")
 
-    async def _withdraw(self, ref: PodRef, chosen: Placement, version: str) -> tuple[Placement, str] | None:
+    async def _withdraw(self, ref: PodRef, chosen: Placement, version: str,
+                        why: str) -> tuple[Placement, str] | None:
         """Take back ``chosen`` (no delegate was asked for): the placement without a target, and its
         resourceVersion; None when the proxy is gone, bound or holds another choice by now."""
         withdrawn = replace(chosen, target=None)
@@ -281,7 +290,7 @@ class ProxyScheduler:
                     return None
                 version = current["metadata"]["resourceVersion"]
                 continue
-            log.info("%s: %s withdrawn, it would exceed a topology spread constraint's maxSkew", ref, chosen.target)
+            log.info("%s: %s withdrawn, %s", ref, chosen.target, why)
             return withdrawn, str(recorded["metadata"]["resourceVersion"])
         raise RuntimeError(f"{ref}: the proxy kept changing while its choice of {chosen.target} was taken back")
 
@@ -330,7 +339,8 @@ class ProxyScheduler:
         reasons.update({target: f"refused by its scheduler: {reason}" for target, reason in refused.items()})
         reasons.update({target: f"excluded: {reason}" for target, reason in excluded.items()})
         why = f"0/{len(reasons)} clusters are available: " + "; ".join(
-            f"{target}: {reason}" for target, reason in sorted(reasons.items()))
+            f"{target}: {reason}" for target, reason in sorted(reasons.items())) if reasons else \
+            f"no target cluster serves the pods of {ref.cluster} in namespace {ref.namespace}"
         trace.get_current_span().set_attributes({"unschedulable": True, "reason": why})
         await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, pod, why)
         log.info("%s is unschedulable: %s", ref, why)

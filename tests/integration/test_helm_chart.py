@@ -20,7 +20,7 @@ import yaml
 from cryptography import x509
 
 from localenv.tools import bin_dir, nats_server_binary
-from mcsched.natsauth import stage_permissions
+from mcsched.natsauth import granted_targets, stage_permissions
 from mcsched.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -482,7 +482,7 @@ def test_bundled_nats_grants_each_stage_what_natsauth_grants_it(render: Callable
     assert "permissions" not in users["admin"]
     settings = Settings.model_validate(config_of(docs) | {"nats_auth": {}})
     for stage in STAGES:
-        targets = settings.served_targets() if stage == "candidate-scheduler" else settings.target_names
+        targets = granted_targets(stage, settings.serve_targets)
         want = stage_permissions(stage, stage, settings.subject_prefix, settings.source_names, targets)
         got = users[stage]["permissions"]
         assert set(got["publish"]["allow"]) == set(want.publish), stage

@@ -42,6 +42,7 @@ from mcsched.kube import JSON, pod_path
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.placement import cpu_milli
 from mcsched.podspec import apply_patch, delegate_manifest, delegate_name, source_manifest
+from mcsched.targetdirectory import Resolution, TargetDirectory
 from mcsched.testing import (
     Delivery,
     Envelope,
@@ -1219,3 +1220,44 @@ async def test_a_scheduled_delegate_binds_its_proxy_even_when_feedback_s_proxy_c
     await world.settle()
 
     assert delivery.retried or world.proxy(proxy)["spec"].get("nodeName") == f"admiralty-{placed}"
+
+
+# -- targets removed at runtime (a ClusterTarget deleted) ----------------------------------------------
+
+
+async def test_a_proxy_whose_chosen_cluster_was_removed_is_placed_again_among_the_others(world: World) -> None:
+    proxy = await world.c1.create(pod_path(NS), admitted(user_pod("web-0")))
+    chosen = Placement().choose("gone").patch("0")["metadata"]["annotations"]
+    world.c1.modify("pods", NS, "web-0", lambda pod: pod["metadata"]["annotations"].update(chosen))
+    await world.settle()
+    await world.run()
+    assert Placement.of(world.proxy(proxy)).target == "gone"
+    # A copy of its elect message (a redelivery, a resync's) finds a cluster that is no target any more.
+    await world.bus.publish("mcs.elect.c1", ElectMessage(proxy=ref(proxy), reason="resync"), "elect:again")
+    await world.run()
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target in TARGETS
+    assert world.delegate(placement.target, proxy) is not None
+
+
+async def test_a_virtual_node_of_a_removed_target_goes_with_its_proxies_and_nothing_else(world: World) -> None:
+    running, target = await world.running()
+    world.c1.put("nodes", virtual_node("gone"))
+    stranded = world.c1.put("pods", {**admitted(user_pod("stranded")), "spec": {
+        **admitted(user_pod("stranded"))["spec"], "nodeName": "admiralty-gone"}})
+    await world.settle()
+    incomplete = TargetDirectory(world.settings, {}, 1.0)
+    incomplete.current = Resolution(complete=False)  # a source could not be read: nothing may go
+    world.feedback.rt.directory = incomplete
+    await world.feedback.remove_unknown_virtual_nodes()
+    assert world.c1.find("nodes", "", "admiralty-gone") is not None
+
+    world.feedback.rt.directory = None  # the settings alone: "gone" is no target
+    await world.feedback.remove_unknown_virtual_nodes()
+    await world.settle()
+    await world.run()
+    assert world.c1.find("nodes", "", "admiralty-gone") is None
+    assert world.c1.pod(NS, "stranded") is None, "its proxy is deleted (its controller replaces it)"
+    assert world.proxy(running)["spec"]["nodeName"] == f"admiralty-{target}", "a known target's pods stay"
+    assert world.delegate(target, running) is not None
+    assert stranded["metadata"]["finalizers"], "the proxy's finalizer let it go: its cluster is unknown now"

@@ -18,20 +18,14 @@ renders both and compares them.
 {{- toJson (ternary (list .Values.clusterName) (list) (and .Values.source true)) -}}
 {{- end -}}
 
-{{- define "mcs.natsTargets" -}}
-{{- $targets := list -}}
-{{- if .Values.targetSelf -}}{{- $targets = append $targets .Values.clusterName -}}{{- end -}}
-{{- range .Values.targets -}}{{- $targets = append $targets .name -}}{{- end -}}
-{{- toJson $targets -}}
-{{- end -}}
-
 {{/* Permissions of one stage as JSON; call with (list $ stage). */}}
 {{- define "mcs.natsPermissions" -}}
 {{- $root := index . 0 -}}
 {{- $stage := index . 1 -}}
 {{- $p := $root.Values.subjectPrefix -}}
 {{- $sources := fromJsonArray (include "mcs.natsSources" $root) | sortAlpha -}}
-{{- $targets := fromJsonArray (include "mcs.natsTargets" $root) | sortAlpha -}}
+{{- /* every target, those the source's Targets and ClusterTargets name at runtime too */ -}}
+{{- $targets := list "*" -}}
 {{- if and (eq $stage "candidate-scheduler") $root.Values.candidateScheduler.serveTargets -}}
 {{- $targets = $root.Values.candidateScheduler.serveTargets | sortAlpha -}}
 {{- end -}}
@@ -51,7 +45,7 @@ renders both and compares them.
 {{- range $targets -}}{{- $publish = concat $publish (list (printf "%s.candidate.%s" $p .) (printf "%s.delegate.%s" $p .)) -}}{{- end -}}
 {{- else if eq $stage "candidate-scheduler" -}}
 {{- range $targets -}}
-{{- $consumers = append $consumers (list "delegate" (printf "candidate-scheduler-%s" .) (printf "%s.delegate.%s" $p .)) -}}
+{{- $consumers = append $consumers (list "delegate" (ternary "*" (printf "candidate-scheduler-%s" .) (eq . "*")) (printf "%s.delegate.%s" $p .)) -}}
 {{- $subscribe = append $subscribe (printf "%s.candidate.%s" $p .) -}}
 {{- end -}}
 {{- else if eq $stage "feedback" -}}

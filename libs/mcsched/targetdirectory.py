@@ -1,0 +1,167 @@
+"""The targets each source names at runtime: its Target and ClusterTarget objects, read every few seconds.
+
+:class:`TargetDirectory` lists the objects (and GETs the kubeconfig Secrets
+they name) in every source, resolves them with :mod:`mcsched.targets`, and
+says when the result differs from the set a service was composed with; the
+runtime then composes the service again in place (see
+:func:`mcsched.runtime.run_service`). A listing that fails keeps the last
+good result for that source, so an API server that does not answer never
+removes a cluster; a source without the CRDs simply names no targets.
+
+A target that cannot be used (its Secret missing, a kubeconfig without a
+server, a key two objects claim) is left out and its problem kept in
+:attr:`problems`; feedback writes these as the object's ``Ready`` condition
+and an Event (:func:`target_status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .kube import JSON, KubeClient, KubeError
+from .settings import ClusterSettings, Settings
+from .targets import CLUSTER_TARGETS_PATH, TARGETS_PATH, TargetError, TargetObject, resolve, secret_ref
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resolution:
+    """What the sources' objects say: the usable targets, and every object's problem or None."""
+
+    targets: list[ClusterSettings] = field(default_factory=list)
+    problems: dict[TargetObject, TargetError | None] = field(default_factory=dict)
+    complete: bool = True  # every source answered: a target missing here was really removed
+
+    def fingerprint(self) -> list[str]:
+        """What a composition depends on (a change of anything else needs no new composition)."""
+        return sorted(t.model_dump_json(exclude={"kubeconfig_data"}) + repr(sorted_items(t.kubeconfig_data))
+                      for t in self.targets)
+
+
+def sorted_items(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return [(k, sorted_items(v)) for k, v in sorted(value.items())]
+    if isinstance(value, list):
+        return [sorted_items(v) for v in value]
+    return value
+
+
+async def _list(client: KubeClient, path: str) -> list[JSON]:
+    """The items at ``path``; none when the API (the CRD) is not installed there."""
+    try:
+        return list((await client.get(path)).get("items") or [])
+    except KubeError as exc:
+        if exc.not_found:
+            return []
+        raise
+
+
+async def _secret(client: KubeClient, namespace: str, name: str) -> JSON | None:
+    try:
+        return await client.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    except KubeError as exc:
+        if exc.not_found:
+            return None
+        raise
+
+
+async def read_source(source: str, client: KubeClient) -> list[tuple[TargetObject, JSON, JSON | None]]:
+    """Every Target and ClusterTarget of one source, with the Secret each names (None if none/missing)."""
+    found = []
+    for obj in [*await _list(client, CLUSTER_TARGETS_PATH), *await _list(client, TARGETS_PATH)]:
+        origin = TargetObject.of(source, obj)
+        try:
+            ref = secret_ref(obj)
+        except TargetError:
+            ref = None  # resolve says what is wrong
+        secret = await _secret(client, ref.namespace, ref.name) if ref is not None else None
+        found.append((origin, obj, secret))
+    return found
+
+
+def resolve_all(settings: Settings, read: Mapping[str, list[tuple[TargetObject, JSON, JSON | None]]],
+                complete: bool = True) -> Resolution:
+    """The targets the objects name, after the settings' own clusters and in a stable order.
+
+    A key already taken (by a cluster of the settings, or an object read
+    before, oldest first) is refused as a conflict, except a ClusterTarget
+    that names a cluster of the settings, which just defers to the settings.
+    """
+    resolution = Resolution(complete=complete)
+    taken = {c.name: "the services' settings" for c in settings.clusters}
+    entries = sorted(((o, obj, s) for objects in read.values() for o, obj, s in objects),
+                     key=lambda e: ((e[1].get("metadata") or {}).get("creationTimestamp") or "", e[0].source,
+                                    e[0].namespace or "", e[0].name))
+    for origin, obj, secret in entries:
+        owner = taken.get(origin.key)
+        if owner == "the services' settings" and origin.namespace is None:
+            resolution.problems[origin] = None  # the settings name this cluster already: they win
+            continue
+        if owner is not None:
+            resolution.problems[origin] = TargetError(
+                "Conflict", f"cluster key {origin.key} is taken by {owner}; rename this object")
+            continue
+        try:
+            resolution.targets.append(resolve(origin, obj, secret))
+        except TargetError as exc:
+            resolution.problems[origin] = exc
+            continue
+        resolution.problems[origin] = None
+        taken[origin.key] = str(origin)
+    return resolution
+
+
+class TargetDirectory:
+    """Reads every source's targets every ``every`` seconds; :attr:`changed` is set when they change."""
+
+    def __init__(self, settings: Settings, sources: dict[str, KubeClient], every: float) -> None:
+        self.settings, self.sources, self.every = settings, sources, every
+        self.last: dict[str, list[tuple[TargetObject, JSON, JSON | None]]] = {}
+        self.current = Resolution()
+        self.changed = asyncio.Event()
+
+    async def read(self) -> Resolution:
+        """The targets as the sources name them now (a source that fails keeps its last good answer)."""
+        complete = True
+        for source, client in self.sources.items():
+            try:
+                self.last[source] = await read_source(source, client)
+            except (TimeoutError, KubeError, OSError) as exc:
+                log.warning("could not read the Targets and ClusterTargets of %s: %s", source, exc)
+                complete = complete and source in self.last
+        return resolve_all(self.settings, self.last, complete)
+
+    async def refresh(self) -> None:
+        resolution = await self.read()
+        if resolution.fingerprint() != self.current.fingerprint():
+            log.info("targets named by the sources changed: %s", ", ".join(t.name for t in resolution.targets)
+                     or "none")
+            self.changed.set()
+        self.current = resolution
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reading the sources' targets failed")
+
+
+def target_status(problem: TargetError | None, now: datetime | None = None) -> JSON:
+    """The ``status`` of a Target or ClusterTarget: its Ready condition."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if problem is None:
+        condition = {"type": "Ready", "status": "True", "reason": "Resolved",
+                     "message": "the services use this cluster"}
+    else:
+        condition = {"type": "Ready", "status": "False", "reason": problem.reason, "message": problem.message}
+    return {"conditions": [{**condition, "lastTransitionTime": stamp}]}

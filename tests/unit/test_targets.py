@@ -1,0 +1,135 @@
+"""Admiralty's Target and ClusterTarget objects read as clusters (mcsched.targets, mcsched.targetdirectory)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from mcsched.settings import ClusterSettings, Settings
+from mcsched.targetdirectory import resolve_all, target_status
+from mcsched.targets import TargetError, TargetObject, encode_kubeconfig, excluded_label, resolve, secret_ref
+
+KUBECONFIG = {"apiVersion": "v1", "kind": "Config", "current-context": "c2",
+              "clusters": [{"name": "c2", "cluster": {"server": "https://c2.example:6443"}}],
+              "users": [{"name": "c1-in-c2", "user": {"token": "t"}}],
+              "contexts": [{"name": "c2", "context": {"cluster": "c2", "user": "c1-in-c2"}},
+                           {"name": "empty", "context": {"cluster": "nowhere", "user": "c1-in-c2"}}]}
+
+
+def cluster_target(name: str, spec: dict[str, Any], created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {"apiVersion": "multicluster.admiralty.io/v1alpha1", "kind": "ClusterTarget",
+            "metadata": {"name": name, "creationTimestamp": created}, "spec": spec}
+
+
+def target(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "multicluster.admiralty.io/v1alpha1", "kind": "Target",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def secret(data: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "data": data}
+
+
+def settings() -> Settings:
+    return Settings(clusters=[{"name": "c1", "source": True, "target": True}])
+
+
+def test_a_cluster_target_with_its_kubeconfig_secret_is_a_target_of_its_source_only() -> None:
+    obj = cluster_target("c2", {"kubeconfigSecret": {"name": "c2", "namespace": "admiralty"},
+                                "excludedLabelsRegexp": "^team="})
+    origin = TargetObject.of("c1", obj)
+    assert secret_ref(obj) is not None and secret_ref(obj).key == "config"  # type: ignore[union-attr]
+    cluster = resolve(origin, obj, secret({"config": encode_kubeconfig(KUBECONFIG)}))
+    assert (cluster.name, cluster.target, cluster.sources, cluster.namespace) == ("c2", True, ["c1"], None)
+    assert cluster.kubeconfig_data == KUBECONFIG and cluster.excluded_labels_regexp == "^team="
+    assert cluster.serves("c1", "any") and not cluster.serves("c3")
+    assert excluded_label(cluster.excluded_labels_regexp, "team", "a")
+    assert not excluded_label(cluster.excluded_labels_regexp, "topology.kubernetes.io/region", "team=")
+
+
+def test_a_namespaced_target_serves_its_namespace_and_is_keyed_by_it() -> None:
+    obj = target("team-a", "c2", {"kubeconfigSecret": {"name": "c2", "key": "kubeconfig", "context": "c2"}})
+    origin = TargetObject.of("c1", obj)
+    assert (origin.kind, origin.key) == ("Target", "team-a-c2")
+    ref = secret_ref(obj)
+    assert ref is not None and (ref.namespace, ref.name, ref.key) == ("team-a", "c2", "kubeconfig")
+    cluster = resolve(origin, obj, secret({"kubeconfig": encode_kubeconfig(KUBECONFIG)}))
+    assert cluster.context == "c2" and cluster.serves("c1", "team-a") and not cluster.serves("c1", "team-b")
+    s = settings().with_targets([cluster])
+    assert s.targets_for("c1", "team-a") == ["c1", "team-a-c2"] and s.targets_for("c1", "team-b") == ["c1"]
+    assert s.sources_of("team-a-c2") == ["c1"]
+
+
+def test_a_self_target_is_the_source_itself() -> None:
+    obj = cluster_target("me", {"self": True})
+    cluster = resolve(TargetObject.of("c1", obj), obj, None)
+    assert cluster.same_as == "c1" and cluster.kubeconfig_data is None
+
+
+@pytest.mark.parametrize(("spec", "the_secret", "reason", "words"), [
+    ({}, None, "InvalidSpec", "exactly one"),
+    ({"self": True, "kubeconfigSecret": {"name": "x", "namespace": "y"}}, None, "InvalidSpec", "exactly one"),
+    ({"self": "yes"}, None, "InvalidSpec", "true or false"),
+    ({"kubeconfigSecret": {"name": "x"}}, None, "InvalidSpec", "namespace"),
+    ({"kubeconfigSecret": {"name": "", "namespace": "y"}}, None, "InvalidSpec", "name a Secret"),
+    ({"kubeconfigSecret": {"name": "x", "namespace": "y"}}, None, "SecretNotFound", "y/x not found"),
+    ({"kubeconfigSecret": {"name": "x", "namespace": "y"}}, {"other": "e30="}, "SecretKeyNotFound", "'config'"),
+    ({"kubeconfigSecret": {"name": "x", "namespace": "y"}}, {"config": "%%%"}, "InvalidKubeconfig", "not a kubeconfig"),
+    ({"kubeconfigSecret": {"name": "x", "namespace": "y"}}, {"config": base64.b64encode(b"[1, 2]").decode()},
+     "InvalidKubeconfig", "YAML mapping"),
+    ({"kubeconfigSecret": {"name": "x", "namespace": "y", "context": "gone"}},
+     {"config": encode_kubeconfig(KUBECONFIG)}, "InvalidKubeconfig", "no context 'gone'"),
+    ({"kubeconfigSecret": {"name": "x", "namespace": "y", "context": "empty"}},
+     {"config": encode_kubeconfig(KUBECONFIG)}, "InvalidKubeconfig", "no cluster with a server"),
+    ({"self": True, "excludedLabelsRegexp": "("}, None, "InvalidSpec", "excludedLabelsRegexp"),
+])
+def test_a_misconfigured_cluster_target_says_why(spec: dict[str, Any], the_secret: dict[str, str] | None,
+                                                 reason: str, words: str) -> None:
+    obj = cluster_target("c2", spec)
+    with pytest.raises(TargetError) as refused:
+        resolve(TargetObject.of("c1", obj), obj, None if the_secret is None else secret(the_secret))
+    assert refused.value.reason == reason and words in refused.value.message, refused.value.message
+
+
+def test_a_key_that_is_no_dns_label_is_refused() -> None:
+    obj = target("a-rather-long-namespace-name-for-a-team", "and-a-long-target-name-too", {"self": True})
+    with pytest.raises(TargetError) as refused:
+        resolve(TargetObject.of("c1", obj), obj, None)
+    assert refused.value.reason == "InvalidName"
+
+
+def test_resolving_every_source_defers_to_the_settings_and_refuses_conflicts_oldest_first() -> None:
+    good = secret({"config": encode_kubeconfig(KUBECONFIG)})
+    spec = {"kubeconfigSecret": {"name": "k", "namespace": "admiralty"}}
+    older = cluster_target("c2", spec, "2026-01-01T00:00:00Z")
+    newer = cluster_target("c2", spec, "2026-02-01T00:00:00Z")
+    named_in_settings = cluster_target("c1", {"self": True})
+    s = Settings(clusters=[{"name": "c1", "source": True, "target": True}, {"name": "c3", "source": True}])
+    resolution = resolve_all(s, {
+        "c3": [(TargetObject.of("c3", newer), newer, good)],
+        "c1": [(TargetObject.of("c1", older), older, good),
+               (TargetObject.of("c1", named_in_settings), named_in_settings, None)]})
+    assert [(t.name, t.sources) for t in resolution.targets] == [("c2", ["c1"])]
+    assert resolution.problems[TargetObject.of("c1", older)] is None
+    assert resolution.problems[TargetObject.of("c1", named_in_settings)] is None  # the settings win, no error
+    conflict = resolution.problems[TargetObject.of("c3", newer)]
+    assert conflict is not None and conflict.reason == "Conflict" and "ClusterTarget c2 of c1" in conflict.message
+    # What a composition depends on: the same objects read again give the same fingerprint.
+    again = resolve_all(s, {"c1": [(TargetObject.of("c1", older), older, good)]})
+    assert again.fingerprint() == resolution.fingerprint()
+    assert resolve_all(s, {}).fingerprint() != resolution.fingerprint()
+
+
+def test_the_ready_condition_says_used_or_why_not() -> None:
+    assert target_status(None)["conditions"][0]["status"] == "True"
+    refused = target_status(TargetError("SecretNotFound", "Secret a/b not found"))["conditions"][0]
+    assert (refused["status"], refused["reason"], refused["message"]) == ("False", "SecretNotFound",
+                                                                        "Secret a/b not found")
+
+
+def test_settings_clusters_serve_every_source_unless_limited() -> None:
+    c = ClusterSettings(name="c2", target=True)
+    assert c.serves("c1") and c.serves("c9", "ns")
+    assert not ClusterSettings(name="c2", source=True).serves("c1")
