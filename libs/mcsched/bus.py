@@ -193,7 +193,8 @@ class Bus:
         except BadRequestError:
             await js.update_stream(config)
 
-    async def close(self) -> None:
+    async def close(self, drain_seconds: float = 5.0) -> None:
+        """Stop consuming and close, first flushing what is buffered for up to ``drain_seconds``."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -202,7 +203,7 @@ class Bus:
                 await self.nc.close()
                 return
             try:
-                await asyncio.wait_for(self.nc.drain(), timeout=5)
+                await asyncio.wait_for(self.nc.drain(), timeout=drain_seconds)
             except Exception as exc:  # NATS went away meanwhile: nothing left to flush
                 log.info("closing NATS without draining (%s)", describe(exc))
                 await self.nc.close()

@@ -60,7 +60,7 @@ class Runtime:
 
         self.tasks.append(asyncio.create_task(guarded(), name=name))
 
-    async def close(self) -> None:
+    async def close(self, drain_seconds: float = 5.0) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -68,7 +68,7 @@ class Runtime:
             await informer.stop()
         for closer in reversed(self.closers):
             await closer()
-        await self.bus.close()
+        await self.bus.close(drain_seconds)
         for client in self.clusters.values():
             await client.close()
 
@@ -183,7 +183,8 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
             task.cancel()
         if not stop.is_set():
             log.info("%s: the sources name other targets; composing again in place", service)
-        await runtime.close()
+        # Every publish was acknowledged already: a new composition need not wait for a long drain.
+        await runtime.close(drain_seconds=5.0 if stop.is_set() else 0.5)
         current.clear()
         informers.clear()
     log.info("%s stopping", service)

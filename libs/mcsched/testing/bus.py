@@ -197,7 +197,7 @@ class FakeBus(Bus):
     async def ensure_streams(self, kinds: tuple[str, ...] = ()) -> None:
         return None
 
-    async def close(self) -> None:
+    async def close(self, drain_seconds: float = 5.0) -> None:
         self.closed = True
         broker = self.broker
         for durable, replicas in list(broker.consumers.items()):
