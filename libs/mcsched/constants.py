@@ -35,6 +35,9 @@ PARENT_CLUSTER_LABEL = f"{DOMAIN}/parent-cluster"
 PARENT_NAMESPACE_LABEL = f"{DOMAIN}/parent-namespace"
 PARENT_NAME_LABEL = f"{DOMAIN}/parent-name"
 PARENT_UID_LABEL = f"{DOMAIN}/parent-uid"
+# The target (cluster key) a delegate was created for: several keys may name one cluster (a Target
+# per namespace), and each key's reconcilers look only at its own delegates.
+DELEGATE_TARGET_LABEL = f"{DOMAIN}/for-target"
 # A label value holds at most 63 characters: the parent's full name is kept in an annotation too.
 PARENT_NAME_ANNOTATION = f"{DOMAIN}/parent-name"
 # The placement round of the proxy (see mcsched.choice) that the candidate-scheduler read when it created the delegate.

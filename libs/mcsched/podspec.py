@@ -22,6 +22,7 @@ import orjson
 from pydantic import ValidationError
 
 from .constants import (
+    DELEGATE_TARGET_LABEL,
     DOMAIN,
     ELECT_ANNOTATION,
     PARENT_CLUSTER_LABEL,
@@ -249,7 +250,7 @@ def _is_service_account_volume(volume: Mapping[str, Any]) -> bool:
 
 def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: str, proxy_name: str,
                       proxy_uid: str, scheduler_name: str | None = None, owner: Mapping[str, Any] | None = None,
-                      extra_annotations: Mapping[str, str] | None = None) -> JSON:
+                      extra_annotations: Mapping[str, str] | None = None, target: str | None = None) -> JSON:
     """The delegate pod for a target, built from the proxy's original manifest.
 
     The delegate is created unbound: the target's own scheduler places it, so
@@ -258,7 +259,8 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
     admission would refuse or add again are removed: the source's
     service-account token volume, ``priority`` (recomputed from the class) and
     any node binding. ``owner`` (the target's Namespace) becomes the delegate's
-    controller, so no controller in the target adopts it.
+    controller, so no controller in the target adopts it. ``target`` is the
+    cluster key it is created for (:func:`belongs_to`).
     """
     metadata = original.get("metadata", {})
     spec = copy.deepcopy(dict(original.get("spec", {})))
@@ -285,6 +287,8 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
         PARENT_CLUSTER_LABEL: source, PARENT_NAMESPACE_LABEL: namespace,
         PARENT_NAME_LABEL: proxy_name[:63].rstrip("-_."), PARENT_UID_LABEL: proxy_uid,
     })
+    if target is not None:
+        labels[DELEGATE_TARGET_LABEL] = target
     annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k != ELECT_ANNOTATION}
     annotations.update(extra_annotations or {})
     annotations[PARENT_NAME_ANNOTATION] = proxy_name
@@ -296,6 +300,13 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
             "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": False,
         }]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def belongs_to(delegate: Mapping[str, Any], target: str) -> bool:
+    """Whether a delegate found in ``target``'s cluster was created for that cluster key, and not for
+    another key naming the same cluster (one made before the label existed belongs to any)."""
+    labels = (delegate.get("metadata") or {}).get("labels") or {}
+    return str(labels.get(DELEGATE_TARGET_LABEL, target)) == target
 
 
 def skipped_label_keys(annotations: Mapping[str, str]) -> frozenset[str]:

@@ -237,7 +237,7 @@ class TargetScheduler:
         stamp = {**trace_annotations(), PLACEMENT_ROUND_ANNOTATION: str(Placement.of(proxy).round)}
         manifest = delegate_manifest(original, source=ref.cluster, namespace=ref.namespace, proxy_name=ref.name,
                                      proxy_uid=ref.uid, scheduler_name=self.scheduler_name, owner=namespace,
-                                     extra_annotations=stamp)
+                                     extra_annotations=stamp, target=self.target)
         trace.get_current_span().set_attributes({"delegate": manifest["metadata"]["name"]})
         try:
             await self.client.create(f"/api/v1/namespaces/{ref.namespace}/pods", manifest)

@@ -60,6 +60,7 @@ from mcsched.models import DelegateRequest, PodRef, StatusUpdate
 from mcsched.natsauth import feedback_durable
 from mcsched.podspec import (
     awaits_replacement,
+    belongs_to,
     delegate_name,
     is_finished,
     mirror_patch,
@@ -200,7 +201,7 @@ class Feedback:
 
     async def on_delegate(self, target: str, kind: str, delegate: JSON, old: JSON | None) -> None:
         parent = parent_ref(delegate)
-        if parent is None:
+        if parent is None or not belongs_to(delegate, target):  # another key's, in the same cluster
             return
         source, namespace, name, uid = parent
         ref = PodRef(cluster=source, namespace=namespace, name=name, uid=uid)
@@ -634,7 +635,7 @@ class Feedback:
                    for proxy in informer.items()]
         await for_each(proxies, lambda item: self._resync_proxy(*item, epoch), RESYNC_CONCURRENCY, "resync of a proxy")
         delegates = [(target, delegate) for target, view in self.targets.items() if self._synced(view.pods)
-                     for delegate in view.pods.items()]
+                     for delegate in view.pods.items() if belongs_to(delegate, target)]
         await for_each(delegates, lambda item: self._resync_delegate(*item, epoch), RESYNC_CONCURRENCY,
                        "resync of a delegate")
 

@@ -1261,3 +1261,27 @@ async def test_a_virtual_node_of_a_removed_target_goes_with_its_proxies_and_noth
     assert world.proxy(running)["spec"]["nodeName"] == f"admiralty-{target}", "a known target's pods stay"
     assert world.delegate(target, running) is not None
     assert stranded["metadata"]["finalizers"], "the proxy's finalizer let it go: its cluster is unknown now"
+
+
+async def test_two_cluster_keys_naming_one_cluster_leave_each_other_s_delegates_alone() -> None:
+    """A Target per namespace, both naming one cluster: each key's reconcilers see the other's delegates
+    in that cluster and must not take them for strays of their own."""
+    world = World()
+    world.clusters["c3"] = world.clusters["c2"]
+    await world.start()
+    try:
+        placed = [await world.place(f"web-{i}") for i in range(6)]
+        assert {target for _, target in placed} == {"c2", "c3"}, "both keys used"
+        for proxy, target in placed:
+            await world.schedule(target, proxy)
+            await world.kubelet(target, proxy, "Running")
+        await world.feedback.resync()
+        await world.settle()
+        await world.run()
+        for proxy, target in placed:
+            assert world.delegate(target, proxy) is not None, f"{proxy['metadata']['name']}'s delegate was removed"
+            current = world.proxy(proxy)
+            assert current["spec"]["nodeName"] == f"admiralty-{target}" and current["status"]["phase"] == "Running"
+        assert world.problems() == []
+    finally:
+        await world.close()
