@@ -17,7 +17,9 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from .bus import Bus, Credentials
@@ -127,7 +129,7 @@ def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> 
     try:
         settings = load_settings()
         credentials = nats_credentials(service, settings)
-    except (ValidationError, ValueError, FileNotFoundError, ssl.SSLError) as exc:
+    except (ValidationError, ValueError, FileNotFoundError, ssl.SSLError, yaml.YAMLError) as exc:
         print(f"{service}: invalid settings:\n{exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     setup_logging(settings.log_level, service)
@@ -141,6 +143,41 @@ def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> 
 TARGET_DEPENDENT = frozenset({"proxy-scheduler", "candidate-scheduler", "feedback"})
 
 
+class SettingsFile:
+    """The ``MCS_CONFIG`` file, read again every few seconds: a valid change sets :attr:`changed`
+    (the service composes itself again with it); an invalid one is logged and the running settings stay."""
+
+    def __init__(self, service: str, settings: Settings, credentials: Credentials) -> None:
+        self.service, self.settings, self.credentials = service, settings, credentials
+        self.path = os.environ.get("MCS_CONFIG")
+        self.text = self._read()
+        self.changed = asyncio.Event()
+
+    def _read(self) -> str | None:
+        try:
+            return Path(self.path).read_text() if self.path else None
+        except OSError:
+            return None
+
+    async def run(self) -> None:
+        while self.path:
+            await asyncio.sleep(self.settings.target_poll_seconds)
+            text = self._read()
+            if text is None or text == self.text:
+                continue
+            self.text = text
+            try:
+                settings = load_settings()
+                credentials = nats_credentials(self.service, settings)
+            except Exception as exc:  # a YAML error, a validation error, a missing file: all the user's to fix
+                log.error("%s changed but is not valid; the running settings stay:\n%s", self.path, exc)
+                continue
+            if settings != self.settings:
+                log.info("%s changed: composing again with it", self.path)
+                self.settings, self.credentials = settings, credentials
+                self.changed.set()
+
+
 async def _main(service: str, settings: Settings, credentials: Credentials,
                 compose: Callable[[Runtime], Awaitable[None]]) -> None:
     stop = asyncio.Event()
@@ -150,11 +187,9 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
     informers: list[Informer] = []
     loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(informers))
     provider = setup_tracing(service, settings.otlp_endpoint)
+    settings_file = SettingsFile(service, settings, credentials)
+    watching = asyncio.create_task(settings_file.run(), name="read the settings file")
     directory: TargetDirectory | None = None
-    if service in TARGET_DEPENDENT:
-        sources = {c.name: await KubeClient.connect(c) for c in settings.clusters if c.source}
-        directory = TargetDirectory(settings, sources, settings.target_poll_seconds)
-        polling = asyncio.create_task(directory.run(), name="read the sources' targets")
     current: list[Runtime] = []
     http = None
     if settings.metrics_port:
@@ -162,7 +197,9 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
                                 lambda: not_ready(current[0].bus, informers) if current else ["starting"])
     while not stop.is_set():
         composed = settings
-        if directory is not None:
+        if service in TARGET_DEPENDENT:
+            if directory is None:
+                directory = await TargetDirectory.open(settings)
             try:
                 await asyncio.wait_for(directory.refresh(), settings.candidate_timeout_seconds * 5)
             except (TimeoutError, KubeError, OSError) as exc:
@@ -175,23 +212,29 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
         current[:] = [runtime]
         log.info("%s running (sources: %s, targets: %s)", service, ",".join(composed.source_names),
                  ",".join(composed.target_names))
-        waits = [asyncio.create_task(stop.wait())]
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(settings_file.changed.wait())]
         if directory is not None:
             waits.append(asyncio.create_task(directory.changed.wait()))
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in waits:
             task.cancel()
         if not stop.is_set():
-            log.info("%s: the sources name other targets; composing again in place", service)
+            log.info("%s: %s; composing again in place", service, "the settings changed"
+                     if settings_file.changed.is_set() else "the sources name other targets")
         # Every publish was acknowledged already: a new composition need not wait for a long drain.
         await runtime.close(drain_seconds=5.0 if stop.is_set() else 0.5)
         current.clear()
         informers.clear()
+        if settings_file.changed.is_set():  # new sources (or anything else): a new directory of them too
+            settings_file.changed.clear()
+            settings, credentials = settings_file.settings, settings_file.credentials
+            if directory is not None:
+                await directory.close()
+                directory = None
     log.info("%s stopping", service)
+    watching.cancel()
     if directory is not None:
-        polling.cancel()
-        for client in directory.sources.values():
-            await client.close()
+        await directory.close()
     if http is not None:
         await http.cleanup()
     if provider is not None:

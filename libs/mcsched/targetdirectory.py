@@ -125,6 +125,22 @@ class TargetDirectory:
         self.last: dict[str, list[tuple[TargetObject, JSON, JSON | None]]] = {}
         self.current = Resolution()
         self.changed = asyncio.Event()
+        self._polling: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings) -> TargetDirectory:
+        """A directory of the settings' sources, reading them every ``target_poll_seconds`` from now on."""
+        sources = {c.name: await KubeClient.connect(c) for c in settings.clusters if c.source}
+        directory = cls(settings, sources, settings.target_poll_seconds)
+        directory._polling = asyncio.create_task(directory.run(), name="read the sources' targets")
+        return directory
+
+    async def close(self) -> None:
+        if self._polling is not None:
+            self._polling.cancel()
+            await asyncio.gather(self._polling, return_exceptions=True)
+        for client in self.sources.values():
+            await client.close()
 
     async def read(self) -> Resolution:
         """The targets as the sources name them now (a source that fails keeps its last good answer)."""

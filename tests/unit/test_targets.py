@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from mcsched.settings import ClusterSettings, Settings
+from mcsched.runtime import SettingsFile, nats_credentials
+from mcsched.settings import ClusterSettings, Settings, load_settings
 from mcsched.targetdirectory import resolve_all, target_status
 from mcsched.targets import TargetError, TargetObject, encode_kubeconfig, excluded_label, resolve, secret_ref
 
@@ -133,3 +137,27 @@ def test_settings_clusters_serve_every_source_unless_limited() -> None:
     c = ClusterSettings(name="c2", target=True)
     assert c.serves("c1") and c.serves("c9", "ns")
     assert not ClusterSettings(name="c2", source=True).serves("c1")
+
+
+# -- the settings file read again (sources and targets of the settings, at runtime) ------------------------
+
+
+async def test_a_changed_settings_file_is_used_and_an_invalid_one_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "mcs.yaml"
+    base = {"nats_auth": {"allow_anonymous": True}, "target_poll_seconds": 0.02,
+            "clusters": [{"name": "c1", "source": True, "target": True}]}
+    config.write_text(yaml.safe_dump(base))
+    monkeypatch.setenv("MCS_CONFIG", str(config))
+    first = load_settings()
+    watched = SettingsFile("feedback", first, nats_credentials("feedback", first))
+    running = asyncio.create_task(watched.run())
+    try:
+        config.write_text("clusters: [")  # broken YAML: logged, the running settings stay
+        await asyncio.sleep(0.1)
+        assert not watched.changed.is_set() and watched.settings == first
+        config.write_text(yaml.safe_dump({**base, "clusters": [*base["clusters"], {"name": "c3", "source": True}]}))
+        await asyncio.wait_for(watched.changed.wait(), 2)
+        assert watched.settings.source_names == ["c1", "c3"]
+    finally:
+        running.cancel()
