@@ -360,3 +360,77 @@ def test_the_mirror_patch_writes_exactly_the_delegate_s_fields_over_the_proxy_ve
     assert patch["status"]["conditions"] == [{"type": "PodScheduled", "status": "True"},
                                              {"type": "Ready", "status": "True"}]
     assert not status_differs(merge_patch(proxy, patch)["status"], wanted)
+
+
+# -- an API error at each step ------------------------------------------------------------------------
+
+
+async def _converge(world: World, proxy: JSON) -> None:
+    """What the clusters, the retries and the resyncs do over a while: deliveries (a failed handler's message
+    again), feedback's resync, and the watcher's re-publication of a proxy still waiting for a cluster."""
+    for _ in range(8):
+        await world.run()
+        await world.feedback.resync()
+        await world.settle()
+        await asyncio.sleep(0.02)  # work queues retry after a short back-off
+        current = world.proxy(proxy)
+        if not current["spec"].get("nodeName") and Placement.of(current).target is None:
+            await world.bus.publish(f"mcs.elect.{SOURCE}", ElectMessage(proxy=ref(current), reason="resync"),
+                                    f"elect:resync:{len(world.broker.deliveries)}")
+        await world.run()
+
+
+async def _place_and_run(world: World, fault: tuple[str, str, str] | None = None) -> tuple[JSON, str]:
+    """A pod from creation to Running through every stage, as the targets' schedulers and kubelets act;
+    the services' first ``fault`` = (cluster, method, path) request fails."""
+    proxy = await world.create_proxy()
+    if fault is not None:
+        cluster, method, path = fault
+        world.clusters[cluster].fail(method, path)
+    await _converge(world, proxy)
+    target = Placement.of(world.proxy(proxy)).target
+    assert target is not None, "no cluster chosen"
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    world.clusters[target].bind_pod(NS, name, f"{target}-n1")
+    await world.settle()
+    await _converge(world, proxy)
+    world.clusters[target].set_pod_phase(NS, name, "Running")
+    await world.settle()
+    await _converge(world, proxy)
+    return world.proxy(proxy), target
+
+
+def _writes(world: World) -> list[tuple[str, str, str]]:
+    """Every write any service sent, once each, in order: (cluster, method, path)."""
+    seen: dict[tuple[str, str, str], None] = {}
+    for name, cluster in world.clusters.items():
+        for call in cluster.calls:
+            if call.method != "GET":
+                seen.setdefault((name, call.method, call.path), None)
+    return list(seen)
+
+
+async def test_an_api_error_at_any_write_of_the_pipeline_is_repaired() -> None:
+    """Each write of a pod's journey (choice, delegate, namespace, binding, status, Events...) fails once in
+    its own run: the pod still ends Running, bound to its cluster, with exactly one delegate."""
+    reference = await World().start()
+    try:
+        await _place_and_run(reference)
+        # all but the proxy's creation, which is the test's own write
+        writes = [w for w in _writes(reference) if w != (SOURCE, "POST", pod_path(NS))]
+    finally:
+        await reference.close()
+    assert len(writes) >= 6, writes  # the choice, the delegate, its namespace, the binding, the status...
+    for cluster, method, path in writes:
+        world = await World().start()
+        try:
+            proxy, target = await _place_and_run(world, (cluster, method, path))
+            where = f"after a {method} {path} in {cluster} failed"
+            assert proxy["spec"].get("nodeName") == f"admiralty-{target}", where
+            assert proxy["status"].get("phase") == "Running", where
+            assert [len(world.delegates(t)) for t in TARGETS].count(1) == 1, where
+            assert sum(len(world.delegates(t)) for t in TARGETS) == 1, where
+            unexpected = [p for p in world.problems() if "injected fault" not in p]
+            assert unexpected == [], where
+        finally:
+            await world.close()
