@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the clusters, NATS and Jaeger")
     up.add_argument("--clusters", default=os.environ.get("CLUSTERS", "c1,c2"))
     up.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "3")))
+    up.add_argument("--nats-nodes", type=int, default=int(os.environ.get("NATS_NODES", "1")),
+                    help="NATS servers: more than 1 runs a NATS cluster (streams on min(3, n) of them)")
     up.add_argument("--no-services", action="store_true", default=os.environ.get("SERVICES", "1") == "0",
                     help="start only the clusters, NATS and Jaeger (SERVICES=0)")
     up.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")),
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
         if not clusters:
             parser.error("--clusters needs at least one cluster name")
-        env.up(clusters, nodes=args.nodes, log=lambda m: print(m, flush=True))
+        if args.nats_nodes < 1:
+            parser.error("--nats-nodes (NATS_NODES) must be at least 1")
+        env.up(clusters, nodes=args.nodes, log=lambda m: print(m, flush=True), nats_nodes=args.nats_nodes)
         if not args.no_services:
             config = write_config(env)
             start_services(env, replicas=args.replicas)

@@ -51,7 +51,7 @@ from mcsched.placement import Resources, node_allocatable, pod_requests
 from mcsched.podspec import delegate_name
 from mcsched.settings import ClusterSettings
 
-from .environment import LocalEnvironment
+from .environment import LocalEnvironment, nats_process_name, nats_store
 from .services import SERVICES, process_name, start_service, start_services, wait_services_ready, write_config
 
 NAMESPACE = "chaos"
@@ -276,16 +276,20 @@ def _kill_service(env: LocalEnvironment, service: str) -> Callable[[], Awaitable
     return fault
 
 
-def _kill_nats(env: LocalEnvironment, wipe: bool) -> Callable[[], Awaitable[None]]:
+def _kill_nats(env: LocalEnvironment, wipe: bool, index: int = 0) -> Callable[[], Awaitable[None]]:
+    """kill -9 the ``index``-th NATS server (the only one, or one node of a cluster), then start it again."""
     async def fault() -> None:
-        record = env.processes.get("nats")
+        name = nats_process_name(index)
+        record = env.processes.get(name)
         assert record is not None
-        env.processes.stop("nats", sig=signal.SIGKILL)
+        env.processes.stop(name, sig=signal.SIGKILL)
         if wipe:
-            shutil.rmtree(env.root / "nats" / "jetstream", ignore_errors=True)
+            shutil.rmtree(nats_store(env.root, index), ignore_errors=True)
         await asyncio.sleep(1)
-        env.processes.start("nats", record.argv)
-        await asyncio.to_thread(_wait_url, env.info().nats_monitor_url + "/healthz?js-enabled-only=true")
+        env.processes.start(name, record.argv)
+        info = env.info()
+        monitor = (info.nats_monitor_urls or [info.nats_monitor_url])[index]
+        await asyncio.to_thread(_wait_url, monitor + "/healthz?js-enabled-only=true")
     return fault
 
 
@@ -298,11 +302,19 @@ def _stop_api_server(env: LocalEnvironment, cluster: str, down_seconds: float) -
     return fault
 
 
+def _nats_faults(env: LocalEnvironment) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    nodes = len(env.info().nats_monitor_urls) or 1
+    if nodes == 1:
+        return [("kill -9 NATS", _kill_nats(env, wipe=False)),
+                ("kill -9 NATS, JetStream store wiped", _kill_nats(env, wipe=True))]
+    return [(f"kill -9 NATS node 1 of {nodes}", _kill_nats(env, wipe=False, index=1)),
+            (f"kill -9 NATS node 2 of {nodes}, its JetStream store wiped", _kill_nats(env, wipe=True, index=2))]
+
+
 def faults(env: LocalEnvironment) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     return [
         *((f"kill -9 {service.replace('_', '-')}", _kill_service(env, service)) for service in SERVICES),
-        ("kill -9 NATS", _kill_nats(env, wipe=False)),
-        ("kill -9 NATS, JetStream store wiped", _kill_nats(env, wipe=True)),
+        *_nats_faults(env),
         (f"{LOST} API server down {FAILOVER_SECONDS + 30}s (past the failover delay)",
          _stop_api_server(env, LOST, FAILOVER_SECONDS + 30)),
         (f"{SOURCE} API server restarted", _stop_api_server(env, SOURCE, 2)),
@@ -493,7 +505,8 @@ def main() -> int:
     env = LocalEnvironment(root)
     env.down()
     print(f"starting a local environment in {root} (c1 source and target, c2 target)", flush=True)
-    env.up([SOURCE, LOST], nodes=3, log=lambda m: print(f"  {m}", flush=True))
+    env.up([SOURCE, LOST], nodes=3, log=lambda m: print(f"  {m}", flush=True),
+           nats_nodes=int(os.environ.get("NATS_NODES", "1")))
     try:
         write_config(env, resync_seconds=5.0)
         start_services(env)

@@ -70,6 +70,7 @@ class EnvironmentInfo:
     services_kubeconfig: str = ""  # the services' identity: the chart's roles only
     nats_admin_url: str = ""  # NATS as an administrator (tests, tools): the URL with the admin's credentials
     nats_password_files: dict[str, str] = field(default_factory=dict)  # NATS user -> file holding its password
+    nats_monitor_urls: list[str] = field(default_factory=list)  # every NATS server's, the first's first
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -124,6 +125,16 @@ def jaeger_config(otlp_grpc: int, otlp_http: int, query_http: int, query_grpc: i
     return json.dumps(config, indent=1)  # JSON is YAML
 
 
+def nats_store(root: Path, index: int) -> Path:
+    """Where the ``index``-th NATS server of the environment under ``root`` keeps its JetStream data."""
+    return root / "nats" / f"jetstream-{index}"
+
+
+def nats_process_name(index: int) -> str:
+    """The process of the ``index``-th NATS server: ``nats`` for the first (the only one by default)."""
+    return "nats" if index == 0 else f"nats-{index}"
+
+
 def single_kubeconfig(entry: dict[str, Any]) -> dict[str, Any]:
     """A kubeconfig of one cluster entry (:meth:`LocalCluster.kubeconfig_entry`), its context current."""
     return {"apiVersion": "v1", "kind": "Config", "clusters": [entry["cluster"]], "users": [entry["user"]],
@@ -147,8 +158,11 @@ class LocalEnvironment:
 
     # -- up ----------------------------------------------------------------------
 
-    def up(self, clusters: list[str], nodes: int = 3, log: Any = print) -> EnvironmentInfo:
-        """Start the environment; a previous one under the same root is stopped first."""
+    def up(self, clusters: list[str], nodes: int = 3, log: Any = print, nats_nodes: int = 1) -> EnvironmentInfo:
+        """Start the environment; a previous one under the same root is stopped first.
+
+        ``nats_nodes`` > 1 runs NATS as a cluster of that many servers (the services then keep every
+        stream on ``min(3, nats_nodes)`` of them)."""
         if self.processes.load():
             log("stopping the previous environment in this directory")
             self.down()
@@ -168,7 +182,7 @@ class LocalEnvironment:
         ]
         local = [LocalCluster(spec, self.root, self.processes) for spec in specs]
         try:
-            nats = self._start_nats(log, clusters)
+            nats = self.start_nats(log, clusters, nats_nodes)
             jaeger = self._start_jaeger(log)
             for cluster in local:
                 log(f"starting cluster {cluster.spec.name} (etcd, kube-apiserver on {cluster.spec.server}, "
@@ -183,7 +197,8 @@ class LocalEnvironment:
             for cluster in local:
                 cluster.wait_nodes_ready(cluster.spec.node_names())
                 log(f"  {cluster.spec.name}: {nodes} kwok nodes Ready")
-            _wait_http(nats["monitor"] + "/healthz?js-enabled-only=true", "NATS JetStream")
+            for monitor in nats["monitors"]:
+                _wait_http(monitor + "/healthz?js-enabled-only=true", "NATS JetStream")
             _wait_http(jaeger["health"] + "/status", "Jaeger")
         except BaseException:
             log(f"start failed; logs are in {self.processes.logs}; stopping what started")
@@ -201,7 +216,7 @@ class LocalEnvironment:
                 "pod_cidr": c.spec.pod_cidr, "ports": asdict(c.spec.ports),
             } for c in local},
             nats_url=nats["url"], nats_monitor_url=nats["monitor"], nats_admin_url=nats["admin_url"],
-            nats_password_files=nats["password_files"],
+            nats_password_files=nats["password_files"], nats_monitor_urls=nats["monitors"],
             jaeger_query_url=jaeger["query"],
             otlp_grpc_endpoint=jaeger["otlp_grpc"], otlp_http_endpoint=jaeger["otlp_http"],
         )
@@ -212,10 +227,13 @@ class LocalEnvironment:
         log(f"environment up in {time.monotonic() - started:.1f}s")
         return info
 
-    def _start_nats(self, log: Any, clusters: list[str]) -> dict[str, Any]:
+    def start_nats(self, log: Any, clusters: list[str], nodes: int = 1) -> dict[str, Any]:
         """nats-server with JetStream and one user per stage (every cluster a source and a target), an
-        administrator, and a candidate-scheduler user per target (``candidate-scheduler-<target>``)."""
-        port, monitor = free_port(), free_port()
+        administrator, and a candidate-scheduler user per target (``candidate-scheduler-<target>``).
+
+        With ``nodes`` > 1, a NATS cluster of that many servers (``nats``, ``nats-1``...; routes between
+        all of them), whose client URLs are all given as seeds."""
+        ports = [(free_port(), free_port(), free_port()) for _ in range(nodes)]  # client, monitor, route
         store = self.root / "nats"
         credentials = store / "credentials"
         credentials.mkdir(parents=True, mode=0o700)
@@ -223,14 +241,22 @@ class LocalEnvironment:
                               clusters=[{"name": c, "source": True, "target": True} for c in clusters])
         config = nats_config(every_role, credentials, per_target_candidates=True)
         files = {path.name: str(path) for path in sorted(credentials.iterdir()) if path != config}
-        log(f"starting NATS JetStream on 127.0.0.1:{port} (a user per stage)")
-        self.processes.start("nats", [
-            str(nats_server_binary()), "-c", str(config), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
-            "-js", "-sd", str(store / "jetstream"), "--server_name", "local-env",
-        ])
+        routes = ",".join(f"nats://127.0.0.1:{route}" for _, _, route in ports)
+        log(f"starting NATS JetStream on {', '.join(f'127.0.0.1:{p}' for p, _, _ in ports)} (a user per stage"
+            f"{f'; a cluster of {nodes} servers' if nodes > 1 else ''})")
+        for index, (port, monitor, route) in enumerate(ports):
+            argv = [str(nats_server_binary()), "-c", str(config), "-a", "127.0.0.1", "-p", str(port),
+                    "-m", str(monitor), "-js", "-sd", str(nats_store(self.root, index)),
+                    "--server_name", f"local-env-{index}"]
+            if nodes > 1:
+                argv += ["--cluster_name", "local-env", "--cluster", f"nats://127.0.0.1:{route}", "--routes", routes]
+            self.processes.start(nats_process_name(index), argv)
         admin = Path(files["admin"]).read_text()
-        return {"url": f"nats://127.0.0.1:{port}", "monitor": f"http://127.0.0.1:{monitor}",
-                "admin_url": f"nats://admin:{admin}@127.0.0.1:{port}", "password_files": files}
+        first, monitor, _ = ports[0]
+        return {"url": ",".join(f"nats://127.0.0.1:{p}" for p, _, _ in ports),
+                "monitor": f"http://127.0.0.1:{monitor}",
+                "monitors": [f"http://127.0.0.1:{m}" for _, m, _ in ports],
+                "admin_url": f"nats://admin:{admin}@127.0.0.1:{first}", "password_files": files}
 
     def restart_nats(self) -> None:
         """Stop and start nats-server on the same port and storage (for recovery tests)."""

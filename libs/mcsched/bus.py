@@ -26,7 +26,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
@@ -45,6 +45,8 @@ DEAD_LETTER_MAX_MESSAGES = 100_000
 # A message whose handler raised this many times is dead-lettered (a resync re-derives the work
 # from the clusters, so a message lost this way is re-published if its work is still due).
 MAX_FAILED_DELIVERIES = 10
+# How long a publish is tried again while JetStream does not answer (a NATS cluster electing a leader).
+PUBLISH_RETRY_SECONDS = 10.0
 # How long one pull waits. nats-py holds the messages of a lingering pull until it has
 # its whole batch or this time is up, so it bounds how long a message can sit unhandled.
 FETCH_WAIT_SECONDS = 1.0
@@ -88,8 +90,11 @@ class Credentials:
 class Bus:
     def __init__(self, url: str, prefix: str, client_name: str,
                  max_failed_deliveries: int = MAX_FAILED_DELIVERIES,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, stream_replicas: int = 1) -> None:
         self.url, self.prefix, self.client_name = url, prefix, client_name
+        # a cluster's seed URLs, comma-separated: the client connects to any and fails over to the others
+        self.servers = [u.strip() for u in url.split(",") if u.strip()]
+        self.stream_replicas = stream_replicas
         self.max_failed_deliveries = max_failed_deliveries
         self.credentials = credentials or Credentials()
         self.nc: NATS | None = None
@@ -114,7 +119,7 @@ class Bus:
             attempt += 1
             try:
                 self.nc = await nats.connect(
-                    self.url, name=self.client_name, max_reconnect_attempts=-1, reconnect_time_wait=1,
+                    self.servers, name=self.client_name, max_reconnect_attempts=-1, reconnect_time_wait=1,
                     connect_timeout=3, allow_reconnect=True,
                     disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
                     error_cb=self._on_error, **self._identity(),
@@ -178,12 +183,13 @@ class Bus:
                 config = StreamConfig(
                     name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
                     retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-                    max_age=DEAD_LETTER_MAX_AGE_SECONDS, max_msgs=DEAD_LETTER_MAX_MESSAGES)
+                    max_age=DEAD_LETTER_MAX_AGE_SECONDS, max_msgs=DEAD_LETTER_MAX_MESSAGES,
+                    num_replicas=self.stream_replicas)
             else:
                 config = StreamConfig(
                     name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                    duplicate_window=120.0)
+                    duplicate_window=120.0, num_replicas=self.stream_replicas)
             await self._add_or_update(js, config)
 
     @staticmethod
@@ -223,14 +229,36 @@ class Bus:
         await self._store(subject, message.encode(), self._headers(msg_id))
 
     async def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        """Publish to JetStream; a stream deleted meanwhile is created again, then the message stored."""
-        try:
-            await self._jetstream().publish(subject, data, headers=headers)
-        except NoStreamResponseError:
-            kind = subject_kind(subject)
-            log.warning("no stream holds %s (deleted?); creating %s again", subject, self.stream(kind))
-            await self.ensure_streams((kind,))
-            await self._jetstream().publish(subject, data, headers=headers)
+        """Publish to JetStream; a stream deleted meanwhile is created again, then the message stored.
+
+        While a NATS cluster elects a new leader for the stream (a server lost) the publish is not
+        answered: it is tried again for up to ``PUBLISH_RETRY_SECONDS`` (the message id makes a second
+        copy of one that was stored after all a no-op) before the error reaches the caller.
+        """
+        loop = asyncio.get_running_loop()
+        deadline, delay, recreated = loop.time() + PUBLISH_RETRY_SECONDS, 0.25, False
+        while True:
+            error: Exception
+            try:
+                await self._jetstream().publish(subject, data, headers=headers)
+                return
+            except NoStreamResponseError as exc:
+                error = exc
+                if not recreated:
+                    recreated = True
+                    kind = subject_kind(subject)
+                    log.warning("no stream holds %s (deleted?); creating %s again", subject, self.stream(kind))
+                    try:
+                        await self.ensure_streams((kind,))
+                        continue
+                    except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as again:
+                        error = again
+            except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+                error = exc
+            if loop.time() + delay > deadline:
+                raise error
+            log.info("publish to %s not answered (%s); trying again", subject, describe(error))
+            await asyncio.sleep(delay)  # short and flat: the new leader is there within a few seconds
 
     async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> None:
         """Publish several messages with their acks awaited together."""

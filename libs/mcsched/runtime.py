@@ -246,7 +246,8 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
                    informers: list[Informer], directory: TargetDirectory | None) -> Runtime | None:
     """A connected bus, the clusters' clients and the service's own parts; None if stopped meanwhile."""
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
-              max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials)
+              max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials,
+              stream_replicas=settings.stream_replicas)
     connecting = asyncio.create_task(bus.connect())
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)

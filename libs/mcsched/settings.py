@@ -136,7 +136,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MCS_", env_nested_delimiter="__", extra="forbid")
 
     clusters: list[ClusterSettings] = Field(default_factory=list)
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = Field("nats://127.0.0.1:4222", description="a NATS URL, or several (a cluster's seeds) "
+                          "separated by commas")
+    stream_replicas: int = Field(1, ge=1, le=5, description="replicas of each JetStream stream (3 on a "
+                                 "three-node NATS cluster)")
     nats_auth: NatsAuthSettings = Field(default_factory=NatsAuthSettings)
     subject_prefix: str = Field("mcs", pattern=r"^[A-Za-z0-9_-]+$")
     resync_period_seconds: float = Field(30.0, gt=0)

@@ -312,6 +312,11 @@ def test_config_options(render: Callable[..., Docs]) -> None:
     assert config["serve_targets"] == ["c2"]
     assert config["candidate_timeout_seconds"] == 3
     assert config["nats_url"] == "nats://nats.nats.svc:4222"  # extraConfig cannot override managed settings
+    assert (default["stream_replicas"], config["stream_replicas"]) == (1, 1)
+    cluster = config_of(render("--set", "clusterName=c1", "--set", "nats.streamReplicas=3", "--set",
+                               "nats.url=nats://n0.nats:4222\\,nats://n1.nats:4222\\,nats://n2.nats:4222"))
+    assert cluster["stream_replicas"] == 3
+    assert Settings.model_validate(cluster | {"nats_auth": {}}).nats_url.count("nats://") == 3
 
 
 # -- RBAC --------------------------------------------------------------------------------------
@@ -342,12 +347,18 @@ def test_rbac_is_least_privilege(render: Callable[..., Docs]) -> None:
     assert source[("", "pods")] == {"get", "list", "watch", "patch", "delete"}
     assert "create" not in source[("", "pods")]  # a source never creates pods; targets do
     assert source[("", "nodes/status")] == {"patch"}
-    assert source[("", "nodes")] == {"get", "list", "watch", "create", "patch"}  # virtual nodes
+    # virtual nodes, deleted when their target is removed
+    assert source[("", "nodes")] == {"get", "list", "watch", "create", "patch", "delete"}
     # ConfigMaps and Secrets are only read in a source, to copy those a delegate uses into its target.
     assert source[("", "configmaps")] == source[("", "secrets")] == {"get", "list", "watch"}
     assert source[("", "namespaces")] == {"get", "list", "watch"}  # their cluster-weights annotation
     # The virtual nodes' kubelet endpoint checks its callers as a kubelet does.
     assert source.pop(("authorization.k8s.io", "subjectaccessreviews")) == {"create"}
+    # Targets added at runtime: read, and their Ready condition written.
+    assert source.pop(("multicluster.admiralty.io", "clustertargets")) == \
+        source.pop(("multicluster.admiralty.io", "targets")) == {"get", "list", "watch"}
+    assert source.pop(("multicluster.admiralty.io", "clustertargets/status")) == \
+        source.pop(("multicluster.admiralty.io", "targets/status")) == {"patch"}
     assert all(group == "" for group, _ in source)  # leases are granted in kube-node-lease only
 
     leases = one(docs, "Role", f"{FULLNAME}-node-leases")

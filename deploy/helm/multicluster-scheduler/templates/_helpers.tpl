@@ -192,6 +192,7 @@ reached in-cluster (no kubeconfig); remote targets through their mounted kubecon
 {{- $config := dict
       "clusters" $clusters
       "nats_url" (include "mcs.natsUrl" .)
+      "stream_replicas" (int .Values.nats.streamReplicas)
       "subject_prefix" .Values.subjectPrefix
       "resync_period_seconds" .Values.resyncPeriodSeconds
       "failover_seconds" .Values.failoverSeconds
