@@ -64,7 +64,6 @@ _TERMINAL = ("Succeeded", "Failed")
 # What a request to a cluster that is the fault right now raises.
 _UNREACHABLE = (KubeError, OSError, TimeoutError, aiohttp.ClientError)
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
-DOCS_BEGIN, DOCS_END = "<!-- chaos:begin -->", "<!-- chaos:end -->"
 
 
 # -- what the clusters show, and what must hold (pure) ------------------------------------------------
@@ -489,14 +488,16 @@ def table(report: JSON) -> str:
     return "\n".join(lines)
 
 
-def write_docs(report: JSON, path: Path = DOCS) -> None:
-    """Replace the figures between the chaos markers of docs/reliability.md."""
+def write_docs(report: JSON, path: Path = DOCS, marker: str = "chaos") -> None:
+    """Replace the figures between the ``<!-- <marker>:begin/end -->`` markers of docs/reliability.md
+    (``chaos`` for one NATS server, ``chaos-nats-cluster`` for a NATS cluster)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     text = path.read_text()
-    if DOCS_BEGIN not in text or DOCS_END not in text:
+    if begin not in text or end not in text:
         return
-    head, rest = text.split(DOCS_BEGIN, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    path.write_text(f"{head}{DOCS_BEGIN}\n{table(report)}\n{DOCS_END}{tail}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{table(report)}\n{end}{tail}")
 
 
 def main() -> int:
@@ -505,8 +506,8 @@ def main() -> int:
     env = LocalEnvironment(root)
     env.down()
     print(f"starting a local environment in {root} (c1 source and target, c2 target)", flush=True)
-    env.up([SOURCE, LOST], nodes=3, log=lambda m: print(f"  {m}", flush=True),
-           nats_nodes=int(os.environ.get("NATS_NODES", "1")))
+    nats_nodes = int(os.environ.get("NATS_NODES", "1"))
+    env.up([SOURCE, LOST], nodes=3, log=lambda m: print(f"  {m}", flush=True), nats_nodes=nats_nodes)
     try:
         write_config(env, resync_seconds=5.0)
         start_services(env)
@@ -516,6 +517,6 @@ def main() -> int:
         env.down()
     (root / "latest.json").write_text(json.dumps(report, indent=1))
     print(table(report))
-    write_docs(report)
+    write_docs(report, marker="chaos" if nats_nodes == 1 else "chaos-nats-cluster")
     print(f"figures written to {DOCS} and {root / 'latest.json'}")
     return 0 if passed(report) else 1
