@@ -9,17 +9,18 @@ CLUSTERS ?= c1,c2
 NODES ?= 3
 export MCS_LOCAL_DIR ?= $(CURDIR)/.local
 
-.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos
+.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos namespaces
 
 help:
 	@echo "make demo    - build tools if needed, start the local environment and show it"
 	@echo "make test    - lint, then unit, integration and end-to-end tests (starts its own environment)"
 	@echo "make tools   - build the control-plane tools into ~/.cache/multicluster-scheduler/tools"
-	@echo "make up      - start clusters ($(CLUSTERS)), NATS, Jaeger and the four services (SERVICES=0: without them)"
+	@echo "make up      - start clusters ($(CLUSTERS)), NATS (NATS_NODES=3: a cluster), Jaeger and the four services (SERVICES=0: without them)"
 	@echo "make down    - stop everything make up started"
 	@echo "make status  - show what runs and where"
 	@echo "make bench   - benchmark (BENCH_PODS=200 for a quick run); results in .local/bench/"
 	@echo "make chaos   - faults while pods are placed and deleted (CHAOS_ROUNDS=3 for longer); docs/reliability.md"
+	@echo "make namespaces - 2000 namespaces with an elected pod each on the running environment, a probe placed meanwhile"
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> Python environment in $(VENV)"
@@ -50,6 +51,10 @@ demo: up
 bench: tools
 	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline, the pipeline, the baseline again, then 2 replicas of each stage"
 	@$(PY) -m localenv bench
+
+namespaces: tools
+	@echo "==> $${NAMESPACES_COUNT:-2000} namespaces with an elected pod each, on the running environment (make up first; a few minutes)"
+	@$(PY) -m localenv namespaces
 
 chaos: tools
 	@echo "==> chaos: CHAOS_ROUNDS=$${CHAOS_ROUNDS:-1} round(s) of faults while pods are placed and deleted (about 6 minutes a round)"
