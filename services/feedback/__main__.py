@@ -76,7 +76,7 @@ from mcsched.podspec import (
 from mcsched.proxystatus import record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.targetdirectory import target_status
-from mcsched.targets import excluded_label
+from mcsched.targets import TargetObject, excluded_label
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
 from mcsched.workqueue import KeyedLocks, WorkQueue, for_each
 
@@ -141,6 +141,7 @@ class Feedback:
         self.bound: dict[str, tuple[str, float]] = {}
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
         self.kubelet_endpoints: dict[str, Endpoint] = {}  # source -> its virtual nodes' kubelet API
+        self.reported: dict[TargetObject, tuple[str, str, str]] = {}  # each Target's Ready condition as written
         self.scheduled_fold_seconds = SCHEDULED_FOLD_SECONDS
         # (target, namespace, delegate name) -> the resourceVersion of the delegate last published
         self.published: dict[tuple[str, str, str], str | None] = {}
@@ -849,7 +850,11 @@ class Feedback:
                 [wanted] = status["conditions"]
                 ready = next((c for c in (obj.get("status") or {}).get("conditions") or []
                               if isinstance(c, dict) and c.get("type") == "Ready"), {})
-                if all(ready.get(k) == wanted[k] for k in ("status", "reason", "message")):
+                said = tuple(wanted[k] for k in ("status", "reason", "message"))
+                # Admiralty's own CRDs prune status fields they do not declare: what was written is
+                # remembered too, so such an object is not written again every few seconds.
+                if said == tuple(ready.get(k) for k in ("status", "reason", "message")) or \
+                        self.reported.get(origin) == said:
                     continue
                 try:
                     await self.rt.clusters[source].merge_patch(f"{origin.path}/status", {"status": status})
@@ -857,6 +862,7 @@ class Feedback:
                     if not exc.not_found:
                         raise
                     continue
+                self.reported[origin] = said
                 if wanted["status"] != "True":
                     log.warning("%s is not used: %s", origin, wanted["message"])
 
