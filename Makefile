@@ -9,7 +9,7 @@ CLUSTERS ?= c1,c2
 NODES ?= 3
 export MCS_LOCAL_DIR ?= $(CURDIR)/.local
 
-.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos namespaces
+.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos namespaces image
 
 help:
 	@echo "make demo    - build tools if needed, start the local environment and show it"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench   - benchmark (BENCH_PODS=200 for a quick run); results in .local/bench/"
 	@echo "make chaos   - faults while pods are placed and deleted (CHAOS_ROUNDS=3 for longer); docs/reliability.md"
 	@echo "make namespaces - 2000 namespaces with an elected pod each on the running environment, a probe placed meanwhile"
+	@echo "make image   - build the image from the Dockerfile with podman (root; no registry needed)"
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> Python environment in $(VENV)"
@@ -51,6 +52,10 @@ demo: up
 bench: tools
 	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline, the pipeline, the baseline again, then 2 replicas of each stage"
 	@$(PY) -m localenv bench
+
+image: venv
+	@echo "==> the project's image with podman, from the Dockerfile (a Debian stand-in for python:3.11-slim made once)"
+	@$(PY) -m localenv image
 
 namespaces: tools
 	@echo "==> $${NAMESPACES_COUNT:-2000} namespaces with an elected pod each, on the running environment (make up first; a few minutes)"

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="benchmark placement against plain scheduling (BENCH_PODS, BENCH_CLUSTERS)")
     sub.add_parser("chaos", help="inject faults while pods are placed and deleted; check invariants (CHAOS_ROUNDS)")
     sub.add_parser("demo", help="run Admiralty's getting-started scenario on the running environment")
+    sub.add_parser("image", help="build the project's image with podman from the Dockerfile (root)")
     sub.add_parser("namespaces", help="thousands of elected pods in thousands of namespaces on the running "
                    "environment, and a probe placed meanwhile (NAMESPACES_COUNT)")
     tools = sub.add_parser("tools", help="build the control-plane tools that are missing")
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from .chaos import main as chaos_main
 
         return chaos_main()
+    if args.command == "image":
+        from .image import main as image_main
+
+        return image_main()
     if args.command == "namespaces":
         from .namespaces import main as namespaces_main
 

@@ -1,0 +1,104 @@
+"""``make image``: the project's image, built with podman from the unmodified Dockerfile, no registry needed.
+
+No Docker engine runs on these machines, and no image registry is reachable;
+Debian's podman (4.3) runs as root. The Dockerfile starts ``FROM
+python:3.11-slim``, which cannot be pulled here, so a stand-in is made once
+from Debian's own packages (``debootstrap --variant=minbase bookworm`` with
+Python 3.11, pip and the host's CA certificates, imported under that name)
+and kept in podman's image store. Then ``podman build`` runs the Dockerfile
+as it is. What podman needs on these machines is in
+``deploy/podman/containers.conf`` (runc, cgroupfs, a file events logger,
+ulimits within the machine's), passed as ``CONTAINERS_CONF``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTAINERS_CONF = ROOT / "deploy" / "podman" / "containers.conf"
+IMAGE = "localhost/multicluster-scheduler:latest"
+BASE_IMAGE = "docker.io/library/python:3.11-slim"  # the Dockerfile's FROM, as podman resolves it
+DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+BASE_PACKAGES = "python3,python3-pip,python-is-python3,ca-certificates"
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def podman_env() -> dict[str, str]:
+    return dict(os.environ, CONTAINERS_CONF=str(CONTAINERS_CONF))
+
+
+def usable() -> str | None:
+    """Why podman cannot build images here, or None when it can."""
+    if shutil.which("podman") is None:
+        return "podman is not installed (apt-get install podman debootstrap runc)"
+    if os.geteuid() != 0:
+        return "podman builds images here as root only"
+    return None
+
+
+def podman(*args: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], env=podman_env(), text=True, check=check, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def image_exists(name: str) -> bool:
+    return podman("image", "exists", name, check=False).returncode == 0
+
+
+def build_base(log: object = print) -> None:
+    """The stand-in for python:3.11-slim: Debian bookworm, Python 3.11 and pip, trusting the host's CAs."""
+    say = log if callable(log) else print
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("debootstrap is not installed (apt-get install debootstrap)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mcs-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        say(f"  debootstrap bookworm (minbase, {BASE_PACKAGES}) from {DEBIAN_MIRROR} (about a minute)")
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", str(rootfs),
+                        DEBIAN_MIRROR], check=True, stdout=subprocess.DEVNULL)
+        # pip inside builds reaches PyPI through whatever the host trusts (an egress proxy's CA too)
+        if HOST_CA_BUNDLE.exists():
+            shutil.copyfile(HOST_CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")
+        # The official image's pip installs system-wide; Debian's refuses without this (PEP 668).
+        (rootfs / "usr/lib/python3.11/EXTERNALLY-MANAGED").unlink(missing_ok=True)
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            shutil.rmtree(rootfs / cache, ignore_errors=True)
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        podman("import", "--change", 'CMD ["python3"]', "--change",
+               "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "-", BASE_IMAGE,
+               stdin=tar.stdout, stdout=subprocess.DEVNULL)
+        if tar.wait() != 0:
+            raise RuntimeError("tar of the root filesystem failed")
+    say(f"  {BASE_IMAGE} made from Debian's packages in {time.monotonic() - started:.0f}s")
+
+
+def build(log: object = print) -> str:
+    """Build the project's image (and the base image first, once); returns its name."""
+    say = log if callable(log) else print
+    problem = usable()
+    if problem is not None:
+        raise RuntimeError(problem)
+    if not image_exists(BASE_IMAGE):
+        build_base(say)
+    else:
+        say(f"  {BASE_IMAGE}: in podman's store")
+    started = time.monotonic()
+    say(f"  podman build -t {IMAGE} -f Dockerfile .")
+    podman("build", "--quiet", "-t", IMAGE, "-f", str(ROOT / "Dockerfile"), str(ROOT), stdout=subprocess.DEVNULL)
+    say(f"  {IMAGE} built in {time.monotonic() - started:.0f}s")
+    return IMAGE
+
+
+def main() -> int:
+    try:
+        build(lambda m: print(m, flush=True))
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"make image failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
