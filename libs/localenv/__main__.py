@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("chaos", help="inject faults while pods are placed and deleted; check invariants (CHAOS_ROUNDS)")
     sub.add_parser("demo", help="run Admiralty's getting-started scenario on the running environment")
     sub.add_parser("image", help="build the project's image with podman from the Dockerfile (root)")
+    compose = sub.add_parser("compose", help="docker-compose.yml on the running environment, through podman")
+    compose.add_argument("action", nargs="?", default="up", choices=["up", "down", "healthchecks"])
     sub.add_parser("namespaces", help="thousands of elected pods in thousands of namespaces on the running "
                    "environment, and a probe placed meanwhile (NAMESPACES_COUNT)")
     tools = sub.add_parser("tools", help="build the control-plane tools that are missing")
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from .chaos import main as chaos_main
 
         return chaos_main()
+    if args.command == "compose":
+        from .compose import main as compose_main
+
+        return compose_main([args.action])
     if args.command == "image":
         from .image import main as image_main
 

