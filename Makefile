@@ -9,7 +9,7 @@ CLUSTERS ?= c1,c2
 NODES ?= 3
 export MCS_LOCAL_DIR ?= $(CURDIR)/.local
 
-.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos namespaces image
+.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos namespaces image compose-up compose-down
 
 help:
 	@echo "make demo    - build tools if needed, start the local environment and show it"
@@ -22,6 +22,7 @@ help:
 	@echo "make chaos   - faults while pods are placed and deleted (CHAOS_ROUNDS=3 for longer); docs/reliability.md"
 	@echo "make namespaces - 2000 namespaces with an elected pod each on the running environment, a probe placed meanwhile"
 	@echo "make image   - build the image from the Dockerfile with podman (root; no registry needed)"
+	@echo "make compose-up - docker-compose.yml through podman on the running environment; make compose-down removes it"
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> Python environment in $(VENV)"
@@ -56,6 +57,13 @@ bench: tools
 image: venv
 	@echo "==> the project's image with podman, from the Dockerfile (a Debian stand-in for python:3.11-slim made once)"
 	@$(PY) -m localenv image
+
+compose-up: tools
+	@echo "==> docker-compose.yml through podman on the running environment (make up first; replaces its services)"
+	@$(PY) -m localenv compose up
+
+compose-down: venv
+	@$(PY) -m localenv compose down
 
 namespaces: tools
 	@echo "==> $${NAMESPACES_COUNT:-2000} namespaces with an elected pod each, on the running environment (make up first; a few minutes)"
