@@ -338,6 +338,10 @@ class LocalEnvironment:
         return LocalCluster(spec, self.root, self.processes)
 
     def down(self) -> None:
+        if (self.root / "compose" / "podman.sock").exists():  # the compose stack first (make compose-up)
+            from .compose import down as compose_down
+
+            compose_down(self)
         self.processes.stop_all()
         self.info_path.unlink(missing_ok=True)
 
