@@ -12,6 +12,7 @@ context travels in message headers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -101,6 +102,7 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._consumer_problems: dict[str, str] = {}  # durable -> why it does not deliver now
+        self._grace = 0.0  # at close: how long handlers in flight may take to finish (set by close)
 
     # -- naming ------------------------------------------------------------------
 
@@ -200,7 +202,10 @@ class Bus:
             await js.update_stream(config)
 
     async def close(self, drain_seconds: float = 5.0) -> None:
-        """Stop consuming and close, first flushing what is buffered for up to ``drain_seconds``."""
+        """Stop consuming and close. Handlers at work get up to ``drain_seconds`` to finish (and ack);
+        the messages of those still at work then are handed back at once (nak), not after ack_wait;
+        what is buffered is flushed for up to ``drain_seconds`` too."""
+        self._grace = drain_seconds
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -326,9 +331,11 @@ class Bus:
                 except Exception:  # its inbox goes with the connection anyway
                     pass
         finally:
-            for task in handling:
+            if handling and self._grace > 0:  # closing: work in flight finishes and is acked
+                await asyncio.wait(handling, timeout=self._grace)
+            for task in handling:  # the rest is handed back (nak) for another process, or the next composition
                 task.cancel()
-            await asyncio.gather(*handling, return_exceptions=True)  # unacked: redelivered later
+            await asyncio.gather(*handling, return_exceptions=True)
 
     async def _subscribe(self, kind: str, durable: str, subject: str, ack_wait: float,
                          recreate_stream: bool) -> JetStreamContext.PullSubscription:
@@ -419,6 +426,10 @@ class Bus:
             keep_alive = asyncio.create_task(self._keep_alive(msg, ack_wait / 3))
             try:
                 outcome = await handler(message)
+            except asyncio.CancelledError:  # the bus closes: redelivered at once rather than after ack_wait
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(msg.nak()), 1.0)
+                raise
             except Exception as exc:
                 deliveries = msg.metadata.num_delivered if msg.metadata else 1
                 self._count(False, msg.subject)

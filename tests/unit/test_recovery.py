@@ -19,7 +19,7 @@ from mcsched.bus import ACK, Bus, Outcome
 from mcsched.choice import Placement
 from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL, PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, pod_path
-from mcsched.models import ElectMessage, PodRef
+from mcsched.models import ElectMessage, PodRef, decode
 from mcsched.podspec import delegate_name, mirror_patch, mirrored_status, status_differs
 from mcsched.settings import WebhookSettings
 from mcsched.testing import (
@@ -434,3 +434,39 @@ async def test_an_api_error_at_any_write_of_the_pipeline_is_repaired() -> None:
             assert unexpected == [], where
         finally:
             await world.close()
+
+
+# -- closing with work in flight (a restart, a rolling update, a composition replaced) --------------------
+
+
+async def test_closing_lets_quick_work_finish_and_hands_slow_work_back_at_once(
+        jetstream: tuple[FakeJetStream, list[Bus]]) -> None:
+    js, buses = jetstream
+    first = await started(js, buses, "p1")
+    finishing, stuck = asyncio.Event(), asyncio.Event()
+
+    async def handle(message: ElectMessage) -> Outcome:
+        if message.proxy.uid == "quick":
+            await finishing.wait()
+        else:
+            await stuck.wait()  # never set: still at work when the bus closes
+        return ACK
+
+    await first.publish(first.subject("elect", "c1"), elect("quick"), "elect:quick")
+    await first.publish(first.subject("elect", "c1"), elect("slow"), "elect:slow")
+    first.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, handle, ack_wait=30.0)
+    await until(lambda: all(m.deliveries == 1 for m in js.messages["MCS_ELECT"]))
+    closing = asyncio.create_task(first.close(drain_seconds=0.3))
+    await asyncio.sleep(0.05)
+    finishing.set()  # the quick one finishes within the grace and is acked
+    await closing
+    [left] = js.messages["MCS_ELECT"]
+    assert decode_uid(left) == "slow" and left.acks == ["nak"], left.acks  # handed back, not left for ack_wait
+    second = await started(js, buses, "p2")
+    received: list[str] = []
+    second.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received), ack_wait=30.0)
+    await until(lambda: received == ["slow"], timeout=2.0)  # at once, far sooner than the 30 s ack_wait
+
+
+def decode_uid(msg: Any) -> str:
+    return decode(msg.data, ElectMessage).proxy.uid
