@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,8 +72,33 @@ async def _secret(client: KubeClient, namespace: str, name: str) -> JSON | None:
         raise
 
 
-async def read_source(source: str, client: KubeClient) -> list[tuple[TargetObject, JSON, JSON | None]]:
+# A kubeconfig Secret is read again at most this often (a rotated one is used within this time),
+# unless the object naming it changed: many namespaced Targets must not mean many reads every poll.
+SECRET_REFRESH_SECONDS = 30.0
+
+
+class SecretCache:
+    """The kubeconfig Secrets the objects name, each read again after ``SECRET_REFRESH_SECONDS`` or when
+    the object naming it changed (its resourceVersion)."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple[str, str, str], tuple[JSON | None, float, str]] = {}
+
+    async def get(self, source: str, client: KubeClient, namespace: str, name: str, named_by: str) -> JSON | None:
+        key = (source, namespace, name)
+        cached = self._read.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < SECRET_REFRESH_SECONDS and cached[2] == named_by:
+            return cached[0]
+        secret = await _secret(client, namespace, name)
+        self._read[key] = (secret, now, named_by)
+        return secret
+
+
+async def read_source(source: str, client: KubeClient,
+                      secrets: SecretCache | None = None) -> list[tuple[TargetObject, JSON, JSON | None]]:
     """Every Target and ClusterTarget of one source, with the Secret each names (None if none/missing)."""
+    secrets = secrets or SecretCache()
     found = []
     for obj in [*await _list(client, CLUSTER_TARGETS_PATH), *await _list(client, TARGETS_PATH)]:
         origin = TargetObject.of(source, obj)
@@ -80,7 +106,8 @@ async def read_source(source: str, client: KubeClient) -> list[tuple[TargetObjec
             ref = secret_ref(obj)
         except TargetError:
             ref = None  # resolve says what is wrong
-        secret = await _secret(client, ref.namespace, ref.name) if ref is not None else None
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        secret = await secrets.get(source, client, ref.namespace, ref.name, version) if ref is not None else None
         found.append((origin, obj, secret))
     return found
 
@@ -125,6 +152,7 @@ class TargetDirectory:
         self.last: dict[str, list[tuple[TargetObject, JSON, JSON | None]]] = {}
         self.current = Resolution()
         self.changed = asyncio.Event()
+        self.secrets = SecretCache()
         self._polling: asyncio.Task[None] | None = None
 
     @classmethod
@@ -147,7 +175,7 @@ class TargetDirectory:
         complete = True
         for source, client in self.sources.items():
             try:
-                self.last[source] = await read_source(source, client)
+                self.last[source] = await read_source(source, client, self.secrets)
             except (TimeoutError, KubeError, OSError) as exc:
                 log.warning("could not read the Targets and ClusterTargets of %s: %s", source, exc)
                 complete = complete and source in self.last

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
+from mcsched.kube import KubeError
 from mcsched.runtime import SettingsFile, nats_credentials
 from mcsched.settings import ClusterSettings, Settings, load_settings
-from mcsched.targetdirectory import resolve_all, target_status
+from mcsched.targetdirectory import TargetDirectory, resolve_all, target_status
 from mcsched.targets import TargetError, TargetObject, encode_kubeconfig, excluded_label, resolve, secret_ref
+from mcsched.testing import FakeCluster
 
 KUBECONFIG = {"apiVersion": "v1", "kind": "Config", "current-context": "c2",
               "clusters": [{"name": "c2", "cluster": {"server": "https://c2.example:6443"}}],
@@ -161,3 +163,45 @@ async def test_a_changed_settings_file_is_used_and_an_invalid_one_is_not(
         assert watched.settings.source_names == ["c1", "c3"]
     finally:
         running.cancel()
+
+
+# -- the directory, on a fake source ---------------------------------------------------------------------
+
+
+async def test_the_directory_reads_secrets_sparingly_and_keeps_its_last_answer_when_a_source_fails() -> None:
+    source = FakeCluster("c1", namespaces=("default", "admiralty"))
+    source.put("secrets", {"metadata": {"name": "k", "namespace": "admiralty"},
+                           "data": {"config": encode_kubeconfig(KUBECONFIG)}})
+    source.put("clustertargets", cluster_target("c2", {"kubeconfigSecret": {"name": "k", "namespace": "admiralty"}}))
+    directory = TargetDirectory(settings(), {"c1": source}, every=1.0)
+    for _ in range(3):
+        await directory.refresh()
+    assert [t.name for t in directory.current.targets] == ["c2"] and directory.current.complete
+    secret_reads = [c for c in source.calls if c.method == "GET" and "/secrets/" in c.path]
+    assert len(secret_reads) == 1, "a Secret is not read again at every poll"
+    assert directory.changed.is_set()  # from none to c2
+    directory.changed.clear()
+
+    source.set_reachable(False)  # the source does not answer: nothing is removed
+    await directory.refresh()
+    assert [t.name for t in directory.current.targets] == ["c2"] and not directory.changed.is_set()
+    source.set_reachable(True)
+    source.remove("clustertargets", "", "c2")  # deleted: removed, and said
+    await directory.refresh()
+    assert directory.current.targets == [] and directory.changed.is_set()
+
+
+async def test_a_source_without_the_crds_names_no_targets() -> None:
+    source = FakeCluster("c1")
+    real = source.request
+
+    async def no_crds(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        if "multicluster.admiralty.io" in path:
+            raise KubeError("c1", method, path, 404, '{"reason": "NotFound", "message": "the server could not '
+                            'find the requested resource"}')
+        return await real(method, path, *args, **kwargs)
+
+    source.request = no_crds  # type: ignore[method-assign]
+    directory = TargetDirectory(settings(), {"c1": source}, every=1.0)
+    await directory.refresh()
+    assert directory.current.targets == [] and directory.current.complete
