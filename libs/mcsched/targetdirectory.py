@@ -79,7 +79,7 @@ SECRET_REFRESH_SECONDS = 30.0
 
 class SecretCache:
     """The kubeconfig Secrets the objects name, each read again after ``SECRET_REFRESH_SECONDS`` or when
-    the object naming it changed (its resourceVersion)."""
+    the object naming it changed (its resourceVersion); one not found yet, at every poll."""
 
     def __init__(self) -> None:
         self._read: dict[tuple[str, str, str], tuple[JSON | None, float, str]] = {}
@@ -88,7 +88,9 @@ class SecretCache:
         key = (source, namespace, name)
         cached = self._read.get(key)
         now = time.monotonic()
-        if cached is not None and now - cached[1] < SECRET_REFRESH_SECONDS and cached[2] == named_by:
+        # a missing Secret is looked for at every poll: created after its Target, it is used at once
+        if cached is not None and cached[0] is not None and now - cached[1] < SECRET_REFRESH_SECONDS \
+                and cached[2] == named_by:
             return cached[0]
         secret = await _secret(client, namespace, name)
         self._read[key] = (secret, now, named_by)
