@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import image
 from .environment import SUBJECT_PREFIX, LocalEnvironment, free_port, jaeger_config
 from .services import stop_services
@@ -90,12 +92,12 @@ def write_files(env: LocalEnvironment) -> dict[str, Any]:
     ]
     services: dict[str, Any] = {
         "nats-credentials": {"network_mode": "host", "volumes": shared_mounts[:1]},
-        "nats": {"network_mode": "host", "ports": {"!reset": []},
+        "nats": {"network_mode": "host", "ports": RESET,
                  "command": ["-c", "/run/secrets/nats/auth.conf", "-js", "-sd", "/data", "-a", "127.0.0.1",
                              "-p", str(ports["nats"]), "-m", str(ports["nats_monitor"])],
                  "healthcheck": {"test": ["CMD", "wget", "-q", "-O", "/dev/null",
                                           f"http://127.0.0.1:{ports['nats_monitor']}/healthz?js-enabled-only=true"]}},
-        "jaeger": {"network_mode": "host", "ports": {"!reset": []},
+        "jaeger": {"network_mode": "host", "ports": RESET,
                    "command": ["--config", str(here / "jaeger.yaml")],
                    "volumes": [{"type": "bind", "source": root, "target": root, "read_only": True}]},
     }
@@ -106,31 +108,22 @@ def write_files(env: LocalEnvironment) -> dict[str, Any]:
             "healthcheck": {"test": _python_healthcheck(metrics[service])},
         }
         if service in ("watcher", "feedback"):
-            services[service]["expose"] = {"!reset": []}
-    override = {"services": services}
-    # JSON is YAML; "!reset" tags cannot be written in JSON, so the file is written as YAML by hand.
-    (here / "override.yml").write_text(_yaml(override))
+            services[service]["expose"] = RESET
+    (here / "override.yml").write_text(yaml.dump({"services": services}, Dumper=_Dumper, sort_keys=False))
     return {"ports": ports, "metrics": metrics, "jaeger_query_url": f"http://127.0.0.1:{ports['query']}",
             "nats_url": settings["nats_url"]}
 
 
-def _yaml(value: Any, indent: int = 0) -> str:
-    """A small YAML writer for the override: mappings, lists, scalars, and ``{"!reset": []}`` as ``!reset []``."""
-    pad = "  " * indent
-    lines: list[str] = []
-    for key, item in value.items():
-        if isinstance(item, dict) and set(item) == {"!reset"}:
-            lines.append(f"{pad}{key}: !reset []")
-        elif isinstance(item, dict):
-            lines.append(f"{pad}{key}:")
-            lines.append(_yaml(item, indent + 1).rstrip("\n"))
-        elif isinstance(item, list) and item and isinstance(item[0], dict):
-            lines.append(f"{pad}{key}:")
-            for entry in item:
-                lines.append(f"{pad}  - {json.dumps(entry)}")
-        else:
-            lines.append(f"{pad}{key}: {json.dumps(item)}")
-    return "\n".join(lines) + "\n"
+class _Reset:
+    """Compose's ``!reset []``: drop what docker-compose.yml sets (its ports, with host networking)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Reset, lambda dumper, _: dumper.represent_sequence("!reset", []))
+RESET = _Reset()
 
 
 def compose(env: LocalEnvironment, *args: str, check: bool = True,

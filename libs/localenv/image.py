@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,15 +68,14 @@ def base_is_current() -> bool:
     return label.stdout.strip() == BASE_PACKAGES
 
 
-def build_base(log: object = print) -> None:
+def build_base(log: Callable[[str], None] = print) -> None:
     """The stand-in for python:3.11-slim: Debian bookworm, Python 3.11 and pip, trusting the host's CAs."""
-    say = log if callable(log) else print
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap is not installed (apt-get install debootstrap)")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mcs-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        say(f"  debootstrap bookworm (minbase, {BASE_PACKAGES}) from {DEBIAN_MIRROR} (about a minute)")
+        log(f"  debootstrap bookworm (minbase, {BASE_PACKAGES}) from {DEBIAN_MIRROR} (about a minute)")
         subprocess.run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", str(rootfs),
                         DEBIAN_MIRROR], check=True, stdout=subprocess.DEVNULL)
         # pip inside builds reaches PyPI through whatever the host trusts (an egress proxy's CA too)
@@ -91,23 +91,22 @@ def build_base(log: object = print) -> None:
                stdin=tar.stdout, stdout=subprocess.DEVNULL)
         if tar.wait() != 0:
             raise RuntimeError("tar of the root filesystem failed")
-    say(f"  {BASE_IMAGE} made from Debian's packages in {time.monotonic() - started:.0f}s")
+    log(f"  {BASE_IMAGE} made from Debian's packages in {time.monotonic() - started:.0f}s")
 
 
-def build(log: object = print) -> str:
+def build(log: Callable[[str], None] = print) -> str:
     """Build the project's image (and the base image first, once); returns its name."""
-    say = log if callable(log) else print
     problem = usable()
     if problem is not None:
         raise RuntimeError(problem)
     if not base_is_current():
-        build_base(say)
+        build_base(log)
     else:
-        say(f"  {BASE_IMAGE}: in podman's store")
+        log(f"  {BASE_IMAGE}: in podman's store")
     started = time.monotonic()
-    say(f"  podman build -t {IMAGE} -f Dockerfile .")
+    log(f"  podman build -t {IMAGE} -f Dockerfile .")
     podman("build", "--quiet", "-t", IMAGE, "-f", str(ROOT / "Dockerfile"), str(ROOT), stdout=subprocess.DEVNULL)
-    say(f"  {IMAGE} built in {time.monotonic() - started:.0f}s")
+    log(f"  {IMAGE} built in {time.monotonic() - started:.0f}s")
     return IMAGE
 
 
@@ -122,11 +121,10 @@ def binary(name: str) -> Path:
     return bin_dir() / name
 
 
-def build_stand_ins(log: object = print) -> list[str]:
+def build_stand_ins(log: Callable[[str], None] = print) -> list[str]:
     """NATS and Jaeger images under the names docker-compose.yml uses, from the project's binaries."""
-    say = log if callable(log) else print
     if not base_is_current():
-        build_base(say)
+        build_base(log)
     for name, (containerfile, program) in STAND_INS.items():
         with tempfile.TemporaryDirectory(prefix="mcs-image-") as tmp:
             context = Path(tmp)
@@ -135,7 +133,7 @@ def build_stand_ins(log: object = print) -> list[str]:
                 shutil.copy2(extra, context / extra.name)
             recipe = ROOT / "deploy" / "podman" / f"{containerfile}.Containerfile"
             podman("build", "--quiet", "-t", name, "-f", str(recipe), str(context), stdout=subprocess.DEVNULL)
-        say(f"  {name}: built from {binary(program)}")
+        log(f"  {name}: built from {binary(program)}")
     return list(STAND_INS)
 
 

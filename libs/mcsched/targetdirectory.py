@@ -17,12 +17,12 @@ and an Event (:func:`target_status`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from .kube import JSON, KubeClient, KubeError
 from .settings import ClusterSettings, Settings
@@ -41,16 +41,7 @@ class Resolution:
 
     def fingerprint(self) -> list[str]:
         """What a composition depends on (a change of anything else needs no new composition)."""
-        return sorted(t.model_dump_json(exclude={"kubeconfig_data"}) + repr(sorted_items(t.kubeconfig_data))
-                      for t in self.targets)
-
-
-def sorted_items(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return [(k, sorted_items(v)) for k, v in sorted(value.items())]
-    if isinstance(value, list):
-        return [sorted_items(v) for v in value]
-    return value
+        return sorted(t.model_dump_json() + json.dumps(t.kubeconfig_data, sort_keys=True) for t in self.targets)
 
 
 async def _list(client: KubeClient, path: str) -> list[JSON]:
@@ -98,9 +89,8 @@ class SecretCache:
 
 
 async def read_source(source: str, client: KubeClient,
-                      secrets: SecretCache | None = None) -> list[tuple[TargetObject, JSON, JSON | None]]:
+                      secrets: SecretCache) -> list[tuple[TargetObject, JSON, JSON | None]]:
     """Every Target and ClusterTarget of one source, with the Secret each names (None if none/missing)."""
-    secrets = secrets or SecretCache()
     found = []
     for obj in [*await _list(client, CLUSTER_TARGETS_PATH), *await _list(client, TARGETS_PATH)]:
         origin = TargetObject.of(source, obj)

@@ -273,6 +273,20 @@ async def _sample_problems(bus: Bus, seen: list[str]) -> None:
         await asyncio.sleep(0.01)
 
 
+@asynccontextmanager
+async def _admin_and_problems(server: Any, consumer: Bus) -> AsyncIterator[tuple[NATS, list[str]]]:
+    """An administrator's connection, and every problem the consumer's bus reports meanwhile."""
+    admin = await server.admin()
+    seen: list[str] = []
+    sampling = asyncio.create_task(_sample_problems(consumer, seen))
+    try:
+        yield admin, seen
+    finally:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+        await admin.close()
+
+
 async def _deleted_consumer_comes_back(tmp_path: Path, kind: str, stage_users: bool) -> tuple[float, list[str]]:
     """Delete the consumer under a running stage: it is re-created and takes new work.
 
@@ -280,26 +294,20 @@ async def _deleted_consumer_comes_back(tmp_path: Path, kind: str, stage_users: b
     """
     stage = STAGES[kind]
     stream = stream_name(RECOVERY_PREFIX, kind)
-    async with nats_server(tmp_path, stage_users) as server, running(server, stage) as (publisher, consumer, received):
-        admin = await server.admin()
-        seen: list[str] = []
-        sampling = asyncio.create_task(_sample_problems(consumer, seen))
-        try:
-            start = time.monotonic()
-            assert await admin.jetstream().delete_consumer(stream, stage.durable)
-            await publisher.publish(publisher.subject(kind, stage.cluster), stage.message("second"), "second")
-            assert await _until(lambda: "second" in received, 15), \
-                f"not delivered after the consumer was deleted; the bus reported {seen}"
-            took = time.monotonic() - start
-            assert received == ["first", "second"]
-            assert any(stage.durable in problem for problem in seen), f"readiness never named it: {seen}"
-            assert (await admin.jetstream().consumer_info(stream, stage.durable)).config.durable_name == stage.durable
-            assert consumer.problems() == [] and publisher.problems() == []
-            return took, seen
-        finally:
-            sampling.cancel()
-            await asyncio.gather(sampling, return_exceptions=True)
-            await admin.close()
+    async with nats_server(tmp_path, stage_users) as server, \
+            running(server, stage) as (publisher, consumer, received), \
+            _admin_and_problems(server, consumer) as (admin, seen):
+        start = time.monotonic()
+        assert await admin.jetstream().delete_consumer(stream, stage.durable)
+        await publisher.publish(publisher.subject(kind, stage.cluster), stage.message("second"), "second")
+        assert await _until(lambda: "second" in received, 15), \
+            f"not delivered after the consumer was deleted; the bus reported {seen}"
+        took = time.monotonic() - start
+        assert received == ["first", "second"]
+        assert any(stage.durable in problem for problem in seen), f"readiness never named it: {seen}"
+        assert (await admin.jetstream().consumer_info(stream, stage.durable)).config.durable_name == stage.durable
+        assert consumer.problems() == [] and publisher.problems() == []
+        return took, seen
 
 
 @pytest.mark.parametrize(("kind", "stage_users"), CASES)
@@ -326,24 +334,19 @@ async def test_a_stream_deleted_at_runtime_is_created_again_by_a_publish_and_its
     monkeypatch.setattr(bus_module, "CONSUMER_CHECK_SECONDS", 3600.0)
     stage = STAGES[kind]
     stream = stream_name(RECOVERY_PREFIX, kind)
-    async with nats_server(tmp_path, stage_users) as server, running(server, stage) as (publisher, consumer, received):
-        admin = await server.admin()
-        seen: list[str] = []
-        sampling = asyncio.create_task(_sample_problems(consumer, seen))
-        try:
-            assert await admin.jetstream().delete_stream(stream)
-            await publisher.publish(publisher.subject(kind, stage.cluster), stage.message("second"), "second")
-            assert any(r.getMessage().startswith(f"no stream holds {publisher.subject(kind, stage.cluster)}")
-                       for r in caplog.records), "the publish was expected to find no stream"
-            assert await _until(lambda: "second" in received, 15), \
-                f"not delivered after the stream was deleted; the bus reported {seen}"
-            assert received == ["first", "second"]
-            assert any(stage.durable in problem for problem in seen), f"readiness never named it: {seen}"
-            js = admin.jetstream()
-            assert (await js.stream_info(stream)).config.subjects == [f"{RECOVERY_PREFIX}.{kind}.>"]
-            assert (await js.consumer_info(stream, stage.durable)).config.filter_subject == stage.filter_subject
-            assert consumer.problems() == [] and publisher.problems() == []
-        finally:
-            sampling.cancel()
-            await asyncio.gather(sampling, return_exceptions=True)
-            await admin.close()
+    async with nats_server(tmp_path, stage_users) as server, \
+            running(server, stage) as (publisher, consumer, received), \
+            _admin_and_problems(server, consumer) as (admin, seen):
+        assert await admin.jetstream().delete_stream(stream)
+        await publisher.publish(publisher.subject(kind, stage.cluster), stage.message("second"), "second")
+        assert any(r.getMessage().startswith(f"no stream holds {publisher.subject(kind, stage.cluster)}")
+                   for r in caplog.records), "the publish was expected to find no stream"
+        assert await _until(lambda: "second" in received, 15), \
+            f"not delivered after the stream was deleted; the bus reported {seen}"
+        assert received == ["first", "second"]
+        assert any(stage.durable in problem for problem in seen), f"readiness never named it: {seen}"
+        js = admin.jetstream()
+        assert (await js.stream_info(stream)).config.subjects == [f"{RECOVERY_PREFIX}.{kind}.>"]
+        assert (await js.consumer_info(stream, stage.durable)).config.filter_subject == stage.filter_subject
+        assert consumer.problems() == [] and publisher.problems() == []
+
