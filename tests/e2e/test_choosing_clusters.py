@@ -162,8 +162,12 @@ async def test_draining_a_virtual_node_moves_its_pods_to_other_clusters_within_t
         c1.kubectl, "drain", "admiralty-c2", "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=180s"))
     try:
         async def running_delegates() -> int:
-            """The Deployment's delegates running in either cluster and not being deleted."""
-            pods = [p for c in ("c1", "c2")
+            """The Deployment's delegates running in either cluster and not being deleted.
+
+            The drained cluster (c2) is listed first: a replacement runs in c1 before the delegate it
+            replaces in c2 goes, so listing c1 first could miss both in one sample (c1 read just before
+            the replacement ran, c2 just after the old one went) and count one too few."""
+            pods = [p for c in ("c2", "c1")
                     for p in await list_pods(kube[c], namespace, label_selector=PARENT_UID_LABEL)]
             return sum(p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
                        for p in pods)
