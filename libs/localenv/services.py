@@ -54,7 +54,8 @@ def start_service(env: LocalEnvironment, service: str, replica: int = 0) -> None
     if service == "watcher" and replica > 0:
         environ["MCS_WEBHOOK__ENABLED"] = "false"  # one webhook endpoint per environment
     if service == "feedback" and replica > 0:
-        environ["MCS_KUBELET__ENABLED"] = "false"  # one kubelet endpoint per environment
+        # Each process keeps the virtual nodes of its own targets, which send kubectl logs and exec to it.
+        environ["MCS_KUBELET__PORT"] = str(free_port())
     env.processes.start(process_name(service, replica), [sys.executable, "-m", f"services.{service}"],
                         env=environ, meta={"metrics_url": f"http://127.0.0.1:{metrics_port}"})
 

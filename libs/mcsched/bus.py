@@ -303,6 +303,17 @@ class Bus:
 
         await self._client().subscribe(subject, queue=queue, cb=on_request)
 
+    async def listen(self, subject: str, model: type[M], handler: Callable[[M], Awaitable[None]]) -> None:
+        """Receive every message on ``subject`` (core NATS, no queue group: every listener gets each)."""
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                await handler(decode(msg.data, model))
+            except Exception:
+                log.exception("message on %s could not be handled", msg.subject)
+
+        await self._client().subscribe(subject, cb=on_message)
+
     def consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
                 *, in_flight: int = 64, ack_wait: float = 30.0) -> None:
         """Process a stream's messages on ``subject`` with a durable consumer shared by replicas.

@@ -10,7 +10,7 @@ source) are never candidates for delegates.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .constants import PROXY_SCHEDULER_NAME, VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
@@ -88,11 +88,72 @@ class TargetView:
 
     def common_labels(self) -> dict[str, str]:
         """Labels every real node of the target carries with the same value."""
-        nodes = self.real_nodes()
-        if not nodes:
-            return {}
-        common = dict(nodes[0]["metadata"].get("labels") or {})
-        for node in nodes[1:]:
-            labels = node["metadata"].get("labels") or {}
-            common = {k: v for k, v in common.items() if labels.get(k) == v}
-        return common
+        return common_labels(self.real_nodes())
+
+
+def real_nodes(nodes: Iterable[JSON]) -> list[JSON]:
+    return [n for n in nodes if not is_virtual_node(n)]
+
+
+def schedulable_allocatable(nodes: Iterable[JSON]) -> Resources:
+    """Allocatable summed over the real, schedulable ``nodes``, every resource included."""
+    total = Resources()
+    for node in real_nodes(nodes):
+        if not node.get("spec", {}).get("unschedulable"):
+            total = total + node_allocatable(node)
+    return total
+
+
+def common_labels(nodes: Iterable[JSON]) -> dict[str, str]:
+    """Labels every real node of ``nodes`` carries with the same value."""
+    real = real_nodes(nodes)
+    if not real:
+        return {}
+    common = dict(real[0]["metadata"].get("labels") or {})
+    for node in real[1:]:
+        labels = node["metadata"].get("labels") or {}
+        common = {k: v for k, v in common.items() if labels.get(k) == v}
+    return common
+
+
+class DelegateCache:
+    """One target's delegates of the partitions a process owns, from one informer or several (one per
+    source), indexed by their proxy's UID."""
+
+    def __init__(self, name: str, informers: list[Informer]) -> None:
+        self.name = name
+        self.informers = informers
+        self.delegates: dict[str, JSON] = {}  # proxy uid -> delegate pod
+        for informer in informers:
+            informer.add_handler(self._on_pod)
+
+    @property
+    def ready(self) -> bool:
+        """Every informer has listed and is watching: the target answers."""
+        return all(i.synced.is_set() and i.healthy for i in self.informers)
+
+    def get(self, key: str) -> JSON | None:
+        for informer in self.informers:
+            pod = informer.get(key)
+            if pod is not None:
+                return pod
+        return None
+
+    def items(self) -> list[JSON]:
+        return [pod for informer in self.informers for pod in informer.items()]
+
+    def add_handler(self, handler: Callable[[str, JSON, JSON | None], Any]) -> None:
+        for informer in self.informers:
+            informer.add_handler(handler)
+
+    def _on_pod(self, kind: str, pod: JSON, _old: JSON | None) -> None:
+        parent = parent_ref(pod)
+        # Only the delegate itself, named after its proxy: a copy carrying its labels is not it.
+        if parent is None or pod["metadata"]["name"] != delegate_name(parent[2], parent[3]):
+            return
+        if kind == "DELETED":
+            current = self.delegates.get(parent[3])
+            if current is not None and current["metadata"]["uid"] == pod["metadata"]["uid"]:
+                del self.delegates[parent[3]]
+        else:
+            self.delegates[parent[3]] = pod

@@ -251,11 +251,11 @@ def advertised_address(configured: str | None) -> str:
     return configured or os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
 
 
-def proxy_resolver(source: KubeClient, proxies: Informer) -> Resolver:
+def proxy_resolver(source: KubeClient, proxies: Informer | None) -> Resolver:
     """Find a call's proxy in the cache of the source's proxies (read from the API server when the
-    cache does not have it yet), then its delegate."""
+    cache does not have it yet, or this process caches none of the source's), then its delegate."""
     async def resolve(call: KubeletCall) -> Delegate | str:
-        proxy = proxies.get(f"{call.namespace}/{call.pod}")
+        proxy = proxies.get(f"{call.namespace}/{call.pod}") if proxies is not None else None
         if proxy is None:
             try:
                 proxy = await source.get(pod_path(call.namespace, call.pod))
@@ -292,7 +292,7 @@ async def start_endpoints(settings: KubeletSettings, sources: Sequence[str], clu
             log.warning("no CA for %s's kubelet client certificates (kubelet.client_ca_file): kubectl logs and "
                         "exec on its proxies will not work", source)
             continue
-        resolve = proxy_resolver(client, proxies[source])
+        resolve = proxy_resolver(client, proxies.get(source))
         server = KubeletServer(source, client, {t: clusters[t] for t in targets}, resolve)
         await server.start(settings.listen_host, settings.port + index,
                            serving_context(settings.cert_file, settings.key_file, [ca_file]))

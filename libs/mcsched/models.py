@@ -141,3 +141,11 @@ class StatusUpdate(Message):
     delegate_resource_version: str | None = None
     # Why the target's scheduler could not place the delegate (its PodScheduled message), if it could not.
     unschedulable: str | None = None
+
+
+class MemberHeartbeat(Message):
+    """A process of a stage says it is alive (or, ``leaving``, that it stops): the members of a
+    stage share its work out among those heard lately (:mod:`mcsched.membership`)."""
+
+    member: str = Field(max_length=253)
+    leaving: bool = False

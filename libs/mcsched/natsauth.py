@@ -30,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .shards import PARTITIONS, SHARDED_STAGES
+
 JS_API = "$JS.API"
 # Granted in place of a list of targets: every target, those the sources name at runtime too (a NATS
 # wildcard token). Stages that serve every target get it; a candidate-scheduler limited to some, those.
@@ -74,8 +76,19 @@ def candidate_queue(target: str) -> str:
     return f"candidate-{target}"
 
 
-def feedback_durable(source: str) -> str:
-    return f"feedback-{source}"
+def feedback_durable(source: str, partition: int) -> str:
+    return f"feedback-{source}-{partition}"
+
+
+def status_subject(prefix: str, source: str, partition: int | str) -> str:
+    """Status of the delegates of one partition of a source's proxies (``*``: of every partition): read
+    by the feedback process that owns that partition."""
+    return f"{subject(prefix, 'status', source)}.{partition}"
+
+
+def members_subject(prefix: str, stage: str) -> str:
+    """Where the processes of a sharded stage tell each other they are alive (mcsched.membership)."""
+    return f"{prefix}.members.{stage}"
 
 
 # -- permissions ---------------------------------------------------------------
@@ -141,9 +154,14 @@ def stage_permissions(stage: str, user: str, prefix: str, sources: Iterable[str]
         allow_responses = True
     elif stage == "feedback":
         for source in sources:
-            publish += _consumer(prefix, "status", feedback_durable(source), subject(prefix, "status", source))
-            publish.append(subject(prefix, "status", source))
+            for partition in range(PARTITIONS):
+                publish += _consumer(prefix, "status", feedback_durable(source, partition),
+                                     status_subject(prefix, source, partition))
+            publish.append(status_subject(prefix, source, "*"))
         publish += [subject(prefix, "delegate", t) for t in targets]  # a resync asks again for a missing delegate
+    if stage in SHARDED_STAGES:
+        publish.append(members_subject(prefix, stage))
+        subscribe.append(members_subject(prefix, stage))
     return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)), allow_responses)
 
 

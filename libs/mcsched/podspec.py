@@ -44,6 +44,9 @@ from .constants import (
     VIRTUAL_NODE_TYPE_VALUE,
 )
 from .models import PodRef
+from .shards import PARTITION_LABEL, PARTITIONS, draw_partition, partition_of
+
+PARTITION_VALUES = frozenset(str(p) for p in range(PARTITIONS))
 
 JSON = dict[str, Any]
 
@@ -181,11 +184,13 @@ def _without_placement(annotations: Mapping[str, str]) -> dict[str, str]:
 
 
 def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | None = None,
-                failover_seconds: int | None = DEFAULT_TOLERATION_SECONDS) -> list[JSON]:
+                failover_seconds: int | None = DEFAULT_TOLERATION_SECONDS, partition: str | None = None) -> list[JSON]:
     """JSON patch turning an elected pod into a proxy pod (idempotent: [] for a proxy with no cluster chosen).
 
     ``extra_annotations`` (e.g. the pod's trace context) are added to the proxy only;
-    ``failover_seconds`` is how long the proxy stays on a lost cluster (:func:`proxy_tolerations`).
+    ``failover_seconds`` is how long the proxy stays on a lost cluster (:func:`proxy_tolerations`);
+    ``partition`` is the proxy's partition label (drawn at random when not given; one the pod
+    carries already is kept).
     """
     metadata, spec = pod.get("metadata", {}), pod.get("spec", {})
     if is_proxy(pod):  # e.g. re-created from a proxy's YAML: only a cluster already chosen is dropped
@@ -205,7 +210,12 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
     if PROXY_FINALIZER not in finalizers:
         finalizers.append(PROXY_FINALIZER)
     tolerations = proxy_tolerations(list(spec.get("tolerations") or []), failover_seconds)
+    # The partition of the pod's work (mcsched.shards): which process of a sharded stage handles it.
+    labels = dict(metadata.get("labels") or {})
+    if str(labels.get(PARTITION_LABEL, "")) not in PARTITION_VALUES:
+        labels[PARTITION_LABEL] = partition if partition is not None else draw_partition()
     ops: list[JSON] = [
+        {"op": "add", "path": "/metadata/labels", "value": labels},
         {"op": "add", "path": "/metadata/annotations", "value": annotations},
         {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
         {"op": "add", "path": "/spec/schedulerName", "value": PROXY_SCHEDULER_NAME},
@@ -289,6 +299,7 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
     })
     if target is not None:
         labels[DELEGATE_TARGET_LABEL] = target
+    labels[PARTITION_LABEL] = str(partition_of(metadata.get("labels")))  # the proxy's: one process has both
     annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k != ELECT_ANNOTATION}
     annotations.update(extra_annotations or {})
     annotations[PARENT_NAME_ANNOTATION] = proxy_name

@@ -24,8 +24,10 @@ from pydantic import ValidationError
 
 from .bus import Bus, Credentials
 from .kube import Informer, KubeClient, KubeError
+from .membership import Membership
 from .natsauth import STAGE_STREAMS
 from .settings import Settings, load_settings
+from .shards import SHARDED_STAGES, Shares, stage_assignment
 from .targetdirectory import TargetDirectory
 from .telemetry import setup_tracing, start_http
 
@@ -43,6 +45,8 @@ class Runtime:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # The sources' Targets and ClusterTargets (services whose work depends on the targets only).
     directory: TargetDirectory | None = None
+    # What this process owns of its stage's work (mcsched.shards): everything unless it is sharded.
+    shares: Shares = field(default_factory=Shares)
 
     def informer(self, cluster: str, path: str, **selectors: str) -> Informer:
         informer = Informer(self.clusters[cluster], path, **selectors)
@@ -191,6 +195,11 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
     watching = asyncio.create_task(settings_file.run(), name="read the settings file")
     directory: TargetDirectory | None = None
     current: list[Runtime] = []
+    member = f"{service}@{socket.gethostname()}:{os.getpid()}"
+    membership = await _membership(service, settings, credentials, member, stop) \
+        if service in SHARDED_STAGES else None
+    if service in SHARDED_STAGES and membership is None:
+        return  # stopped before NATS answered
     http = None
     if settings.metrics_port:
         http = await start_http(settings.metrics_port,
@@ -206,7 +215,14 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
                 log.warning("the sources' targets could not be read (%s); composing with those known", exc)
             directory.changed.clear()
             composed = settings.with_targets(directory.current.targets)
-        runtime = await _compose(service, composed, credentials, compose, stop, informers, directory)
+        shares = Shares()
+        if membership is not None:
+            membership.changed.clear()
+            members = membership.members()
+            shares = Shares(stage_assignment(service, composed.source_names, composed.served_targets(), members,
+                                             member), members)
+            log.info("%s: %d processes of this stage; this one takes %s", service, len(members), shares.describe())
+        runtime = await _compose(service, composed, credentials, compose, stop, informers, directory, shares)
         if runtime is None:
             break
         current[:] = [runtime]
@@ -215,12 +231,29 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
         waits = [asyncio.create_task(stop.wait()), asyncio.create_task(settings_file.changed.wait())]
         if directory is not None:
             waits.append(asyncio.create_task(directory.changed.wait()))
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            shuffle = asyncio.create_task(membership.changed.wait()) if membership is not None else None
+            done, _ = await asyncio.wait([*waits, *([shuffle] if shuffle else [])],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if shuffle is None or shuffle not in done:
+                if shuffle is not None:
+                    shuffle.cancel()
+                break
+            assert membership is not None
+            membership.changed.clear()
+            members = membership.members()
+            if stage_assignment(service, composed.source_names, composed.served_targets(), members,
+                                member) != shares.owned:
+                break  # this process's shares change: composed again with the new ones
+            log.info("%s: %d processes of this stage now; this one keeps %s", service, len(members),
+                     shares.describe())
+        reason = "the settings changed" if settings_file.changed.is_set() else \
+            "the sources name other targets" if directory is not None and directory.changed.is_set() else \
+            "its shares of the work changed"
         for task in waits:
             task.cancel()
         if not stop.is_set():
-            log.info("%s: %s; composing again in place", service, "the settings changed"
-                     if settings_file.changed.is_set() else "the sources name other targets")
+            log.info("%s: %s; composing again in place", service, reason)
         # Every publish was acknowledged already: a new composition need not wait for a long drain.
         await runtime.close(drain_seconds=5.0 if stop.is_set() else 0.5)
         current.clear()
@@ -233,6 +266,9 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
                 directory = None
     log.info("%s stopping", service)
     watching.cancel()
+    if membership is not None:
+        await membership.stop()
+        await membership.bus.close(0.0)
     if directory is not None:
         await directory.close()
     if http is not None:
@@ -243,7 +279,8 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
 
 async def _compose(service: str, settings: Settings, credentials: Credentials,
                    compose: Callable[[Runtime], Awaitable[None]], stop: asyncio.Event,
-                   informers: list[Informer], directory: TargetDirectory | None) -> Runtime | None:
+                   informers: list[Informer], directory: TargetDirectory | None,
+                   shares: Shares) -> Runtime | None:
     """A connected bus, the clusters' clients and the service's own parts; None if stopped meanwhile."""
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
               max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials,
@@ -270,9 +307,26 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
             continue
         usable.append(cluster)
     settings = settings.model_copy(update={"clusters": usable})
-    runtime = Runtime(service, settings, bus, clusters, informers, directory=directory)
+    runtime = Runtime(service, settings, bus, clusters, informers, directory=directory, shares=shares)
     await compose(runtime)
     return runtime
+
+
+async def _membership(service: str, settings: Settings, credentials: Credentials, member: str,
+                      stop: asyncio.Event) -> Membership | None:
+    """This process's membership of its stage, on a connection of its own (it outlives compositions);
+    None if stopped before NATS answered."""
+    bus = Bus(settings.nats_url, settings.subject_prefix, f"{member}/members", credentials=credentials)
+    connecting = asyncio.create_task(bus.connect())
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if connecting not in done:
+        connecting.cancel()
+        return None
+    membership = Membership(bus, service, member, settings.shard_lease_seconds)
+    await membership.start()
+    return membership
 
 
 def not_ready(bus: Bus, informers: list[Informer]) -> list[str]:

@@ -148,6 +148,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a target whose scheduler refused a pod is not chosen again for it for this long")
     unschedulable_retry_seconds: float = Field(5.0, gt=0)
     heartbeat_seconds: float = Field(10.0, gt=0)
+    shard_lease_seconds: float = Field(
+        6.0, gt=0, description="a process of a sharded stage not heard from for this long is gone: the others "
+        "take its shares of the work")
     target_poll_seconds: float = Field(
         3.0, gt=0, description="how often the sources' Target and ClusterTarget objects are read")
     failover_seconds: int | None = Field(

@@ -1,5 +1,9 @@
 """candidate-scheduler: owns the delegate step in each target it serves.
 
+Its processes share the targets out (:mod:`mcsched.shards`): each watches and
+serves only its own, and a target has several when there are more processes
+than targets.
+
 * Answers ``candidate.<target>`` requests with an estimate from the target's
   caches: whether the pod would fit on some node and how much room the target
   would have left. Nothing is held: the target's own scheduler decides.
@@ -252,7 +256,9 @@ class TargetScheduler:
 
 
 async def compose(rt: Runtime) -> None:
-    for target in rt.settings.served_targets():
+    # Its shares: whole targets (each one's estimates need all its nodes and pods), as many as the
+    # processes of this stage leave it (several processes share a target when there are more of them).
+    for target in rt.shares.clusters(rt.settings.served_targets()):
         scheduler = TargetScheduler(rt, target)
         await rt.bus.respond(rt.bus.subject("candidate", target), candidate_queue(target), CandidateRequest,
                              scheduler.on_candidate)

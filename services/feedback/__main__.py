@@ -36,12 +36,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mcsched.bus import ACK, PUBLISHERS, Outcome
-from mcsched.capacity import TargetView
+from mcsched.capacity import DelegateCache, common_labels, schedulable_allocatable
 from mcsched.choice import Placement, delegate_round
 from mcsched.constants import (
     CLUSTER_TARGET_NAME_LABEL,
     NODE_LEASE_NAMESPACE,
     NODE_ROLE_LABEL,
+    PARENT_CLUSTER_LABEL,
     PARENT_UID_LABEL,
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
@@ -57,7 +58,7 @@ from mcsched.events import EventRecorder
 from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path, read_pod
 from mcsched.kubeletserver import Endpoint, start_endpoints
 from mcsched.models import DelegateRequest, PodRef, StatusUpdate
-from mcsched.natsauth import feedback_durable
+from mcsched.natsauth import feedback_durable, status_subject
 from mcsched.podspec import (
     awaits_replacement,
     belongs_to,
@@ -75,6 +76,7 @@ from mcsched.podspec import (
 )
 from mcsched.proxystatus import record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
+from mcsched.shards import PARTITIONS, partition_of, partition_selector
 from mcsched.targetdirectory import target_status
 from mcsched.targets import TargetObject, excluded_label
 from mcsched.telemetry import observe_since_creation, pod_trace, tracer
@@ -119,21 +121,31 @@ class Feedback:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.events = EventRecorder("admiralty-feedback")
+        shares = rt.shares
+        # The sources of which this process owns partitions, and their proxies in those partitions.
+        self.sources = shares.sources(rt.settings.source_names)
         self.proxies: dict[str, Informer] = {
-            source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
-            for source in rt.settings.source_names
+            source: rt.informer(source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}",
+                                **partition_selector(shares.partitions(source)))
+            for source in self.sources
         }
         # Each source's virtual nodes: a proxy drained from a cordoned one keeps its delegate until replaced.
         self.virtual_nodes: dict[str, Informer] = {
             source: rt.informer(source, "/api/v1/nodes",
                                 label_selector=f"{VIRTUAL_NODE_TYPE_LABEL}={VIRTUAL_NODE_TYPE_VALUE}")
-            for source in rt.settings.source_names
+            for source in self.sources
         }
-        self.targets: dict[str, TargetView] = {
-            target: TargetView(target, rt.informer(target, "/api/v1/nodes"),
-                               rt.informer(target, "/api/v1/pods", label_selector=PARENT_UID_LABEL))
+        # In every target, the delegates of those proxies: one informer per source (its own partitions).
+        self.delegates: dict[str, DelegateCache] = {
+            target: DelegateCache(target, [
+                rt.informer(target, "/api/v1/pods", **partition_selector(
+                    shares.partitions(source), PARENT_UID_LABEL, f"{PARENT_CLUSTER_LABEL}={source}"))
+                for source in self.sources if source in rt.settings.sources_of(target)])
             for target in rt.settings.target_names
         }
+        # The real nodes of the targets whose virtual nodes this process keeps (its whole-target shares).
+        self.nodes: dict[str, Informer] = {target: rt.informer(target, "/api/v1/nodes")
+                                           for target in shares.clusters(rt.settings.target_names)}
         # proxy uid -> the status last written onto it, from which delegate version, the proxy's resourceVersion
         # after the write, and when (the proxy cache lags)
         self.mirrored: dict[str, tuple[JSON, str | None, str | None, float]] = {}
@@ -158,11 +170,12 @@ class Feedback:
         # source and virtual node, normally empty. Nothing can run them: failed, as a kubelet would.
         self.strays: WorkQueue[tuple[str, str, str, str]] = WorkQueue("pods strayed onto virtual nodes",
                                                                       self._stray_key)
+        # (Per source, by the process owning its partition 0.)
         self.stray_pods: dict[str, list[Informer]] = {
             source: [rt.informer(source, "/api/v1/pods", field_selector=(
                 f"spec.nodeName={virtual_node_name(t)},spec.schedulerName!={PROXY_SCHEDULER_NAME}"))
                 for t in rt.settings.targets_for(source)]
-            for source in rt.settings.source_names}
+            for source in rt.settings.source_names if shares.owns(source, 0)}
         self.strays.start()
         rt.closers.append(self.strays.stop)
         for source, informers in self.stray_pods.items():
@@ -170,8 +183,8 @@ class Feedback:
                 informer.add_handler(functools.partial(self.on_stray, source))
         for source, informer in self.proxies.items():
             informer.add_handler(functools.partial(self.on_proxy, source))
-        for target, view in self.targets.items():
-            view.pods.add_handler(functools.partial(self.on_delegate, target))
+        for target, delegates in self.delegates.items():
+            delegates.add_handler(functools.partial(self.on_delegate, target))
 
     # -- helpers ---------------------------------------------------------------
 
@@ -228,7 +241,7 @@ class Feedback:
 
     async def _publish_status_key(self, key: tuple[str, str, str]) -> None:
         target, namespace, name = key
-        delegate = self.targets[target].pods.get(f"{namespace}/{name}")
+        delegate = self.delegates[target].get(f"{namespace}/{name}")
         parent = parent_ref(delegate) if delegate is not None else None
         if delegate is None or parent is None:
             self.published.pop(key, None)
@@ -251,7 +264,8 @@ class Feedback:
         # The id names this process: each replica's copy of a change is delivered, because a replica
         # whose cache lagged may have written an older status after another replica wrote the newer one.
         try:
-            await self.rt.bus.publish(self.rt.bus.subject("status", ref.cluster), update,
+            await self.rt.bus.publish(status_subject(self.rt.bus.prefix, ref.cluster, partition_of(meta.get("labels"))),
+                                      update,
                                       f"status:{meta['uid']}:{meta['resourceVersion']}:{self.rt.bus.client_name}"
                                       + (f":{epoch}" if epoch is not None else ""))
         except Exception as exc:  # NATS away: the resync publishes it later
@@ -326,8 +340,8 @@ class Feedback:
         # messages may arrive out of order, and another replica may have seen the change first.
         wanted, node, refusal, version = (update.status, update.delegate_node, update.unschedulable,
                                           update.delegate_resource_version)
-        view = self.targets.get(update.target)
-        delegate = view.delegates.get(ref.uid) if view else None
+        cache = self.delegates.get(update.target)
+        delegate = cache.delegates.get(ref.uid) if cache else None
         if delegate is not None and delegate["metadata"]["uid"] == update.delegate_uid and (
                 version is None or newer_resource_version(delegate["metadata"].get("resourceVersion"), version)):
             (wanted, node, refusal), version = _delegate_signal(delegate), delegate["metadata"].get("resourceVersion")
@@ -521,7 +535,7 @@ class Feedback:
         meta = proxy["metadata"]
         ref = _ref(source, proxy)
         target = _assigned_target(proxy)
-        if target in self.targets:
+        if target in self.delegates:
             name = delegate_name(meta["name"], meta["uid"])
             client = self.rt.clusters[target]
             node = self.virtual_nodes[source].get(proxy["spec"].get("nodeName") or "")
@@ -574,7 +588,7 @@ class Feedback:
 
     async def _orphan_key(self, key: tuple[str, str, str]) -> None:
         target, namespace, name = key
-        delegate = self.targets[target].pods.get(f"{namespace}/{name}")
+        delegate = self.delegates[target].get(f"{namespace}/{name}")
         if delegate is not None:
             await self._remove_orphan(target, delegate)
 
@@ -635,8 +649,8 @@ class Feedback:
         proxies = [(source, proxy) for source, informer in self.proxies.items() if self._synced(informer)
                    for proxy in informer.items()]
         await for_each(proxies, lambda item: self._resync_proxy(*item, epoch), RESYNC_CONCURRENCY, "resync of a proxy")
-        delegates = [(target, delegate) for target, view in self.targets.items() if self._synced(view.pods)
-                     for delegate in view.pods.items() if belongs_to(delegate, target)]
+        delegates = [(target, delegate) for target, cache in self.delegates.items() if cache.ready
+                     for delegate in cache.items() if belongs_to(delegate, target)]
         await for_each(delegates, lambda item: self._resync_delegate(*item, epoch), RESYNC_CONCURRENCY,
                        "resync of a delegate")
 
@@ -646,19 +660,19 @@ class Feedback:
             self.finalizing.add((source, meta["namespace"], meta["name"]))
             return
         target = _assigned_target(proxy)
-        view = self.targets.get(target or "")
-        if target is not None and not proxy["spec"].get("nodeName") and (view is None or not view.ready):
+        cache = self.delegates.get(target or "")
+        if target is not None and not proxy["spec"].get("nodeName") and (cache is None or not cache.ready):
             # Chosen, but the cluster is unknown or unreachable: no delegate can come from it. After the
             # grace period the pod is freed for the others, as if that cluster had refused it.
             first_missed = self.missing_since.setdefault(meta["uid"], time.monotonic())
             if time.monotonic() - first_missed >= DELEGATE_GRACE_SECONDS:
-                reason = f"cluster {target} is not a target" if view is None else f"cluster {target} is unreachable"
+                reason = f"cluster {target} is not a target" if cache is None else f"cluster {target} is unreachable"
                 ref = _ref(source, proxy)
                 if await record_refusal(self.rt.clusters[source], ref, proxy, target, reason) is not None:
                     log.info("%s chose %s, which cannot take it (%s); trying another cluster",
                              _ref(source, proxy), target, reason)
             return
-        if target is None or view is None or not self._synced(view.pods) or meta["uid"] in view.delegates \
+        if target is None or cache is None or not cache.ready or meta["uid"] in cache.delegates \
                 or is_finished(proxy):
             self.missing_since.pop(meta["uid"], None)
             return
@@ -705,12 +719,11 @@ class Feedback:
     # -- virtual nodes -----------------------------------------------------------
 
     def virtual_node(self, target: str) -> JSON:
-        view = self.targets[target]
-        allocatable, _ = view.totals()
-        capacity: dict[str, Any] = allocatable.to_dict()
+        nodes = self.nodes[target].items()
+        capacity: dict[str, Any] = schedulable_allocatable(nodes).to_dict()
         name = virtual_node_name(target)
         cluster = self.rt.settings.cluster(target)
-        labels = {k: v for k, v in view.common_labels().items() if not k.startswith("kubernetes.io/hostname")
+        labels = {k: v for k, v in common_labels(nodes).items() if not k.startswith("kubernetes.io/hostname")
                   and not excluded_label(cluster.excluded_labels_regexp, k, v)}
         labels.update(cluster.labels)
         labels.update({VIRTUAL_NODE_TYPE_LABEL: VIRTUAL_NODE_TYPE_VALUE, NODE_ROLE_LABEL: "agent",
@@ -725,17 +738,16 @@ class Feedback:
         }
 
     def _ready_condition(self, target: str) -> JSON:
-        view = self.targets[target]
         now = _now()
-        if view.ready:
+        if self._synced(self.nodes[target]):
             return {"type": "Ready", "status": "True", "reason": "TargetReachable",
                     "message": f"cluster {target} is reachable", "lastHeartbeatTime": now}
         return {"type": "Ready", "status": "False", "reason": "TargetUnreachable",
                 "message": f"cluster {target} cannot be reached", "lastHeartbeatTime": now}
 
     async def heartbeat(self) -> None:
-        """Every target's virtual node in every source."""
-        await asyncio.gather(*(self.heartbeat_target(target) for target in self.targets))
+        """The virtual node of every target this process keeps, in every source."""
+        await asyncio.gather(*(self.heartbeat_target(target) for target in self.nodes))
 
     async def heartbeat_target(self, target: str) -> None:
         """``target``'s virtual node in every source it serves, each on its own: one that fails is logged,
@@ -764,7 +776,7 @@ class Feedback:
             current = await client.create("/api/v1/nodes", node)
             log.info("virtual node %s created in %s", name, source)
         # A target not reached since the start: its Ready condition says so; what is known of it stays.
-        known = self.targets[target].nodes.synced.is_set()
+        known = self.nodes[target].synced.is_set()
         condition = self._ready_condition(target)
         previous: JSON = next((c for c in current.get("status", {}).get("conditions") or [] if c["type"] == "Ready"),
                               {})
@@ -813,29 +825,33 @@ class Feedback:
                 *(origin.key for origin in directory.current.problems if origin.source == source)}
 
     async def remove_unknown_virtual_nodes(self) -> None:
-        """Delete the virtual nodes of targets removed from every source, then the proxies bound to them
-        (their controllers replace them elsewhere; the delegates stay in the removed cluster, which
-        the services no longer reach)."""
+        """Delete the virtual nodes of targets removed from every source (by the process owning the
+        source's partition 0), and the proxies bound to them (each process its own partitions'): their
+        controllers replace them elsewhere; the delegates stay in the removed cluster, which the
+        services no longer reach."""
         for source, nodes in self.virtual_nodes.items():
             known = self.known_targets(source)
             if known is None or not self._synced(nodes):
                 continue
-            for node in nodes.items():
-                target = target_of_virtual_node(node["metadata"]["name"])
-                if target is None or target in known:
-                    continue
-                name = node["metadata"]["name"]
-                log.warning("cluster %s is no longer a target of %s: deleting virtual node %s and its proxies",
-                            target, source, name)
-                try:
-                    await self.rt.clusters[source].delete(f"/api/v1/nodes/{name}")
-                except KubeError as exc:
-                    if not exc.not_found:
-                        raise
-                for proxy in self.proxies[source].items():
-                    meta = proxy["metadata"]
-                    if proxy["spec"].get("nodeName") == name and not meta.get("deletionTimestamp"):
-                        await self._delete_pod(source, meta["namespace"], meta["name"], meta["uid"])
+            if self.rt.shares.owns(source, 0):
+                for node in nodes.items():
+                    target = target_of_virtual_node(node["metadata"]["name"])
+                    if target is None or target in known:
+                        continue
+                    name = node["metadata"]["name"]
+                    log.warning("cluster %s is no longer a target of %s: deleting virtual node %s and its proxies",
+                                target, source, name)
+                    try:
+                        await self.rt.clusters[source].delete(f"/api/v1/nodes/{name}")
+                    except KubeError as exc:
+                        if not exc.not_found:
+                            raise
+            if not self._synced(self.proxies[source]):
+                continue
+            for proxy in self.proxies[source].items():
+                meta, target = proxy["metadata"], target_of_virtual_node(proxy["spec"].get("nodeName"))
+                if target is not None and target not in known and not meta.get("deletionTimestamp"):
+                    await self._delete_pod(source, meta["namespace"], meta["name"], meta["uid"])
 
     async def report_targets(self) -> None:
         """Each Target and ClusterTarget's Ready condition: used, or why not (written when it changes)."""
@@ -843,6 +859,8 @@ class Feedback:
         if directory is None:
             return
         for source, objects in directory.last.items():
+            if not self.rt.shares.owns(source, 0):
+                continue  # the process owning the source's partition 0 writes them
             for origin, obj, _ in objects:
                 if origin not in directory.current.problems:
                     continue
@@ -876,16 +894,20 @@ class Feedback:
 
 async def compose(rt: Runtime) -> None:
     feedback = Feedback(rt)
-    for source in rt.settings.source_names:
+    for source in feedback.sources:
         # A status message may take two writes in a row (the binding, then the status) on a busy
-        # source API server: a wider window keeps the consumer from queueing behind them.
-        rt.bus.consume("status", feedback_durable(source), rt.bus.subject("status", source), StatusUpdate,
-                       feedback.on_status, in_flight=STATUS_IN_FLIGHT)
+        # source API server: a wider window keeps the consumer from queueing behind them. Shared
+        # out among the partitions this process owns.
+        partitions = sorted(rt.shares.partitions(source) or range(PARTITIONS))
+        for partition in partitions:
+            rt.bus.consume("status", feedback_durable(source, partition),
+                           status_subject(rt.settings.subject_prefix, source, partition), StatusUpdate,
+                           feedback.on_status, in_flight=max(8, STATUS_IN_FLIGHT // len(partitions)))
 
     async def virtual_nodes(target: str) -> None:
         """One target's heartbeats: the first once its nodes are known, or as NotReady if it cannot be reached."""
         try:
-            await feedback.targets[target].nodes.wait_synced(rt.settings.heartbeat_seconds)
+            await feedback.nodes[target].wait_synced(rt.settings.heartbeat_seconds)
         except TimeoutError:
             log.warning("cluster %s not reached yet; its virtual nodes say NotReady until it is", target)
         await feedback.heartbeat_target(target)
@@ -897,7 +919,7 @@ async def compose(rt: Runtime) -> None:
             rt.settings.kubelet, rt.settings.source_names, rt.clusters, rt.settings.target_names, feedback.proxies)
         for endpoint in feedback.kubelet_endpoints.values():
             rt.closers.append(endpoint.server.stop)
-    for target in feedback.targets:  # each on its own: an unreachable target holds up no other
+    for target in feedback.nodes:  # each on its own: an unreachable target holds up no other
         rt.spawn(virtual_nodes(target), f"virtual nodes of {target}")
     rt.spawn(periodic(rt.settings.resync_period_seconds, feedback.resync, "feedback resync"), "feedback resync")
     if rt.directory is not None:

@@ -3,7 +3,8 @@
 * Serves the mutating admission webhook that turns elected pods into proxy
   pods at creation (and registers it in every source cluster, each on its
   own: a source unreachable at start holds up neither the others nor the watch).
-* Watches the proxy pods not yet bound to a virtual node in every source and
+* Watches the proxy pods not yet bound to a virtual node in its shares of the
+  sources (partitions of their proxies: :mod:`mcsched.shards`) and
   publishes an ``elect`` message for each that has no cluster chosen: when it
   is new, and again each time a target's scheduler refused it (a new round of
   its placement); a periodic resync publishes them again, so even an emptied
@@ -35,6 +36,7 @@ from mcsched.models import ElectMessage, PodRef
 from mcsched.podspec import delegate_original
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
+from mcsched.shards import partition_selector
 from mcsched.spread import controller_uid
 from mcsched.telemetry import pod_trace, trace_annotations, tracer
 from mcsched.workqueue import WorkQueue
@@ -210,11 +212,13 @@ async def compose(rt: Runtime) -> None:
         url, ca_bundle = await serve_webhook(rt)
         if rt.settings.webhook.register_webhook:
             register_webhook(rt, url, ca_bundle)
-    # Only proxies still waiting for a target: once bound, a proxy leaves this cache (a DELETED event).
+    # Only proxies still waiting for a target (once bound, a proxy leaves this cache: a DELETED event),
+    # and of those only the partitions this process owns (the others' watchers publish theirs).
     informers = {
         source: rt.informer(source, "/api/v1/pods",
-                            field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME},spec.nodeName=")
-        for source in rt.settings.source_names
+                            field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME},spec.nodeName=",
+                            **partition_selector(rt.shares.partitions(source)))
+        for source in rt.shares.sources(rt.settings.source_names)
     }
     publisher = ElectPublisher(rt, informers)
     for source, informer in informers.items():

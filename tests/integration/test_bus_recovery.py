@@ -183,7 +183,9 @@ STAGES = {
     "delegate": Stage("delegate", "c2", "proxy-scheduler", "candidate-scheduler-c2", candidate_durable("c2"),
                       f"{RECOVERY_PREFIX}.delegate.c2", DelegateRequest,
                       lambda uid: DelegateRequest(proxy=_ref(uid), target="c2")),
-    "status": Stage("status", "c1", "feedback", "feedback", feedback_durable("c1"), f"{RECOVERY_PREFIX}.status.c1",
+    # (the status of partition 0 of c1's proxies)
+    "status": Stage("status", "c1.0", "feedback", "feedback", feedback_durable("c1", 0),
+                    f"{RECOVERY_PREFIX}.status.c1.0",
                     StatusUpdate, lambda uid: StatusUpdate(proxy=_ref(uid), target="c2", delegate_name=uid,
                                                            delegate_uid=uid, status={})),
 }

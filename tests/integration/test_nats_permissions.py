@@ -32,6 +32,7 @@ from mcsched.natsauth import (
     candidate_queue,
     feedback_durable,
     proxy_scheduler_durable,
+    status_subject,
     stream_name,
 )
 from mcsched.pki import issue, new_ca
@@ -169,7 +170,7 @@ async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) ->
         candidate.consume("delegate", candidate_durable("c2"), candidate.subject("delegate", "c2"), DelegateRequest,
                           lambda m: record("delegate", m))
         await candidate.respond(candidate.subject("candidate", "c2"), candidate_queue("c2"), CandidateRequest, answer)
-        feedback.consume("status", feedback_durable("c1"), feedback.subject("status", "c1"), StatusUpdate,
+        feedback.consume("status", feedback_durable("c1", 5), status_subject(PREFIX, "c1", 5), StatusUpdate,
                          lambda m: record("status", m))
         ref = PodRef(cluster="c1", namespace="ns", name="p", uid="u1")
         await buses["watcher"].publish(buses["watcher"].subject("elect", "c1"), elect(), "elect:u1:0")
@@ -183,7 +184,7 @@ async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) ->
         await proxy_scheduler.publish(proxy_scheduler.subject("delegate", "c2"),
                                       DelegateRequest(proxy=ref, target="c2", round=1), "delegate:u1:1")
         status = StatusUpdate(proxy=ref, target="c2", delegate_name="p-x", delegate_uid="d1", status={})
-        await feedback.publish(feedback.subject("status", "c1"), status, "status:u1")
+        await feedback.publish(status_subject(PREFIX, "c1", 5), status, "status:u1")
         for _ in range(100):
             if all(got.values()):
                 break
@@ -204,8 +205,8 @@ async def test_a_stage_cannot_publish_another_stages_work(server: Server) -> Non
     cases = [
         ("watcher", f"{PREFIX}.delegate.c3", delegate),               # a watcher asks for a delegate
         ("candidate-scheduler", f"{PREFIX}.delegate.c3", delegate),   # a target asks itself for work
-        ("watcher", f"{PREFIX}.status.c1", b"x"),
-        ("proxy-scheduler", f"{PREFIX}.status.c1", b"x"),
+        ("watcher", f"{PREFIX}.status.c1.0", b"x"),
+        ("proxy-scheduler", f"{PREFIX}.status.c1.0", b"x"),
         ("candidate-scheduler", f"{PREFIX}.elect.c1", elect().encode()),
         ("feedback", f"{PREFIX}.elect.c1", elect().encode()),
     ]
@@ -238,7 +239,7 @@ async def test_a_candidate_scheduler_serving_c2_cannot_take_or_answer_c3s_work(s
         await nc.subscribe(f"{PREFIX}.candidate.c3", queue=candidate_queue("c3"))
 
     async def steal_feedback_work(nc: Any) -> None:
-        sub = await nc.jetstream().pull_subscribe(f"{PREFIX}.status.c1", durable=feedback_durable("c1"),
+        sub = await nc.jetstream().pull_subscribe(f"{PREFIX}.status.c1.0", durable=feedback_durable("c1", 0),
                                                   stream=stream_name(PREFIX, "status"))
         await sub.fetch(1, timeout=1)
 

@@ -12,6 +12,7 @@ from mcsched.cli import nats_config
 from mcsched.natsauth import STAGES, NatsUser, authorization, candidate_durable, stage_permissions
 from mcsched.runtime import nats_credentials
 from mcsched.settings import NatsAuthSettings, Settings
+from mcsched.shards import PARTITIONS
 
 CLUSTERS = [{"name": "c1", "source": True, "target": True}, {"name": "c2", "target": True},
             {"name": "c3", "target": True}]
@@ -42,7 +43,9 @@ def test_the_watcher_publishes_only_elect_messages_of_its_sources() -> None:
                       "$JS.API.CONSUMER.MSG.NEXT.MCS_ELECT.proxy-scheduler", "$JS.API.STREAM.DELETE.MCS_ELECT",
                       "$JS.API.STREAM.CREATE.MCS_DELEGATE"):
         assert not covered(forbidden, p.publish), forbidden
-    assert p.subscribe == ("_INBOX.watcher.>",) and not p.allow_responses
+    # its inbox, and the heartbeats of the other watchers (they share the sources' partitions out)
+    assert p.subscribe == ("_INBOX.watcher.>", "mcs.members.watcher") and not p.allow_responses
+    assert covered("mcs.members.watcher", p.publish) and not covered("mcs.members.feedback", p.publish)
 
 
 def test_a_candidate_scheduler_takes_and_answers_only_its_targets_work() -> None:
@@ -71,8 +74,14 @@ def test_the_proxy_scheduler_asks_every_target_and_takes_every_sources_elect_mes
 
 def test_feedback_publishes_status_and_asks_again_for_missing_delegates() -> None:
     p = stage_permissions("feedback", "feedback", "mcs", ["c1"], ["c1", "c2"])
-    assert covered("mcs.status.c1", p.publish) and covered("mcs.delegate.c2", p.publish)
-    assert covered("$JS.API.CONSUMER.MSG.NEXT.MCS_STATUS.feedback-c1", p.publish)
+    assert covered("mcs.status.c1.0", p.publish) and covered("mcs.status.c1.11", p.publish)
+    assert covered("mcs.delegate.c2", p.publish) and not covered("mcs.status.c2.0", p.publish)
+    for partition in range(PARTITIONS):  # a durable per partition, each pinned to its own subject
+        assert covered(f"$JS.API.CONSUMER.MSG.NEXT.MCS_STATUS.feedback-c1-{partition}", p.publish)
+        assert covered(f"$JS.API.CONSUMER.CREATE.MCS_STATUS.feedback-c1-{partition}.mcs.status.c1.{partition}",
+                       p.publish)
+    assert not covered("$JS.API.CONSUMER.CREATE.MCS_STATUS.feedback-c1-1.mcs.status.c1.2", p.publish)
+    assert not covered("$JS.API.CONSUMER.CREATE.MCS_STATUS.feedback-c1-12.mcs.status.c1.12", p.publish)
     assert not covered("mcs.elect.c1", p.publish) and not covered("mcs.candidate.c1", p.publish)
 
 
@@ -88,7 +97,7 @@ def test_nats_config_gives_every_stage_a_user_and_keeps_existing_passwords(tmp_p
     assert all(users[u]["password"] == (tmp_path / u).read_text() for u in users)
     served = users["candidate-scheduler"]["permissions"]["subscribe"]["allow"]
     assert "mcs.candidate.c2" in served and "mcs.candidate.c3" not in served  # serve_targets
-    assert users["candidate-scheduler-c3"]["permissions"]["subscribe"]["allow"][-1] == "mcs.candidate.c3"
+    assert "mcs.candidate.c3" in users["candidate-scheduler-c3"]["permissions"]["subscribe"]["allow"]
     assert oct(config.stat().st_mode & 0o777) == "0o600" and oct((tmp_path / "admin").stat().st_mode & 0o777) == "0o600"
     with pytest.raises(ValueError, match="unknown stage"):
         stage_permissions("scheduler", "x", "mcs", [], [])
@@ -99,7 +108,7 @@ def test_the_authorization_block_lists_users_and_leaves_the_administrator_unrest
                            NatsUser("watcher", "w", stage_permissions("watcher", "watcher", "mcs", ["c1"], []))])
     admin, watcher = block["authorization"]["users"]
     assert admin == {"user": "admin", "password": "a"}
-    assert watcher["permissions"]["publish"]["allow"][-1] == "mcs.elect.c1"
+    assert "mcs.elect.c1" in watcher["permissions"]["publish"]["allow"]
     assert "allow_responses" not in watcher["permissions"]
 
 

@@ -42,6 +42,7 @@ from mcsched.kube import JSON, pod_path
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.placement import cpu_milli
 from mcsched.podspec import apply_patch, delegate_manifest, delegate_name, source_manifest
+from mcsched.shards import PARTITIONS
 from mcsched.targetdirectory import Resolution, TargetDirectory
 from mcsched.testing import (
     Delivery,
@@ -155,7 +156,7 @@ class World:
     async def add_feedback(self, scheduled_fold_seconds: float = 0.0) -> tuple[FakeRuntime, Feedback]:
         rt = self.runtime("feedback")
         await feedback(rt)
-        service = owner(rt.fake_bus, f"feedback-{SOURCE}", Feedback)
+        service = owner(rt.fake_bus, f"feedback-{SOURCE}-0", Feedback)
         service.scheduled_fold_seconds = scheduled_fold_seconds  # scenarios play the kubelet step by step
         return rt, service
 
@@ -322,7 +323,8 @@ async def test_a_new_proxy_gets_one_unbound_delegate_in_the_chosen_target_only(w
 
 async def test_compose_wires_every_stage_on_the_fake_runtime(world: World) -> None:
     assert {d: len(c) for d, c in world.broker.consumers.items()} == {
-        "proxy-scheduler": 1, "candidate-scheduler-c2": 1, "candidate-scheduler-c3": 1, "feedback-c1": 1}
+        "proxy-scheduler": 1, "candidate-scheduler-c2": 1, "candidate-scheduler-c3": 1,
+        **{f"feedback-c1-{p}": 1 for p in range(PARTITIONS)}}  # one per partition of the source's proxies
     assert sorted(r.subject for r in world.broker.responders) == ["mcs.candidate.c2", "mcs.candidate.c3"]
     assert "feedback resync" in world.feedback_rt.spawned
 
@@ -1103,7 +1105,8 @@ async def test_an_older_status_message_never_turns_a_status_back_on_a_replica_wh
     world.informer(replica, world.targets[0]).lag()
     world.informer(replica, world.targets[1]).lag()
     proxy, _target, (older, newer) = await running_in_two_steps(world)
-    index = [c.client for c in world.broker.consumers[f"feedback-{SOURCE}"]].index(replica.fake_bus.client_name)
+    durable = f"feedback-{SOURCE}-{newer.subject.rsplit('.', 1)[1]}"  # the partition's
+    index = [c.client for c in world.broker.consumers[durable]].index(replica.fake_bus.client_name)
 
     assert (await world.bus.deliver(newer, replica=index)).acked
     await world.settle()

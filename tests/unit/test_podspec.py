@@ -38,6 +38,7 @@ from mcsched.podspec import (
     stray_status,
     unschedulable_reason,
 )
+from mcsched.shards import PARTITION_LABEL, PARTITIONS
 
 
 def elected_pod(value: str = "") -> dict:
@@ -88,7 +89,15 @@ def test_proxy_patch_makes_a_proxy_and_keeps_the_original() -> None:
     assert {k: original["spec"].get(k) for k in SCHEDULING_FIELDS} == {k: pod["spec"].get(k) for k in SCHEDULING_FIELDS}
     assert ELECT_ANNOTATION not in original["metadata"]["annotations"]
     assert SOURCE_MANIFEST_ANNOTATION not in original["metadata"]["annotations"]
+    # The partition label (mcsched.shards) is added to the user's labels, and kept if valid.
+    partition = original["metadata"]["labels"].pop(PARTITION_LABEL)
+    assert partition in {str(p) for p in range(PARTITIONS)}
     assert original["metadata"]["labels"] == pod["metadata"]["labels"]
+    assert apply_patch(pod, proxy_patch(pod, partition="7"))["metadata"]["labels"][PARTITION_LABEL] == "7"
+    labelled = {**pod, "metadata": {**pod["metadata"], "labels": {PARTITION_LABEL: "11"}}}
+    assert apply_patch(labelled, proxy_patch(labelled, partition="7"))["metadata"]["labels"][PARTITION_LABEL] == "11"
+    wrong = {**pod, "metadata": {**pod["metadata"], "labels": {PARTITION_LABEL: "12"}}}
+    assert apply_patch(wrong, proxy_patch(wrong, partition="7"))["metadata"]["labels"][PARTITION_LABEL] == "7"
 
 
 NOT_READY, UNREACHABLE = "node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"
@@ -322,7 +331,8 @@ def test_delegate_labels_move_into_our_domain_and_its_pod_selectors_follow() -> 
     delegate = delegate_manifest(original, source="c1", namespace="n", proxy_name="p", proxy_uid="u")
     labels = delegate["metadata"]["labels"]
     assert {k: v for k, v in labels.items() if not k.startswith("multicluster.admiralty.io/parent")} == {
-        "multicluster.admiralty.io/app": "web", "multicluster.admiralty.io/tier": "a", "keep.io/me": "1"}
+        "multicluster.admiralty.io/app": "web", "multicluster.admiralty.io/tier": "a", "keep.io/me": "1",
+        PARTITION_LABEL: "0"}  # the proxy had none: partition 0, as the proxy's own watchers see it
     required = delegate["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
     assert required["labelSelector"]["matchLabels"] == {"multicluster.admiralty.io/app": "web"}
     assert required["labelSelector"]["matchExpressions"][0]["key"] == "multicluster.admiralty.io/tier"

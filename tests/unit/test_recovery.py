@@ -17,7 +17,13 @@ import pytest
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
 from mcsched.bus import ACK, Bus, Outcome
 from mcsched.choice import Placement
-from mcsched.constants import NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL, PROXY_SCHEDULER_NAME
+from mcsched.constants import (
+    NAMESPACE_LABEL,
+    NAMESPACE_LABEL_VALUE,
+    PARENT_CLUSTER_LABEL,
+    PARENT_UID_LABEL,
+    PROXY_SCHEDULER_NAME,
+)
 from mcsched.kube import JSON, pod_path
 from mcsched.models import ElectMessage, PodRef, decode
 from mcsched.podspec import delegate_name, mirror_patch, mirrored_status, status_differs
@@ -249,12 +255,12 @@ async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded()
         clusters["c1"].put("pods", {"metadata": {"name": f"p{i}", "namespace": NS},
                                     "spec": {"schedulerName": PROXY_SCHEDULER_NAME, "containers": []}})
         clusters["c2"].put("pods", {"metadata": {"name": f"d{i}", "namespace": NS, "labels": {
-            PARENT_UID_LABEL: f"u{i}"}}, "spec": {"containers": []}})
+            PARENT_UID_LABEL: f"u{i}", PARENT_CLUSTER_LABEL: "c1"}}, "spec": {"containers": []}})
     rt = FakeRuntime("feedback", fake_settings(sources=("c1",), targets=("c2",)), FakeBus(), clusters)
     try:
         await feedback(rt)
         await settle(rt)
-        [service] = [c.handler.__self__ for c in rt.fake_bus.broker.consumers["feedback-c1"]]
+        [service] = [c.handler.__self__ for c in rt.fake_bus.broker.consumers["feedback-c1-0"]]
         assert isinstance(service, Feedback)
         at_once, peak, seen = 0, 0, []
 

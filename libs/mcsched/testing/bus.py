@@ -130,6 +130,14 @@ class _Responder:
 
 
 @dataclass
+class _Listener:
+    subject: str
+    model: type[Message]
+    handler: Callable[[Any], Awaitable[None]]
+    client: str
+
+
+@dataclass
 class FakeBroker:
     """The NATS server: streams, consumers, responders, and what went through them."""
 
@@ -142,6 +150,7 @@ class FakeBroker:
     requests: list[RequestRecord] = field(default_factory=list)
     consumers: dict[str, list[_Consumer]] = field(default_factory=dict)  # durable -> replicas
     responders: list[_Responder] = field(default_factory=list)
+    listeners: list[_Listener] = field(default_factory=list)
     ids: dict[tuple[str, str], float] = field(default_factory=dict)  # (stream, msg id) -> when first stored
     sequence: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     turns: dict[str, int] = field(default_factory=dict)  # round-robin position per durable or subject
@@ -203,6 +212,7 @@ class FakeBus(Bus):
         for durable, replicas in list(broker.consumers.items()):
             broker.consumers[durable] = [c for c in replicas if c.client != self.client_name]
         broker.responders = [r for r in broker.responders if r.client != self.client_name]
+        broker.listeners = [li for li in broker.listeners if li.client != self.client_name]
 
     async def publish(self, subject: str, message: Message, msg_id: str) -> None:
         await asyncio.sleep(0)  # as over a network
@@ -215,6 +225,13 @@ class FakeBus(Bus):
         await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items))
 
     async def notify(self, subject: str, message: Message) -> None:
+        if self.closed:
+            raise RuntimeError("nats: connection closed")
+        for listener in [li for li in self.broker.listeners if subject_matches(li.subject, subject)]:
+            try:
+                await listener.handler(decode(message.encode(), listener.model))
+            except Exception:
+                pass
         for responder in [r for r in self.broker.responders if subject_matches(r.subject, subject)]:
             try:
                 await responder.handler(decode(message.encode(), responder.model))
@@ -238,6 +255,9 @@ class FakeBus(Bus):
     async def respond(self, subject: str, queue: str, model: type[M],
                       handler: Callable[[M], Awaitable[Message]]) -> None:
         self.broker.responders.append(_Responder(subject, queue, model, handler, self.client_name))
+
+    async def listen(self, subject: str, model: type[M], handler: Callable[[M], Awaitable[None]]) -> None:
+        self.broker.listeners.append(_Listener(subject, model, handler, self.client_name))
 
     def consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
                 *, in_flight: int = 64, ack_wait: float = 30.0) -> None:

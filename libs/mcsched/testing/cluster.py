@@ -135,14 +135,29 @@ def locate(path: str) -> Location:
 # -- selectors ---------------------------------------------------------------------------------------
 
 
-def _requirements(selector: str | None) -> list[tuple[str, str, str | None]]:
-    """(key, operator, value) of an equality-based selector; operators "=", "!=", "exists", "!exists"."""
-    found: list[tuple[str, str, str | None]] = []
-    for raw in (selector or "").split(","):
-        term = raw.strip()
-        if not term:
-            continue
-        if "!=" in term:
+def _terms(selector: str | None) -> list[str]:
+    """The comma-separated terms of a selector; commas inside a set, ``in (a,b)``, do not separate."""
+    terms, depth, current = [], 0, ""
+    for char in selector or "":
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            terms.append(current)
+            current = ""
+        else:
+            current += char
+    return [t.strip() for t in [*terms, current] if t.strip()]
+
+
+def _requirements(selector: str | None) -> list[tuple[str, str, str | frozenset[str] | None]]:
+    """(key, operator, value) of a selector; operators "=", "!=", "exists", "!exists", and the
+    set-based "in" and "notin" (whose value is the set)."""
+    found: list[tuple[str, str, str | frozenset[str] | None]] = []
+    for term in _terms(selector):
+        words = term.split(None, 1)
+        if len(words) == 2 and words[1].split("(", 1)[0].strip() in ("in", "notin"):
+            op, values = words[1].split("(", 1)
+            found.append((words[0], op.strip(), frozenset(v.strip() for v in values.rstrip(")").split(","))))
+        elif "!=" in term:
             key, value = term.split("!=", 1)
             found.append((key.strip(), "!=", value.strip()))
         elif "=" in term:
@@ -160,7 +175,9 @@ def labels_match(selector: str | None, obj: Mapping[str, Any]) -> bool:
     for key, op, value in _requirements(selector):
         present = key in labels
         if (op == "exists" and not present) or (op == "!exists" and present) or \
-                (op == "=" and labels.get(key) != value) or (op == "!=" and present and labels[key] == value):
+                (op == "=" and labels.get(key) != value) or (op == "!=" and present and labels[key] == value) or \
+                (op == "in" and (not present or labels[key] not in (value or ()))) or \
+                (op == "notin" and present and labels[key] in (value or ())):
             return False
     return True
 

@@ -49,9 +49,12 @@ renders both and compares them.
 {{- $subscribe = append $subscribe (printf "%s.candidate.%s" $p .) -}}
 {{- end -}}
 {{- else if eq $stage "feedback" -}}
-{{- range $sources -}}
-{{- $consumers = append $consumers (list "status" (printf "feedback-%s" .) (printf "%s.status.%s" $p .)) -}}
-{{- $publish = append $publish (printf "%s.status.%s" $p .) -}}
+{{- range $source := $sources -}}
+{{- /* a durable per partition of the source's proxies (libs/mcsched/shards.py PARTITIONS) */ -}}
+{{- range $partition := until 12 -}}
+{{- $consumers = append $consumers (list "status" (printf "feedback-%s-%d" $source $partition) (printf "%s.status.%s.%d" $p $source $partition)) -}}
+{{- end -}}
+{{- $publish = append $publish (printf "%s.status.%s.*" $p $source) -}}
 {{- end -}}
 {{- range $targets -}}{{- $publish = append $publish (printf "%s.delegate.%s" $p .) -}}{{- end -}}
 {{- end -}}
@@ -64,6 +67,11 @@ renders both and compares them.
       (printf "$JS.API.CONSUMER.MSG.NEXT.%s.%s" $stream $durable)
       (printf "$JS.ACK.%s.%s.>" $stream $durable)
       (printf "%s.dead.%s" $p $kind)) -}}
+{{- end -}}
+{{- if has $stage (list "watcher" "candidate-scheduler" "feedback") -}}
+{{- /* the processes of a sharded stage tell each other they are alive (libs/mcsched/membership.py) */ -}}
+{{- $publish = append $publish (printf "%s.members.%s" $p $stage) -}}
+{{- $subscribe = append $subscribe (printf "%s.members.%s" $p $stage) -}}
 {{- end -}}
 {{- $permissions := dict "publish" (dict "allow" (uniq $publish)) "subscribe" (dict "allow" (uniq $subscribe)) -}}
 {{- if eq $stage "candidate-scheduler" -}}{{- $_ := set $permissions "allow_responses" true -}}{{- end -}}
