@@ -12,7 +12,9 @@ The baseline is the same pods without the elect annotation, scheduled by
 kube-scheduler onto c1's kwok nodes. Scenarios: the baseline, the pipeline
 with one replica per stage, the baseline again (the ratios use the mean of
 the two baselines around the pipeline, as the machine's speed drifts), and
-the pipeline with two replicas of each stage in turn.
+the pipeline with two and with three processes of each stage in turn
+(``BENCH_SCALING=0``: without those): for each stage, its CPU per 1000 pods
+with 1, 2 and 3 processes and the largest share of it one process had.
 Results go to ``.local/bench/latest.json`` and a PNG of the latency
 distributions beside it; the previous ``latest.json`` becomes ``previous.json``.
 """
@@ -42,6 +44,8 @@ from .environment import LocalEnvironment
 from .services import SERVICES, start_service, start_services, wait_services_ready, write_config
 
 BASELINE_AGAIN = "baseline, again"
+SCALES = (2, 3)  # processes of one stage in the scaling scenarios (1 is the pipeline's)
+SHARES_SETTLE_SECONDS = 4.0
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")  # <cluster>-<this>
 STEPS = ("proxy_bound", "delegate_created", "delegate_running", "proxy_running")
 BASELINE_STEPS = ("bound", "running")
@@ -320,6 +324,8 @@ def _start_env(env: LocalEnvironment, clusters: list[str], nodes: int, replicas:
             for replica in range(1, count):
                 start_service(env, service, replica)
         wait_services_ready(env)
+        if any(count > 1 for count in replicas.values()):
+            time.sleep(SHARES_SETTLE_SECONDS)  # the processes of a stage share the work out among themselves
 
 
 def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSON:
@@ -329,7 +335,7 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
     scenarios: list[tuple[str, dict[str, int] | None]] = [
         ("baseline", None), ("pipeline", {}), (BASELINE_AGAIN, None)]
     if os.environ.get("BENCH_SCALING", "1") != "0":  # BENCH_SCALING=0: no runs with two processes of a stage
-        scenarios += [(f"pipeline, 2x {s.replace('_', '-')}", {s: 2}) for s in SERVICES]
+        scenarios += [(scaled(s, n), {s: n}) for s in SERVICES for n in SCALES]
     try:
         for label, replicas in scenarios:
             print(f"==> {label}: {pods} pods over {clusters} clusters x {nodes} nodes", flush=True)
@@ -369,7 +375,34 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
     }
     summary["cpu_seconds_per_1000_pods"] = {group: {"baseline": round(b, 2), "pipeline": round(o, 2)}
                                             for group, (b, o) in cpu_split(summary).items()}
+    summary["stages"] = stage_scaling(results)
     return summary
+
+
+def scaled(service: str, processes: int) -> str:
+    return f"pipeline, {processes}x {service.replace('_', '-')}"
+
+
+def stage_cost(result: JSON, service: str) -> JSON:
+    """A stage's CPU per 1000 pods in one scenario (all its processes) and the largest share one had."""
+    prefix = f"svc-{service.replace('_', '-')}-"
+    cpus = [cost["cpu_seconds_per_1000_pods"] for name, cost in result["service_cost"].items()
+            if name.startswith(prefix)]
+    total = sum(cpus)
+    return {"processes": len(cpus), "cpu_seconds_per_1000_pods": round(total, 2),
+            "largest_share": round(max(cpus) / total, 3) if total > 0 else None,
+            "throughput_pods_per_s": result["throughput_pods_per_s"]}
+
+
+def stage_scaling(results: JSON) -> JSON:
+    """stage -> processes -> its cost, from the pipeline (1 process each) and the scaling scenarios."""
+    stages: JSON = {}
+    for service in SERVICES:
+        runs = {1: results["pipeline"], **{n: results[scaled(service, n)] for n in SCALES
+                                           if scaled(service, n) in results}}
+        if len(runs) > 1:
+            stages[service.replace("_", "-")] = {str(n): stage_cost(r, service) for n, r in runs.items()}
+    return stages
 
 
 def print_table(summary: JSON) -> None:
@@ -399,6 +432,16 @@ def print_table(summary: JSON) -> None:
     print(f"{'CPU s per 1000 pods':<34} {'baseline':>9} {'pipeline':>9}")
     for group, (base_cpu, our_cpu) in cpu_split(summary).items():
         print(f"{group:<34} {base_cpu:>9.1f} {our_cpu:>9.1f}")
+    if summary.get("stages"):
+        print()
+        print(f"{'stage':<22} {'processes':>9} {'cpu s/1000 pods':>16} {'vs 1':>6} {'largest share':>14} {'pods/s':>7}")
+        for stage, runs in summary["stages"].items():
+            one = runs["1"]["cpu_seconds_per_1000_pods"] or 1e-9
+            for count, cost in runs.items():
+                share = cost["largest_share"]
+                print(f"{stage:<22} {count:>9} {cost['cpu_seconds_per_1000_pods']:>16.2f} "
+                      f"{cost['cpu_seconds_per_1000_pods'] / one:>6.2f} "
+                      f"{'-' if share is None else f'{share:.2f}':>14} {cost['throughput_pods_per_s']:>7.1f}")
     print()
     runs = " and ".join(str(t) for t in summary["baseline_runs_pods_per_s"])
     print(f"throughput {summary['throughput_pods_per_s']} pods/s vs baseline "
