@@ -3,7 +3,9 @@
 Three parts, all in one proxy-scheduler process:
 
 * the cache: every proxy of the source (an informer), each counted where it
-  is bound or where its placement annotation sends it (:func:`mcsched.spread.member`);
+  is bound or where its placement annotation sends it (:func:`mcsched.spread.member`),
+  opened only once a pod that counts (spread constraints, cluster weights)
+  comes: until then the process watches no proxy at all;
 * reservations: this process's own choices from the moment they are made
   until the cache shows them, so concurrent decisions in one process count
   each other (the check and the reservation happen with no await between);
@@ -40,24 +42,38 @@ class _Waiter:
 
 
 class ProxyCounts:
-    def __init__(self, proxies: Informer) -> None:
-        self.proxies = proxies
+    def __init__(self, open_cache: Callable[[], Informer]) -> None:
+        self._open_cache = open_cache
+        self.proxies: Informer | None = None  # opened by the first pod that counts
         # proxy uid -> (its placement once written, the member counted meanwhile: target None for a withdrawal)
         self.reserved: dict[str, tuple[Placement, Member]] = {}
         self.waiters: dict[str, _Waiter] = {}
-        proxies.add_handler(self._on_event)
+
+    async def activate(self, timeout: float) -> None:
+        """Open the cache of the source's proxies if not yet, and wait until it has listed them.
+
+        Choices made before hold no reservation: they were written before the list (or
+        arrive through the watch), and pods that do not count never count for one that does
+        (the pods of one controller share its constraints and weights).
+        """
+        if self.proxies is None:
+            self.proxies = self._open_cache()
+            self.proxies.add_handler(self._on_event)
+        await self.proxies.wait_synced(timeout)
 
     def subject(self, ref: PodRef, labels: dict[str, str], controller: str | None) -> Member:
         """The pod being placed, with its controller's UID (from the cache when a message without one
         came from an older watcher and the cache has the pod already)."""
-        if controller is None:
+        if controller is None and self.proxies is not None:
             cached = self.proxies.get(f"{ref.namespace}/{ref.name}")
             if cached is not None and cached["metadata"].get("uid") == ref.uid:
                 controller = controller_uid(cached)
         return Member(ref.uid, ref.namespace, labels, controller)
 
     def stored(self) -> list[Member]:
-        """The proxies counted from the cache alone."""
+        """The proxies counted from the cache alone (none while it is not open)."""
+        if self.proxies is None:
+            return []
         return [m for pod in self.proxies.items() if (m := member(pod)) is not None]
 
     def members(self) -> list[Member]:
@@ -71,6 +87,8 @@ class ProxyCounts:
         return list(found.values())
 
     def reserve(self, pod: Member, placement: Placement) -> None:
+        if self.proxies is None:
+            return  # nothing counts yet; the cache, once open, lists this choice
         self.reserved[pod.uid] = (placement, Member(pod.uid, pod.namespace, pod.labels, pod.owner, placement.target))
 
     def release(self, uid: str) -> None:

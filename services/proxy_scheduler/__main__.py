@@ -79,6 +79,10 @@ CHOICE_ATTEMPTS = 3
 CONFIRM_SECONDS = 5.0
 
 
+# How long the first pod that counts the source's proxies waits for their list (then it is retried).
+PROXY_CACHE_SYNC_SECONDS = 30.0
+
+
 class ProxyScheduler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -89,10 +93,11 @@ class ProxyScheduler:
                                                   label_selector=f"{VIRTUAL_NODE_TYPE_LABEL}={VIRTUAL_NODE_TYPE_VALUE}")
                               for source in rt.settings.source_names}
         # Each source's proxies, counted per cluster by topology spread and weighted splits; its
-        # namespaces, whose cluster-weights annotation applies to pods without their own.
-        self.counts = {source: ProxyCounts(rt.informer(source, "/api/v1/pods",
-                                                       field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}"))
-                       for source in rt.settings.source_names}
+        # namespaces, whose cluster-weights annotation applies to pods without their own. The proxies
+        # are watched only once a pod that counts them comes (most workloads have none).
+        self.counts = {source: ProxyCounts(functools.partial(
+            rt.informer, source, "/api/v1/pods", field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}"))
+            for source in rt.settings.source_names}
         self.namespaces = {source: rt.informer(source, "/api/v1/namespaces") for source in rt.settings.source_names}
         self.choosing = {source: asyncio.Lock() for source in rt.settings.source_names}
         # proxy uid -> its elect message, while the pod fits nowhere and waits for its retry here
@@ -201,6 +206,8 @@ class ProxyScheduler:
             pod = counts.subject(ref, original["metadata"].get("labels") or {}, controller)
             # Only a pod with spread constraints or weights counts the source's proxies (a walk over all).
             counted = bool(weights) or bool(spread_constraints(constraints, pod.labels))
+            if counted:
+                await counts.activate(PROXY_CACHE_SYNC_SECONDS)
             nodes = self.cluster_nodes(ref.cluster, targets)
             excluded = self.excluded_clusters(ref.cluster, targets, constraints)
             excluded.update(spread_refusals(constraints, pod, nodes, counts.members() if counted else [],

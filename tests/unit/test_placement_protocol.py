@@ -813,6 +813,9 @@ async def burst(world: World, count: int, annotations: dict[str, str] | None = N
     """``count`` replicas created at once, their elect messages handled concurrently by one proxy-scheduler
     (whose cache of proxies shows none of its choices until all are written, with ``lagging_cache``; nor
     the last ``unseen`` pods themselves)."""
+    # The proxy-scheduler opens its cache of proxies for the first pod that counts them: open now,
+    # so the test can make it lag.
+    await owner(world.runtimes[1].fake_bus, "proxy-scheduler", ProxyScheduler).counts[SOURCE].activate(5.0)
     cache = world.informer(world.runtimes[1], SOURCE)
     lagging_cache = lagging_cache or unseen > 0
     proxies = []
@@ -909,6 +912,7 @@ async def test_a_replica_whose_cache_lags_withdraws_a_choice_that_overshoots_max
     first = world.runtimes[1]
     second, _ = await world.add_proxy_scheduler()
     await world.settle()
+    await owner(second.fake_bus, "proxy-scheduler", ProxyScheduler).counts[SOURCE].activate(5.0)
     lagging = world.informer(second, SOURCE)  # the second replica's proxies: it misses the first's choice
     lagging.lag()
     constrained = {PROXY_CONSTRAINTS_ANNOTATION: SPREAD_BY_CLUSTER}
@@ -1288,3 +1292,20 @@ async def test_two_cluster_keys_naming_one_cluster_leave_each_other_s_delegates_
         assert world.problems() == []
     finally:
         await world.close()
+
+
+async def test_the_proxy_scheduler_watches_proxies_only_once_a_pod_counts_them(world: World) -> None:
+    def proxy_watches() -> list[FakeInformer]:
+        return [i for i in world.runtimes[1].fake_informers(SOURCE, "pods")]
+
+    await world.place("plain")
+    assert proxy_watches() == []  # no spread constraints, no weights: nothing to count, nothing watched
+    for target in TARGETS:
+        world.c1.put("nodes", virtual_node(target))
+    await world.settle()
+    spread = await world.c1.create(pod_path(NS), admitted(
+        replica_pod("web-abc-0", {PROXY_CONSTRAINTS_ANNOTATION: SPREAD_BY_CLUSTER})))
+    await world.run()
+    assert Placement.of(world.proxy(spread)).target is not None
+    [watch] = proxy_watches()
+    assert watch.field_selector == f"spec.schedulerName={PROXY_SCHEDULER_NAME}"
