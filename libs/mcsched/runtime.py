@@ -29,7 +29,7 @@ from .natsauth import STAGE_STREAMS
 from .settings import Settings, load_settings
 from .shards import SHARDED_STAGES, Shares, stage_assignment
 from .targetdirectory import TargetDirectory
-from .telemetry import setup_tracing, start_http
+from .telemetry import SHARES_OWNED, STAGE_MEMBERS, setup_tracing, start_http
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
             shares = Shares(stage_assignment(service, composed.source_names, composed.served_targets(), members,
                                              member), members)
             log.info("%s: %d processes of this stage; this one takes %s", service, len(members), shares.describe())
+            STAGE_MEMBERS.set(len(members))
+            SHARES_OWNED.set(len(shares.owned or ()))
         runtime = await _compose(service, composed, credentials, compose, stop, informers, directory, shares)
         if runtime is None:
             break
@@ -247,6 +249,7 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
                 break  # this process's shares change: composed again with the new ones
             log.info("%s: %d processes of this stage now; this one keeps %s", service, len(members),
                      shares.describe())
+            STAGE_MEMBERS.set(len(members))
         reason = "the settings changed" if settings_file.changed.is_set() else \
             "the sources name other targets" if directory is not None and directory.changed.is_set() else \
             "its shares of the work changed"

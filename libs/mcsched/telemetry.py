@@ -41,6 +41,11 @@ MESSAGES_DEAD = Counter("mcs_messages_dead_lettered_total",
                         ["kind", "reason"])
 CONSUMER_LAG = Gauge("mcs_consumer_lag_messages", "Messages waiting for a durable consumer", ["consumer"])
 API_REQUESTS = Counter("mcs_api_requests_total", "Kubernetes API requests", ["cluster", "method"])
+RESYNC_SECONDS = Gauge("mcs_resync_seconds", "How long the last full resync took", ["what"])
+RESYNC_ITEMS = Gauge("mcs_resync_items", "Objects the last full resync went through", ["what"])
+SHARES_OWNED = Gauge("mcs_shares_owned", "Shares of its stage's work this process owns (partitions and whole "
+                     "clusters; mcsched.shards)")
+STAGE_MEMBERS = Gauge("mcs_stage_members", "Processes of this stage alive, as this one hears them")
 PLACEMENT_SECONDS = Histogram(
     "mcs_placement_seconds", "Seconds from proxy creation to each step", ["stage"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))

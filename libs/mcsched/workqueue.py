@@ -22,16 +22,25 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
+YIELD_EVERY = 50  # items a for_each worker handles between two turns of the event loop
+
+
 async def for_each(items: Iterable[T], action: Callable[[T], Awaitable[None]], limit: int, what: str) -> None:
-    """Run ``action`` on every item, ``limit`` at a time; one that fails is logged and the others go on."""
+    """Run ``action`` on every item, ``limit`` at a time; one that fails is logged and the others go on.
+
+    Each worker lets the event loop run every few items, so thousands of items that need nothing
+    (most of a resync) never hold up the handlers of new work.
+    """
     pending = iter(items)
 
     async def worker() -> None:
-        for item in pending:  # shared: each item goes to the first free worker
+        for done, item in enumerate(pending, 1):  # shared: each item goes to the first free worker
             try:
                 await action(item)
             except Exception as exc:
                 log.warning("%s failed: %s", what, exc)
+            if done % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
     await asyncio.gather(*(worker() for _ in range(limit)))
 

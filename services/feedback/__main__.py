@@ -79,7 +79,7 @@ from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.shards import PARTITIONS, partition_of, partition_selector
 from mcsched.targetdirectory import target_status
 from mcsched.targets import TargetObject, excluded_label
-from mcsched.telemetry import observe_since_creation, pod_trace, tracer
+from mcsched.telemetry import RESYNC_ITEMS, RESYNC_SECONDS, observe_since_creation, pod_trace, tracer
 from mcsched.workqueue import KeyedLocks, WorkQueue, for_each
 
 log = logging.getLogger("feedback")
@@ -646,6 +646,7 @@ class Feedback:
     async def resync(self) -> None:
         """Every proxy, then every delegate, of the synced caches, ``RESYNC_CONCURRENCY`` at a time."""
         epoch = int(time.time() // self.rt.settings.resync_period_seconds)
+        started = time.monotonic()
         proxies = [(source, proxy) for source, informer in self.proxies.items() if self._synced(informer)
                    for proxy in informer.items()]
         await for_each(proxies, lambda item: self._resync_proxy(*item, epoch), RESYNC_CONCURRENCY, "resync of a proxy")
@@ -653,6 +654,11 @@ class Feedback:
                      for delegate in cache.items() if belongs_to(delegate, target)]
         await for_each(delegates, lambda item: self._resync_delegate(*item, epoch), RESYNC_CONCURRENCY,
                        "resync of a delegate")
+        took = time.monotonic() - started
+        RESYNC_SECONDS.labels("feedback").set(took)
+        RESYNC_ITEMS.labels("feedback").set(len(proxies) + len(delegates))
+        (log.info if took > self.rt.settings.resync_period_seconds / 2 else log.debug)(
+            "resync of %d proxies and %d delegates took %.1f s", len(proxies), len(delegates), took)
 
     async def _resync_proxy(self, source: str, proxy: JSON, epoch: int) -> None:
         meta = proxy["metadata"]

@@ -38,7 +38,7 @@ from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
 from mcsched.shards import partition_selector
 from mcsched.spread import controller_uid
-from mcsched.telemetry import pod_trace, trace_annotations, tracer
+from mcsched.telemetry import RESYNC_ITEMS, RESYNC_SECONDS, pod_trace, trace_annotations, tracer
 from mcsched.workqueue import WorkQueue
 
 log = logging.getLogger("watcher")
@@ -194,6 +194,7 @@ class ElectPublisher:
         epoch = int(time.time() // period)
         now = time.monotonic()
         batch = []
+        RESYNC_ITEMS.labels("watcher").set(sum(len(i.store) for i in self.informers.values()))
         for source, informer in self.informers.items():
             for pod in informer.items():
                 if self.pending(pod) and now - self.published.get(pod["metadata"]["uid"], (0, -1e9))[1] > 3 * period:
@@ -205,6 +206,7 @@ class ElectPublisher:
             for _, message, _ in batch:
                 if (cached := self._cached(message.proxy)) is not None:
                     self.published[message.proxy.uid] = (Placement.of(cached).round, now)
+        RESYNC_SECONDS.labels("watcher").set(time.monotonic() - now)
 
 
 async def compose(rt: Runtime) -> None:

@@ -476,3 +476,26 @@ async def test_closing_lets_quick_work_finish_and_hands_slow_work_back_at_once(
 
 def decode_uid(msg: Any) -> str:
     return decode(msg.data, ElectMessage).proxy.uid
+
+
+async def test_a_long_resync_of_items_needing_nothing_lets_new_work_run_meanwhile() -> None:
+    """10,000 items that need nothing (most of a full resync) never hold the event loop for long."""
+    import itertools
+
+    from mcsched.workqueue import YIELD_EVERY, for_each
+
+    handled, turns_seen = 0, []
+
+    async def nothing(_: int) -> None:
+        nonlocal handled
+        handled += 1
+
+    async def new_work() -> None:
+        while handled < 10_000:
+            turns_seen.append(handled)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(for_each(range(10_000), nothing, 4, "resync"), new_work())
+    assert handled == 10_000
+    gaps = [b - a for a, b in itertools.pairwise(turns_seen)]
+    assert len(turns_seen) >= 10_000 // (4 * YIELD_EVERY) and max(gaps) <= 4 * YIELD_EVERY
