@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import urllib.request
 import uuid
 
 import pytest
@@ -276,3 +277,63 @@ async def test_unreachable_target_is_avoided_and_used_again_when_it_returns(
 
     await eventually(c2_used, within=45, interval=3)
     await converged(kube, namespace, replicas, within=90)
+
+
+def _gauges(pipeline: LocalEnvironment, service: str, replica: int) -> dict[str, float] | None:
+    """A process's gauges without labels (``mcs_shares_owned``, ``mcs_stage_members``); None if it is not up."""
+    record = pipeline.processes.get(process_name(service, replica))
+    if record is None or not record.alive():
+        return None
+    try:
+        with urllib.request.urlopen(record.meta["metrics_url"] + "/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+    except OSError:
+        return None
+    return {name: float(value) for name, _, value in (line.partition(" ") for line in lines)
+            if name in ("mcs_shares_owned", "mcs_stage_members")}
+
+
+async def test_three_processes_of_each_stage_share_the_work_and_a_killed_ones_share_moves_and_returns(
+    kube: dict[str, k8s.ApiClient], namespace: str, pipeline: LocalEnvironment
+) -> None:
+    # c1's proxies in 12 partitions; feedback also keeps each target's virtual nodes; candidate-schedulers
+    # take whole targets (three processes, two targets: one target is served by two of them).
+    expected = {"watcher": 12, "feedback": 12 + len(TARGETS), "candidate_scheduler": 3}
+    extra = [(service, replica) for service in expected for replica in (1, 2)]
+
+    def shared_out(service: str, replicas: tuple[int, ...]) -> list[dict[str, float] | None] | None:
+        """Each process's gauges once those ``replicas`` hear each other and split the work exactly."""
+        gauges = [_gauges(pipeline, service, r) for r in replicas]
+        if all(g is not None and g.get("mcs_stage_members") == len(replicas) and g.get("mcs_shares_owned", 0) > 0
+               for g in gauges) and sum(g["mcs_shares_owned"] for g in gauges if g) == expected[service]:
+            return gauges
+        return None
+
+    async def settled(service: str, replicas: tuple[int, ...]) -> list[dict[str, float] | None] | None:
+        return shared_out(service, replicas)
+
+    for service, replica in extra:
+        start_service(pipeline, service, replica)
+    try:
+        for service in expected:
+            gauges = await eventually(lambda s=service: settled(s, (0, 1, 2)), within=60)  # type: ignore[misc]
+            assert gauges is not None
+            if service != "candidate_scheduler":  # an even split: 4 partitions each (and a target or none)
+                assert all(g is not None and 4 <= g["mcs_shares_owned"] <= 5 for g in gauges), gauges
+        await deploy_nginx(kube, namespace, 30)
+        await asyncio.sleep(0.3)  # placement under way: kill one feedback process without a word
+        pipeline.processes.stop(process_name("feedback", 1), timeout=0, sig=signal.SIGKILL)
+        await converged(kube, namespace, 30, within=120)
+        # Its lease ended: the two others took its partitions and its target between them.
+        await eventually(lambda: settled("feedback", (0, 2)), within=30)
+        start_service(pipeline, "feedback", 1)
+        await eventually(lambda: settled("feedback", (0, 1, 2)), within=60)  # and it took its share back
+        await k8s.AppsV1Api(kube[SOURCE]).patch_namespaced_deployment_scale(
+            "nginx", namespace, {"spec": {"replicas": 40}})
+        await converged(kube, namespace, 40, within=120)
+    finally:
+        for service, replica in extra:
+            pipeline.processes.stop(process_name(service, replica))
+    # The one left of each stage takes everything again (the next tests run with one process each).
+    for service in expected:
+        await eventually(lambda s=service: settled(s, (0,)), within=30)  # type: ignore[misc]

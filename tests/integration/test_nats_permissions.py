@@ -23,6 +23,7 @@ from localenv.environment import free_port
 from localenv.tools import nats_server_binary
 from mcsched.bus import ACK, Bus, Credentials, Outcome
 from mcsched.cli import nats_config
+from mcsched.membership import Membership
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.natsauth import (
     STAGE_STREAMS,
@@ -38,6 +39,7 @@ from mcsched.natsauth import (
 from mcsched.pki import issue, new_ca
 from mcsched.runtime import nats_credentials
 from mcsched.settings import Settings
+from mcsched.shards import stage_assignment
 
 pytestmark = pytest.mark.integration
 
@@ -290,3 +292,42 @@ async def test_a_service_connects_over_tls_with_the_ca_it_is_given_and_refuses_a
         await doubting.close()
         process.terminate()
         process.wait(10)
+
+
+async def test_processes_of_a_stage_find_each_other_and_forget_a_dead_one_after_its_lease(server: Server) -> None:
+    """Membership (mcsched.membership) over the real server, with each stage's own user."""
+    lease = 1.2
+
+    async def member(name: str) -> Membership:
+        bus = server.bus("feedback")
+        bus.client_name = name
+        await bus.connect(attempts=1)
+        membership = Membership(bus, "feedback", name, lease)
+        await membership.start()
+        return membership
+
+    a, b, c = [await member(n) for n in ("feedback@a", "feedback@b", "feedback@c")]
+    try:
+        assert a.members() == b.members() == c.members() == ("feedback@a", "feedback@b", "feedback@c")
+        shares = {m.member: stage_assignment("feedback", SOURCES, TARGETS, m.members(), m.member) for m in (a, b, c)}
+        assert sorted(len(s) for s in shares.values()) == [5, 5, 5]  # 12 partitions and 3 targets
+        # c dies without a word: its connection closes, its heartbeats stop.
+        assert c._task is not None
+        c._task.cancel()
+        await c.bus.close(0.0)
+        for _ in range(int(lease * 10) + 20):
+            if a.members() == b.members() == ("feedback@a", "feedback@b"):
+                break
+            await asyncio.sleep(0.1)
+        assert a.members() == b.members() == ("feedback@a", "feedback@b")
+        c = await member("feedback@c")  # it returns
+        assert a.members() == b.members() == c.members()
+        assert stage_assignment("feedback", SOURCES, TARGETS, c.members(), c.member) == shares["feedback@c"]
+    finally:
+        for m in (a, b, c):
+            await m.stop()
+            await m.bus.close(0.0)
+    # Another stage's user may neither announce itself among feedback's processes nor listen to them.
+    for action in (lambda nc: nc.publish(f"{PREFIX}.members.feedback", b"x"),
+                   lambda nc: nc.subscribe(f"{PREFIX}.members.feedback")):
+        await refused(server, "watcher", action)
