@@ -256,6 +256,7 @@ class Scenario:
             "throughput_pods_per_s": round(len(finished) / span, 2),
             "latency_seconds": latency, "service_cost": cost, "api_requests_per_pod": api,
             "environment_cpu_seconds_per_1000_pods": environment,
+            "environment_peak_rss_mib": after.get("environment_peak_rss_mib", {}),
             "samples": {f"created->{last}": [round(t.marks[last] - t.created, 4) for t in finished],
                         **{step: [round(t.marks[step] - t.created, 4) for t in finished if step in t.marks]
                            for step in steps}},
@@ -277,6 +278,7 @@ def _service_usage(env: LocalEnvironment) -> JSON:
     ticks = os.sysconf("SC_CLK_TCK")
     processes: dict[str, JSON] = {}
     environment: dict[str, float] = {}
+    environment_rss: dict[str, float] = {}
     api: dict[str, float] = {}
     for record in env.processes.load():
         if not record.alive():
@@ -288,10 +290,11 @@ def _service_usage(env: LocalEnvironment) -> JSON:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         cpu = (int(fields[11]) + int(fields[12])) / ticks
+        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
         if not record.name.startswith("svc-"):
             environment[record.name] = cpu
+            environment_rss[record.name] = round(hwm / 1024, 1)
             continue
-        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
         processes[record.name] = {"cpu_seconds": cpu, "peak_rss_mib": round(hwm / 1024, 1)}
         try:
             with urllib.request.urlopen(record.meta["metrics_url"] + "/metrics", timeout=5) as response:
@@ -306,7 +309,8 @@ def _service_usage(env: LocalEnvironment) -> JSON:
                         api[key] = api.get(key, 0) + count
         except (OSError, KeyError):
             pass
-    return {"processes": processes, "environment": environment, "api_requests": api}
+    return {"processes": processes, "environment": environment, "environment_peak_rss_mib": environment_rss,
+            "api_requests": api}
 
 
 def _git_revision() -> str:
@@ -425,6 +429,10 @@ def print_table(summary: JSON) -> None:
     print(f"{'service cost':<34} {'cpu s/1000 pods':>16} {'peak RSS MiB':>13}")
     for name, cost in ours["service_cost"].items():
         print(f"{name:<34} {cost['cpu_seconds_per_1000_pods']:>16.2f} {cost['peak_rss_mib']:>13.1f}")
+    rss = ours.get("environment_peak_rss_mib", {})
+    if rss:
+        print("peak RSS MiB of the environment's processes: "
+              + ", ".join(f"{name} {mib:.0f}" for name, mib in sorted(rss.items(), key=lambda kv: -kv[1])))
     requests = ours["api_requests_per_pod"]
     print(f"API requests per pod, by cluster: { {k: v for k, v in requests.items() if ' ' not in k} }")
     print("  by service, method and cluster: " + ", ".join(f"{k} {v}" for k, v in requests.items() if " " in k))

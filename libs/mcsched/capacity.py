@@ -129,8 +129,9 @@ class DelegateCache:
 
     @property
     def ready(self) -> bool:
-        """Every informer has listed and is watching: the target answers."""
-        return all(i.synced.is_set() and i.healthy for i in self.informers)
+        """Every informer has listed and is watching: the target answers (False without any: the
+        target serves none of this process's sources)."""
+        return bool(self.informers) and all(i.synced.is_set() and i.healthy for i in self.informers)
 
     def get(self, key: str) -> JSON | None:
         for informer in self.informers:

@@ -42,7 +42,7 @@ from mcsched.kube import JSON, pod_path
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.placement import cpu_milli
 from mcsched.podspec import apply_patch, delegate_manifest, delegate_name, source_manifest
-from mcsched.shards import PARTITIONS
+from mcsched.shards import PARTITIONS, Shares, partition_of, stage_assignment
 from mcsched.targetdirectory import Resolution, TargetDirectory
 from mcsched.testing import (
     Delivery,
@@ -1309,3 +1309,43 @@ async def test_the_proxy_scheduler_watches_proxies_only_once_a_pod_counts_them(w
     assert Placement.of(world.proxy(spread)).target is not None
     [watch] = proxy_watches()
     assert watch.field_selector == f"spec.schedulerName={PROXY_SCHEDULER_NAME}"
+
+
+async def test_feedback_processes_sharing_partitions_each_handle_only_their_own_proxies(world: World) -> None:
+    """Two feedback processes with the shares two members compute: each watches only its partitions'
+    proxies and their delegates, takes only its partitions' status messages, and keeps only its
+    targets' virtual nodes; together every pod ends Running."""
+    await world.feedback_rt.close()
+    world.runtimes.remove(world.feedback_rt)
+    members = ("feedback@a", "feedback@b")
+    processes = []
+    for me in members:
+        rt = world.runtime("feedback")
+        rt.shares = Shares(stage_assignment("feedback", [SOURCE], list(TARGETS), members, me), members)
+        await feedback(rt)
+        processes.append((rt, next(c.handler.__self__ for cs in world.broker.consumers.values() for c in cs
+                                   if c.client == rt.fake_bus.client_name)))
+    await world.settle()
+    placed = [await world.place(f"web-{i}") for i in range(12)]
+    for proxy, target in placed:
+        await world.schedule(target, proxy)
+        await world.kubelet(target, proxy, "Running")
+    for proxy, target in placed:
+        assert world.proxy(proxy)["status"]["phase"] == "Running"
+        assert world.proxy(proxy)["spec"]["nodeName"] == f"admiralty-{target}"
+    by_partition = {p["metadata"]["uid"]: partition_of(p["metadata"]["labels"]) for p, _ in placed}
+    assert len(set(by_partition.values())) > 1  # the 12 pods fall in several partitions
+    for rt, service in processes:
+        mine = rt.shares.partitions(SOURCE)
+        assert mine
+        cached = {p["metadata"]["uid"] for p in service.proxies[SOURCE].items()}
+        assert cached == {uid for uid, partition in by_partition.items() if partition in mine}
+        for target in TARGETS:  # and only those proxies' delegates, wherever they are
+            assert set(service.delegates[target].delegates) <= cached
+        consumed = {c.durable for cs in world.broker.consumers.values() for c in cs
+                    if c.client == rt.fake_bus.client_name}
+        assert consumed == {f"feedback-{SOURCE}-{p}" for p in mine}
+        assert set(service.nodes) == {s.cluster for s in rt.shares.owned or () if s.partition is None}
+    handled = {d.envelope.subject for d in world.broker.deliveries if isinstance(d.envelope.message, StatusUpdate)}
+    assert handled == {f"mcs.status.{SOURCE}.{p}" for p in set(by_partition.values())}
+    assert world.problems() == []
