@@ -498,11 +498,16 @@ def awaits_replacement(proxy: Mapping[str, Any], virtual_node: Mapping[str, Any]
     """Whether a proxy being drained keeps its delegate running a little longer.
 
     A proxy evicted from a cordoned virtual node (``kubectl drain``) with a
-    grace period, whose controller (Deployment, ReplicaSet, StatefulSet...) has
-    no replacement Ready yet, keeps its delegate until one is, or until its
-    grace period ends (``deletionTimestamp``, RFC 3339 like ``now``): the
-    replacements run before the old delegates go. Anything else (a deletion by
-    a user, a force deletion, a pod without a controller) lets it go at once.
+    grace period keeps its delegate until its controller (Deployment,
+    ReplicaSet, StatefulSet...) has a replacement Ready and every live pod of
+    that controller is Ready, or until its grace period ends
+    (``deletionTimestamp``, RFC 3339 like ``now``): the replacements run before
+    the old delegates go. "Every live pod": two pods evicted within one second
+    must not both count the first one's replacement (creation times have
+    second precision), and the controller creates a replacement for each pod
+    evicted, so a replacement not Ready yet is someone's. Anything else (a
+    deletion by a user, a force deletion, a pod without a controller) lets it
+    go at once.
     """
     meta = proxy.get("metadata") or {}
     deadline = meta.get("deletionTimestamp")
@@ -511,10 +516,11 @@ def awaits_replacement(proxy: Mapping[str, Any], virtual_node: Mapping[str, Any]
         return False
     if virtual_node is None or not (virtual_node.get("spec") or {}).get("unschedulable"):
         return False
-    return not any(_controller(s) == owner and s.get("metadata", {}).get("uid") != meta.get("uid")
-                   and not s.get("metadata", {}).get("deletionTimestamp") and _ready(s) and
-                   str(s.get("metadata", {}).get("creationTimestamp") or "") >= _eviction_time(meta)
-                   for s in siblings)
+    live = [s for s in siblings if _controller(s) == owner and s.get("metadata", {}).get("uid") != meta.get("uid")
+            and not s.get("metadata", {}).get("deletionTimestamp")]
+    replaced = any(_ready(s) and str(s.get("metadata", {}).get("creationTimestamp") or "") >= _eviction_time(meta)
+                   for s in live)
+    return not (replaced and all(_ready(s) for s in live))
 
 
 def _eviction_time(meta: Mapping[str, Any]) -> str:

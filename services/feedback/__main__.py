@@ -539,7 +539,8 @@ class Feedback:
             name = delegate_name(meta["name"], meta["uid"])
             client = self.rt.clusters[target]
             node = self.virtual_nodes[source].get(proxy["spec"].get("nodeName") or "")
-            siblings = self.proxies[source].items() if node is not None and node["spec"].get("unschedulable") else []
+            siblings = await self._proxies_of_namespace(source, meta["namespace"]) \
+                if node is not None and node["spec"].get("unschedulable") else []
             if awaits_replacement(proxy, node, siblings, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")):
                 # Drained: the delegate runs on until its controller's replacement is Ready (or the grace ends).
                 self.finalizing.add_after((source, meta["namespace"], meta["name"]), 1.0)
@@ -569,6 +570,16 @@ class Feedback:
         if proxy["spec"].get("nodeName"):  # no kubelet will confirm the deletion of a pod on a virtual node
             await self._delete_pod(source, meta["namespace"], meta["name"], meta["uid"], grace=0)
         log.info("proxy %s released after its delegate was deleted", ref)
+
+    async def _proxies_of_namespace(self, source: str, namespace: str) -> list[JSON]:
+        """The proxies of a namespace (a drained pod's siblings): from this process's cache when it holds
+        every partition of the source, else from the API server (its siblings may be in others' partitions)."""
+        if self.rt.shares.partitions(source) in (None, frozenset(range(PARTITIONS))):
+            return [p for p in self.proxies[source].items() if p["metadata"]["namespace"] == namespace]
+        listed = await self.rt.clusters[source].get(f"/api/v1/namespaces/{namespace}/pods",
+                                                    fieldSelector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
+        items: list[JSON] = listed.get("items") or []
+        return items
 
     def _check_parent(self, target: str, ref: PodRef, delegate: JSON) -> None:
         """A delegate whose proxy is gone or going is removed now, not at the next resync.

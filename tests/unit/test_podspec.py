@@ -379,6 +379,14 @@ CORDONED = {"metadata": {"name": "admiralty-c2"}, "spec": {"unschedulable": True
     # A pod of the set that ran before is no replacement; another controller's pod neither.
     (_drained(), CORDONED, [_sibling("peer", "2025-12-31T23:00:00Z")], "2026-01-01T00:00:05Z", True),
     (_drained(), CORDONED, [_sibling("new", "2026-01-01T00:00:01Z", owner="other")], "2026-01-01T00:00:05Z", True),
+    # Two pods evicted within one second: the first one's Ready replacement is not this one's while
+    # another replacement (its own) is not Ready yet; once every live pod is Ready, it may go.
+    (_drained(), CORDONED, [_sibling("first-new", "2026-01-01T00:00:00Z"),
+                            _sibling("own-new", "2026-01-01T00:00:00Z", ready=False),
+                            _sibling("peer", "2025-12-31T23:00:00Z")], "2026-01-01T00:00:02Z", True),
+    (_drained(), CORDONED, [_sibling("first-new", "2026-01-01T00:00:00Z"),
+                            _sibling("own-new", "2026-01-01T00:00:00Z"),
+                            _sibling("peer", "2025-12-31T23:00:00Z")], "2026-01-01T00:00:02Z", False),
     # The grace period is over: it goes whatever happened.
     (_drained(), CORDONED, [], "2026-01-01T00:00:30Z", False),
     # Not a drain: a node not cordoned, a force deletion, a pod without a controller.
