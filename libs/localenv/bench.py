@@ -46,6 +46,7 @@ from .services import SERVICES, start_service, start_services, wait_services_rea
 BASELINE_AGAIN = "baseline, again"
 SCALES = (2, 3)  # processes of one stage in the scaling scenarios (1 is the pipeline's)
 SHARES_SETTLE_SECONDS = 4.0
+RESYNC_MEASURE_PODS = 5000  # from this many pods, each pipeline scenario also times a full resync of them
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")  # <cluster>-<this>
 STEPS = ("proxy_bound", "delegate_created", "delegate_running", "proxy_running")
 BASELINE_STEPS = ("bound", "running")
@@ -244,7 +245,8 @@ class Scenario:
         for name, usage in after["processes"].items():
             start = before["processes"].get(name, {"cpu_seconds": 0.0})
             cost[name] = {"cpu_seconds_per_1000_pods": round((usage["cpu_seconds"] - start["cpu_seconds"]) * per_k, 2),
-                          "peak_rss_mib": usage["peak_rss_mib"]}
+                          "peak_rss_mib": usage["peak_rss_mib"],
+                          **{k: usage[k] for k in ("resync_seconds", "resync_items") if k in usage}}
         environment = {name: round((cpu - before["environment"].get(name, 0.0)) * per_k, 2)
                        for name, cpu in sorted(after["environment"].items())}
         # Per cluster ("c1"), and per service, method and cluster ("feedback PATCH c1").
@@ -299,6 +301,9 @@ def _service_usage(env: LocalEnvironment) -> JSON:
         try:
             with urllib.request.urlopen(record.meta["metrics_url"] + "/metrics", timeout=5) as response:
                 for line in response.read().decode().splitlines():
+                    if line.startswith(("mcs_resync_seconds{", "mcs_resync_items{")):  # the last full resync's
+                        key = "resync_seconds" if line.startswith("mcs_resync_seconds") else "resync_items"
+                        processes[record.name][key] = float(line.rsplit(" ", 1)[1])
                     if line.startswith("mcs_api_requests_total{"):
                         cluster = line.split('cluster="', 1)[1].split('"', 1)[0]
                         method = line.split('method="', 1)[1].split('"', 1)[0]
@@ -311,6 +316,20 @@ def _service_usage(env: LocalEnvironment) -> JSON:
             pass
     return {"processes": processes, "environment": environment, "environment_peak_rss_mib": environment_rss,
             "api_requests": api}
+
+
+def full_resync(env: LocalEnvironment, pods: int, within: float = 120.0) -> JSON:
+    """The first resync of feedback's processes that goes through every proxy and delegate (2 per pod,
+    after the pods run): how long it took, per process."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        processes = _service_usage(env)["processes"]
+        feedback = {name: usage for name, usage in processes.items() if name.startswith("svc-feedback-")}
+        if feedback and sum(u.get("resync_items", 0) for u in feedback.values()) >= 2 * pods:
+            return {name: {"objects": u.get("resync_items"), "seconds": u.get("resync_seconds")}
+                    for name, u in feedback.items()}
+        time.sleep(2)
+    return {"error": f"no resync through {2 * pods} objects within {within:.0f}s"}
 
 
 def _git_revision() -> str:
@@ -345,6 +364,9 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
             print(f"==> {label}: {pods} pods over {clusters} clusters x {nodes} nodes", flush=True)
             _start_env(env, names, nodes, replicas)
             result = asyncio.run(Scenario(env, pods, elected=replicas is not None).run(timeout))
+            if replicas is not None and pods >= RESYNC_MEASURE_PODS:
+                result["full_resync"] = full_resync(env, pods)
+                print(f"    full resync: {result['full_resync']}", flush=True)
             results[label] = result
             latency = result["latency_seconds"]
             total = latency.get("created->proxy_running") or latency.get("created->running") or {}
@@ -426,9 +448,11 @@ def print_table(summary: JSON) -> None:
               f"{stats.get('max', 0):>7.3f}")
     print()
     ours = summary["scenarios"]["pipeline"]
-    print(f"{'service cost':<34} {'cpu s/1000 pods':>16} {'peak RSS MiB':>13}")
+    print(f"{'service cost':<34} {'cpu s/1000 pods':>16} {'peak RSS MiB':>13} {'last resync':>22}")
     for name, cost in ours["service_cost"].items():
-        print(f"{name:<34} {cost['cpu_seconds_per_1000_pods']:>16.2f} {cost['peak_rss_mib']:>13.1f}")
+        resync = f"{cost['resync_items']:.0f} objects in {cost['resync_seconds']:.2f}s" \
+            if "resync_seconds" in cost and "resync_items" in cost else ""
+        print(f"{name:<34} {cost['cpu_seconds_per_1000_pods']:>16.2f} {cost['peak_rss_mib']:>13.1f} {resync:>22}")
     rss = ours.get("environment_peak_rss_mib", {})
     if rss:
         print("peak RSS MiB of the environment's processes: "
