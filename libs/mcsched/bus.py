@@ -51,11 +51,14 @@ PUBLISH_RETRY_SECONDS = 10.0
 # How long one pull waits. nats-py holds the messages of a lingering pull until it has
 # its whole batch or this time is up, so it bounds how long a message can sit unhandled.
 FETCH_WAIT_SECONDS = 1.0
+# An idle consumer (its last pull found nothing) pulls one message at a time, which nats-py
+# hands over the moment it comes, so it may wait longer: few wake-ups while nothing flows.
+IDLE_FETCH_WAIT_SECONDS = 5.0
 # Workers that publish from a service's work queue: each awaits its JetStream ack, so this
 # many acks are awaited together (on a loaded machine an ack takes tens of milliseconds).
 PUBLISHERS = 32
 # How often a consumer is asked whether it still exists (and how far behind it is).
-CONSUMER_CHECK_SECONDS = 5.0
+CONSUMER_CHECK_SECONDS = 10.0
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 
@@ -381,6 +384,7 @@ class Bus:
         at once after a fetch failed.
         """
         checked = 0.0
+        idle = False  # the last pull found nothing: wait for one message, handed over as it comes
         while True:
             if time.monotonic() - checked > CONSUMER_CHECK_SECONDS:
                 checked = time.monotonic()
@@ -396,8 +400,10 @@ class Bus:
                 await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                messages = await sub.fetch(in_flight - len(handling), timeout=FETCH_WAIT_SECONDS)
+                messages = await sub.fetch(1, timeout=IDLE_FETCH_WAIT_SECONDS) if idle else \
+                    await sub.fetch(in_flight - len(handling), timeout=FETCH_WAIT_SECONDS)
             except (TimeoutError, NatsTimeoutError):
+                idle = True
                 continue
             except Exception as exc:  # connection trouble, or the consumer is gone: asked at once
                 log.warning("fetch on %s failed (%s); retrying", durable, exc)
@@ -405,6 +411,7 @@ class Bus:
                 checked = 0.0
                 await asyncio.sleep(1)
                 continue
+            idle = not messages
             for msg in messages:
                 task = asyncio.create_task(self._handle(msg, model, handler, ack_wait))
                 handling.add(task)
