@@ -51,7 +51,7 @@ demo: up
 	@$(PY) -m localenv demo
 
 bench: tools
-	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline, the pipeline, the baseline again, then 2 and 3 processes of each stage"
+	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline, the pipeline, the baseline again, then 2 and 3 processes of each stage (not with BENCH_SCALING=0)"
 	@$(PY) -m localenv bench
 
 image: venv

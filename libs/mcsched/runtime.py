@@ -288,12 +288,7 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
               max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials,
               stream_replicas=settings.stream_replicas)
-    connecting = asyncio.create_task(bus.connect())
-    stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if connecting not in done:
-        connecting.cancel()
+    if not await _connected_unless_stopped(bus, stop):
         return None
     await bus.ensure_streams(STAGE_STREAMS[service])
     clusters: dict[str, KubeClient] = {}
@@ -315,17 +310,24 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
     return runtime
 
 
-async def _membership(service: str, settings: Settings, credentials: Credentials, member: str,
-                      stop: asyncio.Event) -> Membership | None:
-    """This process's membership of its stage, on a connection of its own (it outlives compositions);
-    None if stopped before NATS answered."""
-    bus = Bus(settings.nats_url, settings.subject_prefix, f"{member}/members", credentials=credentials)
+async def _connected_unless_stopped(bus: Bus, stop: asyncio.Event) -> bool:
+    """Connect ``bus`` (NATS may take a while to answer); False if ``stop`` came first."""
     connecting = asyncio.create_task(bus.connect())
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
     if connecting not in done:
         connecting.cancel()
+        return False
+    return True
+
+
+async def _membership(service: str, settings: Settings, credentials: Credentials, member: str,
+                      stop: asyncio.Event) -> Membership | None:
+    """This process's membership of its stage, on a connection of its own (it outlives compositions);
+    None if stopped before NATS answered."""
+    bus = Bus(settings.nats_url, settings.subject_prefix, f"{member}/members", credentials=credentials)
+    if not await _connected_unless_stopped(bus, stop):
         return None
     membership = Membership(bus, service, member, settings.shard_lease_seconds)
     await membership.start()

@@ -1,10 +1,15 @@
 """feedback: owns the status step, virtual nodes and clean-up.
 
+Its processes share the work out (:mod:`mcsched.shards`): each one watches the
+proxies of its partitions of each source and their delegates in every target,
+and keeps the virtual nodes of its whole targets.
+
 * Virtual nodes: one ``admiralty-<target>`` Node per target in every source,
   tainted for proxy pods only, kept Ready by lease and condition heartbeats,
   its capacity and common labels summarised from the target's real nodes.
 * Status: every change of a delegate (scheduled, refused, its status) is
-  published on ``status.<source>``. The consumer binds the proxy to its
+  published on ``status.<source>.<partition>``, whose consumer is the process
+  owning that partition of the source. It binds the proxy to its
   virtual node once the target's scheduler placed the delegate, records the
   refusal when it could not (the proxy then goes back to the proxy-scheduler
   for another cluster), and mirrors the delegate's status onto the proxy.
