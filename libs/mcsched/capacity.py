@@ -37,14 +37,26 @@ class TargetView:
         self.pending = Resources()
         self._pod_usage: dict[str, tuple[str, Resources]] = {}  # pod uid -> (node or "" if unbound, requests)
         self.delegates: dict[str, JSON] = {}  # proxy uid -> delegate pod
+        # (allocatable, used) over the real schedulable nodes, and which nodes those are: computed
+        # again after a node changes, kept up to date by pod events (an estimate per request reads it)
+        self._totals: tuple[Resources, Resources, frozenset[str]] | None = None
+        self.cursor = 0  # where the next estimate starts looking for a node that fits
+        self._real_nodes: list[JSON] | None = None
         pods.add_handler(self._on_pod)
+        nodes.add_handler(self._on_node)
+
+    def _on_node(self, _kind: str, _node: JSON, _old: JSON | None) -> None:
+        self._totals = None
+        self._real_nodes = None
 
     @property
     def ready(self) -> bool:
         return self.nodes.synced.is_set() and self.pods.synced.is_set() and self.nodes.healthy and self.pods.healthy
 
     def real_nodes(self) -> list[JSON]:
-        return [n for n in self.nodes.items() if not is_virtual_node(n)]
+        if self._real_nodes is None:
+            self._real_nodes = real_nodes(self.nodes.items())
+        return self._real_nodes
 
     def _on_pod(self, kind: str, pod: JSON, _old: JSON | None) -> None:
         uid = pod["metadata"]["uid"]
@@ -53,6 +65,7 @@ class TargetView:
             node, requests = previous
             if node:
                 self.usage[node] = self.usage.get(node, Resources()) - requests
+                self._count_used(node, requests, -1)
             else:
                 self.pending = self.pending - requests
         spec = pod.get("spec") or {}
@@ -64,6 +77,7 @@ class TargetView:
             self._pod_usage[uid] = (node_name, requests)
             if node_name:
                 self.usage[node_name] = self.usage.get(node_name, Resources()) + requests
+                self._count_used(node_name, requests, 1)
             else:
                 self.pending = self.pending + requests
         parent = parent_ref(pod)
@@ -76,15 +90,23 @@ class TargetView:
             else:
                 self.delegates[parent[3]] = pod
 
+    def _count_used(self, node: str, requests: Resources, sign: int) -> None:
+        if self._totals is not None and node in self._totals[2]:
+            allocatable, used, names = self._totals
+            self._totals = (allocatable, used + requests if sign > 0 else used - requests, names)
+
     def totals(self) -> tuple[Resources, Resources]:
         """(allocatable, used) summed over the target's real, schedulable nodes, every resource included."""
-        allocatable, used = Resources(), Resources()
-        for node in self.real_nodes():
-            if node.get("spec", {}).get("unschedulable"):
-                continue
-            allocatable = allocatable + node_allocatable(node)
-            used = used + self.usage.get(node["metadata"]["name"], Resources())
-        return allocatable, used
+        if self._totals is None:
+            allocatable, used, names = Resources(), Resources(), set()
+            for node in self.real_nodes():
+                if node.get("spec", {}).get("unschedulable"):
+                    continue
+                names.add(node["metadata"]["name"])
+                allocatable = allocatable + node_allocatable(node)
+                used = used + self.usage.get(node["metadata"]["name"], Resources())
+            self._totals = (allocatable, used, frozenset(names))
+        return self._totals[0], self._totals[1]
 
     def common_labels(self) -> dict[str, str]:
         """Labels every real node of the target carries with the same value."""

@@ -25,6 +25,7 @@ __all__ = [
     "choose_node",
     "counts_as_extended",
     "cpu_milli",
+    "first_fit",
     "matches_node_selector",
     "memory_bytes",
     "node_allocatable",
@@ -589,6 +590,29 @@ def choose_node(
         parts = [f"{count} {text}" for text, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
         summary = f"0/{len(nodes)} nodes fit: {', '.join(parts)}"
     return NodeChoice(node=None, free_after=Resources(), score=0.0, reason=summary)
+
+
+def first_fit(pod: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], used: Mapping[str, Resources],
+              start: int = 0) -> tuple[NodeChoice, int]:
+    """A node the pod fits on, looking from ``nodes[start]`` on round the list, and its index.
+
+    Cheaper than :func:`choose_node` when many nodes fit (an estimate needs one, not the best: the
+    target's scheduler picks the node); when none fits, the same summary of why.
+    """
+    count = len(nodes)
+    if count:
+        request = pod_requests(pod)
+        for step in range(count):
+            index = (start + step) % count
+            node = nodes[index]
+            name: str = (node.get("metadata") or {}).get("name") or ""
+            node_used = used.get(name, _NOTHING)
+            allocatable = node_allocatable(node)
+            if not node_unfit_reasons(pod, node, node_used, request, allocatable=allocatable):
+                free_after = allocatable - node_used - request
+                return NodeChoice(node=name, free_after=free_after, score=_least_allocated(free_after, allocatable),
+                                  reason=""), index
+    return choose_node(pod, nodes, used), start
 
 
 def target_score(free_after: Resources, allocatable_total: Resources) -> float:

@@ -34,7 +34,7 @@ from mcsched.follower import Follower
 from mcsched.kube import ACCESS_REVIEWS_PATH, JSON, KubeError, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, Message, PodRef
 from mcsched.natsauth import candidate_durable, candidate_queue
-from mcsched.placement import choose_node, pod_requests, target_score
+from mcsched.placement import first_fit, pod_requests, target_score
 from mcsched.podspec import delegate_manifest, delegate_original, is_proxy
 from mcsched.proxystatus import mark_unscheduled, record_refusal
 from mcsched.runtime import Runtime, periodic, run_service
@@ -80,7 +80,9 @@ class TargetScheduler:
         if not self.view.ready:
             return CandidateReply(target=self.target, fits=False,
                                   reason=f"cluster {self.target} is unreachable or not yet synced")
-        choice = choose_node(pod, self.view.real_nodes(), self.view.usage)
+        # Some node that fits, looked for from where the last one was found (not the best one: the
+        # target's scheduler chooses); nodes are looked at in the cache's order.
+        choice, self.view.cursor = first_fit(pod, self.view.real_nodes(), self.view.usage, self.view.cursor)
         if choice.node is None:
             return CandidateReply(target=self.target, fits=False, reason=choice.reason)
         allocatable, used = self.view.totals()

@@ -121,6 +121,36 @@ def test_usage_counts_extended_requests_of_bound_pods() -> None:
     assert target.pending == Resources()
 
 
+def test_totals_kept_up_to_date_by_events_equal_totals_computed_afresh() -> None:
+    """totals() is computed once per node change and then follows pod events: it must always equal
+    the sum over the nodes as they are (a cordoned node's pods not counted, a node added counted)."""
+    nodes = FakeInformer([node("w0"), node("w1"), node("w2", gpus="2")])
+    pods = FakeInformer()
+    target = TargetView("c2", cast(Informer, nodes), cast(Informer, pods))
+
+    def afresh() -> tuple[Resources, Resources]:
+        return TargetView("c2", cast(Informer, FakeInformer(nodes.items())), cast(Informer, FakeInformer()))\
+            .totals()[0], sum((target.usage.get(n["metadata"]["name"], Resources()) for n in nodes.items()
+                               if not n["spec"].get("unschedulable")), Resources())
+
+    steps = [
+        lambda: pods.emit("ADDED", pod("a", node_name="w0", phase="Running")),
+        lambda: pods.emit("ADDED", pod("b")),  # pending: not in "used"
+        lambda: pods.emit("MODIFIED", pod("b", node_name="w2", gpus="1", phase="Running")),
+        lambda: nodes.emit("MODIFIED", node("w2", gpus="2", unschedulable=True)),  # cordoned: its pods leave
+        lambda: pods.emit("ADDED", pod("c", node_name="w2", phase="Running")),
+        lambda: nodes.emit("ADDED", node("w3", cpu="8")),
+        lambda: pods.emit("ADDED", pod("d", node_name="w3", cpu="2", phase="Running")),
+        lambda: pods.emit("MODIFIED", pod("a", node_name="w0", phase="Succeeded")),
+        lambda: pods.emit("DELETED", pod("d", node_name="w3", cpu="2", phase="Running")),
+        lambda: nodes.emit("MODIFIED", node("w2", gpus="2")),  # uncordoned
+    ]
+    for step in steps:
+        target.totals()  # read between events, as estimates do
+        step()
+        assert target.totals() == afresh()
+
+
 # ---------------------------------------------------------------------------
 # pending: requests of pods not bound to a node yet
 # ---------------------------------------------------------------------------

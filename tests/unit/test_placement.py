@@ -13,6 +13,7 @@ from mcsched.placement import (
     Resources,
     choose_node,
     cpu_milli,
+    first_fit,
     matches_node_selector,
     memory_bytes,
     node_allocatable,
@@ -881,3 +882,16 @@ def test_target_score_is_bounded() -> None:
     total = Resources(1000, GI, 10)
     assert target_score(Resources(-500, -GI, 0), total) == 0.0
     assert target_score(Resources(5000, 5 * GI, 0), total) == 100.0
+
+
+def test_first_fit_finds_a_fitting_node_from_where_it_left_off_and_explains_when_none_fits() -> None:
+    pod = make_pod(cpu="500m", memory=None)
+    nodes = [make_node("full", cpu="100m"), make_node("a", cpu="1"), make_node("b", cpu="1")]
+    choice, index = first_fit(pod, nodes, {}, start=0)
+    assert (choice.node, index) == ("a", 1) and choice.free_after.cpu_milli == 500
+    choice, index = first_fit(pod, nodes, {}, start=2)
+    assert (choice.node, index) == ("b", 2)
+    used = {"a": Resources(cpu_milli=800), "b": Resources(cpu_milli=800)}
+    choice, index = first_fit(pod, nodes, used, start=2)  # round the list, none fits: choose_node's summary
+    assert choice.node is None and choice.reason == choose_node(pod, nodes, used).reason
+    assert choice.reason.startswith("0/3 nodes fit")
