@@ -298,14 +298,19 @@ async def test_three_processes_of_each_stage_share_the_work_and_a_killed_ones_sh
 ) -> None:
     # c1's proxies in 12 partitions; feedback also keeps each target's virtual nodes; candidate-schedulers
     # take whole targets (three processes, two targets: one target is served by two of them).
-    expected = {"watcher": 12, "feedback": 12 + len(TARGETS), "candidate_scheduler": 3}
-    extra = [(service, replica) for service in expected for replica in (1, 2)]
+    def expected(service: str, processes: int) -> int:
+        """The shares all ``processes`` of ``service`` own together."""
+        return {"watcher": 12, "feedback": 12 + len(TARGETS),
+                "candidate_scheduler": max(len(TARGETS), processes)}[service]
+
+    stages = ("watcher", "feedback", "candidate_scheduler")
+    extra = [(service, replica) for service in stages for replica in (1, 2)]
 
     def shared_out(service: str, replicas: tuple[int, ...]) -> list[dict[str, float] | None] | None:
         """Each process's gauges once those ``replicas`` hear each other and split the work exactly."""
         gauges = [_gauges(pipeline, service, r) for r in replicas]
         if all(g is not None and g.get("mcs_stage_members") == len(replicas) and g.get("mcs_shares_owned", 0) > 0
-               for g in gauges) and sum(g["mcs_shares_owned"] for g in gauges if g) == expected[service]:
+               for g in gauges) and sum(g["mcs_shares_owned"] for g in gauges if g) == expected(service, len(replicas)):
             return gauges
         return None
 
@@ -315,7 +320,7 @@ async def test_three_processes_of_each_stage_share_the_work_and_a_killed_ones_sh
     for service, replica in extra:
         start_service(pipeline, service, replica)
     try:
-        for service in expected:
+        for service in stages:
             gauges = await eventually(lambda s=service: settled(s, (0, 1, 2)), within=60)  # type: ignore[misc]
             assert gauges is not None
             if service != "candidate_scheduler":  # an even split: 4 partitions each (and a target or none)
@@ -335,5 +340,5 @@ async def test_three_processes_of_each_stage_share_the_work_and_a_killed_ones_sh
         for service, replica in extra:
             pipeline.processes.stop(process_name(service, replica))
     # The one left of each stage takes everything again (the next tests run with one process each).
-    for service in expected:
+    for service in stages:
         await eventually(lambda s=service: settled(s, (0,)), within=30)  # type: ignore[misc]
