@@ -80,15 +80,7 @@ class TargetView:
                 self._count_used(node_name, requests, 1)
             else:
                 self.pending = self.pending + requests
-        parent = parent_ref(pod)
-        # Only the delegate itself, named after its proxy: a copy carrying its labels is not it.
-        if parent is not None and pod["metadata"]["name"] == delegate_name(parent[2], parent[3]):
-            if kind == "DELETED":
-                current = self.delegates.get(parent[3])
-                if current is not None and current["metadata"]["uid"] == uid:
-                    del self.delegates[parent[3]]
-            else:
-                self.delegates[parent[3]] = pod
+        index_delegate(self.delegates, kind, pod)
 
     def _count_used(self, node: str, requests: Resources, sign: int) -> None:
         if self._totals is not None and node in self._totals[2]:
@@ -111,6 +103,20 @@ class TargetView:
     def common_labels(self) -> dict[str, str]:
         """Labels every real node of the target carries with the same value."""
         return common_labels(self.real_nodes())
+
+
+def index_delegate(delegates: dict[str, JSON], kind: str, pod: JSON) -> None:
+    """Keep ``delegates`` (proxy uid -> delegate) up to date with a watch event of a target's pod."""
+    parent = parent_ref(pod)
+    # Only the delegate itself, named after its proxy: a copy carrying its labels is not it.
+    if parent is None or pod["metadata"]["name"] != delegate_name(parent[2], parent[3]):
+        return
+    if kind == "DELETED":
+        current = delegates.get(parent[3])
+        if current is not None and current["metadata"]["uid"] == pod["metadata"]["uid"]:
+            del delegates[parent[3]]
+    else:
+        delegates[parent[3]] = pod
 
 
 def real_nodes(nodes: Iterable[JSON]) -> list[JSON]:
@@ -170,13 +176,4 @@ class DelegateCache:
             informer.add_handler(handler)
 
     def _on_pod(self, kind: str, pod: JSON, _old: JSON | None) -> None:
-        parent = parent_ref(pod)
-        # Only the delegate itself, named after its proxy: a copy carrying its labels is not it.
-        if parent is None or pod["metadata"]["name"] != delegate_name(parent[2], parent[3]):
-            return
-        if kind == "DELETED":
-            current = self.delegates.get(parent[3])
-            if current is not None and current["metadata"]["uid"] == pod["metadata"]["uid"]:
-                del self.delegates[parent[3]]
-        else:
-            self.delegates[parent[3]] = pod
+        index_delegate(self.delegates, kind, pod)

@@ -215,12 +215,15 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
                 log.warning("the sources' targets could not be read (%s); composing with those known", exc)
             directory.changed.clear()
             composed = settings.with_targets(directory.current.targets)
+        def assignment(members: tuple[str, ...], composed: Settings = composed) -> Shares:
+            return Shares(stage_assignment(service, composed.source_names, composed.served_targets(), members,
+                                           member), members)
+
         shares = Shares()
         if membership is not None:
             membership.changed.clear()
             members = membership.members()
-            shares = Shares(stage_assignment(service, composed.source_names, composed.served_targets(), members,
-                                             member), members)
+            shares = assignment(members)
             log.info("%s: %d processes of this stage; this one takes %s", service, len(members), shares.describe())
             STAGE_MEMBERS.set(len(members))
             SHARES_OWNED.set(len(shares.owned or ()))
@@ -244,8 +247,7 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
             assert membership is not None
             membership.changed.clear()
             members = membership.members()
-            if stage_assignment(service, composed.source_names, composed.served_targets(), members,
-                                member) != shares.owned:
+            if assignment(members).owned != shares.owned:
                 break  # this process's shares change: composed again with the new ones
             log.info("%s: %d processes of this stage now; this one keeps %s", service, len(members),
                      shares.describe())

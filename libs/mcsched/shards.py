@@ -27,6 +27,7 @@ from .constants import DOMAIN
 # four processes (and six) get equal shares of one cluster. Fixed: a proxy keeps its label for life.
 PARTITIONS = 12
 PARTITION_LABEL = f"{DOMAIN}/partition"
+ALL_PARTITIONS = frozenset(range(PARTITIONS))
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,10 @@ class Shares:
         """Those of ``candidates`` this process owns whole."""
         return [c for c in candidates if self.owns(c)]
 
+    def owns_every_partition(self, cluster: str) -> bool:
+        partitions = self.partitions(cluster)
+        return partitions is None or partitions >= ALL_PARTITIONS
+
     def partitions(self, cluster: str) -> frozenset[int] | None:
         """The partitions of ``cluster`` owned here (None: all of them)."""
         if self.owned is None:
@@ -151,10 +156,10 @@ def selector(partitions: frozenset[int] | None) -> str | None:
     Pods without the label (made before partitions existed) belong to partition 0,
     so the owner of partition 0 selects "not in the others" rather than "in mine".
     """
-    if partitions is None or partitions >= frozenset(range(PARTITIONS)):
+    if partitions is None or partitions >= ALL_PARTITIONS:
         return None
     if 0 in partitions:
-        others = sorted(set(range(PARTITIONS)) - partitions)
+        others = sorted(ALL_PARTITIONS - partitions)
         return f"{PARTITION_LABEL} notin ({','.join(map(str, others))})"
     if not partitions:
         return f"{PARTITION_LABEL} in (none)"

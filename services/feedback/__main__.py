@@ -579,7 +579,7 @@ class Feedback:
     async def _proxies_of_namespace(self, source: str, namespace: str) -> list[JSON]:
         """The proxies of a namespace (a drained pod's siblings): from this process's cache when it holds
         every partition of the source, else from the API server (its siblings may be in others' partitions)."""
-        if self.rt.shares.partitions(source) in (None, frozenset(range(PARTITIONS))):
+        if self.rt.shares.owns_every_partition(source):
             return [p for p in self.proxies[source].items() if p["metadata"]["namespace"] == namespace]
         listed = await self.rt.clusters[source].get(f"/api/v1/namespaces/{namespace}/pods",
                                                     fieldSelector=f"spec.schedulerName={PROXY_SCHEDULER_NAME}")
