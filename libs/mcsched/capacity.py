@@ -10,7 +10,7 @@ source) are never candidates for delegates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .constants import PROXY_SCHEDULER_NAME, VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
@@ -142,38 +142,3 @@ def common_labels(nodes: Iterable[JSON]) -> dict[str, str]:
         labels = node["metadata"].get("labels") or {}
         common = {k: v for k, v in common.items() if labels.get(k) == v}
     return common
-
-
-class DelegateCache:
-    """One target's delegates of the partitions a process owns, from one informer or several (one per
-    source), indexed by their proxy's UID."""
-
-    def __init__(self, name: str, informers: list[Informer]) -> None:
-        self.name = name
-        self.informers = informers
-        self.delegates: dict[str, JSON] = {}  # proxy uid -> delegate pod
-        for informer in informers:
-            informer.add_handler(self._on_pod)
-
-    @property
-    def ready(self) -> bool:
-        """Every informer has listed and is watching: the target answers (False without any: the
-        target serves none of this process's sources)."""
-        return bool(self.informers) and all(i.synced.is_set() and i.healthy for i in self.informers)
-
-    def get(self, key: str) -> JSON | None:
-        for informer in self.informers:
-            pod = informer.get(key)
-            if pod is not None:
-                return pod
-        return None
-
-    def items(self) -> list[JSON]:
-        return [pod for informer in self.informers for pod in informer.items()]
-
-    def add_handler(self, handler: Callable[[str, JSON, JSON | None], Any]) -> None:
-        for informer in self.informers:
-            informer.add_handler(handler)
-
-    def _on_pod(self, kind: str, pod: JSON, _old: JSON | None) -> None:
-        index_delegate(self.delegates, kind, pod)

@@ -141,6 +141,46 @@ class StatusUpdate(Message):
     delegate_resource_version: str | None = None
     # Why the target's scheduler could not place the delegate (its PodScheduled message), if it could not.
     unschedulable: str | None = None
+    # The delegate was deleted in its target (a pod lives once: its proxy ends too, unless it finished).
+    gone: bool = False
+    # The placement round the delegate was made for (a delegate of an earlier round ends nothing).
+    round: int | None = None
+
+
+class DelegateSummary(BaseModel):
+    """One delegate as a digest lists it: enough for its proxy's owner to see that it exists, and
+    whether the proxy mirrors it, without its whole status."""
+
+    model_config = ConfigDict(frozen=True)
+
+    proxy: PodRef
+    name: str
+    uid: str
+    resource_version: str
+    node: str | None = None
+    refused: bool = False
+    # :func:`mcsched.podspec.status_fingerprint` of its status.
+    status: str
+    round: int | None = None
+    deleting: bool = False
+
+
+class DelegateDigest(Message):
+    """feedback (target side) -> feedback (source side), every resync: every delegate of one partition
+    of a source's proxies in one target, in ``parts`` messages of one ``epoch``.
+
+    What a lost status message would have told is found here: a proxy whose
+    delegate is missing, a delegate whose proxy is gone or chose another
+    cluster, a status the proxy does not mirror.
+    """
+
+    target: str
+    source: str
+    partition: int
+    epoch: str
+    part: int = 0
+    parts: int = 1
+    delegates: list[DelegateSummary] = Field(default_factory=list)
 
 
 class MemberHeartbeat(Message):

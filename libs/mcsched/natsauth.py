@@ -86,6 +86,12 @@ def status_subject(prefix: str, source: str, partition: int | str) -> str:
     return f"{subject(prefix, 'status', source)}.{partition}"
 
 
+def digest_subject(prefix: str, source: str, partition: int | str) -> str:
+    """Digests of the delegates of one partition of a source's proxies, in every target (core NATS):
+    read by the feedback process that owns that partition."""
+    return f"{prefix}.digest.{source}.{partition}"
+
+
 def members_subject(prefix: str, stage: str) -> str:
     """Where the processes of a sharded stage tell each other they are alive (mcsched.membership)."""
     return f"{prefix}.members.{stage}"
@@ -158,6 +164,8 @@ def stage_permissions(stage: str, user: str, prefix: str, sources: Iterable[str]
                 publish += _consumer(prefix, "status", feedback_durable(source, partition),
                                      status_subject(prefix, source, partition))
             publish.append(status_subject(prefix, source, "*"))
+            publish.append(digest_subject(prefix, source, "*"))
+            subscribe.append(digest_subject(prefix, source, "*"))
         publish += [subject(prefix, "delegate", t) for t in targets]  # a resync asks again for a missing delegate
     if stage in SHARDED_STAGES:
         publish.append(members_subject(prefix, stage))

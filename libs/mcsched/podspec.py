@@ -426,6 +426,13 @@ def status_differs(proxy_status: Mapping[str, Any], wanted: Mapping[str, Any]) -
     return _comparable(proxy_status) != _comparable(wanted)
 
 
+def status_fingerprint(status: Mapping[str, Any]) -> str:
+    """A short digest of what :func:`status_differs` compares: equal for a delegate's status and a
+    proxy's that mirrors it."""
+    return hashlib.blake2b(orjson.dumps(_comparable(status), option=orjson.OPT_SORT_KEYS),
+                           digest_size=8).hexdigest()
+
+
 def mirror_patch(proxy: Mapping[str, Any], wanted: Mapping[str, Any]) -> JSON:
     """A merge patch for the proxy's status subresource that makes it mirror ``wanted`` exactly.
 

@@ -1,12 +1,13 @@
 """Shares of a stage's work, and which process of the stage takes which (pure, no I/O).
 
 Work is cut into *shares*: a whole cluster (a target's nodes and delegates
-for the candidate-scheduler, a target's virtual nodes for feedback), or one
-*partition* of a cluster's pods. Every proxy carries a partition label, a
-number below :data:`PARTITIONS` drawn by the admission webhook, and its
-delegate carries the same label, so a process that owns partition 3 of
-source c1 watches, with a label selector, only the proxies of that partition
-and only their delegates: the API servers filter for it.
+for the candidate-scheduler, a target's delegates and virtual nodes for
+feedback), or one *partition* of a cluster's pods. Every proxy carries a
+partition label, a number below :data:`PARTITIONS` drawn by the admission
+webhook, and its delegate carries the same label, so a process that owns
+partition 3 of source c1 watches, with a label selector, only the proxies of
+that partition (the API servers filter for it), and the news of their
+delegates comes to it on that partition's subjects.
 
 The processes of a stage announce themselves on the bus
 (:mod:`mcsched.membership`); each one computes, from the same sorted list of
@@ -88,8 +89,8 @@ def stage_assignment(stage: str, sources: Iterable[str], targets: Iterable[str],
     * watcher: partitions of the sources' proxies;
     * candidate-scheduler: whole targets (each one's nodes and pods make its estimates), several
       processes to a target when there are more processes than targets;
-    * feedback: partitions of the sources' proxies (with their delegates in every target) and
-      whole targets (their virtual nodes).
+    * feedback: partitions of the sources' proxies (the source side: binding, mirroring, ending
+      them) and whole targets (the target side: their delegates and virtual nodes).
     """
     members = list(members)
     if stage == "watcher":

@@ -1,15 +1,20 @@
 """feedback: owns the status step, virtual nodes and clean-up.
 
-Its processes share the work out (:mod:`mcsched.shards`): each one watches the
-proxies of its partitions of each source and their delegates in every target,
-and keeps the virtual nodes of its whole targets.
+Its processes share the work out (:mod:`mcsched.shards`), in two sides that
+talk over the bus:
+
+* the *target side* of a process owns whole targets: it watches every
+  delegate there, publishes each change to the owner of its proxy, and keeps
+  the target's virtual nodes;
+* the *source side* owns partitions of each source's proxies: it watches those
+  proxies, and binds, mirrors, refuses, ends and finalizes them.
 
 * Virtual nodes: one ``admiralty-<target>`` Node per target in every source,
   tainted for proxy pods only, kept Ready by lease and condition heartbeats,
   its capacity and common labels summarised from the target's real nodes.
-* Status: every change of a delegate (scheduled, refused, its status) is
-  published on ``status.<source>.<partition>``, whose consumer is the process
-  owning that partition of the source. It binds the proxy to its
+* Status: every change of a delegate (scheduled, refused, its status, its
+  deletion) is published on ``status.<source>.<partition>``, whose consumer is
+  the process owning that partition of the source. It binds the proxy to its
   virtual node once the target's scheduler placed the delegate, records the
   refusal when it could not (the proxy then goes back to the proxy-scheduler
   for another cluster), and mirrors the delegate's status onto the proxy.
@@ -25,10 +30,14 @@ and keeps the virtual nodes of its whole targets.
 * kubectl logs, exec, attach and port-forward on a proxy: each source's API
   server calls its virtual nodes' kubelet endpoint, which forwards the call
   to the delegate (mcsched.kubeletserver).
-* Repair (on events and on every resync): a delegate whose proxy no longer
-  exists (e.g. created by a late request after the proxy's finalizer let it
-  go), or whose proxy's placement names another cluster, is removed; a
-  proxy whose delegate request was lost gets it again.
+* Repair: on every resync the target side sends, per partition of each
+  source, a digest of its delegates (``digest.<source>.<partition>``, core
+  NATS). The source side finds in it what a lost message would have said: a
+  delegate whose proxy no longer exists (e.g. created by a late request after
+  the proxy's finalizer let it go) or chose another cluster is removed; a
+  proxy whose delegate request was lost gets it again; one whose delegate is
+  gone ends; a status not mirrored, seen in two digests in a row, is read
+  from the target and mirrored.
 """
 
 from __future__ import annotations
@@ -37,11 +46,12 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from mcsched.bus import ACK, PUBLISHERS, Outcome
-from mcsched.capacity import DelegateCache, common_labels, schedulable_allocatable
+from mcsched.capacity import common_labels, schedulable_allocatable
 from mcsched.choice import Placement, delegate_round
 from mcsched.constants import (
     CLUSTER_TARGET_NAME_LABEL,
@@ -62,8 +72,8 @@ from mcsched.constants import (
 from mcsched.events import EventRecorder
 from mcsched.kube import JSON, Informer, KubeError, pod_by_uid, pod_path, read_pod
 from mcsched.kubeletserver import Endpoint, start_endpoints
-from mcsched.models import DelegateRequest, PodRef, StatusUpdate
-from mcsched.natsauth import feedback_durable, status_subject
+from mcsched.models import DelegateDigest, DelegateRequest, DelegateSummary, PodRef, StatusUpdate
+from mcsched.natsauth import digest_subject, feedback_durable, status_subject
 from mcsched.podspec import (
     awaits_replacement,
     belongs_to,
@@ -75,6 +85,7 @@ from mcsched.podspec import (
     newer_resource_version,
     parent_ref,
     status_differs,
+    status_fingerprint,
     stray_action,
     stray_status,
     unschedulable_reason,
@@ -89,8 +100,11 @@ from mcsched.workqueue import KeyedLocks, WorkQueue, for_each
 
 log = logging.getLogger("feedback")
 
-# A chosen proxy gets its delegate within moments; only after this long is a missing delegate treated as lost.
+# A chosen proxy gets its delegate within moments; only after this long is a missing delegate treated as lost
+# (and only when a digest received that long after it was first missed still lacks it).
 DELEGATE_GRACE_SECONDS = 15.0
+# Delegates listed in one digest message (a few hundred bytes each; NATS takes 1 MiB by default).
+DIGEST_PART_SIZE = 1000
 # A delegate just scheduled and still Pending is reported this much later, so that its start, which
 # usually follows at once, binds the proxy and mirrors its status in one message.
 SCHEDULED_FOLD_SECONDS = 1.0
@@ -117,6 +131,26 @@ def _delegate_signal(delegate: JSON) -> tuple[JSON, str | None, str | None]:
         unschedulable_reason(delegate)
 
 
+def _summary(delegate: JSON) -> DelegateSummary:
+    """A delegate as its digest lists it."""
+    meta = delegate["metadata"]
+    parent = parent_ref(delegate)
+    assert parent is not None
+    status, node, refusal = _delegate_signal(delegate)
+    return DelegateSummary(proxy=PodRef(cluster=parent[0], namespace=parent[1], name=parent[2], uid=parent[3]),
+                           name=meta["name"], uid=meta["uid"], resource_version=meta.get("resourceVersion") or "",
+                           node=node, refused=refusal is not None, status=status_fingerprint(status),
+                           round=delegate_round(delegate), deleting=bool(meta.get("deletionTimestamp")))
+
+
+def _mirrors(proxy: JSON, entry: DelegateSummary) -> bool:
+    """Whether the proxy shows what its digest says of its delegate: bound once scheduled (or still
+    free when not), its status mirrored; a finished pod keeps its final status."""
+    if not proxy["spec"].get("nodeName"):
+        return entry.node is None and not entry.refused
+    return is_finished(proxy) or status_fingerprint(proxy.get("status") or {}) == entry.status
+
+
 def _assigned_target(proxy: JSON) -> str | None:
     """The target whose delegate belongs to this proxy: the one it is bound to, else the one it chose."""
     return target_of_virtual_node(proxy["spec"].get("nodeName")) or Placement.of(proxy).target
@@ -140,17 +174,15 @@ class Feedback:
                                 label_selector=f"{VIRTUAL_NODE_TYPE_LABEL}={VIRTUAL_NODE_TYPE_VALUE}")
             for source in self.sources
         }
-        # In every target, the delegates of those proxies: one informer per source (its own partitions).
-        self.delegates: dict[str, DelegateCache] = {
-            target: DelegateCache(target, [
-                rt.informer(target, "/api/v1/pods", **partition_selector(
-                    shares.partitions(source), PARENT_UID_LABEL, f"{PARENT_CLUSTER_LABEL}={source}"))
-                for source in self.sources if source in rt.settings.sources_of(target)])
-            for target in rt.settings.target_names
-        }
-        # The real nodes of the targets whose virtual nodes this process keeps (its whole-target shares).
+        # Target side, for the targets this process owns whole: their real nodes (summed into the
+        # virtual nodes it keeps) and every delegate there of a source they serve.
         self.nodes: dict[str, Informer] = {target: rt.informer(target, "/api/v1/nodes")
                                            for target in shares.clusters(rt.settings.target_names)}
+        self.delegates: dict[str, Informer] = {
+            target: rt.informer(target, "/api/v1/pods", label_selector=(
+                f"{PARENT_UID_LABEL},{PARENT_CLUSTER_LABEL} in ({','.join(rt.settings.sources_of(target))})"))
+            for target in self.nodes if rt.settings.sources_of(target)
+        }
         # proxy uid -> the status last written onto it, from which delegate version, the proxy's resourceVersion
         # after the write, and when (the proxy cache lags)
         self.mirrored: dict[str, tuple[JSON, str | None, str | None, float]] = {}
@@ -162,13 +194,20 @@ class Feedback:
         self.scheduled_fold_seconds = SCHEDULED_FOLD_SECONDS
         # (target, namespace, delegate name) -> the resourceVersion of the delegate last published
         self.published: dict[tuple[str, str, str], str | None] = {}
-        # proxy uid -> since when (monotonic) the resync finds its delegate missing
+        # (target, namespace, delegate name) -> the deletion of a delegate, until published
+        self.deleted: dict[tuple[str, str, str], tuple[StatusUpdate, int]] = {}
+        # proxy uid -> since when (monotonic) the digests find its delegate missing
         self.missing_since: dict[str, float] = {}
+        # proxy uid -> since when (monotonic) the cluster it chose cannot take it (not a target, unreachable)
+        self.unusable_since: dict[str, float] = {}
+        # proxy uid -> the delegate resourceVersion whose status a digest found not mirrored
+        self.unmirrored: dict[str, str] = {}
+        # (source, partition, target) -> the epoch being received and its parts so far
+        self.digest_parts: dict[tuple[str, int, str], tuple[str, dict[int, list[DelegateSummary]]]] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
-        self.orphans: WorkQueue[tuple[str, str, str]] = WorkQueue("remove orphan delegates", self._orphan_key)
         self.statuses: WorkQueue[tuple[str, str, str]] = WorkQueue("publish status", self._publish_status_key,
                                                                  workers=PUBLISHERS)
-        for queue in (self.finalizing, self.orphans, self.statuses):
+        for queue in (self.finalizing, self.statuses):
             queue.start()
             rt.closers.append(queue.stop)
         # Pods bound to a virtual node that are not proxies (a DaemonSet's tolerating every taint): per
@@ -218,23 +257,22 @@ class Feedback:
 
     # -- status: target side -------------------------------------------------------
 
-    async def on_delegate(self, target: str, kind: str, delegate: JSON, old: JSON | None) -> None:
+    def on_delegate(self, target: str, kind: str, delegate: JSON, old: JSON | None) -> None:
         parent = parent_ref(delegate)
         if parent is None or not belongs_to(delegate, target):  # another key's, in the same cluster
             return
-        source, namespace, name, uid = parent
-        ref = PodRef(cluster=source, namespace=namespace, name=name, uid=uid)
+        meta = delegate["metadata"]
+        key = (target, meta["namespace"], meta["name"])
         if kind == "DELETED":
-            self.published.pop((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]), None)
-            await self._delegate_gone(target, ref, delegate)
+            self.published.pop(key, None)
+            self.deleted[key] = (self._status_update(target, delegate, gone=True), partition_of(meta.get("labels")))
+            self.statuses.add(key)
             return
-        self._check_parent(target, ref, delegate)
         signal = _delegate_signal(delegate)
         if old is not None and _delegate_signal(old) == signal:
             return
         if kind == "ADDED" and signal[1] is None and signal[2] is None:
             return  # a new delegate waits for its target's scheduler: nothing to tell the source yet
-        key = (target, delegate["metadata"]["namespace"], delegate["metadata"]["name"])
         # Published by workers, so a burst of delegate events never holds up the watch.
         if signal[1] is not None and (old is None or not old["spec"].get("nodeName")) and \
                 signal[0].get("phase") == "Pending" and not signal[0].get("containerStatuses"):
@@ -244,39 +282,47 @@ class Feedback:
         else:
             self.statuses.add(key)
 
+    @staticmethod
+    def _status_update(target: str, delegate: JSON, gone: bool = False) -> StatusUpdate:
+        meta = delegate["metadata"]
+        parent = parent_ref(delegate)
+        assert parent is not None
+        status, node, refusal = _delegate_signal(delegate)
+        return StatusUpdate(proxy=PodRef(cluster=parent[0], namespace=parent[1], name=parent[2], uid=parent[3]),
+                            target=target, delegate_name=meta["name"], delegate_uid=meta["uid"],
+                            delegate_node=node, status=status, unschedulable=refusal,
+                            delegate_resource_version=meta.get("resourceVersion"), gone=gone,
+                            round=delegate_round(delegate))
+
     async def _publish_status_key(self, key: tuple[str, str, str]) -> None:
         target, namespace, name = key
-        delegate = self.delegates[target].get(f"{namespace}/{name}")
-        parent = parent_ref(delegate) if delegate is not None else None
-        if delegate is None or parent is None:
+        deletion = self.deleted.get(key)
+        if deletion is not None:
+            gone, partition = deletion
+            await self._publish(gone, partition, f"gone:{gone.delegate_uid}:{self.rt.bus.client_name}")
+            if self.deleted.get(key) is deletion:
+                del self.deleted[key]
+            return
+        informer = self.delegates.get(target)
+        delegate = informer.get(f"{namespace}/{name}") if informer is not None else None
+        if delegate is None or parent_ref(delegate) is None:
             self.published.pop(key, None)
             return
         version = delegate["metadata"].get("resourceVersion")
         if self.published.get(key) == version:
             return  # published already (a folded change queued twice)
-        ref = PodRef(cluster=parent[0], namespace=parent[1], name=parent[2], uid=parent[3])
         with pod_trace(delegate):
-            if await self._publish_status(target, ref, delegate):
-                self.published[key] = version
+            meta = delegate["metadata"]
+            # The id names this process: each replica's copy of a change is delivered, because a
+            # replica whose cache lagged may have written an older status after another one wrote the newer.
+            await self._publish(self._status_update(target, delegate), partition_of(meta.get("labels")),
+                                f"status:{meta['uid']}:{meta['resourceVersion']}:{self.rt.bus.client_name}")
+        self.published[key] = version
 
-    async def _publish_status(self, target: str, ref: PodRef, delegate: JSON, epoch: int | None = None) -> bool:
-        """Publish the delegate's current state for its source; False when NATS could not take it."""
-        meta = delegate["metadata"]
-        status, node, refusal = _delegate_signal(delegate)
-        update = StatusUpdate(proxy=ref, target=target, delegate_name=meta["name"], delegate_uid=meta["uid"],
-                              delegate_node=node, status=status, unschedulable=refusal,
-                              delegate_resource_version=meta.get("resourceVersion"))
-        # The id names this process: each replica's copy of a change is delivered, because a replica
-        # whose cache lagged may have written an older status after another replica wrote the newer one.
-        try:
-            await self.rt.bus.publish(status_subject(self.rt.bus.prefix, ref.cluster, partition_of(meta.get("labels"))),
-                                      update,
-                                      f"status:{meta['uid']}:{meta['resourceVersion']}:{self.rt.bus.client_name}"
-                                      + (f":{epoch}" if epoch is not None else ""))
-        except Exception as exc:  # NATS away: the resync publishes it later
-            log.warning("could not publish status of %s: %s", ref, exc)
-            return False
-        return True
+    async def _publish(self, update: StatusUpdate, partition: int, msg_id: str) -> None:
+        """Publish a delegate's change to the owner of its proxy's partition (NATS away: the work queue
+        tries again, and the next resync's digests tell the source side meanwhile)."""
+        await self.rt.bus.publish(status_subject(self.rt.bus.prefix, update.proxy.cluster, partition), update, msg_id)
 
     # -- status: source side -------------------------------------------------------
 
@@ -337,19 +383,25 @@ class Feedback:
 
     async def _on_status(self, update: StatusUpdate) -> Outcome:
         ref = update.proxy
+        informer = self.proxies.get(ref.cluster)
+        if informer is None:
+            return ACK  # a source this process no longer serves (its shares moved meanwhile)
         # The proxy cache may lag behind the delegate's: then the API server answers.
-        proxy = await pod_by_uid(self.proxies[ref.cluster], ref.namespace, ref.name, ref.uid)
-        if proxy is None or proxy["metadata"].get("deletionTimestamp"):
+        proxy = await pod_by_uid(informer, ref.namespace, ref.name, ref.uid)
+        if update.gone:
+            await self._delegate_gone(update, proxy)
             return ACK
-        # Act on the newest of the delegate as this process's cache has it and as the message has it:
-        # messages may arrive out of order, and another replica may have seen the change first.
+        if proxy is None:
+            # Gone: a delegate created by a request handled late, after the proxy's finalizer let it go.
+            await self._remove_orphan(update.target, ref, update.delegate_name, update.delegate_uid)
+            return ACK
+        if proxy["metadata"].get("deletionTimestamp"):
+            self.finalizing.add((ref.cluster, ref.namespace, ref.name))
+            return ACK
+        # Messages may arrive out of order: what this process wrote lately from a newer delegate
+        # version is never turned back (:meth:`_written_already`).
         wanted, node, refusal, version = (update.status, update.delegate_node, update.unschedulable,
                                           update.delegate_resource_version)
-        cache = self.delegates.get(update.target)
-        delegate = cache.delegates.get(ref.uid) if cache else None
-        if delegate is not None and delegate["metadata"]["uid"] == update.delegate_uid and (
-                version is None or newer_resource_version(delegate["metadata"].get("resourceVersion"), version)):
-            (wanted, node, refusal), version = _delegate_signal(delegate), delegate["metadata"].get("resourceVersion")
         bound_here = self.bound.get(ref.uid)
         if bound_here is not None and not proxy["spec"].get("nodeName"):  # bound moments ago; the cache lags
             proxy = {**proxy, "spec": {**proxy["spec"], "nodeName": virtual_node_name(bound_here[0])}}
@@ -493,6 +545,8 @@ class Feedback:
         if kind == "DELETED":
             self.mirrored.pop(uid, None)
             self.missing_since.pop(uid, None)
+            self.unusable_since.pop(uid, None)
+            self.unmirrored.pop(uid, None)
             self.bound.pop(uid, None)
             return
         if pod["spec"].get("nodeName"):
@@ -540,7 +594,7 @@ class Feedback:
         meta = proxy["metadata"]
         ref = _ref(source, proxy)
         target = _assigned_target(proxy)
-        if target in self.delegates:
+        if target is not None and target in self.rt.settings.target_names:
             name = delegate_name(meta["name"], meta["uid"])
             client = self.rt.clusters[target]
             node = self.virtual_nodes[source].get(proxy["spec"].get("nodeName") or "")
@@ -586,55 +640,30 @@ class Feedback:
         items: list[JSON] = listed.get("items") or []
         return items
 
-    def _check_parent(self, target: str, ref: PodRef, delegate: JSON) -> None:
-        """A delegate whose proxy is gone or going is removed now, not at the next resync.
-
-        A delegate request handled late (its proxy read before the proxy was
-        deleted and its finalizer let it go) creates a delegate nobody else
-        would delete.
-        """
+    async def _remove_orphan(self, target: str, ref: PodRef, delegate: str, delegate_uid: str) -> None:
+        """Delete a delegate whose proxy is gone: the proxy cache says so, and then its API server."""
         informer = self.proxies.get(ref.cluster)
-        if informer is None or not self._synced(informer) or delegate["metadata"].get("deletionTimestamp"):
-            return
-        proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
-        if proxy is None:  # or the cache has not seen it yet: the API server decides
-            self.orphans.add((target, delegate["metadata"]["namespace"], delegate["metadata"]["name"]))
-        elif proxy["metadata"].get("deletionTimestamp"):
-            self.finalizing.add((ref.cluster, ref.namespace, ref.name))
-
-    async def _orphan_key(self, key: tuple[str, str, str]) -> None:
-        target, namespace, name = key
-        delegate = self.delegates[target].get(f"{namespace}/{name}")
-        if delegate is not None:
-            await self._remove_orphan(target, delegate)
-
-    async def _remove_orphan(self, target: str, delegate: JSON) -> None:
-        """Delete the delegate if its proxy is gone: the cache says so, and then its API server."""
-        parent = parent_ref(delegate)
-        meta = delegate["metadata"]
-        if parent is None or meta.get("deletionTimestamp"):
-            return
-        source, namespace, name, uid = parent
-        informer = self.proxies.get(source)
-        if informer is None or not self._synced(informer) or self._proxy(source, namespace, name, uid) is not None:
+        if informer is None or not self._synced(informer) or \
+                self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid) is not None:
             return
         try:
-            if await read_pod(self.rt.clusters[source], namespace, name, uid) is not None:
+            if await read_pod(self.rt.clusters[ref.cluster], ref.namespace, ref.name, ref.uid) is not None:
                 return
         except KubeError:
             return
-        log.info("delegate %s/%s in %s has no proxy any more; deleting it", meta["namespace"], meta["name"], target)
-        await self._delete_pod(target, meta["namespace"], meta["name"], meta["uid"])
+        if await self._delete_pod(target, ref.namespace, delegate, delegate_uid):
+            log.info("delegate %s/%s in %s has no proxy any more; deleted", ref.namespace, delegate, target)
 
-    async def _delegate_gone(self, target: str, ref: PodRef, delegate: JSON) -> None:
-        proxy = self._proxy(ref.cluster, ref.namespace, ref.name, ref.uid)
+    async def _delegate_gone(self, update: StatusUpdate, proxy: JSON | None) -> None:
+        """A delegate was deleted in its target: a proxy being deleted is let go, any other ends."""
+        ref = update.proxy
         if proxy is None:
             return
         if proxy["metadata"].get("deletionTimestamp"):
             self.finalizing.add((ref.cluster, ref.namespace, ref.name))
-        elif _assigned_target(proxy) == target and delegate["metadata"]["name"] == delegate_name(ref.name, ref.uid):
-            await self._end_proxy(target, ref, f"its delegate {delegate['metadata']['name']} was deleted in {target}",
-                                  delegate_round(delegate))
+        elif _assigned_target(proxy) == update.target and update.delegate_name == delegate_name(ref.name, ref.uid):
+            await self._end_proxy(update.target, ref, f"its delegate {update.delegate_name} was deleted in "
+                                  f"{update.target}", update.round)
 
     async def _end_proxy(self, target: str, ref: PodRef, why: str, round_: int | None = None) -> None:
         """A pod lives once: the proxy of a delegate that is gone is deleted too, unless it had finished.
@@ -657,54 +686,166 @@ class Feedback:
         await self.events.record(client, proxy, "DelegateDeleted", f"{why}: the pod ends here")
         await self._delete_pod(ref.cluster, ref.namespace, ref.name, ref.uid)
 
-    # -- resync ------------------------------------------------------------------------
+    # -- resync and digests ----------------------------------------------------------------
 
     async def resync(self) -> None:
-        """Every proxy, then every delegate, of the synced caches, ``RESYNC_CONCURRENCY`` at a time."""
-        epoch = int(time.time() // self.rt.settings.resync_period_seconds)
+        """Both sides' periodic pass: the source side goes through its proxies, ``RESYNC_CONCURRENCY``
+        at a time; the target side sends the digests of its delegates."""
         started = time.monotonic()
         proxies = [(source, proxy) for source, informer in self.proxies.items() if self._synced(informer)
                    for proxy in informer.items()]
-        await for_each(proxies, lambda item: self._resync_proxy(*item, epoch), RESYNC_CONCURRENCY, "resync of a proxy")
-        delegates = [(target, delegate) for target, cache in self.delegates.items() if cache.ready
-                     for delegate in cache.items() if belongs_to(delegate, target)]
-        await for_each(delegates, lambda item: self._resync_delegate(*item, epoch), RESYNC_CONCURRENCY,
-                       "resync of a delegate")
+        await for_each(proxies, lambda item: self._resync_proxy(*item), RESYNC_CONCURRENCY, "resync of a proxy")
+        delegates = await self.send_digests()
         took = time.monotonic() - started
         RESYNC_SECONDS.labels("feedback").set(took)
-        RESYNC_ITEMS.labels("feedback").set(len(proxies) + len(delegates))
+        RESYNC_ITEMS.labels("feedback").set(len(proxies) + delegates)
         (log.info if took > self.rt.settings.resync_period_seconds / 2 else log.debug)(
-            "resync of %d proxies and %d delegates took %.1f s", len(proxies), len(delegates), took)
+            "resync of %d proxies and %d delegates took %.1f s", len(proxies), delegates, took)
 
-    async def _resync_proxy(self, source: str, proxy: JSON, epoch: int) -> None:
+    def _target_problem(self, source: str, target: str) -> str | None:
+        """Why no delegate can come from ``target`` now: not a target, or unreachable as its virtual
+        node says (its Ready condition is kept by the process owning the target); None otherwise."""
+        if target not in self.rt.settings.target_names:
+            return f"cluster {target} is not a target"
+        node = self.virtual_nodes[source].get(virtual_node_name(target)) or {}
+        ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
+                     None)
+        if ready is not None and ready.get("status") != "True":
+            return f"cluster {target} is unreachable"
+        return None
+
+    async def _resync_proxy(self, source: str, proxy: JSON) -> None:
         meta = proxy["metadata"]
         if meta.get("deletionTimestamp"):
             self.finalizing.add((source, meta["namespace"], meta["name"]))
             return
         target = _assigned_target(proxy)
-        cache = self.delegates.get(target or "")
-        if target is not None and not proxy["spec"].get("nodeName") and (cache is None or not cache.ready):
-            # Chosen, but the cluster is unknown or unreachable: no delegate can come from it. After the
-            # grace period the pod is freed for the others, as if that cluster had refused it.
-            first_missed = self.missing_since.setdefault(meta["uid"], time.monotonic())
-            if time.monotonic() - first_missed >= DELEGATE_GRACE_SECONDS:
-                reason = f"cluster {target} is not a target" if cache is None else f"cluster {target} is unreachable"
-                ref = _ref(source, proxy)
-                if await record_refusal(self.rt.clusters[source], ref, proxy, target, reason) is not None:
-                    log.info("%s chose %s, which cannot take it (%s); trying another cluster",
-                             _ref(source, proxy), target, reason)
+        problem = self._target_problem(source, target) \
+            if target is not None and not proxy["spec"].get("nodeName") else None
+        if problem is None:
+            self.unusable_since.pop(meta["uid"], None)
             return
-        if target is None or cache is None or not cache.ready or meta["uid"] in cache.delegates \
-                or is_finished(proxy):
-            self.missing_since.pop(meta["uid"], None)
+        # Chosen, but the cluster is unknown or unreachable: no delegate can come from it. After the
+        # grace period the pod is freed for the others, as if that cluster had refused it.
+        first_missed = self.unusable_since.setdefault(meta["uid"], time.monotonic())
+        if time.monotonic() - first_missed >= DELEGATE_GRACE_SECONDS:
+            ref = _ref(source, proxy)
+            assert target is not None
+            if await record_refusal(self.rt.clusters[source], ref, proxy, target, problem) is not None:
+                log.info("%s chose %s, which cannot take it (%s); trying another cluster", ref, target, problem)
+
+    # -- digests: target side -------------------------------------------------------------
+
+    async def send_digests(self) -> int:
+        """For each target this process owns, the digest of its delegates of every partition of every
+        source it serves (an empty one too: it says that none is there); the number of delegates."""
+        epoch = f"{self.rt.bus.client_name}:{time.time():.3f}"
+        count = 0
+        for target, informer in self.delegates.items():
+            if not self._synced(informer):
+                continue  # what it does not know, it does not deny
+            groups: dict[tuple[str, int], list[DelegateSummary]] = {
+                (source, partition): [] for source in self.rt.settings.sources_of(target)
+                for partition in range(PARTITIONS)}
+            for done, delegate in enumerate(informer.items(), 1):
+                parent = parent_ref(delegate)
+                key = (parent[0], partition_of(delegate["metadata"].get("labels"))) if parent else None
+                if key in groups and belongs_to(delegate, target):
+                    groups[key].append(_summary(delegate))
+                if done % 200 == 0:
+                    await asyncio.sleep(0)  # new work is not held up behind a large target
+            for (source, partition), entries in groups.items():
+                parts = [entries[i:i + DIGEST_PART_SIZE] for i in range(0, len(entries), DIGEST_PART_SIZE)] or [[]]
+                for number, part in enumerate(parts):
+                    digest = DelegateDigest(target=target, source=source, partition=partition, epoch=epoch,
+                                            part=number, parts=len(parts), delegates=part)
+                    try:
+                        await self.rt.bus.notify(digest_subject(self.rt.bus.prefix, source, partition), digest)
+                    except Exception as exc:  # NATS away: the next resync sends them
+                        log.warning("could not send the digest of %s's delegates: %s", target, exc)
+                        return count
+                count += len(entries)
+        return count
+
+    # -- digests: source side -------------------------------------------------------------
+
+    async def on_digest(self, digest: DelegateDigest) -> None:
+        """Collect a digest's parts; a whole one is checked against this process's proxies."""
+        key = (digest.source, digest.partition, digest.target)
+        if digest.source not in self.proxies or not self.rt.shares.owns(digest.source, digest.partition):
             return
-        first_missed = self.missing_since.setdefault(meta["uid"], time.monotonic())
-        if time.monotonic() - first_missed < DELEGATE_GRACE_SECONDS:
+        epoch, parts = self.digest_parts.get(key, (digest.epoch, {}))
+        if epoch != digest.epoch:
+            parts = {}  # a part of the one before was lost: that one is never whole
+        parts[digest.part] = digest.delegates
+        if len(parts) < digest.parts:
+            self.digest_parts[key] = (digest.epoch, parts)
             return
+        self.digest_parts.pop(key, None)
+        await self.check_digest(digest.source, digest.partition, digest.target,
+                                [entry for number in sorted(parts) for entry in parts[number]])
+
+    async def check_digest(self, source: str, partition: int, target: str, delegates: list[DelegateSummary]) -> None:
+        """What lost messages would have said about one partition's delegates in ``target``, repaired."""
+        informer = self.proxies[source]
+        if not self._synced(informer):
+            return
+        now = time.monotonic()
+        listed = {entry.proxy.uid: entry for entry in delegates}
+        mine = {p["metadata"]["uid"]: p for p in informer.items()
+                if partition_of(p["metadata"].get("labels")) == partition}
+        repairs: list[Callable[[], Awaitable[object]]] = []
+        for entry in delegates:
+            if entry.deleting or entry.proxy.cluster != source:
+                continue
+            # (A delegate labelled with another partition than its proxy's: a proxy made before partitions.)
+            proxy = mine.get(entry.proxy.uid) or self._proxy(source, entry.proxy.namespace, entry.proxy.name,
+                                                             entry.proxy.uid)
+            if proxy is None:
+                repairs.append(functools.partial(self._remove_orphan, target, entry.proxy, entry.name, entry.uid))
+            elif _assigned_target(proxy) != target:
+                if not proxy["metadata"].get("deletionTimestamp"):
+                    repairs.append(functools.partial(self._remove_stray, target, entry.proxy, entry.name, entry.uid))
+            elif _mirrors(proxy, entry):
+                self.unmirrored.pop(entry.proxy.uid, None)
+            elif self.unmirrored.get(entry.proxy.uid) == entry.resource_version:
+                # Not mirrored in two digests in a row of the same delegate version: a lost message.
+                repairs.append(functools.partial(self._mirror_from_target, target, entry))
+            else:
+                self.unmirrored[entry.proxy.uid] = entry.resource_version
+        for uid, proxy in mine.items():
+            if _assigned_target(proxy) != target:
+                continue
+            if uid in listed or proxy["metadata"].get("deletionTimestamp") or is_finished(proxy):
+                self.missing_since.pop(uid, None)
+                continue
+            first_missed = self.missing_since.setdefault(uid, now)
+            if now - first_missed >= DELEGATE_GRACE_SECONDS:
+                repairs.append(functools.partial(self._missing_delegate, source, target, proxy))
+        async def run(repair: Callable[[], Awaitable[object]]) -> None:
+            await repair()
+
+        await for_each(repairs, run, RESYNC_CONCURRENCY, "repair from a digest")
+
+    async def _mirror_from_target(self, target: str, entry: DelegateSummary) -> None:
+        """A delegate whose status its proxy does not mirror: read from its target and handled as a message."""
+        try:
+            delegate = await self.rt.clusters[target].get(pod_path(entry.proxy.namespace, entry.name))
+        except KubeError as exc:
+            if exc.not_found:
+                return
+            raise
+        if delegate["metadata"]["uid"] == entry.uid and parent_ref(delegate) is not None:
+            self.unmirrored.pop(entry.proxy.uid, None)
+            await self.on_status(self._status_update(target, delegate))
+
+    async def _missing_delegate(self, source: str, target: str, proxy: JSON) -> None:
+        """A proxy whose delegate no digest lists: asked for again if it never ran, else ended if the
+        target confirms the delegate is gone."""
         ref = _ref(source, proxy)
         if proxy["spec"].get("nodeName"):  # it ran there: is the delegate really gone?
             try:
-                await self.rt.clusters[target].get(pod_path(meta["namespace"], delegate_name(ref.name, ref.uid)))
+                await self.rt.clusters[target].get(pod_path(ref.namespace, delegate_name(ref.name, ref.uid)))
                 return
             except KubeError as exc:
                 if not exc.not_found:
@@ -713,30 +854,10 @@ class Feedback:
             return
         round_ = Placement.of(proxy).round
         log.info("proxy %s chose %s but has no delegate there; requesting it again", ref, target)
-        request = DelegateRequest(proxy=ref, target=target, round=round_)
-        await self.rt.bus.publish(self.rt.bus.subject("delegate", target), request,
+        epoch = int(time.time() // self.rt.settings.resync_period_seconds)
+        await self.rt.bus.publish(self.rt.bus.subject("delegate", target),
+                                  DelegateRequest(proxy=ref, target=target, round=round_),
                                   f"delegate:{ref.uid}:{round_}:{epoch}")
-
-    async def _resync_delegate(self, target: str, delegate: JSON, epoch: int) -> None:
-        parent = parent_ref(delegate)
-        if parent is None:
-            return
-        source, namespace, name, uid = parent
-        ref = PodRef(cluster=source, namespace=namespace, name=name, uid=uid)
-        meta = delegate["metadata"]
-        proxy = self._proxy(source, namespace, name, uid)
-        if proxy is not None:
-            if _assigned_target(proxy) != target:
-                if not meta.get("deletionTimestamp"):
-                    await self._remove_stray(target, ref, meta["name"], meta["uid"])
-                return
-            status, node, refusal = _delegate_signal(delegate)
-            bound = bool(proxy["spec"].get("nodeName"))
-            if (bound and status_differs(proxy.get("status") or {}, status)) or \
-                    (not bound and (node is not None or refusal is not None)):
-                await self._publish_status(target, ref, delegate, epoch)
-            return
-        await self._remove_orphan(target, delegate)
 
     # -- virtual nodes -----------------------------------------------------------
 
@@ -925,6 +1046,8 @@ async def compose(rt: Runtime) -> None:
             rt.bus.consume("status", feedback_durable(source, partition),
                            status_subject(rt.settings.subject_prefix, source, partition), StatusUpdate,
                            feedback.on_status, in_flight=max(8, STATUS_IN_FLIGHT // len(partitions)))
+            await rt.bus.listen(digest_subject(rt.settings.subject_prefix, source, partition), DelegateDigest,
+                                feedback.on_digest)
 
     async def virtual_nodes(target: str) -> None:
         """One target's heartbeats: the first once its nodes are known, or as NotReady if it cannot be reached."""

@@ -24,13 +24,22 @@ from localenv.tools import nats_server_binary
 from mcsched.bus import ACK, Bus, Credentials, Outcome
 from mcsched.cli import nats_config
 from mcsched.membership import Membership
-from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
+from mcsched.models import (
+    CandidateReply,
+    CandidateRequest,
+    DelegateDigest,
+    DelegateRequest,
+    ElectMessage,
+    PodRef,
+    StatusUpdate,
+)
 from mcsched.natsauth import (
     STAGE_STREAMS,
     NatsUser,
     authorization,
     candidate_durable,
     candidate_queue,
+    digest_subject,
     feedback_durable,
     proxy_scheduler_durable,
     status_subject,
@@ -155,7 +164,7 @@ async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) ->
     for user, bus in buses.items():
         await bus.connect(attempts=1)
         await bus.ensure_streams(STAGE_STREAMS[user.removesuffix("-c2")])
-    got: dict[str, list[Any]] = {"elect": [], "delegate": [], "status": []}
+    got: dict[str, list[Any]] = {"elect": [], "delegate": [], "status": [], "digest": []}
 
     async def record(kind: str, message: Any) -> Outcome:
         got[kind].append(message)
@@ -174,6 +183,11 @@ async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) ->
         await candidate.respond(candidate.subject("candidate", "c2"), candidate_queue("c2"), CandidateRequest, answer)
         feedback.consume("status", feedback_durable("c1", 5), status_subject(PREFIX, "c1", 5), StatusUpdate,
                          lambda m: record("status", m))
+
+        async def digested(digest: DelegateDigest) -> None:
+            got["digest"].append(digest)
+
+        await feedback.listen(digest_subject(PREFIX, "c1", 5), DelegateDigest, digested)
         ref = PodRef(cluster="c1", namespace="ns", name="p", uid="u1")
         await buses["watcher"].publish(buses["watcher"].subject("elect", "c1"), elect(), "elect:u1:0")
         reply = None
@@ -187,11 +201,14 @@ async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) ->
                                       DelegateRequest(proxy=ref, target="c2", round=1), "delegate:u1:1")
         status = StatusUpdate(proxy=ref, target="c2", delegate_name="p-x", delegate_uid="d1", status={})
         await feedback.publish(status_subject(PREFIX, "c1", 5), status, "status:u1")
+        # a target side's digest for the process owning partition 5 (core NATS: no acknowledgement)
+        await feedback.notify(digest_subject(PREFIX, "c1", 5),
+                              DelegateDigest(target="c2", source="c1", partition=5, epoch="e"))
         for _ in range(100):
             if all(got.values()):
                 break
             await asyncio.sleep(0.1)
-        assert {k: len(v) for k, v in got.items()} == {"elect": 1, "delegate": 1, "status": 1}
+        assert {k: len(v) for k, v in got.items()} == {"elect": 1, "delegate": 1, "status": 1, "digest": 1}
     finally:
         for bus in buses.values():
             await bus.close()
@@ -331,3 +348,7 @@ async def test_processes_of_a_stage_find_each_other_and_forget_a_dead_one_after_
     for action in (lambda nc: nc.publish(f"{PREFIX}.members.feedback", b"x"),
                    lambda nc: nc.subscribe(f"{PREFIX}.members.feedback")):
         await refused(server, "watcher", action)
+    # Nor read or forge the digests of delegates that feedback's processes send each other.
+    for action in (lambda nc: nc.publish(digest_subject(PREFIX, "c1", 0), b"x"),
+                   lambda nc: nc.subscribe(digest_subject(PREFIX, "c1", 0))):
+        await refused(server, "candidate-scheduler", action)

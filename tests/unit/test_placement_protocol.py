@@ -1010,7 +1010,7 @@ async def test_a_running_delegate_deleted_by_someone_ends_its_proxy(world: World
     name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
 
     await world.clusters[target].delete(pod_path(NS, name))  # kubectl delete pod in the target
-    await world.settle()
+    await world.run()
 
     assert world.c1.pod(NS, proxy["metadata"]["name"]) is None
     assert "DelegateDeleted" in reasons(world.c1, proxy)
@@ -1025,7 +1025,7 @@ async def test_a_finished_proxy_keeps_its_status_when_its_delegate_is_deleted(wo
     name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
 
     await world.clusters[target].delete(pod_path(NS, name))
-    await world.settle()
+    await world.run()
     await world.feedback.resync()
     await world.settle()
 
@@ -1313,8 +1313,9 @@ async def test_the_proxy_scheduler_watches_proxies_only_once_a_pod_counts_them(w
 
 async def test_feedback_processes_sharing_partitions_each_handle_only_their_own_proxies(world: World) -> None:
     """Two feedback processes with the shares two members compute: each watches only its partitions'
-    proxies and their delegates, takes only its partitions' status messages, and keeps only its
-    targets' virtual nodes; together every pod ends Running."""
+    proxies and takes only their status messages, and watches only its own targets' delegates and
+    virtual nodes; a status goes from the process watching the delegate's target to the one owning
+    its proxy's partition. Together every pod ends Running."""
     await world.feedback_rt.close()
     world.runtimes.remove(world.feedback_rt)
     members = ("feedback@a", "feedback@b")
@@ -1340,12 +1341,26 @@ async def test_feedback_processes_sharing_partitions_each_handle_only_their_own_
         assert mine
         cached = {p["metadata"]["uid"] for p in service.proxies[SOURCE].items()}
         assert cached == {uid for uid, partition in by_partition.items() if partition in mine}
-        for target in TARGETS:  # and only those proxies' delegates, wherever they are
-            assert set(service.delegates[target].delegates) <= cached
+        owned_targets = {s.cluster for s in rt.shares.owned or () if s.partition is None}
+        assert set(service.delegates) == owned_targets  # every delegate of its targets, of any partition
+        for target in owned_targets:
+            assert {d["metadata"]["labels"][PARENT_UID_LABEL] for d in service.delegates[target].items()} == \
+                {p["metadata"]["uid"] for p, t in placed if t == target}
         consumed = {c.durable for cs in world.broker.consumers.values() for c in cs
                     if c.client == rt.fake_bus.client_name}
         assert consumed == {f"feedback-{SOURCE}-{p}" for p in mine}
         assert set(service.nodes) == {s.cluster for s in rt.shares.owned or () if s.partition is None}
-    handled = {d.envelope.subject for d in world.broker.deliveries if isinstance(d.envelope.message, StatusUpdate)}
-    assert handled == {f"mcs.status.{SOURCE}.{p}" for p in set(by_partition.values())}
+    statuses = [d for d in world.broker.deliveries if isinstance(d.envelope.message, StatusUpdate)]
+    assert {d.envelope.subject for d in statuses} == {f"mcs.status.{SOURCE}.{p}" for p in set(by_partition.values())}
+    clients = {service: rt.fake_bus.client_name for rt, service in processes}
+    hand_overs = 0
+    for delivery in statuses:
+        update = delivery.envelope.message
+        assert isinstance(update, StatusUpdate)
+        [(publisher, _)] = [(rt, s) for rt, s in processes if update.target in s.delegates]
+        [(writer, _)] = [(rt, s) for rt, s in processes
+                         if by_partition[update.proxy.uid] in (rt.shares.partitions(SOURCE) or ())]
+        assert delivery.envelope.publisher == publisher.fake_bus.client_name
+        hand_overs += publisher is not writer
+    assert hand_overs > 0, clients  # some statuses went from one process to the other
     assert world.problems() == []

@@ -21,11 +21,13 @@ from mcsched.constants import (
     NAMESPACE_LABEL,
     NAMESPACE_LABEL_VALUE,
     PARENT_CLUSTER_LABEL,
+    PARENT_NAME_LABEL,
+    PARENT_NAMESPACE_LABEL,
     PARENT_UID_LABEL,
     PROXY_SCHEDULER_NAME,
 )
 from mcsched.kube import JSON, pod_path
-from mcsched.models import ElectMessage, PodRef, decode
+from mcsched.models import DelegateSummary, ElectMessage, PodRef, decode
 from mcsched.podspec import delegate_name, mirror_patch, mirrored_status, status_differs
 from mcsched.settings import WebhookSettings
 from mcsched.testing import (
@@ -38,7 +40,7 @@ from mcsched.testing import (
     merge_patch,
     settle,
 )
-from services.feedback.__main__ import RESYNC_CONCURRENCY, Feedback
+from services.feedback.__main__ import DELEGATE_GRACE_SECONDS, RESYNC_CONCURRENCY, Feedback
 from services.feedback.__main__ import compose as feedback
 from services.watcher.__main__ import compose as watcher
 from tests.unit.test_placement_protocol import NS, SOURCE, TARGETS, World, admitted, node, ref, user_pod
@@ -255,16 +257,17 @@ async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded()
         clusters["c1"].put("pods", {"metadata": {"name": f"p{i}", "namespace": NS},
                                     "spec": {"schedulerName": PROXY_SCHEDULER_NAME, "containers": []}})
         clusters["c2"].put("pods", {"metadata": {"name": f"d{i}", "namespace": NS, "labels": {
-            PARENT_UID_LABEL: f"u{i}", PARENT_CLUSTER_LABEL: "c1"}}, "spec": {"containers": []}})
+            PARENT_UID_LABEL: f"u{i}", PARENT_CLUSTER_LABEL: "c1", PARENT_NAMESPACE_LABEL: NS,
+            PARENT_NAME_LABEL: f"p{i}"}}, "spec": {"containers": []}})
     rt = FakeRuntime("feedback", fake_settings(sources=("c1",), targets=("c2",)), FakeBus(), clusters)
     try:
         await feedback(rt)
         await settle(rt)
         [service] = [c.handler.__self__ for c in rt.fake_bus.broker.consumers["feedback-c1-0"]]
         assert isinstance(service, Feedback)
-        at_once, peak, seen = 0, 0, []
+        at_once, peak, seen, digested = 0, 0, [], []
 
-        async def slow(_target: str, pod: JSON, _epoch: int) -> None:
+        async def slow(_source: str, pod: JSON) -> None:
             nonlocal at_once, peak
             at_once += 1
             peak = max(peak, at_once)
@@ -272,11 +275,15 @@ async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded()
             seen.append(pod["metadata"]["name"])
             at_once -= 1
 
+        async def check(_source: str, _partition: int, _target: str, delegates: list[DelegateSummary]) -> None:
+            digested.extend(entry.name for entry in delegates)
+
         service._resync_proxy = slow  # type: ignore[method-assign]
-        service._resync_delegate = slow  # type: ignore[method-assign]
+        service.check_digest = check  # type: ignore[method-assign]
         await service.resync()
-        assert sorted(seen) == sorted([f"p{i}" for i in range(40)] + [f"d{i}" for i in range(40)])
+        assert sorted(seen) == sorted(f"p{i}" for i in range(40))
         assert 1 < peak <= RESYNC_CONCURRENCY
+        assert sorted(digested) == sorted(f"d{i}" for i in range(40))  # every delegate in its partition's digest
     finally:
         await rt.close()
 
@@ -284,7 +291,9 @@ async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded()
 # -- a late delegate -------------------------------------------------------------------------------------
 
 
-async def test_a_delegate_created_after_its_proxy_was_let_go_is_removed_at_once(world: World) -> None:
+async def late_delegate(world: World) -> tuple[JSON, str]:
+    """A delegate created after its proxy was let go: its request read the proxy before the user
+    deleted it, and copying what it uses took a while."""
     proxy = await world.create_proxy()
     await world.run("elect")
     target = Placement.of(world.proxy(proxy)).target
@@ -307,8 +316,66 @@ async def test_a_delegate_created_after_its_proxy_was_let_go_is_removed_at_once(
 
     release.set()
     assert (await handling).acked
+    await world.run()
+    assert world.delegate(target, proxy) is not None  # an orphan: unscheduled, nothing was published yet
+    return proxy, target
+
+
+async def test_a_delegate_created_after_its_proxy_was_let_go_is_removed_once_its_target_schedules_it(
+        world: World) -> None:
+    proxy, target = await late_delegate(world)
+
+    # The target's scheduler places it moments later: its proxy's owner hears of it and finds no proxy.
+    await world.schedule(target, proxy)
+    await world.run()
+    assert world.delegate(target, proxy) is None
+
+
+async def test_an_unscheduled_delegate_whose_proxy_is_gone_is_removed_by_the_next_resync_s_digest(
+        world: World) -> None:
+    proxy, target = await late_delegate(world)
+
+    await world.feedback.resync()
     await world.settle()
-    assert world.delegate(target, proxy) is None, "an orphan until the next resync"
+    assert world.delegate(target, proxy) is None
+
+
+# -- lost messages, found in the digests --------------------------------------------------------------
+
+
+async def test_a_lost_status_message_is_mirrored_after_two_digests_show_the_same_delegate_version(
+        world: World) -> None:
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    world.clusters[target].set_pod_phase(NS, name, "Succeeded")
+    await world.settle()
+    for envelope in world.bus.pending("status"):
+        world.bus.drop(envelope)  # lost
+
+    await world.feedback.resync()  # first digest: not mirrored, maybe a message on its way
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Running"
+    await world.feedback.resync()  # the same delegate version, still not mirrored: read and mirrored
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Succeeded"
+
+
+async def test_a_lost_deletion_message_ends_the_proxy_once_the_digests_miss_its_delegate_past_the_grace(
+        world: World) -> None:
+    proxy, target = await world.running()
+    await world.clusters[target].delete(pod_path(NS, delegate_name(proxy["metadata"]["name"],
+                                                                   proxy["metadata"]["uid"])))
+    await world.settle()
+    [gone] = world.bus.pending("status")
+    world.bus.drop(gone)  # lost
+
+    await world.feedback.resync()
+    await world.settle()
+    assert world.c1.pod(NS, proxy["metadata"]["name"]) is not None  # missed once: maybe a cache lagging
+    world.feedback.missing_since[proxy["metadata"]["uid"]] -= DELEGATE_GRACE_SECONDS
+    await world.feedback.resync()
+    await world.settle()
+    assert world.c1.pod(NS, proxy["metadata"]["name"]) is None  # a pod lives once
 
 
 # -- status mirroring ------------------------------------------------------------------------------------

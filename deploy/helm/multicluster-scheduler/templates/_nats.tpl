@@ -55,6 +55,9 @@ renders both and compares them.
 {{- $consumers = append $consumers (list "status" (printf "feedback-%s-%d" $source $partition) (printf "%s.status.%s.%d" $p $source $partition)) -}}
 {{- end -}}
 {{- $publish = append $publish (printf "%s.status.%s.*" $p $source) -}}
+{{- /* digests of each target's delegates, per partition of the source (core NATS) */ -}}
+{{- $publish = append $publish (printf "%s.digest.%s.*" $p $source) -}}
+{{- $subscribe = append $subscribe (printf "%s.digest.%s.*" $p $source) -}}
 {{- end -}}
 {{- range $targets -}}{{- $publish = append $publish (printf "%s.delegate.%s" $p .) -}}{{- end -}}
 {{- end -}}
