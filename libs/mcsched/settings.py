@@ -152,7 +152,9 @@ class Settings(BaseSettings):
         6.0, gt=0, description="a process of a sharded stage not heard from for this long is gone: the others "
         "take its shares of the work")
     target_poll_seconds: float = Field(
-        3.0, gt=0, description="how often the sources' Target and ClusterTarget objects are read")
+        3.0, gt=0, description="how often the sources' Target and ClusterTarget objects are read while a change "
+        "could go unseen (a watch down, a named Secret missing); watched, they are read when they change and "
+        "every 30 s")
     failover_seconds: int | None = Field(
         300, ge=0, description="how long a proxy stays on a NotReady virtual node (its cluster lost) before it is "
         "evicted and its controller replaces it elsewhere; a pod's own tolerationSeconds win; null: never")

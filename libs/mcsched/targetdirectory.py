@@ -1,12 +1,16 @@
-"""The targets each source names at runtime: its Target and ClusterTarget objects, read every few seconds.
+"""The targets each source names at runtime: its Target and ClusterTarget objects, watched.
 
 :class:`TargetDirectory` lists the objects (and GETs the kubeconfig Secrets
 they name) in every source, resolves them with :mod:`mcsched.targets`, and
 says when the result differs from the set a service was composed with; the
 runtime then composes the service again in place (see
-:func:`mcsched.runtime.run_service`). A listing that fails keeps the last
-good result for that source, so an API server that does not answer never
-removes a cluster; a source without the CRDs simply names no targets.
+:func:`mcsched.runtime.run_service`). It reads them again when a watch of
+the objects sees a change, and every ``QUIET_POLL_SECONDS`` for the Secrets
+(a rotated kubeconfig); every ``target_poll_seconds`` instead while a watch
+is down or a named Secret is missing, which no watch of ours would see
+appear. A listing that fails keeps the last good result for that source, so
+an API server that does not answer never removes a cluster; a source without
+the CRDs simply names no targets.
 
 A target that cannot be used (its Secret missing, a kubeconfig without a
 server, a key two objects claim) is left out and its problem kept in
@@ -20,11 +24,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from .kube import JSON, KubeClient, KubeError
+from .kube import JSON, Informer, KubeClient, KubeError
 from .settings import ClusterSettings, Settings
 from .targets import CLUSTER_TARGETS_PATH, TARGETS_PATH, TargetError, TargetObject, resolve, secret_ref
 
@@ -44,13 +48,13 @@ class Resolution:
         return sorted(t.model_dump_json() + json.dumps(t.kubeconfig_data, sort_keys=True) for t in self.targets)
 
 
-async def _list(client: KubeClient, path: str) -> list[JSON]:
-    """The items at ``path``; none when the API (the CRD) is not installed there."""
+async def _list(client: KubeClient, path: str) -> list[JSON] | None:
+    """The items at ``path``; None when the API (the CRD) is not installed there."""
     try:
         return list((await client.get(path)).get("items") or [])
     except KubeError as exc:
         if exc.not_found:
-            return []
+            return None
         raise
 
 
@@ -66,6 +70,10 @@ async def _secret(client: KubeClient, namespace: str, name: str) -> JSON | None:
 # A kubeconfig Secret is read again at most this often (a rotated one is used within this time),
 # unless the object naming it changed: many namespaced Targets must not mean many reads every poll.
 SECRET_REFRESH_SECONDS = 30.0
+# With every source watched and every Secret found, the objects are read this often (for the Secrets).
+QUIET_POLL_SECONDS = SECRET_REFRESH_SECONDS
+# A burst of changes (many Targets applied at once) is read once, this long after its first.
+FOLD_SECONDS = 0.2
 
 
 class SecretCache:
@@ -88,11 +96,21 @@ class SecretCache:
         return secret
 
 
-async def read_source(source: str, client: KubeClient,
-                      secrets: SecretCache) -> list[tuple[TargetObject, JSON, JSON | None]]:
-    """Every Target and ClusterTarget of one source, with the Secret each names (None if none/missing)."""
+async def read_source(source: str, client: KubeClient, secrets: SecretCache,
+                      served: set[str] | None = None) -> list[tuple[TargetObject, JSON, JSON | None]]:
+    """Every Target and ClusterTarget of one source, with the Secret each names (None if none/missing).
+
+    The paths the source serves (its CRDs are installed) are added to ``served``.
+    """
+    objects: list[JSON] = []
+    for path in (CLUSTER_TARGETS_PATH, TARGETS_PATH):
+        items = await _list(client, path)
+        if items is not None:
+            objects += items
+            if served is not None:
+                served.add(path)
     found = []
-    for obj in [*await _list(client, CLUSTER_TARGETS_PATH), *await _list(client, TARGETS_PATH)]:
+    for obj in objects:
         origin = TargetObject.of(source, obj)
         try:
             ref = secret_ref(obj)
@@ -137,14 +155,22 @@ def resolve_all(settings: Settings, read: Mapping[str, list[tuple[TargetObject, 
 
 
 class TargetDirectory:
-    """Reads every source's targets every ``every`` seconds; :attr:`changed` is set when they change."""
+    """Reads every source's targets when they change; :attr:`changed` is set when the result changes.
 
-    def __init__(self, settings: Settings, sources: dict[str, KubeClient], every: float) -> None:
+    ``informer`` makes the watches (the real :class:`~mcsched.kube.Informer`; tests give a fake one).
+    """
+
+    def __init__(self, settings: Settings, sources: dict[str, KubeClient], every: float,
+                 informer: Callable[..., Informer] = Informer) -> None:
         self.settings, self.sources, self.every = settings, sources, every
         self.last: dict[str, list[tuple[TargetObject, JSON, JSON | None]]] = {}
         self.current = Resolution()
         self.changed = asyncio.Event()
         self.secrets = SecretCache()
+        self.informer = informer
+        self.watches: dict[tuple[str, str], Informer] = {}  # (source, path) -> its watch
+        self.answered: set[str] = set()  # the sources whose last read succeeded
+        self._poked = asyncio.Event()
         self._polling: asyncio.Task[None] | None = None
 
     @classmethod
@@ -159,6 +185,8 @@ class TargetDirectory:
         if self._polling is not None:
             self._polling.cancel()
             await asyncio.gather(self._polling, return_exceptions=True)
+        for watch in self.watches.values():
+            await watch.stop()
         for client in self.sources.values():
             await client.close()
 
@@ -166,12 +194,38 @@ class TargetDirectory:
         """The targets as the sources name them now (a source that fails keeps its last good answer)."""
         complete = True
         for source, client in self.sources.items():
+            served: set[str] = set()
             try:
-                self.last[source] = await read_source(source, client, self.secrets)
+                self.last[source] = await read_source(source, client, self.secrets, served)
+                self.answered.add(source)
             except (TimeoutError, KubeError, OSError) as exc:
+                self.answered.discard(source)
                 log.warning("could not read the Targets and ClusterTargets of %s: %s", source, exc)
                 complete = complete and source in self.last
+            for path in served:
+                self._watch(source, path)
         return resolve_all(self.settings, self.last, complete)
+
+    def _watch(self, source: str, path: str) -> None:
+        """Watch ``path`` in ``source`` from now on (once its API is known to be there)."""
+        if (source, path) in self.watches:
+            return
+        watch = self.informer(self.sources[source], path, name=f"{source}:{path.rsplit('/', 1)[-1]}")
+        watch.add_handler(self._seen)
+        watch.start()
+        self.watches[(source, path)] = watch
+
+    def _seen(self, _kind: str, _obj: JSON, _old: JSON | None) -> None:
+        self._poked.set()
+
+    def poll_seconds(self) -> float:
+        """How long until the objects are read again if no watch sees a change: soon while something
+        could change unseen (a source that did not answer, a watch down, a Secret not there yet), else
+        later (a source without the CRDs included: they are rarely installed afterwards)."""
+        unseen = any(source not in self.answered for source in self.sources) or \
+            any(not w.healthy for w in self.watches.values())
+        missing = any(p is not None and p.reason == "SecretNotFound" for p in self.current.problems.values())
+        return self.every if unseen or missing else max(self.every, QUIET_POLL_SECONDS)
 
     async def refresh(self) -> None:
         resolution = await self.read()
@@ -183,7 +237,12 @@ class TargetDirectory:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.every)
+            try:
+                await asyncio.wait_for(self._poked.wait(), self.poll_seconds())
+                await asyncio.sleep(FOLD_SECONDS)
+            except TimeoutError:
+                pass
+            self._poked.clear()
             try:
                 await self.refresh()
             except asyncio.CancelledError:

@@ -13,9 +13,18 @@ import yaml
 from mcsched.kube import KubeError
 from mcsched.runtime import SettingsFile, nats_credentials
 from mcsched.settings import ClusterSettings, Settings, load_settings
-from mcsched.targetdirectory import TargetDirectory, resolve_all, target_status
-from mcsched.targets import TargetError, TargetObject, encode_kubeconfig, excluded_label, resolve, secret_ref
-from mcsched.testing import FakeCluster
+from mcsched.targetdirectory import QUIET_POLL_SECONDS, TargetDirectory, resolve_all, target_status
+from mcsched.targets import (
+    CLUSTER_TARGETS_PATH,
+    TARGETS_PATH,
+    TargetError,
+    TargetObject,
+    encode_kubeconfig,
+    excluded_label,
+    resolve,
+    secret_ref,
+)
+from mcsched.testing import FakeCluster, FakeInformer
 
 KUBECONFIG = {"apiVersion": "v1", "kind": "Config", "current-context": "c2",
               "clusters": [{"name": "c2", "cluster": {"server": "https://c2.example:6443"}}],
@@ -173,22 +182,65 @@ async def test_the_directory_reads_secrets_sparingly_and_keeps_its_last_answer_w
     source.put("secrets", {"metadata": {"name": "k", "namespace": "admiralty"},
                            "data": {"config": encode_kubeconfig(KUBECONFIG)}})
     source.put("clustertargets", cluster_target("c2", {"kubeconfigSecret": {"name": "k", "namespace": "admiralty"}}))
-    directory = TargetDirectory(settings(), {"c1": source}, every=1.0)
-    for _ in range(3):
-        await directory.refresh()
-    assert [t.name for t in directory.current.targets] == ["c2"] and directory.current.complete
-    secret_reads = [c for c in source.calls if c.method == "GET" and "/secrets/" in c.path]
-    assert len(secret_reads) == 1, "a Secret is not read again at every poll"
-    assert directory.changed.is_set()  # from none to c2
-    directory.changed.clear()
+    directory = TargetDirectory(settings(), {"c1": source}, every=1.0, informer=FakeInformer)
+    try:
+        for _ in range(3):
+            await directory.refresh()
+        assert [t.name for t in directory.current.targets] == ["c2"] and directory.current.complete
+        secret_reads = [c for c in source.calls if c.method == "GET" and "/secrets/" in c.path]
+        assert len(secret_reads) == 1, "a Secret is not read again at every poll"
+        assert directory.changed.is_set()  # from none to c2
+        directory.changed.clear()
 
-    source.set_reachable(False)  # the source does not answer: nothing is removed
-    await directory.refresh()
-    assert [t.name for t in directory.current.targets] == ["c2"] and not directory.changed.is_set()
-    source.set_reachable(True)
-    source.remove("clustertargets", "", "c2")  # deleted: removed, and said
-    await directory.refresh()
-    assert directory.current.targets == [] and directory.changed.is_set()
+        source.set_reachable(False)  # the source does not answer: nothing is removed
+        await directory.refresh()
+        assert [t.name for t in directory.current.targets] == ["c2"] and not directory.changed.is_set()
+        source.set_reachable(True)
+        source.remove("clustertargets", "", "c2")  # deleted: removed, and said
+        await directory.refresh()
+        assert directory.current.targets == [] and directory.changed.is_set()
+    finally:
+        await directory.close()
+
+
+async def test_the_directory_reads_the_objects_when_its_watch_sees_a_change_and_rarely_otherwise() -> None:
+    source = FakeCluster("c1", namespaces=("default", "admiralty"))
+    source.put("secrets", {"metadata": {"name": "k", "namespace": "admiralty"},
+                           "data": {"config": encode_kubeconfig(KUBECONFIG)}})
+    directory = TargetDirectory(settings(), {"c1": source}, every=0.05, informer=FakeInformer)
+    running = asyncio.create_task(directory.run())
+    try:
+        await directory.refresh()  # the first read, as the runtime does it
+        for watch in directory.watches.values():
+            await watch.wait_synced(5)
+        assert sorted(path for _, path in directory.watches) == sorted([CLUSTER_TARGETS_PATH, TARGETS_PATH])
+        assert directory.poll_seconds() == QUIET_POLL_SECONDS  # watched: no need to list every few seconds
+        await asyncio.sleep(0.5)  # ten fast polls' worth
+        lists = [c for c in source.calls if c.method == "GET" and c.path.endswith("/clustertargets")]
+        assert len(lists) <= 2, "the objects are listed again only after a change"
+
+        source.put("clustertargets", cluster_target("c2", {"kubeconfigSecret": {"name": "k",
+                                                                               "namespace": "admiralty"}}))
+        await asyncio.wait_for(directory.changed.wait(), 5)  # seen through the watch
+        assert [t.name for t in directory.current.targets] == ["c2"]
+
+        # a Target naming a Secret not there yet: read every few seconds until it appears
+        source.put("clustertargets", cluster_target("c3", {"kubeconfigSecret": {"name": "later",
+                                                                               "namespace": "admiralty"}}))
+        for _ in range(100):
+            if directory.poll_seconds() == 0.05:
+                break
+            await asyncio.sleep(0.05)
+        assert directory.poll_seconds() == 0.05
+        directory.changed.clear()
+        source.put("secrets", {"metadata": {"name": "later", "namespace": "admiralty"},
+                               "data": {"config": encode_kubeconfig(KUBECONFIG)}})
+        await asyncio.wait_for(directory.changed.wait(), 5)
+        assert sorted(t.name for t in directory.current.targets) == ["c2", "c3"]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await directory.close()
 
 
 async def test_a_source_without_the_crds_names_no_targets() -> None:
@@ -202,6 +254,8 @@ async def test_a_source_without_the_crds_names_no_targets() -> None:
         return await real(method, path, *args, **kwargs)
 
     source.request = no_crds  # type: ignore[method-assign]
-    directory = TargetDirectory(settings(), {"c1": source}, every=1.0)
+    directory = TargetDirectory(settings(), {"c1": source}, every=1.0, informer=FakeInformer)
     await directory.refresh()
     assert directory.current.targets == [] and directory.current.complete
+    assert directory.watches == {}  # nothing to watch
+    assert directory.poll_seconds() == QUIET_POLL_SECONDS

@@ -300,6 +300,9 @@ class FakeCluster(KubeClient):
     async def _raw(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"FakeCluster {self.name} has no network")
 
+    async def close(self) -> None:
+        """Nothing to let go (no connections)."""
+
     async def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json") -> JSON:
         await asyncio.sleep(0)  # as over a network: other tasks run while a request is on its way
