@@ -297,17 +297,18 @@ class Feedback:
     async def _publish_status_key(self, key: tuple[str, str, str]) -> None:
         target, namespace, name = key
         deletion = self.deleted.get(key)
-        if deletion is not None:
+        if deletion is not None:  # then the delegate of that name now, if another one was made since
             gone, partition = deletion
             await self._publish(gone, partition, f"gone:{gone.delegate_uid}:{self.rt.bus.client_name}")
             if self.deleted.get(key) is deletion:
                 del self.deleted[key]
-            return
         informer = self.delegates.get(target)
         delegate = informer.get(f"{namespace}/{name}") if informer is not None else None
         if delegate is None or parent_ref(delegate) is None:
             self.published.pop(key, None)
             return
+        if deletion is not None and delegate["metadata"]["uid"] == deletion[0].delegate_uid:
+            return  # the cache still shows the one deleted (not possible once its DELETED event came)
         version = delegate["metadata"].get("resourceVersion")
         if self.published.get(key) == version:
             return  # published already (a folded change queued twice)
@@ -662,6 +663,14 @@ class Feedback:
         if proxy["metadata"].get("deletionTimestamp"):
             self.finalizing.add((ref.cluster, ref.namespace, ref.name))
         elif _assigned_target(proxy) == update.target and update.delegate_name == delegate_name(ref.name, ref.uid):
+            # The message may come late: a delegate of that name made since (a later round in the
+            # same cluster) is the pod's, and it lives on.
+            try:
+                await self.rt.clusters[update.target].get(pod_path(ref.namespace, update.delegate_name))
+                return
+            except KubeError as exc:
+                if not exc.not_found:
+                    raise
             await self._end_proxy(update.target, ref, f"its delegate {update.delegate_name} was deleted in "
                                   f"{update.target}", update.round)
 

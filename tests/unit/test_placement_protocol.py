@@ -1017,6 +1017,39 @@ async def test_a_running_delegate_deleted_by_someone_ends_its_proxy(world: World
     assert world.delegates(target) == [] and world.bus.pending("delegate") == []
 
 
+async def test_a_late_deletion_message_ends_nothing_once_a_delegate_of_that_name_runs_again(world: World) -> None:
+    proxy, target = await world.running()
+    ref_ = ref(proxy)
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    # The deletion of an earlier incarnation of the delegate (an earlier round in this cluster), late.
+    late = StatusUpdate(proxy=ref_, target=target, delegate_name=name, delegate_uid="an-earlier-one", status={},
+                        gone=True, round=Placement.of(world.proxy(proxy)).round)
+    await world.bus.publish(f"mcs.status.{SOURCE}.{partition_of(proxy['metadata']['labels'])}", late, "late")
+    await world.run()
+    assert world.c1.pod(NS, proxy["metadata"]["name"]) is not None  # its delegate runs: the pod lives on
+
+
+async def test_a_delegate_deleted_and_made_again_under_its_name_is_reported_both_times(world: World) -> None:
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    delegates = world.clusters[target]
+    again = {**delegates.find("pods", NS, name), "status": {}}
+    again["metadata"] = {k: v for k, v in again["metadata"].items() if k not in ("uid", "resourceVersion")}
+    again["spec"] = {k: v for k, v in again["spec"].items() if k != "nodeName"}
+    world.feedback.scheduled_fold_seconds = 60.0  # only the deletion and the start are reported here
+    # Deleted, made again under the same name (a new uid), placed and started, all before the
+    # process publishes: its one queued key carries both the deletion and the new delegate.
+    delegates.remove("pods", NS, name)
+    delegates.put("pods", again)
+    delegates.bind_pod(NS, name, f"{target}-n1")
+    delegates.set_pod_phase(NS, name, "Running")
+    await world.settle()
+    published = [e.message for e in world.bus.pending("status")]
+    assert [m.gone for m in published if isinstance(m, StatusUpdate)] == [True, False]
+    assert isinstance(published[1], StatusUpdate)
+    assert published[1].delegate_uid == delegates.find("pods", NS, name)["metadata"]["uid"]
+
+
 async def test_a_finished_proxy_keeps_its_status_when_its_delegate_is_deleted(world: World) -> None:
     proxy, target = await world.running()
     await world.kubelet(target, proxy, "Succeeded")
