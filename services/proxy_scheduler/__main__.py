@@ -81,6 +81,11 @@ CONFIRM_SECONDS = 5.0
 
 # How long the first pod that counts the source's proxies waits for their list (then it is retried).
 PROXY_CACHE_SYNC_SECONDS = 30.0
+# When no candidate-scheduler answered in time (all busy, under a backlog) and no cluster was left out
+# for a reason, the pod is asked about again this many times, each a timeout later than the last, before
+# it is said to fit nowhere: saying so is two writes to its source (its condition, an Event) that a busy
+# moment does not deserve.
+UNANSWERED_RETRIES = 3
 
 
 class ProxyScheduler:
@@ -102,6 +107,8 @@ class ProxyScheduler:
         self.choosing = {source: asyncio.Lock() for source in rt.settings.source_names}
         # proxy uid -> its elect message, while the pod fits nowhere and waits for its retry here
         self.waiting: dict[str, ElectMessage] = {}
+        # proxy uid -> how many times in a row no candidate-scheduler answered about it
+        self.unanswered: dict[str, int] = {}
         self.retries: WorkQueue[str] = WorkQueue("retry unschedulable", self._retry)
         self.retries.start()
         rt.closers.append(self.retries.stop)
@@ -235,8 +242,17 @@ class ProxyScheduler:
                 first = weighted(weights, pod, members, by_spread)
                 target = pick_target(ref.uid, {t: scores[t] for t in first})
                 if target is None:
+                    # Every cluster was asked and none answered: a busy moment, not a reason yet.
+                    if answers and all(a is None for a in answers.values()) and not excluded and not refused \
+                            and self.unanswered.get(ref.uid, 0) < UNANSWERED_RETRIES:
+                        tries = self.unanswered[ref.uid] = self.unanswered.get(ref.uid, 0) + 1
+                        log.info("%s: no candidate-scheduler answered in time; asking again (%d)", ref, tries)
+                        self._retry_after(message, tries * self.rt.settings.candidate_timeout_seconds)
+                        return ACK
+                    self.unanswered.pop(ref.uid, None)
                     return await self._unschedulable(message, {t: a for t, a in answers.items() if t not in late},
                                                      refused, excluded)
+                self.unanswered.pop(ref.uid, None)
                 chosen = placement.choose(target)
                 counts.reserve(pod, chosen)
                 confirmation = None

@@ -59,7 +59,7 @@ from services.candidate_scheduler.__main__ import TargetScheduler
 from services.candidate_scheduler.__main__ import compose as candidate_scheduler
 from services.feedback.__main__ import Feedback
 from services.feedback.__main__ import compose as feedback
-from services.proxy_scheduler.__main__ import ProxyScheduler
+from services.proxy_scheduler.__main__ import UNANSWERED_RETRIES, ProxyScheduler
 from services.proxy_scheduler.__main__ import compose as proxy_scheduler
 from services.watcher.__main__ import compose as watcher
 
@@ -557,6 +557,22 @@ async def test_a_pending_preemption_is_not_a_refusal(world: World) -> None:
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------
+
+
+async def test_a_pod_no_candidate_scheduler_answered_for_is_asked_about_again_before_it_is_said_to_fit_nowhere(
+        world: World) -> None:
+    for rt in [rt for rt in world.runtimes if rt.service == "candidate-scheduler"]:
+        await rt.close()  # every candidate-scheduler busy: no answer comes in time
+    proxy = await world.create_proxy()
+    await world.run("elect")
+    for _ in range(UNANSWERED_RETRIES):
+        pod = world.proxy(proxy)
+        assert condition(pod, "PodScheduled") is None and reasons(world.c1, pod) == []  # nothing written yet
+        await world.retry_unschedulable()
+    scheduled = condition(world.proxy(proxy), "PodScheduled")
+    assert scheduled is not None and scheduled["status"] == "False"
+    assert "no candidate-scheduler answered" in scheduled["message"]
+    assert "FailedScheduling" in reasons(world.c1, proxy)
 
 
 async def test_a_refusal_is_recorded_and_the_next_target_tried_until_every_cluster_refused(world: World) -> None:
