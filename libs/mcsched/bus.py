@@ -105,6 +105,8 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._consumer_problems: dict[str, str] = {}  # durable -> why it does not deliver now
+        self._waiting: dict[str, int] = {}  # durable -> messages waiting for it, as of its last check
+        self._handling: dict[str, set[asyncio.Task[None]]] = {}  # durable -> its messages being handled here
         self._grace = 0.0  # at close: how long handlers in flight may take to finish (set by close)
 
     # -- naming ------------------------------------------------------------------
@@ -331,6 +333,7 @@ class Bus:
     async def _consume(self, kind: str, durable: str, subject: str, model: type[M], handler: Handler[M],
                        in_flight: int, ack_wait: float) -> None:
         handling: set[asyncio.Task[None]] = set()
+        self._handling[durable] = handling
         try:
             turn = 0
             while True:  # each turn: (re-)create the stream and the consumer, then pull until the consumer is gone
@@ -391,6 +394,7 @@ class Bus:
                 try:
                     info = await sub.consumer_info()
                     CONSUMER_LAG.labels(durable).set(info.num_pending or 0)
+                    self._waiting[durable] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
                     self._consumer_problems.pop(durable, None)
                 except NotFoundError:
                     return
@@ -416,6 +420,11 @@ class Bus:
                 task = asyncio.create_task(self._handle(msg, model, handler, ack_wait))
                 handling.add(task)
                 task.add_done_callback(handling.discard)
+
+    def busy(self, durable: str) -> bool:
+        """Whether messages of this process's durable consumer wait or are being handled (the waiting
+        ones as of its last check, every ``CONSUMER_CHECK_SECONDS``)."""
+        return bool(self._waiting.get(durable)) or bool(self._handling.get(durable))
 
     def problems(self) -> list[str]:
         """What keeps this bus from working: no connection, a consumer missing or failing (for readiness)."""

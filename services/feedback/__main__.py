@@ -36,8 +36,8 @@ talk over the bus:
   delegate whose proxy no longer exists (e.g. created by a late request after
   the proxy's finalizer let it go) or chose another cluster is removed; a
   proxy whose delegate request was lost gets it again; one whose delegate is
-  gone ends; a status not mirrored, seen in two digests in a row, is read
-  from the target and mirrored.
+  gone ends; a status not mirrored, seen in two digests in a row while no
+  status message of that partition waits, is read from the target and mirrored.
 """
 
 from __future__ import annotations
@@ -804,6 +804,9 @@ class Feedback:
         mine = {p["metadata"]["uid"]: p for p in informer.items()
                 if partition_of(p["metadata"].get("labels")) == partition}
         repairs: list[Callable[[], Awaitable[object]]] = []
+        # While status messages of this partition wait in its stream (a backlog), a status not mirrored
+        # yet is most likely on its way: it is not read from the target meanwhile.
+        backlog = self.rt.bus.busy(feedback_durable(source, partition))
         for entry in delegates:
             if entry.deleting or entry.proxy.cluster != source:
                 continue
@@ -815,7 +818,7 @@ class Feedback:
             elif _assigned_target(proxy) != target:
                 if not proxy["metadata"].get("deletionTimestamp"):
                     repairs.append(functools.partial(self._remove_stray, target, entry.proxy, entry.name, entry.uid))
-            elif _mirrors(proxy, entry):
+            elif _mirrors(proxy, entry) or backlog:
                 self.unmirrored.pop(entry.proxy.uid, None)
             elif self.unmirrored.get(entry.proxy.uid) == entry.resource_version:
                 # Not mirrored in two digests in a row of the same delegate version: a lost message.

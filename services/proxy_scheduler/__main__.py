@@ -82,9 +82,9 @@ CONFIRM_SECONDS = 5.0
 # How long the first pod that counts the source's proxies waits for their list (then it is retried).
 PROXY_CACHE_SYNC_SECONDS = 30.0
 # When no candidate-scheduler answered in time (all busy, under a backlog) and no cluster was left out
-# for a reason, the pod is asked about again this many times, each a timeout later than the last, before
-# it is said to fit nowhere: saying so is two writes to its source (its condition, an Event) that a busy
-# moment does not deserve.
+# for a reason, the pod is asked about again this many times (no sooner than a pod that fits nowhere,
+# so busy candidate-schedulers are not asked more often) before it is said to fit nowhere: saying so is
+# two writes to its source (its condition, an Event) that a busy moment does not deserve.
 UNANSWERED_RETRIES = 3
 
 
@@ -247,7 +247,7 @@ class ProxyScheduler:
                             and self.unanswered.get(ref.uid, 0) < UNANSWERED_RETRIES:
                         tries = self.unanswered[ref.uid] = self.unanswered.get(ref.uid, 0) + 1
                         log.info("%s: no candidate-scheduler answered in time; asking again (%d)", ref, tries)
-                        self._retry_after(message, tries * self.rt.settings.candidate_timeout_seconds)
+                        self._retry_after(message, self.rt.settings.unschedulable_retry_seconds)
                         return ACK
                     self.unanswered.pop(ref.uid, None)
                     return await self._unschedulable(message, {t: a for t, a in answers.items() if t not in late},

@@ -360,6 +360,26 @@ async def test_a_lost_status_message_is_mirrored_after_two_digests_show_the_same
     assert world.proxy(proxy)["status"]["phase"] == "Succeeded"
 
 
+async def test_a_status_not_mirrored_is_not_read_from_the_target_while_its_partition_has_a_backlog(
+        world: World) -> None:
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    world.clusters[target].set_pod_phase(NS, name, "Succeeded")
+    await world.settle()
+    [waiting] = world.bus.pending("status")  # its message waits in the stream (a backlog)
+    reads = len([c for c in world.clusters[target].calls if c.method == "GET"])
+
+    for _ in range(3):
+        await world.feedback.resync()
+        await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Running"  # left to the message on its way
+    assert len([c for c in world.clusters[target].calls if c.method == "GET"]) == reads
+
+    await world.bus.deliver(waiting)
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Succeeded"
+
+
 async def test_a_lost_deletion_message_ends_the_proxy_once_the_digests_miss_its_delegate_past_the_grace(
         world: World) -> None:
     proxy, target = await world.running()

@@ -268,6 +268,10 @@ class FakeBus(Bus):
 
     # -- what the test does ----------------------------------------------------------------------------
 
+    def busy(self, durable: str) -> bool:
+        """Whether messages for this durable consumer wait (on the fake broker, at once)."""
+        return any(durable in [c.durable for c in self.broker.consumer_of(e.subject)] for e in self.broker.pending)
+
     def pending(self, kind: str | None = None, *, cluster: str | None = None) -> list[Envelope]:
         """Messages waiting for their consumer, oldest first (optionally of one kind, for one cluster)."""
         return [e for e in self.broker.pending if (kind is None or e.kind == kind)

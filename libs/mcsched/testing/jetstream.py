@@ -90,6 +90,7 @@ class FakeMsg:
 @dataclass
 class FakeConsumerInfo:
     num_pending: int
+    num_ack_pending: int = 0
 
 
 class FakePullSubscription:
