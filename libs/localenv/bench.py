@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from mcsched.constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL
-from mcsched.kube import JSON, Informer, KubeClient
+from mcsched.kube import JSON, Informer, KubeClient, KubeError
 from mcsched.settings import ClusterSettings
 
 from .environment import LocalEnvironment
@@ -51,6 +51,8 @@ CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-sche
 STEPS = ("proxy_bound", "delegate_created", "delegate_running", "proxy_running")
 BASELINE_STEPS = ("bound", "running")
 NAMESPACE = "bench"
+# A bare pod whose create the API server refuses for now (5xx) is created again this many times at most.
+CREATE_ATTEMPTS = 5
 PROFILE_SECONDS = int(os.environ.get("BENCH_PROFILE", "0") or 0)
 
 
@@ -216,8 +218,19 @@ class Scenario:
 
         async def one(i: int) -> None:
             async with gate:
-                await client.create(f"/api/v1/namespaces/{namespace}/pods",
-                                    pod_manifest(f"bare-{i}", self.elected, {"app": "bare"}))
+                for attempt in range(CREATE_ATTEMPTS):
+                    try:
+                        await client.create(f"/api/v1/namespaces/{namespace}/pods",
+                                            pod_manifest(f"bare-{i}", self.elected, {"app": "bare"}))
+                        return
+                    except KubeError as exc:
+                        # Refused for now (e.g. the admission webhook did not answer in time under the
+                        # burst): tried again, as a controller would; one that got through is kept.
+                        if exc.conflict and attempt > 0:
+                            return
+                        if exc.status < 500 or attempt == CREATE_ATTEMPTS - 1:
+                            raise
+                    await asyncio.sleep(1.0 + attempt)
 
         await asyncio.gather(*(one(i) for i in range(bare)))
 
