@@ -393,8 +393,11 @@ class Feedback:
             await self._delegate_gone(update, proxy)
             return ACK
         if proxy is None:
-            # Gone: a delegate created by a request handled late, after the proxy's finalizer let it go.
-            await self._remove_orphan(update.target, ref, update.delegate_name, update.delegate_uid)
+            # Gone (its API server said so: the cache did not have it): a delegate created by a request
+            # handled late, after the proxy's finalizer let it go.
+            if await self._delete_pod(update.target, ref.namespace, update.delegate_name, update.delegate_uid):
+                log.info("delegate %s/%s in %s has no proxy any more; deleted", ref.namespace, update.delegate_name,
+                         update.target)
             return ACK
         if proxy["metadata"].get("deletionTimestamp"):
             self.finalizing.add((ref.cluster, ref.namespace, ref.name))
