@@ -59,6 +59,8 @@ IDLE_FETCH_WAIT_SECONDS = 5.0
 PUBLISHERS = 32
 # How often a consumer is asked whether it still exists (and how far behind it is).
 CONSUMER_CHECK_SECONDS = 10.0
+# How long a question about another process's consumer (how far it got) may take.
+CONSUMER_INFO_SECONDS = 2.0
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 
@@ -234,11 +236,12 @@ class Bus:
             headers["Nats-Msg-Id"] = msg_id
         return headers
 
-    async def publish(self, subject: str, message: Message, msg_id: str) -> None:
-        """Publish durably; returns once JetStream has stored it (or knew it already)."""
-        await self._store(subject, message.encode(), self._headers(msg_id))
+    async def publish(self, subject: str, message: Message, msg_id: str) -> int:
+        """Publish durably; returns once JetStream has stored it (or knew it already), with its sequence
+        in the stream (the first copy's, for a message id seen already)."""
+        return await self._store(subject, message.encode(), self._headers(msg_id))
 
-    async def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+    async def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> int:
         """Publish to JetStream; a stream deleted meanwhile is created again, then the message stored.
 
         While a NATS cluster elects a new leader for the stream (a server lost) the publish is not
@@ -250,8 +253,8 @@ class Bus:
         while True:
             error: Exception
             try:
-                await self._jetstream().publish(subject, data, headers=headers)
-                return
+                ack = await self._jetstream().publish(subject, data, headers=headers)
+                return int(ack.seq)
             except NoStreamResponseError as exc:
                 error = exc
                 if not recreated:
@@ -270,9 +273,9 @@ class Bus:
             log.info("publish to %s not answered (%s); trying again", subject, describe(error))
             await asyncio.sleep(delay)  # short and flat: the new leader is there within a few seconds
 
-    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> None:
-        """Publish several messages with their acks awaited together."""
-        await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items))
+    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> list[int]:
+        """Publish several messages with their acks awaited together; their sequences, in order."""
+        return list(await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items)))
 
     async def notify(self, subject: str, message: Message) -> None:
         """Fire and forget over core NATS (for hints whose loss costs only a timeout)."""
@@ -420,6 +423,24 @@ class Bus:
                 task = asyncio.create_task(self._handle(msg, model, handler, ack_wait))
                 handling.add(task)
                 task.add_done_callback(handling.discard)
+
+    async def undelivered(self, kind: str, durable: str) -> range | None:
+        """The stream sequences of the messages the durable consumer ``durable`` (any process's) has not
+        been handed yet: a message published with one of them still waits in the stream. None when
+        JetStream cannot say (no such consumer yet, NATS away, not permitted).
+
+        (Every message of a stream matches its one consumer's filter, so those waiting are the
+        ``num_pending`` right after the last one delivered.)
+        """
+        try:
+            info = await self._jetstream().consumer_info(self.stream(kind), durable, timeout=CONSUMER_INFO_SECONDS)
+        except Exception as exc:
+            log.debug("no consumer info for %s: %s", durable, describe(exc))
+            return None
+        if info.delivered is None or info.delivered.stream_seq is None:
+            return None
+        last = int(info.delivered.stream_seq)
+        return range(last + 1, last + 1 + int(info.num_pending or 0))
 
     def busy(self, durable: str) -> bool:
         """Whether messages of this process's durable consumer wait or are being handled (the waiting

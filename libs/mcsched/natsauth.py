@@ -149,6 +149,8 @@ def stage_permissions(stage: str, user: str, prefix: str, sources: Iterable[str]
     allow_responses = False
     if stage == "watcher":
         publish += [subject(prefix, "elect", s) for s in sources]
+        # how far the proxy-scheduler got (its resync does not queue again what still waits there)
+        publish.append(f"{JS_API}.CONSUMER.INFO.{stream_name(prefix, 'elect')}.{proxy_scheduler_durable()}")
     elif stage == "proxy-scheduler":
         publish += _consumer(prefix, "elect", proxy_scheduler_durable(), f"{prefix}.elect.>")
         publish += [subject(prefix, "candidate", t) for t in targets]

@@ -202,6 +202,10 @@ class Feedback:
         self.unusable_since: dict[str, float] = {}
         # proxy uid -> the delegate resourceVersion whose status a digest found not mirrored
         self.unmirrored: dict[str, str] = {}
+        # (source, partition, target) -> the proxies of that partition whose delegate belongs in that target
+        # (bound to it or chose it), uid -> cache key: a digest is checked against these, not all proxies
+        self.assigned: dict[tuple[str, int, str], dict[str, str]] = {}
+        self.assigned_slot: dict[str, tuple[str, int, str]] = {}  # proxy uid -> its key in ``assigned``
         # (source, partition, target) -> the epoch being received and its parts so far
         self.digest_parts: dict[tuple[str, int, str], tuple[str, dict[int, list[DelegateSummary]]]] = {}
         self.finalizing: WorkQueue[tuple[str, str, str]] = WorkQueue("finalize proxies", self._finalize_key)
@@ -544,7 +548,27 @@ class Feedback:
 
     # -- deletion and a pod's single life ---------------------------------------------
 
+    def _index_proxy(self, source: str, kind: str, pod: JSON) -> None:
+        """Keep ``assigned`` in step with the proxy cache."""
+        meta = pod["metadata"]
+        uid, target = meta["uid"], None if kind == "DELETED" else _assigned_target(pod)
+        slot = (source, partition_of(meta.get("labels")), target) if target is not None else None
+        previous = self.assigned_slot.get(uid)
+        if previous == slot:
+            return
+        if previous is not None:
+            members = self.assigned[previous]
+            members.pop(uid, None)
+            if not members:
+                del self.assigned[previous]
+        if slot is None:
+            self.assigned_slot.pop(uid, None)
+            return
+        self.assigned_slot[uid] = slot
+        self.assigned.setdefault(slot, {})[uid] = f"{meta['namespace']}/{meta['name']}"
+
     def on_proxy(self, source: str, kind: str, pod: JSON, _old: JSON | None = None) -> None:
+        self._index_proxy(source, kind, pod)
         uid = pod["metadata"]["uid"]
         if kind == "DELETED":
             self.mirrored.pop(uid, None)
@@ -804,8 +828,6 @@ class Feedback:
             return
         now = time.monotonic()
         listed = {entry.proxy.uid: entry for entry in delegates}
-        mine = {p["metadata"]["uid"]: p for p in informer.items()
-                if partition_of(p["metadata"].get("labels")) == partition}
         repairs: list[Callable[[], Awaitable[object]]] = []
         # While status messages of this partition wait in its stream (a backlog), a status not mirrored
         # yet is most likely on its way: it is not read from the target meanwhile.
@@ -813,9 +835,7 @@ class Feedback:
         for entry in delegates:
             if entry.deleting or entry.proxy.cluster != source:
                 continue
-            # (A delegate labelled with another partition than its proxy's: a proxy made before partitions.)
-            proxy = mine.get(entry.proxy.uid) or self._proxy(source, entry.proxy.namespace, entry.proxy.name,
-                                                             entry.proxy.uid)
+            proxy = self._proxy(source, entry.proxy.namespace, entry.proxy.name, entry.proxy.uid)
             if proxy is None:
                 repairs.append(functools.partial(self._remove_orphan, target, entry.proxy, entry.name, entry.uid))
             elif _assigned_target(proxy) != target:
@@ -828,8 +848,9 @@ class Feedback:
                 repairs.append(functools.partial(self._mirror_from_target, target, entry))
             else:
                 self.unmirrored[entry.proxy.uid] = entry.resource_version
-        for uid, proxy in mine.items():
-            if _assigned_target(proxy) != target:
+        for uid, key in list(self.assigned.get((source, partition, target), {}).items()):
+            proxy = informer.get(key)
+            if proxy is None or proxy["metadata"]["uid"] != uid:
                 continue
             if uid in listed or proxy["metadata"].get("deletionTimestamp") or is_finished(proxy):
                 self.missing_since.pop(uid, None)

@@ -33,6 +33,7 @@ from mcsched.choice import Placement
 from mcsched.constants import PLACEMENT_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
+from mcsched.natsauth import proxy_scheduler_durable
 from mcsched.podspec import delegate_original
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
@@ -125,8 +126,8 @@ class ElectPublisher:
         self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue("publish elect", self._publish_key, workers=PUBLISHERS)
         self.queue.start()
         rt.closers.append(self.queue.stop)
-        # proxy uid -> (placement round, when) of its last elect message
-        self.published: dict[str, tuple[int, float]] = {}
+        # proxy uid -> (placement round, when, stream sequence) of its last elect message
+        self.published: dict[str, tuple[int, float, int]] = {}
 
     @staticmethod
     def pending(pod: JSON) -> bool:
@@ -158,10 +159,10 @@ class ElectPublisher:
         round_ = Placement.of(pod).round
         message = self.message(source, pod, "rejected" if round_ else "created")
         with pod_trace(pod), tracer.start_as_current_span("publish elect", attributes={"pod": str(message.proxy)}):
-            await self.rt.bus.publish(self.rt.bus.subject("elect", source), message,
-                                      f"elect:{message.proxy.uid}:{round_}")
+            seq = await self.rt.bus.publish(self.rt.bus.subject("elect", source), message,
+                                            f"elect:{message.proxy.uid}:{round_}")
         if self._cached(message.proxy) is not None:  # not bound or deleted while it was being published
-            self.published[message.proxy.uid] = (round_, time.monotonic())
+            self.published[message.proxy.uid] = (round_, time.monotonic(), seq)
 
     def _cached(self, ref: PodRef) -> JSON | None:
         """The proxy as this process's cache has it now, if it is still that incarnation and unbound."""
@@ -187,25 +188,36 @@ class ElectPublisher:
     async def resync(self) -> None:
         """Publish again the proxies still needing a target long after their last elect message.
 
-        Their message is normally still queued (a backlog is not a loss), so only
-        those published three periods ago or never (NATS was down) are sent again.
+        A message still waiting in the stream (a backlog is not a loss: the
+        proxy-scheduler's consumer has not been handed it yet) counts as
+        published just now; of the others, those published three periods ago
+        or never (NATS was down) are sent again. Without the first rule, every
+        pod of a long backlog would be queued again each period, and each copy
+        would ask every cluster about a pod chosen for meanwhile.
         """
         period = self.rt.settings.resync_period_seconds
         epoch = int(time.time() // period)
         now = time.monotonic()
+        waiting = await self.rt.bus.undelivered("elect", proxy_scheduler_durable())
         batch = []
         RESYNC_ITEMS.labels("watcher").set(sum(len(i.store) for i in self.informers.values()))
         for source, informer in self.informers.items():
             for pod in informer.items():
-                if self.pending(pod) and now - self.published.get(pod["metadata"]["uid"], (0, -1e9))[1] > 3 * period:
+                if not self.pending(pod):
+                    continue
+                uid = pod["metadata"]["uid"]
+                last = self.published.get(uid)
+                if last is not None and waiting is not None and last[2] in waiting:
+                    self.published[uid] = (last[0], now, last[2])
+                elif last is None or now - last[1] > 3 * period:
                     batch.append((self.rt.bus.subject("elect", source), self.message(source, pod, "resync"),
-                                  f"elect:{pod['metadata']['uid']}:{Placement.of(pod).round}:{epoch}"))
+                                  f"elect:{uid}:{Placement.of(pod).round}:{epoch}"))
         if batch:
             log.info("resync: %d proxy pods still need a target", len(batch))
-            await self.rt.bus.publish_many(batch)
-            for _, message, _ in batch:
+            sequences = await self.rt.bus.publish_many(batch)
+            for (_, message, _), seq in zip(batch, sequences, strict=True):
                 if (cached := self._cached(message.proxy)) is not None:
-                    self.published[message.proxy.uid] = (Placement.of(cached).round, now)
+                    self.published[message.proxy.uid] = (Placement.of(cached).round, now, seq)
         RESYNC_SECONDS.labels("watcher").set(time.monotonic() - now)
 
 

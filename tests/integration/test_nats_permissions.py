@@ -189,7 +189,7 @@ async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) ->
 
         await feedback.listen(digest_subject(PREFIX, "c1", 5), DelegateDigest, digested)
         ref = PodRef(cluster="c1", namespace="ns", name="p", uid="u1")
-        await buses["watcher"].publish(buses["watcher"].subject("elect", "c1"), elect(), "elect:u1:0")
+        elect_seq = await buses["watcher"].publish(buses["watcher"].subject("elect", "c1"), elect(), "elect:u1:0")
         reply = None
         for _ in range(50):  # the candidate's subscription may take a moment to reach the server
             reply = await proxy_scheduler.request(proxy_scheduler.subject("candidate", "c2"),
@@ -209,6 +209,9 @@ async def test_each_stage_does_its_own_work_with_its_own_user(server: Server) ->
                 break
             await asyncio.sleep(0.1)
         assert {k: len(v) for k, v in got.items()} == {"elect": 1, "delegate": 1, "status": 1, "digest": 1}
+        # the watcher may ask how far the proxy-scheduler got (its resync skips what still waits there)
+        waiting = await buses["watcher"].undelivered("elect", proxy_scheduler_durable())
+        assert waiting is not None and elect_seq not in waiting
     finally:
         for bus in buses.values():
             await bus.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -61,6 +62,7 @@ from services.feedback.__main__ import Feedback
 from services.feedback.__main__ import compose as feedback
 from services.proxy_scheduler.__main__ import UNANSWERED_RETRIES, ProxyScheduler
 from services.proxy_scheduler.__main__ import compose as proxy_scheduler
+from services.watcher.__main__ import ElectPublisher
 from services.watcher.__main__ import compose as watcher
 
 SOURCE = "c1"
@@ -463,6 +465,37 @@ async def test_a_redelivered_elect_message_with_a_stale_resource_version_makes_n
     assert [m.target for m in world.bus.messages("delegate") if isinstance(m, DelegateRequest)] == [target, other]
     assert world.delegates(target) == []
     assert world.delegate(other, proxy) is not None
+
+
+async def test_the_watcher_s_resync_queues_again_only_what_is_no_longer_waiting_in_the_stream(world: World) -> None:
+    """A backlog is not a loss: a proxy whose elect message still waits for the proxy-scheduler gets no
+    copy however long it waits (each copy would ask every cluster about a pod chosen for meanwhile);
+    one whose message is gone from the stream does, three periods after it was last seen waiting."""
+    [watcher_rt] = [rt for rt in world.runtimes if rt.service == "watcher"]
+    [publisher] = {h.func.__self__ for i in watcher_rt.fake_informers(SOURCE, "pods") for h in i.handlers
+                   if isinstance(h, functools.partial)}  # its informer calls publisher.on_event(source, ...)
+    assert isinstance(publisher, ElectPublisher)
+    waiting, lost = await world.create_proxy("web-0"), await world.create_proxy("web-1")
+    elects = world.bus.pending("elect")
+    assert len(elects) == 2
+    world.bus.drop(next(e for e in elects if e.message.proxy.uid == lost["metadata"]["uid"]))
+    period = world.settings.resync_period_seconds
+
+    def age() -> None:  # as if four resync periods had passed since each was last published or seen waiting
+        for uid, (round_, when, seq) in list(publisher.published.items()):
+            publisher.published[uid] = (round_, when - 4 * period, seq)
+
+    age()
+    await publisher.resync()
+    copies = [e for e in world.bus.pending("elect") if e.message.reason == "resync"]
+    assert [e.message.proxy.uid for e in copies] == [lost["metadata"]["uid"]]
+    age()
+    await publisher.resync()  # the first one still waits; the copy of the second one too
+    assert len(world.bus.pending("elect")) == 2
+    await world.run()
+    for proxy in (waiting, lost):
+        target = Placement.of(world.proxy(proxy)).target
+        assert target is not None and world.delegate(target, proxy) is not None
 
 
 # -- delegate requests that must create nothing ------------------------------------------------------------------

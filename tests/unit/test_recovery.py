@@ -147,6 +147,30 @@ async def test_a_stream_deleted_at_runtime_is_created_again_by_its_publisher_and
     await until(lambda: scheduler.problems() == [] and watcher.problems() == [])
 
 
+async def test_the_bus_tells_which_published_messages_still_wait_for_another_process_s_consumer(
+        jetstream: tuple[FakeJetStream, list[Bus]]) -> None:
+    js, buses = jetstream
+    watcher, scheduler = await started(js, buses, "watcher"), await started(js, buses, "proxy-scheduler")
+    assert await watcher.undelivered("elect", "proxy-scheduler") is None  # no such consumer yet
+    release, received = asyncio.Event(), []
+
+    async def slow(message: ElectMessage) -> Outcome:
+        received.append(message.proxy.uid)
+        await release.wait()
+        return ACK
+
+    scheduler.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, slow, in_flight=1)
+    first = await watcher.publish(watcher.subject("elect", "c1"), elect("a"), "elect:a")
+    await until(lambda: received == ["a"])
+    second = await watcher.publish(watcher.subject("elect", "c1"), elect("b"), "elect:b")
+    waiting = await watcher.undelivered("elect", "proxy-scheduler")
+    assert waiting is not None and first not in waiting and second in waiting  # "a" is in hand, "b" waits
+    release.set()
+    await until(lambda: received == ["a", "b"])
+    waiting = await watcher.undelivered("elect", "proxy-scheduler")
+    assert waiting is not None and second not in waiting
+
+
 # -- a pod that fits nowhere -----------------------------------------------------------------------------
 
 

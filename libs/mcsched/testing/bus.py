@@ -151,7 +151,7 @@ class FakeBroker:
     consumers: dict[str, list[_Consumer]] = field(default_factory=dict)  # durable -> replicas
     responders: list[_Responder] = field(default_factory=list)
     listeners: list[_Listener] = field(default_factory=list)
-    ids: dict[tuple[str, str], float] = field(default_factory=dict)  # (stream, msg id) -> when first stored
+    ids: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # (stream, msg id) -> when, seq
     sequence: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     turns: dict[str, int] = field(default_factory=dict)  # round-robin position per durable or subject
 
@@ -159,18 +159,21 @@ class FakeBroker:
         """As if the duplicate window had passed for every message id."""
         self.ids.clear()
 
-    def store(self, stream: str, subject: str, message: Message, msg_id: str | None, publisher: str) -> None:
-        """Keep a published message, unless its id was seen in the stream within the duplicate window."""
+    def store(self, stream: str, subject: str, message: Message, msg_id: str | None, publisher: str) -> int:
+        """Keep a published message, unless its id was seen in the stream within the duplicate window;
+        its sequence (the first copy's for a duplicate)."""
         now = self.clock()
+        seq = next(self.sequence)
         if msg_id:
             seen = self.ids.get((stream, msg_id))
-            if seen is not None and now - seen < self.duplicate_window:
+            if seen is not None and now - seen[0] < self.duplicate_window:
                 self.duplicates.append((subject, msg_id))
-                return
-            self.ids[(stream, msg_id)] = now
-        envelope = Envelope(next(self.sequence), stream, subject, msg_id, message.encode(), publisher, message)
+                return seen[1]
+            self.ids[(stream, msg_id)] = (now, seq)
+        envelope = Envelope(seq, stream, subject, msg_id, message.encode(), publisher, message)
         self.pending.append(envelope)
         self.published.append(envelope)
+        return seq
 
     def turn(self, key: str, among: int) -> int:
         """The next of ``among`` members, in turn."""
@@ -214,15 +217,15 @@ class FakeBus(Bus):
         broker.responders = [r for r in broker.responders if r.client != self.client_name]
         broker.listeners = [li for li in broker.listeners if li.client != self.client_name]
 
-    async def publish(self, subject: str, message: Message, msg_id: str) -> None:
+    async def publish(self, subject: str, message: Message, msg_id: str) -> int:
         await asyncio.sleep(0)  # as over a network
         kind = subject.split(".")[1] if subject.startswith(f"{self.prefix}.") and subject.count(".") >= 2 else ""
         if kind not in STREAM_KINDS:
             raise RuntimeError(f"nats: no response from stream: no stream holds {subject}")
-        self.broker.store(self.stream(kind), subject, message, msg_id, self.client_name)
+        return self.broker.store(self.stream(kind), subject, message, msg_id, self.client_name)
 
-    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> None:
-        await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items))
+    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> list[int]:
+        return list(await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items)))
 
     async def notify(self, subject: str, message: Message) -> None:
         if self.closed:
@@ -265,6 +268,14 @@ class FakeBus(Bus):
             raise ValueError(f"no stream for {kind}")
         self.broker.consumers.setdefault(durable, []).append(
             _Consumer(kind, durable, subject, model, handler, self.client_name))
+
+    async def undelivered(self, kind: str, durable: str) -> range | None:
+        """The sequences of the messages waiting for ``durable`` (None with no such consumer)."""
+        if durable not in self.broker.consumers:
+            return None
+        waiting = [e.seq for e in self.broker.pending
+                   if durable in [c.durable for c in self.broker.consumer_of(e.subject)]]
+        return range(min(waiting), max(waiting) + 1) if waiting else range(0)
 
     # -- what the test does ----------------------------------------------------------------------------
 

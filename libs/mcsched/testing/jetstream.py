@@ -11,8 +11,9 @@ is modelled, and only that:
   raises ``NoStreamResponseError``, as nats-py does on "no responders";
 * durable pull consumers: ``pull_subscribe`` creates a missing one
   (``NotFoundError`` when its stream is missing), ``consumer_info`` (its
-  ``num_pending``), ``fetch`` (up to ``batch`` messages that are due, else
-  a timeout after ``timeout`` seconds; ``ServiceUnavailableError`` once the
+  ``num_pending``, ``num_ack_pending`` and the highest stream sequence it
+  ``delivered``), ``fetch`` (up to ``batch`` messages that are due, else a
+  timeout after ``timeout`` seconds; ``ServiceUnavailableError`` once the
   consumer is gone, as the "no responders" status of a deleted consumer);
 * a delivered message is due again ``ack_wait`` seconds after its delivery
   or its last ``in_progress`` (another process would get it), or ``delay``
@@ -88,9 +89,20 @@ class FakeMsg:
 
 
 @dataclass
+class FakeSequenceInfo:
+    stream_seq: int
+
+
+@dataclass
+class FakePubAck:
+    seq: int
+
+
+@dataclass
 class FakeConsumerInfo:
     num_pending: int
     num_ack_pending: int = 0
+    delivered: FakeSequenceInfo | None = None
 
 
 class FakePullSubscription:
@@ -118,6 +130,8 @@ class FakePullSubscription:
                 for msg in due:
                     msg.deliveries += 1
                     msg.owner = self.durable
+                    key = (self.stream, self.durable)
+                    self.js.delivered[key] = max(self.js.delivered.get(key, 0), msg.seq)
                     msg.due = now + (config.ack_wait or 30.0)
                 self.js.fetched += len(due)
                 return due
@@ -139,6 +153,7 @@ class FakeJetStream:
         self.consumers: dict[tuple[str, str], tuple[ConsumerConfig, int]] = {}  # -> (config, incarnation)
         self.sequence = itertools.count(1)
         self.fetched = 0
+        self.delivered: dict[tuple[str, str], int] = {}  # (stream, durable) -> highest sequence handed out
         self.api_calls: list[str] = []
         self.unavailable = False
 
@@ -164,13 +179,14 @@ class FakeJetStream:
         self.streams[str(config.name)] = config
 
     async def publish(self, subject: str, payload: bytes = b"", headers: dict[str, str] | None = None,
-                      **_: Any) -> None:
+                      **_: Any) -> FakePubAck:
         await asyncio.sleep(0)
         for name, config in self.streams.items():
             if any(_holds(s, subject) for s in config.subjects or []):
-                self.messages[name].append(FakeMsg(self, name, next(self.sequence), subject, payload,
-                                                   dict(headers or {}), due=self.clock()))
-                return
+                seq = next(self.sequence)
+                self.messages[name].append(FakeMsg(self, name, seq, subject, payload, dict(headers or {}),
+                                                   due=self.clock()))
+                return FakePubAck(seq)
         raise NoStreamResponseError
 
     async def pull_subscribe(self, subject: str, durable: str, stream: str,
@@ -183,14 +199,17 @@ class FakeJetStream:
             self.consumers[(stream, durable)] = (config, next(self.sequence))
         return FakePullSubscription(self, stream, durable, self.consumers[(stream, durable)][1])
 
-    async def consumer_info(self, stream: str, durable: str) -> FakeConsumerInfo:
+    async def consumer_info(self, stream: str, durable: str, timeout: float | None = None) -> FakeConsumerInfo:
         await asyncio.sleep(0)
         self._api(f"CONSUMER.INFO.{stream}.{durable}")
         if stream not in self.streams:
             raise NotFoundError(code=404, err_code=10059, description="stream not found")
         if (stream, durable) not in self.consumers:
             raise NotFoundError(code=404, err_code=10014, description="consumer not found")
-        return FakeConsumerInfo(len(self.messages[stream]))
+        stored = self.messages[stream]
+        never = sum(1 for m in stored if m.deliveries == 0)
+        return FakeConsumerInfo(never, len(stored) - never,
+                                delivered=FakeSequenceInfo(self.delivered.get((stream, durable), 0)))
 
     # -- bookkeeping and what the test does -------------------------------------------------------------
 

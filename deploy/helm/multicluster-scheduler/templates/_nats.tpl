@@ -40,6 +40,8 @@ renders both and compares them.
 {{- $consumers := list -}}
 {{- if eq $stage "watcher" -}}
 {{- range $sources -}}{{- $publish = append $publish (printf "%s.elect.%s" $p .) -}}{{- end -}}
+{{- /* how far the proxy-scheduler got (the resync does not queue again what still waits there) */ -}}
+{{- $publish = append $publish (printf "$JS.API.CONSUMER.INFO.%s.proxy-scheduler" (printf "%s_elect" $p | upper | replace "-" "_")) -}}
 {{- else if eq $stage "proxy-scheduler" -}}
 {{- $consumers = append $consumers (list "elect" "proxy-scheduler" (printf "%s.elect.>" $p)) -}}
 {{- range $targets -}}{{- $publish = concat $publish (list (printf "%s.candidate.%s" $p .) (printf "%s.delegate.%s" $p .)) -}}{{- end -}}
