@@ -3,8 +3,11 @@
 ``write_config`` writes the services' settings file (``<env>/mcs.yaml``) from
 the environment's endpoints: the first cluster is the source, every cluster a
 target (the source too, "target self"). ``start_services`` starts
-``replicas`` processes of each service (``svc-<service>-<i>``); only the
-first watcher serves and registers the admission webhook.
+``replicas`` processes of each service (``svc-<service>-<i>``). Every
+watcher serves the admission webhook on the one port the API servers call,
+with one certificate (``<env>/webhook/``): the kernel spreads the API
+servers' connections among them (``webhook.reuse_port``), as a Service would
+spread them among the chart's watcher pods.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from mcsched import pki
 
 from .environment import SUBJECT_PREFIX, EnvironmentInfo, LocalEnvironment, free_port
 
@@ -34,12 +39,24 @@ def write_config(env: LocalEnvironment, sources: list[str] | None = None,
         "subject_prefix": SUBJECT_PREFIX,
         "resync_period_seconds": resync_seconds,
         "otlp_endpoint": info.otlp_grpc_endpoint,
-        "webhook": {"listen_host": "127.0.0.1", "port": free_port()},
+        "webhook": {"listen_host": "127.0.0.1", "port": free_port(), "reuse_port": True,
+                    **_webhook_certificate(env.root / "webhook")},
         "kubelet": {"listen_host": "127.0.0.1", "port": free_port(), "address": "127.0.0.1"},
     }
     path = env.root / "mcs.yaml"
     path.write_text(json.dumps(config, indent=1))
     return path
+
+
+def _webhook_certificate(directory: Path) -> dict[str, str]:
+    """A CA and a serving certificate for 127.0.0.1 that every watcher of the environment serves."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = pki.new_ca("local-webhook-ca")
+    pki.issue(ca, "127.0.0.1", server=True, ip_addresses=("127.0.0.1",)).write(
+        directory / "tls.crt", directory / "tls.key")
+    (directory / "ca.crt").write_bytes(ca.cert_pem)
+    return {"cert_file": str(directory / "tls.crt"), "key_file": str(directory / "tls.key"),
+            "ca_file": str(directory / "ca.crt")}
 
 
 def process_name(service: str, replica: int) -> str:
@@ -51,8 +68,6 @@ def start_service(env: LocalEnvironment, service: str, replica: int = 0) -> None
     metrics_port = free_port()
     environ = dict(os.environ, MCS_CONFIG=str(config), PYTHONUNBUFFERED="1", MCS_METRICS_PORT=str(metrics_port),
                    MCS_NATS_AUTH__PASSWORD_FILE=env.info().nats_password_files[service.replace("_", "-")])
-    if service == "watcher" and replica > 0:
-        environ["MCS_WEBHOOK__ENABLED"] = "false"  # one webhook endpoint per environment
     if service == "feedback" and replica > 0:
         # Each process keeps the virtual nodes of its own targets, which send kubectl logs and exec to it.
         environ["MCS_KUBELET__PORT"] = str(free_port())

@@ -74,6 +74,8 @@ class WebhookSettings(BaseModel):
     cert_file: Path | None = Field(None, description="serving certificate; default: self-signed at start")
     key_file: Path | None = None
     ca_file: Path | None = Field(None, description="CA bundle registered with the API servers")
+    reuse_port: bool = Field(False, description="several watchers on one host serve one port (SO_REUSEPORT: the "
+                             "kernel spreads the API servers' connections); give them one cert_file/key_file")
     register_webhook: bool = Field(True, description="create/update the MutatingWebhookConfiguration in sources")
     failure_policy: Literal["Fail", "Ignore"] = "Fail"
     timeout_seconds: int = Field(5, ge=1, le=30)

@@ -90,7 +90,8 @@ async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, settings.listen_host, settings.port, ssl_context=context).start()
+    await web.TCPSite(runner, settings.listen_host, settings.port, ssl_context=context,
+                      reuse_port=settings.reuse_port or None).start()
     rt.closers.append(runner.cleanup)
     log.info("admission webhook listening on %s:%d", settings.listen_host, settings.port)
     return url, ca_bundle
