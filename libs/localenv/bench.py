@@ -41,11 +41,16 @@ from mcsched.kube import JSON, Informer, KubeClient, KubeError
 from mcsched.settings import ClusterSettings
 
 from .environment import LocalEnvironment
+from .processes import ProcessRecord
 from .services import SERVICES, start_service, start_services, wait_services_ready, write_config
 
 BASELINE_AGAIN = "baseline, again"
 SCALES = (2, 3)  # processes of one stage in the scaling scenarios (1 is the pipeline's)
 SHARES_SETTLE_SECONDS = 4.0
+# Before a scenario's pods are created, the services together must use less than this share of a core
+# (each idles at a few thousandths), so what starting them costs is not counted as the pods' cost.
+QUIET_CORES = 0.05
+STARTED_WITHIN_SECONDS = 90.0
 RESYNC_MEASURE_PODS = 5000  # from this many pods, each pipeline scenario also times a full resync of them
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")  # <cluster>-<this>
 STEPS = ("proxy_bound", "delegate_created", "delegate_running", "proxy_running")
@@ -290,7 +295,6 @@ async def _wait_service_account(client: KubeClient, namespace: str) -> None:
 def _service_usage(env: LocalEnvironment) -> JSON:
     """CPU seconds and peak RSS of every service process, their API requests per cluster,
     and the CPU seconds of every other process of the environment (control planes, NATS, Jaeger)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     processes: dict[str, JSON] = {}
     environment: dict[str, float] = {}
     environment_rss: dict[str, float] = {}
@@ -299,12 +303,10 @@ def _service_usage(env: LocalEnvironment) -> JSON:
         if not record.alive():
             continue
         try:
-            stat = Path(f"/proc/{record.pid}/stat").read_text()
+            cpu = _cpu_seconds(record.pid)
             status = Path(f"/proc/{record.pid}/status").read_text()
         except OSError:  # exited meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        cpu = (int(fields[11]) + int(fields[12])) / ticks
         hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
         if not record.name.startswith("svc-"):
             environment[record.name] = cpu
@@ -362,6 +364,51 @@ def _start_env(env: LocalEnvironment, clusters: list[str], nodes: int, replicas:
         wait_services_ready(env)
         if any(count > 1 for count in replicas.values()):
             time.sleep(SHARES_SETTLE_SECONDS)  # the processes of a stage share the work out among themselves
+        _wait_started(env)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used (OSError once it is gone)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _started(record: ProcessRecord, processes: list[ProcessRecord]) -> bool:
+    """The process answers /readyz, and hears every process of its stage (if its stage is sharded)."""
+    url = record.meta["metrics_url"]
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2):
+            pass
+        with urllib.request.urlopen(url + "/metrics", timeout=2) as response:
+            members = [float(line.split()[1]) for line in response.read().decode().splitlines()
+                       if line.startswith("mcs_stage_members ")]
+    except OSError:
+        return False
+    stage = record.name.rsplit("-", 1)[0]  # svc-feedback-2 -> svc-feedback
+    return not members or members[0] == sum(1 for p in processes if p.name.rsplit("-", 1)[0] == stage)
+
+
+def _wait_started(env: LocalEnvironment) -> None:
+    """Until every service process is ready and knows its stage's members, and all of them together are
+    quiet (under ``QUIET_CORES`` over a second): starting them is then over, and not measured."""
+    began = time.monotonic()
+    deadline = began + STARTED_WITHIN_SECONDS
+    while time.monotonic() < deadline:
+        processes = [r for r in env.processes.load() if r.name.startswith("svc-") and r.alive()]
+        if not all(_started(r, processes) for r in processes):
+            time.sleep(0.5)
+            continue
+        try:
+            before = sum(_cpu_seconds(r.pid) for r in processes)
+            time.sleep(1.0)
+            if sum(_cpu_seconds(r.pid) for r in processes) - before < QUIET_CORES:
+                print(f"    services ready and quiet {time.monotonic() - began:.1f}s after they answered", flush=True)
+                return
+        except OSError:  # one exited meanwhile: the scenario will say so
+            return
+    print(f"    (the services were still busy starting after {STARTED_WITHIN_SECONDS:.0f}s; measuring anyway)",
+          flush=True)
 
 
 def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSON:
