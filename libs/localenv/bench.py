@@ -39,6 +39,7 @@ import aiohttp
 from mcsched.constants import ELECT_ANNOTATION, NAMESPACE_LABEL, NAMESPACE_LABEL_VALUE, PARENT_UID_LABEL
 from mcsched.kube import JSON, Informer, KubeClient, KubeError
 from mcsched.settings import ClusterSettings
+from mcsched.shards import SHARDED_STAGES
 
 from .environment import LocalEnvironment
 from .processes import ProcessRecord
@@ -386,7 +387,9 @@ def _started(record: ProcessRecord, processes: list[ProcessRecord]) -> bool:
     except OSError:
         return False
     stage = record.name.rsplit("-", 1)[0]  # svc-feedback-2 -> svc-feedback
-    return not members or members[0] == sum(1 for p in processes if p.name.rsplit("-", 1)[0] == stage)
+    if stage.removeprefix("svc-") not in SHARDED_STAGES:
+        return True
+    return bool(members) and members[0] == sum(1 for p in processes if p.name.rsplit("-", 1)[0] == stage)
 
 
 def _wait_started(env: LocalEnvironment) -> None:
