@@ -14,7 +14,8 @@ with one replica per stage, the baseline again (the ratios use the mean of
 the two baselines around the pipeline, as the machine's speed drifts), and
 the pipeline with two and with three processes of each stage in turn
 (``BENCH_SCALING=0``: without those): for each stage, its CPU per 1000 pods
-with 1, 2 and 3 processes and the largest share of it one process had.
+with 1, 2 and 3 processes, the largest share of it one process had, and
+how often its processes were woken per pod (voluntary context switches).
 Results go to ``.local/bench/latest.json`` and a PNG of the latency
 distributions beside it; the previous ``latest.json`` becomes ``previous.json``.
 """
@@ -262,8 +263,10 @@ class Scenario:
         cost = {}
         per_k = 1000 / max(1, len(finished))
         for name, usage in after["processes"].items():
-            start = before["processes"].get(name, {"cpu_seconds": 0.0})
+            start = before["processes"].get(name, {"cpu_seconds": 0.0, "wakeups": 0})
+            wakeups = usage["wakeups"] - start["wakeups"]
             cost[name] = {"cpu_seconds_per_1000_pods": round((usage["cpu_seconds"] - start["cpu_seconds"]) * per_k, 2),
+                          "wakeups_per_pod": round(wakeups * per_k / 1000, 1),
                           "peak_rss_mib": usage["peak_rss_mib"],
                           **{k: usage[k] for k in ("resync_seconds", "resync_items") if k in usage}}
         environment = {name: round((cpu - before["environment"].get(name, 0.0)) * per_k, 2)
@@ -313,7 +316,10 @@ def _service_usage(env: LocalEnvironment) -> JSON:
             environment[record.name] = cpu
             environment_rss[record.name] = round(hwm / 1024, 1)
             continue
-        processes[record.name] = {"cpu_seconds": cpu, "peak_rss_mib": round(hwm / 1024, 1)}
+        # Each time it went to sleep waiting (for a socket, a timer) and was woken again: its wake-ups.
+        wakeups = sum(int(line.split()[1]) for line in status.splitlines()
+                      if line.startswith("voluntary_ctxt_switches"))
+        processes[record.name] = {"cpu_seconds": cpu, "peak_rss_mib": round(hwm / 1024, 1), "wakeups": wakeups}
         try:
             with urllib.request.urlopen(record.meta["metrics_url"] + "/metrics", timeout=5) as response:
                 for line in response.read().decode().splitlines():
@@ -475,10 +481,11 @@ def scaled(service: str, processes: int) -> str:
 def stage_cost(result: JSON, service: str) -> JSON:
     """A stage's CPU per 1000 pods in one scenario (all its processes) and the largest share one had."""
     prefix = f"svc-{service.replace('_', '-')}-"
-    cpus = [cost["cpu_seconds_per_1000_pods"] for name, cost in result["service_cost"].items()
-            if name.startswith(prefix)]
+    costs = [cost for name, cost in result["service_cost"].items() if name.startswith(prefix)]
+    cpus = [cost["cpu_seconds_per_1000_pods"] for cost in costs]
     total = sum(cpus)
     return {"processes": len(cpus), "cpu_seconds_per_1000_pods": round(total, 2),
+            "wakeups_per_pod": round(sum(cost.get("wakeups_per_pod", 0.0) for cost in costs), 1),
             "largest_share": round(max(cpus) / total, 3) if total > 0 else None,
             "throughput_pods_per_s": result["throughput_pods_per_s"]}
 
@@ -529,14 +536,16 @@ def print_table(summary: JSON) -> None:
         print(f"{group:<34} {base_cpu:>9.1f} {our_cpu:>9.1f}")
     if summary.get("stages"):
         print()
-        print(f"{'stage':<22} {'processes':>9} {'cpu s/1000 pods':>16} {'vs 1':>6} {'largest share':>14} {'pods/s':>7}")
+        print(f"{'stage':<22} {'processes':>9} {'cpu s/1000 pods':>16} {'vs 1':>6} {'largest share':>14} "
+              f"{'pods/s':>7} {'wake-ups/pod':>13}")
         for stage, runs in summary["stages"].items():
             one = runs["1"]["cpu_seconds_per_1000_pods"] or 1e-9
             for count, cost in runs.items():
                 share = cost["largest_share"]
                 print(f"{stage:<22} {count:>9} {cost['cpu_seconds_per_1000_pods']:>16.2f} "
                       f"{cost['cpu_seconds_per_1000_pods'] / one:>6.2f} "
-                      f"{'-' if share is None else f'{share:.2f}':>14} {cost['throughput_pods_per_s']:>7.1f}")
+                      f"{'-' if share is None else f'{share:.2f}':>14} {cost['throughput_pods_per_s']:>7.1f} "
+                      f"{cost.get('wakeups_per_pod', 0.0):>13.1f}")
     print()
     runs = " and ".join(str(t) for t in summary["baseline_runs_pods_per_s"])
     print(f"throughput {summary['throughput_pods_per_s']} pods/s vs baseline "

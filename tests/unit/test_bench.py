@@ -38,8 +38,8 @@ def test_only_elected_pods_carry_the_elect_annotation() -> None:
 def test_stage_scaling_sums_a_stages_processes_and_finds_the_largest_share() -> None:
     def result(costs: dict[str, float], throughput: float = 30.0) -> dict[str, object]:
         return {"throughput_pods_per_s": throughput,
-                "service_cost": {name: {"cpu_seconds_per_1000_pods": cpu, "peak_rss_mib": 100.0}
-                                 for name, cpu in costs.items()}}
+                "service_cost": {name: {"cpu_seconds_per_1000_pods": cpu, "peak_rss_mib": 100.0,
+                                        "wakeups_per_pod": 2 * cpu} for name, cpu in costs.items()}}
 
     others = {"svc-watcher-0": 1.0, "svc-proxy-scheduler-0": 2.0, "svc-candidate-scheduler-0": 3.0}
     results = {"pipeline": result({**others, "svc-feedback-0": 6.0}),
@@ -50,6 +50,7 @@ def test_stage_scaling_sums_a_stages_processes_and_finds_the_largest_share() -> 
     assert set(stages) == {"feedback"}  # only stages that were run with several processes
     feedback = stages["feedback"]
     assert feedback["1"] == {"processes": 1, "cpu_seconds_per_1000_pods": 6.0, "largest_share": 1.0,
-                             "throughput_pods_per_s": 30.0}
+                             "throughput_pods_per_s": 30.0, "wakeups_per_pod": 12.0}
+    assert feedback["3"]["wakeups_per_pod"] == 12.8  # the processes' wake-ups add up
     assert feedback["2"]["cpu_seconds_per_1000_pods"] == 6.2 and feedback["2"]["largest_share"] == round(3.2 / 6.2, 3)
     assert feedback["3"]["processes"] == 3 and feedback["3"]["largest_share"] == round(2.4 / 6.4, 3)
