@@ -15,7 +15,8 @@ the two baselines around the pipeline, as the machine's speed drifts), and
 the pipeline with two and with three processes of each stage in turn
 (``BENCH_SCALING=0``: without those): for each stage, its CPU per 1000 pods
 with 1, 2 and 3 processes, the largest share of it one process had, and
-how often its processes were woken per pod (voluntary context switches).
+how often its processes' event loops were woken per pod (voluntary context
+switches of their main threads).
 Results go to ``.local/bench/latest.json`` and a PNG of the latency
 distributions beside it; the previous ``latest.json`` becomes ``previous.json``.
 """
@@ -316,7 +317,8 @@ def _service_usage(env: LocalEnvironment) -> JSON:
             environment[record.name] = cpu
             environment_rss[record.name] = round(hwm / 1024, 1)
             continue
-        # Each time it went to sleep waiting (for a socket, a timer) and was woken again: its wake-ups.
+        # Each time its main thread (the event loop; /proc/<pid>/status counts that thread alone) went to
+        # sleep waiting for a socket or a timer and was woken again: its wake-ups.
         wakeups = sum(int(line.split()[1]) for line in status.splitlines()
                       if line.startswith("voluntary_ctxt_switches"))
         processes[record.name] = {"cpu_seconds": cpu, "peak_rss_mib": round(hwm / 1024, 1), "wakeups": wakeups}

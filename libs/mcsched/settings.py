@@ -80,6 +80,15 @@ class WebhookSettings(BaseModel):
     failure_policy: Literal["Fail", "Ignore"] = "Fail"
     timeout_seconds: int = Field(5, ge=1, le=30)
 
+    @model_validator(mode="after")
+    def _shared_port_needs_a_shared_certificate(self) -> WebhookSettings:
+        # Each watcher would make and register its own self-signed CA: the API servers would trust one of
+        # them, and the connections the kernel hands to the others would fail.
+        if self.enabled and self.reuse_port and not (self.cert_file and self.key_file):
+            raise ValueError("webhook.reuse_port needs webhook.cert_file and webhook.key_file: the watchers "
+                             "sharing the port must serve one certificate")
+        return self
+
 
 class KubeletSettings(BaseModel):
     """feedback only: the kubelet endpoint of the virtual nodes (kubectl logs, exec, attach, port-forward)."""

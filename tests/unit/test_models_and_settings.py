@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from mcsched.models import CandidateReply, ElectMessage, PodRef, SchemaError, decode
-from mcsched.settings import Settings
+from mcsched.settings import Settings, WebhookSettings
 
 
 def ref() -> PodRef:
@@ -93,3 +93,11 @@ def test_settings_missing_config_file_is_a_clear_error(monkeypatch: pytest.Monke
     monkeypatch.setenv("MCS_CONFIG", "/nonexistent/mcs.yaml")
     with pytest.raises(FileNotFoundError, match=r"MCS_CONFIG names /nonexistent/mcs\.yaml"):
         Settings()
+
+
+def test_a_webhook_port_shared_by_several_watchers_needs_one_certificate() -> None:
+    with pytest.raises(ValidationError, match="reuse_port needs webhook.cert_file"):
+        WebhookSettings(reuse_port=True)  # each watcher would register its own self-signed CA
+    shared = WebhookSettings(reuse_port=True, cert_file=Path("/tls/tls.crt"), key_file=Path("/tls/tls.key"))
+    assert shared.reuse_port
+    assert not WebhookSettings(reuse_port=True, enabled=False).enabled  # a watcher not serving it: no matter

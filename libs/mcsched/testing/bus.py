@@ -152,7 +152,7 @@ class FakeBroker:
     responders: list[_Responder] = field(default_factory=list)
     listeners: list[_Listener] = field(default_factory=list)
     ids: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # (stream, msg id) -> when, seq
-    sequence: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    sequences: dict[str, Iterator[int]] = field(default_factory=dict)  # stream -> its next numbers, as in NATS
     turns: dict[str, int] = field(default_factory=dict)  # round-robin position per durable or subject
 
     def forget_message_ids(self) -> None:
@@ -163,12 +163,13 @@ class FakeBroker:
         """Keep a published message, unless its id was seen in the stream within the duplicate window;
         its sequence (the first copy's for a duplicate)."""
         now = self.clock()
-        seq = next(self.sequence)
         if msg_id:
             seen = self.ids.get((stream, msg_id))
             if seen is not None and now - seen[0] < self.duplicate_window:
                 self.duplicates.append((subject, msg_id))
                 return seen[1]
+        seq = next(self.sequences.setdefault(stream, itertools.count(1)))
+        if msg_id:
             self.ids[(stream, msg_id)] = (now, seq)
         envelope = Envelope(seq, stream, subject, msg_id, message.encode(), publisher, message)
         self.pending.append(envelope)
@@ -270,12 +271,14 @@ class FakeBus(Bus):
             _Consumer(kind, durable, subject, model, handler, self.client_name))
 
     async def undelivered(self, kind: str, durable: str) -> range | None:
-        """The sequences of the messages waiting for ``durable`` (None with no such consumer)."""
+        """As JetStream says it: the ``num_pending`` sequences after the highest one handed to ``durable``
+        (messages never delivered; None with no such consumer)."""
         if durable not in self.broker.consumers:
             return None
-        waiting = [e.seq for e in self.broker.pending
-                   if durable in [c.durable for c in self.broker.consumer_of(e.subject)]]
-        return range(min(waiting), max(waiting) + 1) if waiting else range(0)
+        last = max((d.envelope.seq for d in self.broker.deliveries if d.durable == durable), default=0)
+        never = sum(1 for e in self.broker.pending if e.delivered == 0
+                    and durable in [c.durable for c in self.broker.consumer_of(e.subject)])
+        return range(last + 1, last + 1 + never)
 
     # -- what the test does ----------------------------------------------------------------------------
 

@@ -228,10 +228,12 @@ class FakeJetStream:
         self.messages.pop(name, None)
         for key in [k for k in self.consumers if k[0] == name]:
             del self.consumers[key]
+            self.delivered.pop(key, None)
 
     def delete_consumer(self, stream: str, durable: str) -> None:
         """The durable consumer is gone (``nats consumer rm``); its stream keeps the messages."""
         self.consumers.pop((stream, durable), None)
+        self.delivered.pop((stream, durable), None)  # one made again starts from nothing handed out
         for msg in self.messages.get(stream, []):
             if msg.owner == durable:
                 msg.owner, msg.due = None, self.clock()
