@@ -96,7 +96,7 @@ def test_settings_missing_config_file_is_a_clear_error(monkeypatch: pytest.Monke
 
 
 def test_a_webhook_port_shared_by_several_watchers_needs_one_certificate() -> None:
-    with pytest.raises(ValidationError, match="reuse_port needs webhook.cert_file"):
+    with pytest.raises(ValidationError, match=r"reuse_port needs webhook\.cert_file"):
         WebhookSettings(reuse_port=True)  # each watcher would register its own self-signed CA
     shared = WebhookSettings(reuse_port=True, cert_file=Path("/tls/tls.crt"), key_file=Path("/tls/tls.key"))
     assert shared.reuse_port
