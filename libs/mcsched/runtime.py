@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvloop
 import yaml
 from pydantic import ValidationError
 
@@ -140,7 +141,8 @@ def run_service(service: str, compose: Callable[[Runtime], Awaitable[None]]) -> 
     if settings.nats_auth.allow_anonymous:
         log.warning("connecting to NATS without credentials (nats_auth.allow_anonymous): anyone who can reach "
                     "NATS at %s can start pods in every target", settings.nats_url)
-    asyncio.run(_main(service, settings, credentials, compose))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_main(service, settings, credentials, compose))
 
 
 # The services whose work depends on the set of targets: composed again when the sources name others.
