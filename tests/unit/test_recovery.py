@@ -367,12 +367,18 @@ async def test_an_unscheduled_delegate_whose_proxy_is_gone_is_removed_by_the_nex
 # -- lost messages, found in the digests --------------------------------------------------------------
 
 
-async def test_a_lost_status_message_is_mirrored_after_two_digests_show_the_same_delegate_version(
-        world: World) -> None:
+async def _succeeded_in_its_target(world: World) -> tuple[JSON, str]:
+    """A proxy and its target, where its delegate ran and has just succeeded (its status message is published)."""
     proxy, target = await world.running()
     name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
     world.clusters[target].set_pod_phase(NS, name, "Succeeded")
     await world.settle()
+    return proxy, target
+
+
+async def test_a_lost_status_message_is_mirrored_after_two_digests_show_the_same_delegate_version(
+        world: World) -> None:
+    proxy, _target = await _succeeded_in_its_target(world)
     for envelope in world.bus.pending("status"):
         world.bus.drop(envelope)  # lost
 
@@ -386,10 +392,7 @@ async def test_a_lost_status_message_is_mirrored_after_two_digests_show_the_same
 
 async def test_a_status_not_mirrored_is_not_read_from_the_target_while_its_partition_has_a_backlog(
         world: World) -> None:
-    proxy, target = await world.running()
-    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
-    world.clusters[target].set_pod_phase(NS, name, "Succeeded")
-    await world.settle()
+    proxy, target = await _succeeded_in_its_target(world)
     [waiting] = world.bus.pending("status")  # its message waits in the stream (a backlog)
     reads = len([c for c in world.clusters[target].calls if c.method == "GET"])
 

@@ -276,15 +276,18 @@ class FakeBus(Bus):
         if durable not in self.broker.consumers:
             return None
         last = max((d.envelope.seq for d in self.broker.deliveries if d.durable == durable), default=0)
-        never = sum(1 for e in self.broker.pending if e.delivered == 0
-                    and durable in [c.durable for c in self.broker.consumer_of(e.subject)])
+        never = sum(1 for e in self._waiting_for(durable) if e.delivered == 0)
         return range(last + 1, last + 1 + never)
 
     # -- what the test does ----------------------------------------------------------------------------
 
+    def _waiting_for(self, durable: str) -> list[Envelope]:
+        """The messages in the broker that this durable consumer is to take."""
+        return [e for e in self.broker.pending if durable in [c.durable for c in self.broker.consumer_of(e.subject)]]
+
     def busy(self, durable: str) -> bool:
         """Whether messages for this durable consumer wait (on the fake broker, at once)."""
-        return any(durable in [c.durable for c in self.broker.consumer_of(e.subject)] for e in self.broker.pending)
+        return bool(self._waiting_for(durable))
 
     def pending(self, kind: str | None = None, *, cluster: str | None = None) -> list[Envelope]:
         """Messages waiting for their consumer, oldest first (optionally of one kind, for one cluster)."""
