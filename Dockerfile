@@ -17,11 +17,13 @@ COPY services/ /tmp/src/services/
 RUN pip install --no-cache-dir /tmp/src \
     && rm -rf /tmp/src
 
-# /run/secrets/nats is owned by the service user so that a new volume mounted there (the
-# compose stack's NATS credentials) starts with that ownership and `mcsctl nats-config` can write it.
+# /run/secrets/nats and /run/secrets/webhook are owned by the service user so that a new volume
+# mounted there (the compose stack's NATS credentials, its webhook certificate) starts with that
+# ownership and `mcsctl nats-config` / `mcsctl webhook-certificate` can write it.
 RUN groupadd --gid 10001 mcs \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin mcs \
-    && mkdir -p /run/secrets/nats && chown 10001:10001 /run/secrets/nats
+    && mkdir -p /run/secrets/nats /run/secrets/webhook \
+    && chown 10001:10001 /run/secrets/nats /run/secrets/webhook
 # Numeric, so runtimes enforcing runAsNonRoot can check it.
 USER 10001:10001
 WORKDIR /home/mcs

@@ -13,7 +13,11 @@ local environment (``make up``):
 * the network: every container in the host's network, so the services reach
   the environment's API servers on 127.0.0.1 and its API servers reach the
   webhook and the kubelet endpoint there; ports are free ones, not the
-  compose file's defaults;
+  compose file's defaults. Replicas of a stage (``scale``, compose's
+  ``--scale``) share the webhook and kubelet ports (``reuse_port``, the
+  watchers with the certificate the compose file's ``webhook-certificate``
+  makes); a scaled stage serves no metrics port, which its replicas could
+  not share, so it has no health check either;
 * health checks: podman 4.3 runs none without systemd, so a recorded process
   runs ``podman healthcheck run`` on the stack's containers every two seconds
   (``depends_on: condition: service_healthy`` waits on them).
@@ -30,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +66,7 @@ def _python_healthcheck(port: int) -> list[str]:
             "timeout=3)"]
 
 
-def write_files(env: LocalEnvironment) -> dict[str, Any]:
+def write_files(env: LocalEnvironment, scale: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The services' settings and the override for this environment; what the stack listens on."""
     info = env.info()
     here = _dir(env)
@@ -76,9 +81,10 @@ def write_files(env: LocalEnvironment) -> dict[str, Any]:
         "subject_prefix": SUBJECT_PREFIX,
         "otlp_endpoint": f"127.0.0.1:{ports['otlp_grpc']}",
         "resync_period_seconds": 10,
-        "webhook": {"listen_host": "127.0.0.1", "port": ports["webhook"],
+        "webhook": {"listen_host": "127.0.0.1", "port": ports["webhook"], "reuse_port": True,
                     "url": f"https://127.0.0.1:{ports['webhook']}"},
-        "kubelet": {"listen_host": "127.0.0.1", "port": ports["kubelet"], "address": "127.0.0.1"},
+        "kubelet": {"listen_host": "127.0.0.1", "port": ports["kubelet"], "address": "127.0.0.1",
+                    "reuse_port": True},
     }
     (here / "config.yaml").write_text(json.dumps(settings, indent=1))
     (here / "jaeger.yaml").write_text(jaeger_config(ports["otlp_grpc"], ports["otlp_http"], ports["query"],
@@ -92,6 +98,7 @@ def write_files(env: LocalEnvironment) -> dict[str, Any]:
     ]
     services: dict[str, Any] = {
         "nats-credentials": {"network_mode": "host", "volumes": shared_mounts[:1]},
+        "webhook-certificate": {"network_mode": "host", "volumes": shared_mounts[:1]},
         "nats": {"network_mode": "host", "ports": RESET,
                  "command": ["-c", "/run/secrets/nats/auth.conf", "-js", "-sd", "/data", "-a", "127.0.0.1",
                              "-p", str(ports["nats"]), "-m", str(ports["nats_monitor"])],
@@ -102,10 +109,11 @@ def write_files(env: LocalEnvironment) -> dict[str, Any]:
                    "volumes": [{"type": "bind", "source": root, "target": root, "read_only": True}]},
     }
     for service in SERVICES:
+        scaled = (scale or {}).get(service, 1) > 1
         services[service] = {
             "network_mode": "host", "volumes": shared_mounts,
-            "environment": {"MCS_METRICS_PORT": str(metrics[service])},
-            "healthcheck": {"test": _python_healthcheck(metrics[service])},
+            "environment": {"MCS_METRICS_PORT": "0" if scaled else str(metrics[service])},
+            "healthcheck": {"disable": True} if scaled else {"test": _python_healthcheck(metrics[service])},
         }
         if service in ("watcher", "feedback"):
             services[service]["expose"] = RESET
@@ -163,7 +171,8 @@ def healthchecks_forever() -> None:
         time.sleep(2)
 
 
-def up(env: LocalEnvironment, log: Any = print) -> dict[str, Any]:
+def up(env: LocalEnvironment, log: Any = print, scale: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The stack, with ``scale``'s number of replicas of some stages (``--scale``; default one each)."""
     problem = image.usable()
     if problem is not None:
         raise RuntimeError(problem)
@@ -173,10 +182,11 @@ def up(env: LocalEnvironment, log: Any = print) -> dict[str, Any]:
     image.podman("tag", image.IMAGE, "docker.io/library/multicluster-scheduler:latest")
     log("stopping the environment's own services: the containers take their place")
     stop_services(env)
-    endpoints = write_files(env)
+    endpoints = write_files(env, scale)
     _start_podman_service(env)
     log(f"docker compose up (project {PROJECT}, podman's Docker API at {socket_path(env)})")
-    compose(env, "up", "-d", "--no-build", "--wait", "--wait-timeout", "180")
+    scaling = [f"--scale={service}={count}" for service, count in sorted((scale or {}).items())]
+    compose(env, "up", "-d", "--no-build", "--wait", "--wait-timeout", "180", *scaling)
     (_dir(env) / "endpoints.json").write_text(json.dumps(endpoints, indent=1))
     return endpoints
 

@@ -50,13 +50,8 @@ def write_config(env: LocalEnvironment, sources: list[str] | None = None,
 
 def _webhook_certificate(directory: Path) -> dict[str, str]:
     """A CA and a serving certificate for 127.0.0.1 that every watcher of the environment serves."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = pki.new_ca("local-webhook-ca")
-    pki.issue(ca, "127.0.0.1", server=True, ip_addresses=("127.0.0.1",)).write(
-        directory / "tls.crt", directory / "tls.key")
-    (directory / "ca.crt").write_bytes(ca.cert_pem)
-    return {"cert_file": str(directory / "tls.crt"), "key_file": str(directory / "tls.key"),
-            "ca_file": str(directory / "ca.crt")}
+    files = pki.write_serving(directory, "127.0.0.1", "local-webhook-ca")
+    return {"cert_file": str(files.cert_file), "key_file": str(files.key_file), "ca_file": str(files.ca_file)}
 
 
 def process_name(service: str, replica: int) -> str:

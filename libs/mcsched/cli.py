@@ -5,6 +5,8 @@
     mcsctl explain NS/POD           why a pod is where it is: decision, refusals, trace
     mcsctl nats-config DIR          NATS users for the stages: a password file per stage in DIR
                                     (kept if present) and DIR/auth.conf for nats-server
+    mcsctl webhook-certificate DIR  a CA and a serving certificate for webhook.url's host in DIR
+                                    (kept if still valid), for watchers that share one webhook URL
 
 Reads the services' settings (``--config`` or ``MCS_CONFIG``) for the
 clusters; ``--jaeger`` (or ``MCS_JAEGER_URL``) adds each target's answer from
@@ -24,9 +26,11 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
+from . import pki
 from .capacity import is_virtual_node
 from .constants import PARENT_UID_LABEL, PROXY_SCHEDULER_NAME, TRACE_ID_ANNOTATION, target_of_virtual_node
 from .kube import JSON, KubeClient, KubeError, pod_path
@@ -287,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     nats_users.add_argument("directory", type=Path, help="where the password files and auth.conf go")
     nats_users.add_argument("--per-target-candidates", action="store_true",
                             help="also a user candidate-scheduler-<target> per target, for a process per target")
+    certificate = sub.add_parser("webhook-certificate",
+                                 help="a serving certificate for webhook.url's host, shared by the watchers")
+    certificate.add_argument("directory", type=Path, help="where tls.crt, tls.key and ca.crt go")
     args = parser.parse_args(argv)
     if args.config:
         os.environ["MCS_CONFIG"] = args.config
@@ -297,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "nats-config":
         print(f"wrote {nats_config(settings, args.directory, args.per_target_candidates)}")
+        return 0
+    if args.command == "webhook-certificate":
+        url = settings.webhook.url or f"https://127.0.0.1:{settings.webhook.port}"
+        files = pki.write_serving(args.directory, urlparse(url).hostname or "127.0.0.1",
+                                  "multicluster-scheduler-webhook-ca")
+        print(f"{files.cert_file} serves {url}; the API servers trust {files.ca_file}")
         return 0
     if args.kubeconfig:  # an operator reads with their own rights, not the services'
         kubeconfig = Path(args.kubeconfig)

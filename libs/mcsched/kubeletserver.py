@@ -86,8 +86,9 @@ class KubeletServer:
         self.source, self.source_client, self.targets, self.resolve = source, source_client, targets, resolve
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int, context: ssl.SSLContext) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=context)
+    async def start(self, host: str, port: int, context: ssl.SSLContext, *, reuse_port: bool = False) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=context,
+                                                  reuse_port=reuse_port or None)
         log.info("kubelet endpoint of %s's virtual nodes on %s:%d", self.source, host, port)
 
     async def stop(self) -> None:
@@ -295,6 +296,7 @@ async def start_endpoints(settings: KubeletSettings, sources: Sequence[str], clu
         resolve = proxy_resolver(client, proxies.get(source))
         server = KubeletServer(source, client, {t: clusters[t] for t in targets}, resolve)
         await server.start(settings.listen_host, settings.port + index,
-                           serving_context(settings.cert_file, settings.key_file, [ca_file]))
+                           serving_context(settings.cert_file, settings.key_file, [ca_file]),
+                           reuse_port=settings.reuse_port)
         endpoints[source] = Endpoint(address, settings.port + index, server)
     return endpoints

@@ -1,7 +1,8 @@
 """Certificates: a CA, serving and client certificates, service-account keys.
 
 The watcher issues its admission webhook's serving certificate with these when
-none is configured; the local environment uses them for each cluster's CA,
+none is configured, and ``mcsctl webhook-certificate`` writes one that several
+watchers share; the local environment uses them for each cluster's CA,
 API-server, admin client (group ``system:masters``) and service-account keys.
 """
 
@@ -124,6 +125,56 @@ def issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def serving(ca: KeyPair, host: str) -> KeyPair:
+    """A serving certificate for ``host``, an IP address or a DNS name (then also valid for 127.0.0.1)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return issue(ca, host, server=True, dns_names=(host,), ip_addresses=("127.0.0.1",))
+    return issue(ca, host, server=True, ip_addresses=(host,))
+
+
+@dataclass(frozen=True)
+class ServingFiles:
+    """Where a shared serving certificate, its key and its CA are written."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    @classmethod
+    def under(cls, directory: Path) -> ServingFiles:
+        return cls(directory / "tls.crt", directory / "tls.key", directory / "ca.crt")
+
+
+def _valid_for(cert_file: Path, host: str) -> bool:
+    """The certificate there names ``host`` and is valid for at least another month."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    try:
+        wanted: object = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        wanted = x509.DNSName(host)
+    return wanted in names and cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=30)
+
+
+def write_serving(directory: Path, host: str, ca_name: str) -> ServingFiles:
+    """A CA and a serving certificate for ``host`` under ``directory``, for every process that serves
+    one address (the watchers behind one webhook URL). Kept when already there, valid for ``host``
+    and not about to expire, so processes started later, or again, serve the same one."""
+    files = ServingFiles.under(directory)
+    if files.key_file.exists() and files.ca_file.exists() and _valid_for(files.cert_file, host):
+        return files
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = new_ca(ca_name)
+    serving(ca, host).write(files.cert_file, files.key_file)
+    files.ca_file.write_bytes(ca.cert_pem)
+    return files
 
 
 def service_account_keys() -> KeyPair:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -33,6 +34,15 @@ from .targetdirectory import TargetDirectory
 from .telemetry import SHARES_OWNED, STAGE_MEMBERS, setup_tracing, start_http
 
 log = logging.getLogger(__name__)
+
+# Drawn once per process: host name and PID alone do not tell processes apart, since containers in the
+# host's network share its name and each has its own PID 1.
+_INCARNATION = secrets.token_hex(4)
+
+
+def process_identity(service: str) -> str:
+    """This process among all processes of all stages: its name on the bus and in its stage's membership."""
+    return f"{service}@{socket.gethostname()}:{os.getpid()}/{_INCARNATION}"
 
 
 @dataclass
@@ -197,7 +207,7 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
     watching = asyncio.create_task(settings_file.run(), name="read the settings file")
     directory: TargetDirectory | None = None
     current: list[Runtime] = []
-    member = f"{service}@{socket.gethostname()}:{os.getpid()}"
+    member = process_identity(service)
     membership = await _membership(service, settings, credentials, member, stop) \
         if service in SHARDED_STAGES else None
     if service in SHARDED_STAGES and membership is None:
@@ -289,7 +299,7 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
                    informers: list[Informer], directory: TargetDirectory | None,
                    shares: Shares) -> Runtime | None:
     """A connected bus, the clusters' clients and the service's own parts; None if stopped meanwhile."""
-    bus = Bus(settings.nats_url, settings.subject_prefix, f"{service}@{socket.gethostname()}:{os.getpid()}",
+    bus = Bus(settings.nats_url, settings.subject_prefix, process_identity(service),
               max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials,
               stream_replicas=settings.stream_replicas)
     if not await _connected_unless_stopped(bus, stop):

@@ -103,6 +103,8 @@ class KubeletSettings(BaseModel):
     key_file: Path | None = None
     client_ca_file: Path | None = Field(
         None, description="CA of the API servers' kubelet client certificates (default: each source's cluster CA)")
+    reuse_port: bool = Field(False, description="several feedback processes on one host serve one port "
+                             "(SO_REUSEPORT, e.g. replicas in the host's network): any of them serves any call")
 
 
 class NatsAuthSettings(BaseModel):

@@ -55,13 +55,8 @@ def _serving_material(settings: WebhookSettings, url: str) -> tuple[ssl.SSLConte
         context.load_cert_chain(settings.cert_file, settings.key_file)
         ca_file = settings.ca_file or settings.cert_file
         return context, Path(ca_file).read_bytes()
-    host = urlparse(url).hostname or "127.0.0.1"
-    is_ip = host.replace(".", "").isdigit() or ":" in host
     ca = pki.new_ca("multicluster-scheduler-webhook-ca")
-    leaf = pki.issue(ca, host, server=True,
-                     ip_addresses=(host,) if is_ip else ("127.0.0.1",),
-                     dns_names=() if is_ip else (host,))
-    leaf.load_into(context)
+    pki.serving(ca, urlparse(url).hostname or "127.0.0.1").load_into(context)
     return context, ca.cert_pem
 
 

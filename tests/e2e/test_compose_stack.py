@@ -4,7 +4,8 @@ The project's compose file, unchanged but for an override that points it at the
 session's clusters (host networking, free ports: :mod:`localenv.compose`), runs
 through the compose v2 binary against podman's Docker API, with the project's
 image (``make image``) and NATS and Jaeger images built from the project's
-binaries. The session's own services stop meanwhile and start again after.
+binaries, as ``docker compose up --scale watcher=2 --scale feedback=3``. The
+session's own services stop meanwhile and start again after.
 Skipped where podman cannot run (not installed, or not root).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,12 +30,15 @@ from tests.helpers import eventually
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(image.usable() is not None, reason=str(image.usable()))]
 
 SERVICES = {"watcher", "proxy-scheduler", "candidate-scheduler", "feedback"}
+SCALE = {"watcher": 2, "feedback": 3}
+# runtime's log line each time a process learns how many its stage has, and what it takes
+SHARES_LINE = re.compile(r" (\S+): (\d+) processes of this stage(?: now)?; this one (?:takes|keeps) (.+)$")
 
 
 @pytest.fixture(scope="module")
 async def stack(pipeline: LocalEnvironment, kube: dict[str, k8s.ApiClient]) -> AsyncIterator[dict[str, Any]]:
     try:
-        yield await asyncio.to_thread(compose.up, pipeline, lambda _: None)
+        yield await asyncio.to_thread(compose.up, pipeline, lambda _: None, SCALE)
     finally:
         await asyncio.to_thread(compose.down, pipeline)
         start_services(pipeline)
@@ -78,3 +83,35 @@ async def test_the_compose_stack_places_pods_and_traces_them_in_its_jaeger(
         return services if services >= SERVICES else None
 
     assert await eventually(whole_trace, within=60) >= SERVICES  # every containerised stage, one trace
+
+
+def _containers(service: str) -> list[str]:
+    listed = image.podman("ps", "--filter", f"label=com.docker.compose.project={compose.PROJECT}", "--filter",
+                          f"label=com.docker.compose.service={service}", "--format", "{{.Names}}",
+                          capture_output=True)
+    names: list[str] = listed.stdout.split()
+    return names
+
+
+def _last_shares(container: str) -> tuple[int, str] | None:
+    """(processes of its stage, what it takes) as the container's process last logged them."""
+    logs = image.podman("logs", container, capture_output=True, check=False)
+    found = [m for m in (SHARES_LINE.search(line) for line in (logs.stdout + logs.stderr).splitlines()) if m]
+    return (int(found[-1].group(2)), found[-1].group(3)) if found else None
+
+
+async def test_scaled_stages_share_their_work_out_without_further_settings(stack: dict[str, Any]) -> None:
+    """`--scale feedback=3` in the host's network: three containers, each its own member of the stage
+    (host name and PID 1 alike), each taking a different share; the watchers share the webhook's port."""
+    for service, count in SCALE.items():
+        containers = await asyncio.to_thread(_containers, service)
+        assert len(containers) == count, containers
+
+        async def shared_out(containers: list[str] = containers, count: int = count) -> list[str] | None:
+            last = [await asyncio.to_thread(_last_shares, c) for c in containers]
+            if not all(entry is not None and entry[0] == count for entry in last):
+                return None
+            shares = [entry[1] for entry in last if entry is not None]
+            return shares if len(set(shares)) == count and "everything" not in shares else None
+
+        assert await eventually(shared_out, within=60), f"{service}: {[_last_shares(c) for c in containers]}"

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from cryptography import x509
 
 from mcsched.cli import main as mcsctl
 from mcsched.settings import Settings
@@ -42,6 +43,7 @@ SERVICES = {
 CONFIG_TARGET = "/etc/mcs/config.yaml"
 KUBECONFIG_TARGET = "/etc/mcs/kubeconfig"
 NATS_SECRETS = "/run/secrets/nats"
+WEBHOOK_SECRETS = "/run/secrets/webhook"
 
 Compose = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -87,8 +89,8 @@ def model(compose: Compose) -> dict[str, Any]:
     return normalized(compose)
 
 
-def test_seven_services(model: dict[str, Any]) -> None:
-    assert set(model["services"]) == {"nats-credentials", "nats", "jaeger", *SERVICES}
+def test_eight_services(model: dict[str, Any]) -> None:
+    assert set(model["services"]) == {"nats-credentials", "webhook-certificate", "nats", "jaeger", *SERVICES}
 
 
 def test_the_four_services_run_one_image_and_differ_only_by_module(model: dict[str, Any]) -> None:
@@ -108,6 +110,9 @@ def test_the_four_services_run_one_image_and_differ_only_by_module(model: dict[s
 def test_the_four_services_mount_the_config_and_kubeconfig_files(model: dict[str, Any]) -> None:
     for name in SERVICES:
         mounts = {m["target"]: m for m in model["services"][name]["volumes"]}
+        if name == "watcher":
+            certificate = mounts.pop(WEBHOOK_SECRETS)
+            assert (certificate["source"], certificate["read_only"]) == ("webhook-certificate", True)
         assert set(mounts) == {CONFIG_TARGET, KUBECONFIG_TARGET, NATS_SECRETS}
         assert Path(mounts[CONFIG_TARGET]["source"]) == COMPOSE_DIR / "config.yaml"
         assert Path(mounts[KUBECONFIG_TARGET]["source"]) == COMPOSE_DIR / "kubeconfig"
@@ -137,6 +142,34 @@ def test_every_stage_connects_to_nats_as_its_own_user(model: dict[str, Any], tmp
     assert mcsctl(["--config", str(COMPOSE_DIR / "config.yaml"), "nats-config", str(tmp_path)]) == 0
     users = {u["user"] for u in json.loads((tmp_path / "auth.conf").read_text())["authorization"]["users"]}
     assert users == {"admin", *SERVICES} and all((tmp_path / name).is_file() for name in SERVICES)
+
+
+def test_every_watcher_replica_serves_the_one_certificate_made_for_the_webhook_url(
+        model: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """webhook-certificate makes it once, before any watcher starts; WATCHER_REPLICAS needs nothing more."""
+    init = model["services"]["webhook-certificate"]
+    assert init["image"] == IMAGE and init["entrypoint"] == ["mcsctl"]
+    assert init["command"][-2:] == ["webhook-certificate", WEBHOOK_SECRETS]
+    assert not {m["target"]: m for m in init["volumes"]}[WEBHOOK_SECRETS].get("read_only", False)
+    watcher = model["services"]["watcher"]
+    assert watcher["depends_on"]["webhook-certificate"]["condition"] == "service_completed_successfully"
+    files = {variable: watcher["environment"][variable] for variable in
+             ("MCS_WEBHOOK__CERT_FILE", "MCS_WEBHOOK__KEY_FILE", "MCS_WEBHOOK__CA_FILE")}
+    assert files == {"MCS_WEBHOOK__CERT_FILE": f"{WEBHOOK_SECRETS}/tls.crt",
+                     "MCS_WEBHOOK__KEY_FILE": f"{WEBHOOK_SECRETS}/tls.key",
+                     "MCS_WEBHOOK__CA_FILE": f"{WEBHOOK_SECRETS}/ca.crt"}
+    # What the init container runs, on the example settings: a certificate for the URL's host.
+    for variable in [v for v in os.environ if v.startswith("MCS_")]:
+        monkeypatch.delenv(variable)
+    assert mcsctl(["--config", str(COMPOSE_DIR / "config.yaml"), "webhook-certificate", str(tmp_path)]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert x509.DNSName("watcher") in names
+    for variable, path in files.items():  # the watchers read the files there
+        monkeypatch.setenv(variable, str(tmp_path / Path(path).name))
+    monkeypatch.setenv("MCS_CONFIG", str(COMPOSE_DIR / "config.yaml"))
+    monkeypatch.setenv("MCS_WEBHOOK__REUSE_PORT", "true")  # valid only with a certificate given
+    assert Settings().webhook.cert_file == tmp_path / "tls.crt"
 
 
 def test_the_four_services_wait_for_nats_to_be_healthy(model: dict[str, Any]) -> None:
@@ -210,7 +243,8 @@ def test_the_image_runs_the_module_given_as_command() -> None:
 
 
 @pytest.mark.parametrize(("original", "broken", "error"), [
-    ("condition: service_healthy", "condition: service_happy", "depends_on.nats.condition"),
+    ("  depends_on:\n    nats:\n      condition: service_healthy",
+     "  depends_on:\n    nats:\n      condition: service_happy", "depends_on.nats.condition"),
     ("replicas: ${FEEDBACK_REPLICAS:-1}", "replicas: ${FEEDBACK_REPLICAS:-one}", "deploy.replicas"),
     ("    image: nats:2.10-alpine", "    imgae: nats:2.10-alpine", "imgae"),
 ], ids=["depends-on-condition", "replicas-not-a-number", "unknown-key"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -157,3 +159,13 @@ async def test_a_member_leaving_cleanly_is_forgotten_at_once_and_a_cut_off_membe
     for membership in (a, c, other):
         await membership.stop()
     await asyncio.sleep(0)
+
+
+def test_processes_with_the_same_host_name_and_pid_are_different_members() -> None:
+    # Replicas in the host's network share its name, and each container numbers its processes from 1.
+    code = ("import os, socket; os.getpid = lambda: 1; socket.gethostname = lambda: 'node-a'; "
+            "from mcsched.runtime import process_identity; print(process_identity('feedback'))")
+    names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+             for _ in range(2)}
+    assert len(names) == 2
+    assert all(name.startswith("feedback@node-a:1") for name in names)

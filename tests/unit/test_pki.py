@@ -1,0 +1,47 @@
+"""Certificates (mcsched.pki): a serving certificate that several processes share."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from mcsched import pki
+from mcsched.cli import main as mcsctl
+
+
+def _names(cert_file: Path) -> list[str]:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(n.value) for n in alt]
+
+
+def test_a_shared_serving_certificate_is_kept_while_valid_for_its_host_and_made_again_for_another(
+        tmp_path: Path) -> None:
+    first = pki.write_serving(tmp_path, "watcher", "test-ca")
+    assert _names(first.cert_file) == ["watcher", "127.0.0.1"]
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(first.cert_file, first.key_file)  # the key belongs to the certificate
+    x509.load_pem_x509_certificate(first.ca_file.read_bytes())
+    kept = first.cert_file.read_bytes()
+    assert pki.write_serving(tmp_path, "watcher", "test-ca") == first
+    assert first.cert_file.read_bytes() == kept  # a watcher started later serves the same certificate
+    pki.write_serving(tmp_path, "10.0.0.7", "test-ca")
+    assert _names(first.cert_file) == ["10.0.0.7"]
+    first.key_file.unlink()
+    pki.write_serving(tmp_path, "10.0.0.7", "test-ca")
+    assert first.key_file.exists()
+
+
+def test_mcsctl_writes_the_webhook_certificate_for_the_host_of_webhook_url(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.yaml"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    config.write_text(f"clusters:\n- name: c1\n  kubeconfig: {kubeconfig}\n  source: true\n  target: true\n"
+                      "webhook:\n  url: https://watcher:8443\n")
+    monkeypatch.setenv("MCS_CONFIG", str(config))  # mcsctl --config sets it: restored after the test
+    assert mcsctl(["--config", str(config), "webhook-certificate", str(tmp_path / "webhook")]) == 0
+    assert _names(tmp_path / "webhook" / "tls.crt") == ["watcher", "127.0.0.1"]
