@@ -81,7 +81,7 @@ def write_files(env: LocalEnvironment, scale: Mapping[str, int] | None = None) -
         "subject_prefix": SUBJECT_PREFIX,
         "otlp_endpoint": f"127.0.0.1:{ports['otlp_grpc']}",
         "resync_period_seconds": 10,
-        "webhook": {"listen_host": "127.0.0.1", "port": ports["webhook"], "reuse_port": True,
+        "webhook": {"listen_host": "127.0.0.1", "port": ports["webhook"],
                     "url": f"https://127.0.0.1:{ports['webhook']}"},
         "kubelet": {"listen_host": "127.0.0.1", "port": ports["kubelet"], "address": "127.0.0.1",
                     "reuse_port": True},
@@ -117,6 +117,8 @@ def write_files(env: LocalEnvironment, scale: Mapping[str, int] | None = None) -
         }
         if service in ("watcher", "feedback"):
             services[service]["expose"] = RESET
+    # Only the watchers have the certificate that sharing the port needs (the compose file's).
+    services["watcher"]["environment"]["MCS_WEBHOOK__REUSE_PORT"] = "true"
     (here / "override.yml").write_text(yaml.dump({"services": services}, Dumper=_Dumper, sort_keys=False))
     return {"ports": ports, "metrics": metrics, "jaeger_query_url": f"http://127.0.0.1:{ports['query']}",
             "nats_url": settings["nats_url"]}

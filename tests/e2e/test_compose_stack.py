@@ -114,4 +114,7 @@ async def test_scaled_stages_share_their_work_out_without_further_settings(stack
             shares = [entry[1] for entry in last if entry is not None]
             return shares if len(set(shares)) == count and "everything" not in shares else None
 
-        assert await eventually(shared_out, within=60), f"{service}: {[_last_shares(c) for c in containers]}"
+        try:
+            await eventually(shared_out, within=60)
+        except AssertionError as exc:  # what each process believes
+            raise AssertionError(f"{service}: {[_last_shares(c) for c in containers]}") from exc
