@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from .constants import PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION
+from .constants import CLUSTER_CHOSEN_LABEL, PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,10 @@ class Placement:
         return {t: r.reason for t, r in self.rejections.items() if now - r.at < memory_seconds}
 
     def patch(self, resource_version: str | None) -> dict[str, Any]:
-        """A merge patch writing this record, guarded by ``resource_version`` when given."""
-        metadata: dict[str, Any] = {"annotations": {PLACEMENT_ANNOTATION: self.annotation()}}
+        """A merge patch writing this record (and the label saying whether it names a cluster),
+        guarded by ``resource_version`` when given."""
+        metadata: dict[str, Any] = {"annotations": {PLACEMENT_ANNOTATION: self.annotation()},
+                                    "labels": {CLUSTER_CHOSEN_LABEL: "true" if self.target else None}}
         if resource_version:
             metadata["resourceVersion"] = resource_version
         return {"metadata": metadata}

@@ -29,6 +29,9 @@ TRACE_ID_ANNOTATION = f"{DOMAIN}/trace-id"
 TRACEPARENT_ANNOTATION = f"{DOMAIN}/traceparent"
 # The cluster chosen for the proxy and the clusters that refused it (see mcsched.choice).
 PLACEMENT_ANNOTATION = f"{DOMAIN}/placement"
+# On a proxy while the placement names a cluster ("true"), written with it: the watcher watches only
+# proxies without it, so the API server sends it nothing about a proxy from its choice to its binding.
+CLUSTER_CHOSEN_LABEL = f"{DOMAIN}/cluster-chosen"
 
 # What a delegate pod carries (labels, so they can be selected).
 PARENT_CLUSTER_LABEL = f"{DOMAIN}/parent-cluster"

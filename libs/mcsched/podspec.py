@@ -22,6 +22,7 @@ import orjson
 from pydantic import ValidationError
 
 from .constants import (
+    CLUSTER_CHOSEN_LABEL,
     DELEGATE_TARGET_LABEL,
     DOMAIN,
     ELECT_ANNOTATION,
@@ -195,9 +196,14 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
     metadata, spec = pod.get("metadata", {}), pod.get("spec", {})
     if is_proxy(pod):  # e.g. re-created from a proxy's YAML: only a cluster already chosen is dropped
         kept = _without_placement(metadata.get("annotations") or {})
-        if len(kept) == len(metadata.get("annotations") or {}):
-            return []
-        return [{"op": "add", "path": "/metadata/annotations", "value": kept}]
+        ops: list[JSON] = []
+        if len(kept) != len(metadata.get("annotations") or {}):
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": kept})
+        labels = metadata.get("labels") or {}
+        if CLUSTER_CHOSEN_LABEL in labels:
+            ops.append({"op": "add", "path": "/metadata/labels",
+                        "value": {k: v for k, v in labels.items() if k != CLUSTER_CHOSEN_LABEL}})
+        return ops
     # Only what the proxy itself no longer has: the user's scheduling fields (the webhook replaces
     # them below). Everything else is the proxy's own spec and metadata, so the annotation stays
     # small whatever the pod's size (annotations are limited to 256 KiB in all).
@@ -211,10 +217,10 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
         finalizers.append(PROXY_FINALIZER)
     tolerations = proxy_tolerations(list(spec.get("tolerations") or []), failover_seconds)
     # The partition of the pod's work (mcsched.shards): which process of a sharded stage handles it.
-    labels = dict(metadata.get("labels") or {})
+    labels = {k: v for k, v in (metadata.get("labels") or {}).items() if k != CLUSTER_CHOSEN_LABEL}
     if str(labels.get(PARTITION_LABEL, "")) not in PARTITION_VALUES:
         labels[PARTITION_LABEL] = partition if partition is not None else draw_partition()
-    ops: list[JSON] = [
+    ops = [
         {"op": "add", "path": "/metadata/labels", "value": labels},
         {"op": "add", "path": "/metadata/annotations", "value": annotations},
         {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
@@ -291,7 +297,8 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
     if scheduler_name:
         spec["schedulerName"] = scheduler_name
     skip = skipped_label_keys(metadata.get("annotations") or {})
-    labels = {delegate_label_key(k, skip): v for k, v in (metadata.get("labels") or {}).items()}
+    labels = {delegate_label_key(k, skip): v for k, v in (metadata.get("labels") or {}).items()
+              if k != CLUSTER_CHOSEN_LABEL}  # the proxy's own
     _rewrite_selectors(spec, skip)
     labels.update({
         PARENT_CLUSTER_LABEL: source, PARENT_NAMESPACE_LABEL: namespace,

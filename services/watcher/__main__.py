@@ -3,9 +3,10 @@
 * Serves the mutating admission webhook that turns elected pods into proxy
   pods at creation (and registers it in every source cluster, each on its
   own: a source unreachable at start holds up neither the others nor the watch).
-* Watches the proxy pods not yet bound to a virtual node in its shares of the
-  sources (partitions of their proxies: :mod:`mcsched.shards`) and
-  publishes an ``elect`` message for each that has no cluster chosen: when it
+* Watches the proxy pods with no cluster chosen (the label
+  ``cluster-chosen``, written with each choice: :mod:`mcsched.choice`) and not
+  bound, in its shares of the sources (partitions of their proxies:
+  :mod:`mcsched.shards`), and publishes an ``elect`` message for each: when it
   is new, and again each time a target's scheduler refused it (a new round of
   its placement); a periodic resync publishes them again, so even an emptied
   stream heals.
@@ -30,7 +31,7 @@ from mcsched import pki
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH, review, webhook_configuration
 from mcsched.bus import PUBLISHERS
 from mcsched.choice import Placement
-from mcsched.constants import PLACEMENT_ANNOTATION, PROXY_SCHEDULER_NAME
+from mcsched.constants import CLUSTER_CHOSEN_LABEL, PLACEMENT_ANNOTATION, PROXY_SCHEDULER_NAME
 from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
 from mcsched.natsauth import proxy_scheduler_durable
@@ -222,12 +223,13 @@ async def compose(rt: Runtime) -> None:
         url, ca_bundle = await serve_webhook(rt)
         if rt.settings.webhook.register_webhook:
             register_webhook(rt, url, ca_bundle)
-    # Only proxies still waiting for a target (once bound, a proxy leaves this cache: a DELETED event),
-    # and of those only the partitions this process owns (the others' watchers publish theirs).
+    # Only proxies still waiting for a cluster (once one is chosen, a proxy leaves this cache, a DELETED
+    # event, and comes back if that cluster refuses it), and of those only the partitions this process
+    # owns (the others' watchers publish theirs).
     informers = {
         source: rt.informer(source, "/api/v1/pods",
                             field_selector=f"spec.schedulerName={PROXY_SCHEDULER_NAME},spec.nodeName=",
-                            **partition_selector(rt.shares.partitions(source)))
+                            **partition_selector(rt.shares.partitions(source), f"!{CLUSTER_CHOSEN_LABEL}"))
         for source in rt.shares.sources(rt.settings.source_names)
     }
     publisher = ElectPublisher(rt, informers)

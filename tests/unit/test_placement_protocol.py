@@ -25,6 +25,7 @@ import pytest
 from mcsched.admission import review
 from mcsched.choice import Placement
 from mcsched.constants import (
+    CLUSTER_CHOSEN_LABEL,
     CLUSTER_TARGET_NAME_LABEL,
     CLUSTER_WEIGHTS_ANNOTATION,
     ELECT_ANNOTATION,
@@ -496,6 +497,36 @@ async def test_the_watcher_s_resync_queues_again_only_what_is_no_longer_waiting_
     for proxy in (waiting, lost):
         target = Placement.of(world.proxy(proxy)).target
         assert target is not None and world.delegate(target, proxy) is not None
+
+
+async def test_the_watcher_hears_nothing_of_a_proxy_from_its_choice_to_its_binding_unless_it_is_refused(
+        world: World) -> None:
+    """The choice marks the proxy (label cluster-chosen, in the same write), and the watcher's selector
+    leaves marked proxies out: one event when the choice is made, none when the proxy is bound, and the
+    proxy is back (and published again) once its cluster refuses it."""
+    [watcher_rt] = [rt for rt in world.runtimes if rt.service == "watcher"]
+    [cache] = watcher_rt.fake_informers(SOURCE, "pods")
+    heard: list[tuple[str, str | None]] = []
+    cache.add_handler(lambda kind, pod, _old=None: heard.append((kind, Placement.of(pod).target)))
+    proxy, target = await world.place()
+    assert proxy["metadata"]["labels"][CLUSTER_CHOSEN_LABEL] == "true"
+    delegate = world.delegate(target, proxy)
+    assert delegate is not None and CLUSTER_CHOSEN_LABEL not in delegate["metadata"]["labels"]
+    assert heard == [("ADDED", None), ("DELETED", target)]
+    assert cache.get(f"{NS}/{proxy['metadata']['name']}") is None
+
+    await world.refuse(target, proxy)
+    await world.run("status")
+    assert CLUSTER_CHOSEN_LABEL not in world.proxy(proxy)["metadata"]["labels"]
+    assert heard[2] == ("ADDED", None)
+    [elect] = world.bus.pending("elect")
+    assert elect.msg_id == f"elect:{proxy['metadata']['uid']}:1"
+    await world.run()
+    other = Placement.of(world.proxy(proxy)).target
+    assert other == world.other(target) and world.proxy(proxy)["metadata"]["labels"][CLUSTER_CHOSEN_LABEL] == "true"
+    await world.schedule(other, proxy)
+    assert world.proxy(proxy)["spec"]["nodeName"]
+    assert [kind for kind, _ in heard] == ["ADDED", "DELETED", "ADDED", "DELETED"]  # nothing of the binding
 
 
 # -- delegate requests that must create nothing ------------------------------------------------------------------

@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 
 from mcsched.admission import review, webhook_configuration
+from mcsched.choice import Placement
 from mcsched.constants import (
+    CLUSTER_CHOSEN_LABEL,
     ELECT_ANNOTATION,
     PARENT_UID_LABEL,
+    PLACEMENT_ANNOTATION,
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
     SOURCE_MANIFEST_ANNOTATION,
@@ -155,6 +158,21 @@ def test_proxy_patch_is_idempotent() -> None:
     pod = elected_pod()
     proxy = apply_patch(pod, proxy_patch(pod))
     assert proxy_patch(proxy) == []
+
+
+@pytest.mark.parametrize("from_a_proxy", [True, False], ids=["proxy-yaml", "pod-yaml"])
+def test_a_pod_made_from_a_placed_proxy_s_yaml_arrives_with_no_cluster_chosen(from_a_proxy: bool) -> None:
+    """The choice and its label would keep the new pod out of the watcher's sight: both are dropped."""
+    proxy = apply_patch(elected_pod(), proxy_patch(elected_pod()))
+    proxy["metadata"]["labels"][CLUSTER_CHOSEN_LABEL] = "true"
+    proxy["metadata"]["annotations"][PLACEMENT_ANNOTATION] = Placement().choose("c2").annotation()
+    if not from_a_proxy:  # its scheduler name edited back: an elected pod again
+        proxy["spec"].pop("schedulerName")
+    created = apply_patch(proxy, proxy_patch(proxy))
+    assert CLUSTER_CHOSEN_LABEL not in created["metadata"]["labels"]
+    assert PLACEMENT_ANNOTATION not in created["metadata"]["annotations"]
+    assert created["metadata"]["labels"]["app"] == proxy["metadata"]["labels"]["app"]
+    assert Placement.of(created).target is None
 
 
 def test_delegate_name_is_stable_and_kubernetes_like() -> None:
