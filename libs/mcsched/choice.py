@@ -99,6 +99,19 @@ class Placement:
         return {"metadata": metadata}
 
 
+def marked_without_a_choice(pod: Mapping[str, Any]) -> bool:
+    """An unbound, live proxy labelled as having a cluster chosen while its placement names none.
+
+    :meth:`Placement.patch` writes both together, so only a writer that set the annotation alone
+    (an older version of a stage, during an upgrade) leaves this; the watcher, which watches only
+    unlabelled proxies, would never see the pod again.
+    """
+    meta = pod.get("metadata") or {}
+    return (meta.get("labels") or {}).get(CLUSTER_CHOSEN_LABEL) is not None and \
+        not (pod.get("spec") or {}).get("nodeName") and not meta.get("deletionTimestamp") and \
+        Placement.of(pod).target is None
+
+
 def pick_target(pod_uid: str, scores: Mapping[str, float]) -> str | None:
     """One of the fitting targets, drawn with a probability proportional to its score.
 

@@ -52,8 +52,9 @@ from typing import Any
 
 from mcsched.bus import ACK, PUBLISHERS, Outcome
 from mcsched.capacity import common_labels, schedulable_allocatable
-from mcsched.choice import Placement, delegate_round
+from mcsched.choice import Placement, delegate_round, marked_without_a_choice
 from mcsched.constants import (
+    CLUSTER_CHOSEN_LABEL,
     CLUSTER_TARGET_NAME_LABEL,
     NODE_LEASE_NAMESPACE,
     NODE_ROLE_LABEL,
@@ -225,6 +226,11 @@ class Feedback:
                 for t in rt.settings.targets_for(source)]
             for source in rt.settings.source_names if shares.owns(source, 0)}
         self.strays.start()
+        # Proxies labelled cluster-chosen whose placement names no cluster: the label goes.
+        self.unmarked: WorkQueue[tuple[str, str, str]] = WorkQueue("unmark proxies with no cluster chosen",
+                                                                   self._unmark_key)
+        self.unmarked.start()
+        rt.closers.append(self.unmarked.stop)
         rt.closers.append(self.strays.stop)
         for source, informers in self.stray_pods.items():
             for informer in informers:
@@ -581,6 +587,24 @@ class Feedback:
             self.bound.pop(uid, None)  # the cache shows the binding now
         if pod["metadata"].get("deletionTimestamp"):
             self.finalizing.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
+        if marked_without_a_choice(pod):
+            self.unmarked.add((source, pod["metadata"]["namespace"], pod["metadata"]["name"]))
+
+    async def _unmark_key(self, key: tuple[str, str, str]) -> None:
+        """Remove the label, guarded by the version seen, so that the watcher sees the proxy again."""
+        source, namespace, name = key
+        proxy = self.proxies[source].get(f"{namespace}/{name}")
+        if proxy is None or not marked_without_a_choice(proxy):
+            return
+        try:
+            await self.rt.clusters[source].merge_patch(pod_path(namespace, name), {"metadata": {
+                "resourceVersion": proxy["metadata"]["resourceVersion"], "labels": {CLUSTER_CHOSEN_LABEL: None}}})
+        except KubeError as exc:
+            if not (exc.not_found or exc.conflict):  # changed meanwhile: its next event brings it back
+                raise
+            return
+        log.info("proxy %s/%s in %s had no cluster chosen but the label saying so: removed", namespace, name,
+                 source)
 
     def on_stray(self, source: str, kind: str, pod: JSON, _old: JSON | None = None) -> None:
         if kind != "DELETED" and stray_action(pod) is not None:

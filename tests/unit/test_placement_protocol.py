@@ -16,6 +16,7 @@ import asyncio
 import base64
 import functools
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -527,6 +528,24 @@ async def test_the_watcher_hears_nothing_of_a_proxy_from_its_choice_to_its_bindi
     await world.schedule(other, proxy)
     assert world.proxy(proxy)["spec"]["nodeName"]
     assert [kind for kind, _ in heard] == ["ADDED", "DELETED", "ADDED", "DELETED"]  # nothing of the binding
+
+
+async def test_a_proxy_left_marked_with_no_cluster_chosen_is_unmarked_and_placed(world: World) -> None:
+    """During an upgrade, a stage that still writes only the annotation can record a refusal and leave
+    the label: feedback removes it, so the watcher sees the proxy again."""
+    proxy, target = await world.place()
+    await world.refuse(target, proxy)
+    current = world.proxy(proxy)
+    placement = Placement.of(current).reject(target, "0/1 nodes are available.", time.time())
+    world.c1.put("pods", {**current, "metadata": {  # as an older feedback writes it: the annotation alone
+        **current["metadata"], "annotations": {**current["metadata"]["annotations"],
+                                               PLACEMENT_ANNOTATION: placement.annotation()}}})
+    await world.settle()
+    assert CLUSTER_CHOSEN_LABEL not in world.proxy(proxy)["metadata"]["labels"]
+    await world.run()
+    again = Placement.of(world.proxy(proxy))
+    assert again.target == world.other(target) and again.round == 2
+    assert world.proxy(proxy)["metadata"]["labels"][CLUSTER_CHOSEN_LABEL] == "true"
 
 
 # -- delegate requests that must create nothing ------------------------------------------------------------------
