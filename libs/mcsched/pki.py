@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -32,8 +34,7 @@ class KeyPair:
 
     def write(self, cert_path: Path, key_path: Path) -> None:
         cert_path.write_bytes(self.cert_pem)
-        key_path.write_bytes(self.key_pem)
-        key_path.chmod(0o600)
+        _write_private(key_path, self.key_pem)
 
     def load_into(self, context: ssl.SSLContext) -> None:
         """Serve with this pair (``ssl`` reads certificates only from files: a private temporary directory)."""
@@ -41,6 +42,14 @@ class KeyPair:
             cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
             self.write(cert, key)
             context.load_cert_chain(cert, key)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a key readable by its owner only, from the first byte."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -149,12 +158,17 @@ class ServingFiles:
         return cls(directory / "tls.crt", directory / "tls.key", directory / "ca.crt")
 
 
-def _valid_for(cert_file: Path, host: str) -> bool:
-    """The certificate there names ``host`` and is valid for at least another month."""
+def _usable(files: ServingFiles, host: str) -> bool:
+    """The files there hold a certificate for ``host``, valid for at least another month, signed by
+    the CA beside it, with its own key (a run cut short leaves something else: it is made anew)."""
     try:
-        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        cert = x509.load_pem_x509_certificate(files.cert_file.read_bytes())
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (OSError, ValueError, x509.ExtensionNotFound):
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(files.ca_file.read_bytes()))
+        key = serialization.load_pem_private_key(files.key_file.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    if key.public_key() != cert.public_key():
         return False
     try:
         wanted: object = x509.IPAddress(ipaddress.ip_address(host))
@@ -168,7 +182,7 @@ def write_serving(directory: Path, host: str, ca_name: str) -> ServingFiles:
     one address (the watchers behind one webhook URL). Kept when already there, valid for ``host``
     and not about to expire, so processes started later, or again, serve the same one."""
     files = ServingFiles.under(directory)
-    if files.key_file.exists() and files.ca_file.exists() and _valid_for(files.cert_file, host):
+    if _usable(files, host):
         return files
     directory.mkdir(parents=True, exist_ok=True)
     ca = new_ca(ca_name)

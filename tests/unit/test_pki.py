@@ -33,6 +33,22 @@ def test_a_shared_serving_certificate_is_kept_while_valid_for_its_host_and_made_
     first.key_file.unlink()
     pki.write_serving(tmp_path, "10.0.0.7", "test-ca")
     assert first.key_file.exists()
+    assert first.key_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_files_that_do_not_belong_together_are_made_anew(tmp_path: Path) -> None:
+    """A run cut short, or a CA replaced by hand, leaves a certificate the API servers would refuse."""
+    files = pki.write_serving(tmp_path, "watcher", "test-ca")
+    other = pki.write_serving(tmp_path / "other", "watcher", "test-ca")
+    for swapped in (files.ca_file, files.key_file):
+        kept = files.cert_file.read_bytes()
+        swapped.write_bytes((other.ca_file if swapped == files.ca_file else other.key_file).read_bytes())
+        pki.write_serving(tmp_path, "watcher", "test-ca")
+        assert files.cert_file.read_bytes() != kept
+        cert = x509.load_pem_x509_certificate(files.cert_file.read_bytes())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(files.ca_file.read_bytes()))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(files.cert_file, files.key_file)
 
 
 def test_mcsctl_writes_the_webhook_certificate_for_the_host_of_webhook_url(
