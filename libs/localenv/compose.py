@@ -120,7 +120,8 @@ def write_files(env: LocalEnvironment, scale: Mapping[str, int] | None = None) -
     # Only the watchers have the certificate that sharing the port needs (the compose file's).
     services["watcher"]["environment"]["MCS_WEBHOOK__REUSE_PORT"] = "true"
     (here / "override.yml").write_text(yaml.dump({"services": services}, Dumper=_Dumper, sort_keys=False))
-    return {"ports": ports, "metrics": metrics, "jaeger_query_url": f"http://127.0.0.1:{ports['query']}",
+    served = {service: port for service, port in metrics.items() if (scale or {}).get(service, 1) <= 1}
+    return {"ports": ports, "metrics": served, "jaeger_query_url": f"http://127.0.0.1:{ports['query']}",
             "nats_url": settings["nats_url"]}
 
 

@@ -22,6 +22,9 @@ talk over the bus:
   proxy's finalizer guards this), then the proxy is released; a proxy drained
   from a cordoned virtual node keeps its delegate until its controller's
   replacement is Ready (or its grace period ends).
+* Marks: a proxy labelled cluster-chosen while its placement names no cluster
+  (left by an older stage that wrote the annotation alone) loses the label, so
+  the watcher sees it again.
 * Strays: a pod bound to a virtual node that is not a proxy (a DaemonSet's)
   is failed as a kubelet fails a pod it cannot admit, and removed once deleted.
 * A pod lives once: a delegate deleted or evicted in its target ends its

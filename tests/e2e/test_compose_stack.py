@@ -102,7 +102,8 @@ def _last_shares(container: str) -> tuple[int, str] | None:
 
 async def test_scaled_stages_share_their_work_out_without_further_settings(stack: dict[str, Any]) -> None:
     """`--scale feedback=3` in the host's network: three containers, each its own member of the stage
-    (host name and PID 1 alike), each taking a different share; the watchers share the webhook's port."""
+    (host name and PID 1 alike), each taking a different share; every watcher serves the webhook (on
+    one port, with the compose file's one certificate)."""
     for service, count in SCALE.items():
         containers = await asyncio.to_thread(_containers, service)
         assert len(containers) == count, containers
@@ -118,3 +119,6 @@ async def test_scaled_stages_share_their_work_out_without_further_settings(stack
             await eventually(shared_out, within=60)
         except AssertionError as exc:  # what each process believes
             raise AssertionError(f"{service}: {[_last_shares(c) for c in containers]}") from exc
+    for watcher in await asyncio.to_thread(_containers, "watcher"):
+        logs = await asyncio.to_thread(image.podman, "logs", watcher, capture_output=True, check=False)
+        assert "admission webhook listening on" in logs.stdout + logs.stderr, watcher
