@@ -108,8 +108,9 @@ def write_files(env: LocalEnvironment, scale: Mapping[str, int] | None = None) -
                    "command": ["--config", str(here / "jaeger.yaml")],
                    "volumes": [{"type": "bind", "source": root, "target": root, "read_only": True}]},
     }
+    scaled_stages = {service for service, count in (scale or {}).items() if count > 1}
     for service in SERVICES:
-        scaled = (scale or {}).get(service, 1) > 1
+        scaled = service in scaled_stages
         services[service] = {
             "network_mode": "host", "volumes": shared_mounts,
             "environment": {"MCS_METRICS_PORT": "0" if scaled else str(metrics[service])},
@@ -120,7 +121,7 @@ def write_files(env: LocalEnvironment, scale: Mapping[str, int] | None = None) -
     # Only the watchers have the certificate that sharing the port needs (the compose file's).
     services["watcher"]["environment"]["MCS_WEBHOOK__REUSE_PORT"] = "true"
     (here / "override.yml").write_text(yaml.dump({"services": services}, Dumper=_Dumper, sort_keys=False))
-    served = {service: port for service, port in metrics.items() if (scale or {}).get(service, 1) <= 1}
+    served = {service: port for service, port in metrics.items() if service not in scaled_stages}
     return {"ports": ports, "metrics": served, "jaeger_query_url": f"http://127.0.0.1:{ports['query']}",
             "nats_url": settings["nats_url"]}
 

@@ -26,7 +26,6 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
@@ -306,10 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {nats_config(settings, args.directory, args.per_target_candidates)}")
         return 0
     if args.command == "webhook-certificate":
-        url = settings.webhook.url or f"https://127.0.0.1:{settings.webhook.port}"
-        files = pki.write_serving(args.directory, urlparse(url).hostname or "127.0.0.1",
-                                  "multicluster-scheduler-webhook-ca")
-        print(f"{files.cert_file} serves {url}; the API servers trust {files.ca_file}")
+        files = pki.write_serving(args.directory, settings.webhook.called_host(), pki.WEBHOOK_CA_NAME)
+        print(f"{files.cert_file} serves {settings.webhook.called_url()}; the API servers trust {files.ca_file}")
         return 0
     if args.kubeconfig:  # an operator reads with their own rights, not the services'
         kubeconfig = Path(args.kubeconfig)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALIDITY = dt.timedelta(days=365)
+WEBHOOK_CA_NAME = "multicluster-scheduler-webhook-ca"
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,19 @@ def issue(
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def serving(ca: KeyPair, host: str) -> KeyPair:
-    """A serving certificate for ``host``, an IP address or a DNS name (then also valid for 127.0.0.1)."""
+def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return issue(ca, host, server=True, dns_names=(host,), ip_addresses=("127.0.0.1",))
-    return issue(ca, host, server=True, ip_addresses=(host,))
+        return False
+    return True
+
+
+def serving(ca: KeyPair, host: str) -> KeyPair:
+    """A serving certificate for ``host``, an IP address or a DNS name (then also valid for 127.0.0.1)."""
+    if _is_ip(host):
+        return issue(ca, host, server=True, ip_addresses=(host,))
+    return issue(ca, host, server=True, dns_names=(host,), ip_addresses=("127.0.0.1",))
 
 
 @dataclass(frozen=True)
@@ -170,10 +177,7 @@ def _usable(files: ServingFiles, host: str) -> bool:
         return False
     if key.public_key() != cert.public_key():
         return False
-    try:
-        wanted: object = x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        wanted = x509.DNSName(host)
+    wanted = x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host)
     return wanted in names and cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=30)
 
 

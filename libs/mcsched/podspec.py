@@ -180,6 +180,11 @@ def _tolerates_no_execute(toleration: Mapping[str, Any], key: str) -> bool:
     return bool(toleration.get("key") == key)
 
 
+def _without_chosen_mark(labels: Mapping[str, str]) -> dict[str, str]:
+    """A proxy's labels without the one its placement keeps (mcsched.choice): not a pod's to carry."""
+    return {k: v for k, v in labels.items() if k != CLUSTER_CHOSEN_LABEL}
+
+
 def _without_placement(annotations: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in annotations.items() if k not in (PLACEMENT_ANNOTATION, PLACEMENT_ROUND_ANNOTATION)}
 
@@ -199,10 +204,9 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
         ops: list[JSON] = []
         if len(kept) != len(metadata.get("annotations") or {}):
             ops.append({"op": "add", "path": "/metadata/annotations", "value": kept})
-        labels = metadata.get("labels") or {}
-        if CLUSTER_CHOSEN_LABEL in labels:
-            ops.append({"op": "add", "path": "/metadata/labels",
-                        "value": {k: v for k, v in labels.items() if k != CLUSTER_CHOSEN_LABEL}})
+        labels = _without_chosen_mark(metadata.get("labels") or {})
+        if len(labels) != len(metadata.get("labels") or {}):
+            ops.append({"op": "add", "path": "/metadata/labels", "value": labels})
         return ops
     # Only what the proxy itself no longer has: the user's scheduling fields (the webhook replaces
     # them below). Everything else is the proxy's own spec and metadata, so the annotation stays
@@ -217,7 +221,7 @@ def proxy_patch(pod: Mapping[str, Any], extra_annotations: Mapping[str, str] | N
         finalizers.append(PROXY_FINALIZER)
     tolerations = proxy_tolerations(list(spec.get("tolerations") or []), failover_seconds)
     # The partition of the pod's work (mcsched.shards): which process of a sharded stage handles it.
-    labels = {k: v for k, v in (metadata.get("labels") or {}).items() if k != CLUSTER_CHOSEN_LABEL}
+    labels = _without_chosen_mark(metadata.get("labels") or {})
     if str(labels.get(PARTITION_LABEL, "")) not in PARTITION_VALUES:
         labels[PARTITION_LABEL] = partition if partition is not None else draw_partition()
     ops = [
@@ -297,8 +301,7 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
     if scheduler_name:
         spec["schedulerName"] = scheduler_name
     skip = skipped_label_keys(metadata.get("annotations") or {})
-    labels = {delegate_label_key(k, skip): v for k, v in (metadata.get("labels") or {}).items()
-              if k != CLUSTER_CHOSEN_LABEL}  # the proxy's own
+    labels = {delegate_label_key(k, skip): v for k, v in _without_chosen_mark(metadata.get("labels") or {}).items()}
     _rewrite_selectors(spec, skip)
     labels.update({
         PARENT_CLUSTER_LABEL: source, PARENT_NAMESPACE_LABEL: namespace,

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 _INCARNATION = secrets.token_hex(4)
 
 
+def process_identity(service: str) -> str:
+    """This process among all processes of all stages: its name on the bus and in its stage's membership."""
+    return f"{service}@{socket.gethostname()}:{os.getpid()}/{_INCARNATION}"
+
+
 # Container objects allocated (less those freed) between two collections of the youngest generation;
 # Python's default is 700. See tune_garbage_collection.
 GC_YOUNG_THRESHOLD = 50_000
@@ -56,11 +61,6 @@ def tune_garbage_collection() -> None:
     """
     gc.freeze()  # the modules, classes and functions loaded so far: alive for the whole process
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 10)
-
-
-def process_identity(service: str) -> str:
-    """This process among all processes of all stages: its name on the bus and in its stage's membership."""
-    return f"{service}@{socket.gethostname()}:{os.getpid()}/{_INCARNATION}"
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -79,6 +80,14 @@ class WebhookSettings(BaseModel):
     register_webhook: bool = Field(True, description="create/update the MutatingWebhookConfiguration in sources")
     failure_policy: Literal["Fail", "Ignore"] = "Fail"
     timeout_seconds: int = Field(5, ge=1, le=30)
+
+    def called_url(self) -> str:
+        """The URL the API servers call (``url``, else this host's ``port``)."""
+        return self.url or f"https://127.0.0.1:{self.port}"
+
+    def called_host(self) -> str:
+        """The host of :meth:`called_url`: what its serving certificate must name."""
+        return urlparse(self.called_url()).hostname or "127.0.0.1"
 
     @model_validator(mode="after")
     def _shared_port_needs_a_shared_certificate(self) -> WebhookSettings:

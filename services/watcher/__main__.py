@@ -21,7 +21,6 @@ import ssl
 import time
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 import orjson
 from aiohttp import web
@@ -49,23 +48,23 @@ log = logging.getLogger("watcher")
 REGISTER_RETRY_SECONDS = 2.0
 
 
-def _serving_material(settings: WebhookSettings, url: str) -> tuple[ssl.SSLContext, bytes]:
+def _serving_material(settings: WebhookSettings) -> tuple[ssl.SSLContext, bytes]:
     """TLS context for the webhook and the CA bundle the API servers must trust."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     if settings.cert_file and settings.key_file:
         context.load_cert_chain(settings.cert_file, settings.key_file)
         ca_file = settings.ca_file or settings.cert_file
         return context, Path(ca_file).read_bytes()
-    ca = pki.new_ca("multicluster-scheduler-webhook-ca")
-    pki.serving(ca, urlparse(url).hostname or "127.0.0.1").load_into(context)
+    ca = pki.new_ca(pki.WEBHOOK_CA_NAME)
+    pki.serving(ca, settings.called_host()).load_into(context)
     return context, ca.cert_pem
 
 
 async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
     """Serve the admission webhook; the URL the API servers call and the CA bundle they must trust."""
     settings = rt.settings.webhook
-    url = settings.url or f"https://127.0.0.1:{settings.port}"
-    context, ca_bundle = _serving_material(settings, url)
+    url = settings.called_url()
+    context, ca_bundle = _serving_material(settings)
 
     async def mutate(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
