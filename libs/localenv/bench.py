@@ -481,12 +481,20 @@ def scaled(service: str, processes: int) -> str:
 
 
 def stage_cost(result: JSON, service: str) -> JSON:
-    """A stage's CPU per 1000 pods in one scenario (all its processes) and the largest share one had."""
+    """A stage's CPU per 1000 pods in one scenario (all its processes) and the largest share one had.
+
+    ``other_stages_cpu_seconds_per_1000_pods`` is the CPU of every other stage in the same scenario:
+    they run one process each and do the same work in every scenario, so how it moves between two
+    scenarios shows how much the machine's own speed moved between them (docs/performance.md).
+    """
     prefix = f"svc-{service.replace('_', '-')}-"
     costs = [cost for name, cost in result["service_cost"].items() if name.startswith(prefix)]
+    others = sum(cost["cpu_seconds_per_1000_pods"] for name, cost in result["service_cost"].items()
+                 if not name.startswith(prefix))
     cpus = [cost["cpu_seconds_per_1000_pods"] for cost in costs]
     total = sum(cpus)
     return {"processes": len(cpus), "cpu_seconds_per_1000_pods": round(total, 2),
+            "other_stages_cpu_seconds_per_1000_pods": round(others, 2),
             "wakeups_per_pod": round(sum(cost.get("wakeups_per_pod", 0.0) for cost in costs), 1),
             "largest_share": round(max(cpus) / total, 3) if total > 0 else None,
             "throughput_pods_per_s": result["throughput_pods_per_s"]}
@@ -539,15 +547,17 @@ def print_table(summary: JSON) -> None:
     if summary.get("stages"):
         print()
         print(f"{'stage':<22} {'processes':>9} {'cpu s/1000 pods':>16} {'vs 1':>6} {'largest share':>14} "
-              f"{'pods/s':>7} {'wake-ups/pod':>13}")
+              f"{'pods/s':>7} {'wake-ups/pod':>13} {'other stages vs 1':>18}")
         for stage, runs in summary["stages"].items():
             one = runs["1"]["cpu_seconds_per_1000_pods"] or 1e-9
+            others_one = runs["1"].get("other_stages_cpu_seconds_per_1000_pods") or 1e-9
             for count, cost in runs.items():
                 share = cost["largest_share"]
+                others = cost.get("other_stages_cpu_seconds_per_1000_pods", 0.0) / others_one
                 print(f"{stage:<22} {count:>9} {cost['cpu_seconds_per_1000_pods']:>16.2f} "
                       f"{cost['cpu_seconds_per_1000_pods'] / one:>6.2f} "
                       f"{'-' if share is None else f'{share:.2f}':>14} {cost['throughput_pods_per_s']:>7.1f} "
-                      f"{cost.get('wakeups_per_pod', 0.0):>13.1f}")
+                      f"{cost.get('wakeups_per_pod', 0.0):>13.1f} {others:>18.2f}")
     print()
     runs = " and ".join(str(t) for t in summary["baseline_runs_pods_per_s"])
     print(f"throughput {summary['throughput_pods_per_s']} pods/s vs baseline "

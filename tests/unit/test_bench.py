@@ -44,13 +44,17 @@ def test_stage_scaling_sums_a_stages_processes_and_finds_the_largest_share() -> 
     others = {"svc-watcher-0": 1.0, "svc-proxy-scheduler-0": 2.0, "svc-candidate-scheduler-0": 3.0}
     results = {"pipeline": result({**others, "svc-feedback-0": 6.0}),
                bench.scaled("feedback", 2): result({**others, "svc-feedback-0": 3.2, "svc-feedback-1": 3.0}),
-               bench.scaled("feedback", 3): result({**others, "svc-feedback-0": 2.0, "svc-feedback-1": 2.4,
-                                                    "svc-feedback-2": 2.0}, 31.0)}
+               bench.scaled("feedback", 3): result({"svc-watcher-0": 1.1, "svc-proxy-scheduler-0": 2.2,
+                                                    "svc-candidate-scheduler-0": 3.3, "svc-feedback-0": 2.0,
+                                                    "svc-feedback-1": 2.4, "svc-feedback-2": 2.0}, 31.0)}
     stages = bench.stage_scaling(results)
     assert set(stages) == {"feedback"}  # only stages that were run with several processes
     feedback = stages["feedback"]
     assert feedback["1"] == {"processes": 1, "cpu_seconds_per_1000_pods": 6.0, "largest_share": 1.0,
-                             "throughput_pods_per_s": 30.0, "wakeups_per_pod": 12.0}
+                             "throughput_pods_per_s": 30.0, "wakeups_per_pod": 12.0,
+                             "other_stages_cpu_seconds_per_1000_pods": 6.0}
     assert feedback["3"]["wakeups_per_pod"] == 12.8  # the processes' wake-ups add up
     assert feedback["2"]["cpu_seconds_per_1000_pods"] == 6.2 and feedback["2"]["largest_share"] == round(3.2 / 6.2, 3)
     assert feedback["3"]["processes"] == 3 and feedback["3"]["largest_share"] == round(2.4 / 6.4, 3)
+    # The stages left at one process, in the same scenario: the machine's speed in that scenario.
+    assert feedback["3"]["other_stages_cpu_seconds_per_1000_pods"] == 6.6
