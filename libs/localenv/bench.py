@@ -98,8 +98,9 @@ def pod_manifest(name: str | None, elected: bool, labels: dict[str, str]) -> JSO
 class Scenario:
     """One timed run: create the pods, watch every step, stop when all are Running."""
 
-    def __init__(self, env: LocalEnvironment, pods: int, elected: bool) -> None:
+    def __init__(self, env: LocalEnvironment, pods: int, elected: bool, rate: float = 0.0) -> None:
         self.env, self.pods, self.elected = env, pods, elected
+        self.rate = rate  # pods created per second (bare pods), or 0: all at once, half through Deployments
         self.times: dict[str, PodTimes] = {}  # proxy (or pod) uid -> times
         self.by_name: dict[str, str] = {}
         self.done = asyncio.Event()
@@ -208,6 +209,9 @@ class Scenario:
         print(f"    profiles in {out}", flush=True)
 
     async def _create(self, client: KubeClient, namespace: str) -> None:
+        if self.rate > 0:
+            await self._create_steadily(client, namespace)
+            return
         deployments = self.pods // 2
         bare = self.pods - deployments
         per_deployment = max(1, deployments // 5) if deployments else 0
@@ -226,21 +230,35 @@ class Scenario:
 
         async def one(i: int) -> None:
             async with gate:
-                for attempt in range(CREATE_ATTEMPTS):
-                    try:
-                        await client.create(f"/api/v1/namespaces/{namespace}/pods",
-                                            pod_manifest(f"bare-{i}", self.elected, {"app": "bare"}))
-                        return
-                    except KubeError as exc:
-                        # Refused for now (e.g. the admission webhook did not answer in time under the
-                        # burst): tried again, as a controller would; one that got through is kept.
-                        if exc.conflict and attempt > 0:
-                            return
-                        if exc.status < 500 or attempt == CREATE_ATTEMPTS - 1:
-                            raise
-                    await asyncio.sleep(1.0 + attempt)
+                await self._create_bare(client, namespace, i)
 
         await asyncio.gather(*(one(i) for i in range(bare)))
+
+    async def _create_steadily(self, client: KubeClient, namespace: str) -> None:
+        """``BENCH_RATE``: bare pods, one every 1/rate seconds (never earlier), so the machine is
+        not saturated: each stage's CPU per pod then shows what its processes cost, not the
+        contention for the cores."""
+        started = time.monotonic()
+        creating = []
+        for i in range(self.pods):
+            await asyncio.sleep(max(0.0, started + i / self.rate - time.monotonic()))
+            creating.append(asyncio.ensure_future(self._create_bare(client, namespace, i)))
+        await asyncio.gather(*creating)
+
+    async def _create_bare(self, client: KubeClient, namespace: str, i: int) -> None:
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                await client.create(f"/api/v1/namespaces/{namespace}/pods",
+                                    pod_manifest(f"bare-{i}", self.elected, {"app": "bare"}))
+                return
+            except KubeError as exc:
+                # Refused for now (e.g. the admission webhook did not answer in time under the
+                # burst): tried again, as a controller would; one that got through is kept.
+                if exc.conflict and attempt > 0:
+                    return
+                if exc.status < 500 or attempt == CREATE_ATTEMPTS - 1:
+                    raise
+            await asyncio.sleep(1.0 + attempt)
 
     def _report(self, elapsed: float, created_in: float, before: JSON, after: JSON) -> JSON:
         last = "proxy_running" if self.elected else "running"
@@ -422,7 +440,7 @@ def _wait_started(env: LocalEnvironment) -> None:
           flush=True)
 
 
-def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSON:
+def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float, rate: float = 0.0) -> JSON:
     names = [f"c{i + 1}" for i in range(clusters)]
     env = LocalEnvironment(root / "env")
     results: JSON = {}
@@ -434,7 +452,7 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
         for label, replicas in scenarios:
             print(f"==> {label}: {pods} pods over {clusters} clusters x {nodes} nodes", flush=True)
             _start_env(env, names, nodes, replicas)
-            result = asyncio.run(Scenario(env, pods, elected=replicas is not None).run(timeout))
+            result = asyncio.run(Scenario(env, pods, elected=replicas is not None, rate=rate).run(timeout))
             if replicas is not None and pods >= RESYNC_MEASURE_PODS:
                 result["full_resync"] = full_resync(env, pods)
                 print(f"    full resync: {result['full_resync']}", flush=True)
@@ -455,7 +473,8 @@ def run(pods: int, clusters: int, nodes: int, root: Path, timeout: float) -> JSO
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {"pods": pods, "clusters": clusters, "nodes_per_cluster": nodes, "source": "c1",
                      "targets": names, "pod_requests": {"cpu": "10m", "memory": "16Mi"},
-                     "half_deployments_half_bare_pods": True, "machine_cpus": os.cpu_count()},
+                     "half_deployments_half_bare_pods": not rate, "created_per_second": rate or None,
+                     "machine_cpus": os.cpu_count()},
         "throughput_pods_per_s": ours["throughput_pods_per_s"],
         "baseline_throughput_pods_per_s": base_throughput,
         "baseline_runs_pods_per_s": [b["throughput_pods_per_s"] for b in baselines],
@@ -615,10 +634,12 @@ def main() -> int:
     clusters = int(os.environ.get("BENCH_CLUSTERS", "3"))
     # Enough kwok nodes (110 pods each) that even the baseline fits in one cluster.
     nodes = int(os.environ.get("BENCH_NODES", str(max(3, -(-pods // 100)))))
-    timeout = float(os.environ.get("BENCH_TIMEOUT", str(max(120, pods * 0.6))))
+    # BENCH_RATE: pods created per second, steadily (bare pods); unset or 0: all at once.
+    rate = float(os.environ.get("BENCH_RATE", "0") or 0)
+    timeout = float(os.environ.get("BENCH_TIMEOUT", str(max(120, pods * 0.6, pods / rate + 60 if rate else 0))))
     root = Path(os.environ.get("MCS_LOCAL_DIR", ".local")) / "bench"
     root.mkdir(parents=True, exist_ok=True)
-    summary = run(pods, clusters, nodes, root, timeout)
+    summary = run(pods, clusters, nodes, root, timeout, rate)
     latest = root / "latest.json"
     if latest.exists():
         shutil.copy(latest, root / "previous.json")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any, cast
+
 from localenv import bench
 from localenv.bench import cpu_split, percentiles, pod_manifest
 
@@ -58,3 +62,19 @@ def test_stage_scaling_sums_a_stages_processes_and_finds_the_largest_share() -> 
     assert feedback["3"]["processes"] == 3 and feedback["3"]["largest_share"] == round(2.4 / 6.4, 3)
     # The stages left at one process, in the same scenario: the machine's speed in that scenario.
     assert feedback["3"]["other_stages_cpu_seconds_per_1000_pods"] == 6.6
+
+
+def test_a_steady_rate_creates_bare_pods_never_sooner_than_their_turn() -> None:
+    created: list[tuple[float, str]] = []
+
+    class Client:
+        async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            created.append((time.monotonic(), body["metadata"]["name"]))
+            return body
+
+    scenario = bench.Scenario(cast(Any, None), pods=6, elected=True, rate=50.0)
+    started = time.monotonic()
+    asyncio.run(scenario._create(cast(Any, Client()), "bench"))
+    assert [name for _, name in created] == [f"bare-{i}" for i in range(6)]  # no Deployments
+    for i, (when, _) in enumerate(created):
+        assert when >= started + i / 50.0 - 0.001, f"pod {i} created before its turn"
