@@ -188,6 +188,11 @@ class Operator:
         return list(answers.values()), why
 
 
+# What explain says when the pod's trace in Jaeger holds no answer (yet): services send spans in batches.
+NO_ANSWERS_YET = ("none in Jaeger yet (each service sends its spans every few seconds: ask again; "
+                  "an old trace may have expired)")
+
+
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [list(header)] + [["-" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -219,6 +224,8 @@ def _render(command: str, result: Any) -> str:
             verdict = f"fits on {a['node']} (score {a['score']:.1f})" if a["fits"] else f"refused: {a['reason']}"
             chosen = "  <- chosen" if a["target"] == r["target"] else ""
             lines.append(f"  {a['target']}: {verdict}{chosen}")
+    elif r["trace_url"]:
+        lines.append(f"Targets asked: {NO_ANSWERS_YET}")
     if r.get("why"):
         lines.append(f"Why:       {r['why']}")
     if r["events"]:

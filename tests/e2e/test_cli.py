@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from kubernetes_asyncio import client as k8s
 
 from localenv import EnvironmentInfo, LocalEnvironment
+from mcsched.cli import NO_ANSWERS_YET
 from tests.e2e.pipeline import SOURCE, create_when_ready
 from tests.helpers import eventually
 
@@ -55,13 +57,19 @@ async def test_mcsctl_lists_explains_and_fails_clearly(
     table = mcsctl(pipeline, env_info, "proxies", "-n", namespace).stdout
     assert table.splitlines()[0].split()[:3] == ["SOURCE", "NAMESPACE", "PROXY"]
 
-    explained = mcsctl(pipeline, env_info, "explain", f"{namespace}/small")
-    assert explained.returncode == 0, explained.stderr
+    async def explained_from_the_trace(pod: str) -> subprocess.CompletedProcess[str] | None:
+        # The answers come from the pod's trace, which each service sends to Jaeger every few seconds.
+        result = await asyncio.to_thread(mcsctl, pipeline, env_info, "explain", f"{namespace}/{pod}")
+        assert result.returncode == 0, result.stderr
+        return None if NO_ANSWERS_YET in result.stdout else result
+
+    explained = await eventually(lambda: explained_from_the_trace("small"), within=60)
     assert "Decision:  bound to admiralty-" in explained.stdout
     assert "<- chosen" in explained.stdout and "Jaeger:    http" in explained.stdout
     # Both clusters fit and nothing ranks them: the draw in proportion to room decided.
     assert "Why:       drawn among c1, c2 in proportion to the room each has left" in explained.stdout, \
         explained.stdout
+    await eventually(lambda: explained_from_the_trace("huge"), within=60)
     refused = json.loads(mcsctl(pipeline, env_info, "-o", "json", "explain", f"{namespace}/huge").stdout)
     assert refused["target"] is None and "insufficient cpu" in refused["decision"]
     assert all(not a["fits"] and "insufficient cpu" in a["reason"] for a in refused["answers"])
