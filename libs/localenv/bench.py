@@ -636,7 +636,10 @@ def main() -> int:
     nodes = int(os.environ.get("BENCH_NODES", str(max(3, -(-pods // 100)))))
     # BENCH_RATE: pods created per second, steadily (bare pods); unset or 0: all at once.
     rate = float(os.environ.get("BENCH_RATE", "0") or 0)
-    timeout = float(os.environ.get("BENCH_TIMEOUT", str(max(120, pods * 0.6, pods / rate + 60 if rate else 0))))
+    if rate < 0:
+        raise SystemExit(f"BENCH_RATE={rate}: give pods per second, or 0 to create them all at once")
+    # How long to wait for the last pods once all are created.
+    timeout = float(os.environ.get("BENCH_TIMEOUT", str(max(120, pods * 0.6))))
     root = Path(os.environ.get("MCS_LOCAL_DIR", ".local")) / "bench"
     root.mkdir(parents=True, exist_ok=True)
     summary = run(pods, clusters, nodes, root, timeout, rate)
@@ -649,7 +652,9 @@ def main() -> int:
     previous = root / "previous.json"
     if previous.exists():
         old: Any = json.loads(previous.read_text())
-        print(f"previous run ({old.get('git_revision')}): {old.get('throughput_pods_per_s')} pods/s, "
+        steady = (old.get("settings") or {}).get("created_per_second")
+        print(f"previous run ({old.get('git_revision')}"
+              f"{f', pods created at {steady}/s' if steady else ''}): {old.get('throughput_pods_per_s')} pods/s, "
               f"p99 {old.get('p99_seconds')}s")
     print(f"results: {latest} and {root / 'latest.png'}")
     return 0

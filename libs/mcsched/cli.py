@@ -43,6 +43,10 @@ class CliError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
+class JaegerError(Exception):
+    """Jaeger could not tell a trace's answers (unreachable, or not a Jaeger query API)."""
+
+
 def _ready(node: JSON) -> str:
     conditions = node.get("status", {}).get("conditions") or []
     ready = next((c for c in conditions if c.get("type") == "Ready"), None)
@@ -158,23 +162,33 @@ class Operator:
                        for e in events],
             "trace_id": trace_id,
             "trace_url": f"{self.jaeger_url}/trace/{trace_id}" if self.jaeger_url and trace_id else None,
-            "answers": [], "why": None,
+            "answers": [], "why": None, "answers_error": None,
         }
         if trace_id:
-            result["answers"], result["why"] = self._answers(trace_id)
+            try:
+                result["answers"], result["why"] = self._answers(trace_id)
+            except JaegerError as exc:
+                result["answers_error"] = str(exc)
         return result
 
     def _answers(self, trace_id: str) -> tuple[list[JSON], str | None]:
         """Each target's answer to the last placement round, and why the chosen one won, from the pod's
         trace (a cluster the pod's cluster-level constraints, a cordon or a taint left out answers
-        "excluded: ...")."""
+        "excluded: ..."). A trace Jaeger does not have (yet) has none; JaegerError when Jaeger cannot be
+        asked or answers something else than traces."""
         if not self.jaeger_url:
             return [], None
         try:
             with urllib.request.urlopen(f"{self.jaeger_url}/api/traces/{trace_id}", timeout=5) as response:
                 data = json.load(response)["data"]
-        except (urllib.error.URLError, OSError, ValueError, KeyError):
-            return [], None
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # not (yet) in Jaeger
+                return [], None
+            raise JaegerError(f"Jaeger at {self.jaeger_url} answered {exc.code} {exc.reason}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise JaegerError(f"Jaeger at {self.jaeger_url} cannot be reached: {exc}") from exc
+        except (ValueError, KeyError) as exc:
+            raise JaegerError(f"Jaeger at {self.jaeger_url} answered something else than traces: {exc}") from exc
         answers: dict[str, JSON] = {}
         why: str | None = None
         for span in sorted((s for t in data for s in t["spans"]), key=lambda s: s["startTime"]):
@@ -224,6 +238,8 @@ def _render(command: str, result: Any) -> str:
             verdict = f"fits on {a['node']} (score {a['score']:.1f})" if a["fits"] else f"refused: {a['reason']}"
             chosen = "  <- chosen" if a["target"] == r["target"] else ""
             lines.append(f"  {a['target']}: {verdict}{chosen}")
+    elif r.get("answers_error"):
+        lines.append(f"Targets asked: unknown ({r['answers_error']})")
     elif r["trace_url"]:
         lines.append(f"Targets asked: {NO_ANSWERS_YET}")
     if r.get("why"):

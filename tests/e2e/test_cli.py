@@ -12,6 +12,7 @@ from kubernetes_asyncio import client as k8s
 
 from localenv import EnvironmentInfo, LocalEnvironment
 from mcsched.cli import NO_ANSWERS_YET
+from mcsched.kube import JSON
 from tests.e2e.pipeline import SOURCE, create_when_ready
 from tests.helpers import eventually
 
@@ -57,20 +58,26 @@ async def test_mcsctl_lists_explains_and_fails_clearly(
     table = mcsctl(pipeline, env_info, "proxies", "-n", namespace).stdout
     assert table.splitlines()[0].split()[:3] == ["SOURCE", "NAMESPACE", "PROXY"]
 
-    async def explained_from_the_trace(pod: str) -> subprocess.CompletedProcess[str] | None:
-        # The answers come from the pod's trace, which each service sends to Jaeger every few seconds.
-        result = await asyncio.to_thread(mcsctl, pipeline, env_info, "explain", f"{namespace}/{pod}")
+    # The answers and the reason come from the pod's trace, which each service sends to Jaeger in
+    # batches every few seconds (a batch may hold some of a round's spans and not yet the others).
+    async def explained_fully(pod: str) -> JSON | None:
+        result = await asyncio.to_thread(mcsctl, pipeline, env_info, "-o", "json", "explain", f"{namespace}/{pod}")
         assert result.returncode == 0, result.stderr
-        return None if NO_ANSWERS_YET in result.stdout else result
+        explanation: JSON = json.loads(result.stdout)
+        assert explanation["answers_error"] is None, explanation
+        return explanation if len(explanation["answers"]) == 2 and (
+            explanation["why"] or explanation["target"] is None) else None
 
-    explained = await eventually(lambda: explained_from_the_trace("small"), within=60)
+    await eventually(lambda: explained_fully("small"), within=60)
+    explained = mcsctl(pipeline, env_info, "explain", f"{namespace}/small")
+    assert explained.returncode == 0, explained.stderr
+    assert NO_ANSWERS_YET not in explained.stdout
     assert "Decision:  bound to admiralty-" in explained.stdout
     assert "<- chosen" in explained.stdout and "Jaeger:    http" in explained.stdout
     # Both clusters fit and nothing ranks them: the draw in proportion to room decided.
     assert "Why:       drawn among c1, c2 in proportion to the room each has left" in explained.stdout, \
         explained.stdout
-    await eventually(lambda: explained_from_the_trace("huge"), within=60)
-    refused = json.loads(mcsctl(pipeline, env_info, "-o", "json", "explain", f"{namespace}/huge").stdout)
+    refused = await eventually(lambda: explained_fully("huge"), within=60)
     assert refused["target"] is None and "insufficient cpu" in refused["decision"]
     assert all(not a["fits"] and "insufficient cpu" in a["reason"] for a in refused["answers"])
     assert len(refused["answers"]) == 2
