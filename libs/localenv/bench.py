@@ -653,8 +653,8 @@ def main() -> int:
     if previous.exists():
         old: Any = json.loads(previous.read_text())
         steady = (old.get("settings") or {}).get("created_per_second")
-        print(f"previous run ({old.get('git_revision')}"
-              f"{f', pods created at {steady}/s' if steady else ''}): {old.get('throughput_pods_per_s')} pods/s, "
+        how = f", pods created at {steady}/s" if steady else ""
+        print(f"previous run ({old.get('git_revision')}{how}): {old.get('throughput_pods_per_s')} pods/s, "
               f"p99 {old.get('p99_seconds')}s")
     print(f"results: {latest} and {root / 'latest.png'}")
     return 0

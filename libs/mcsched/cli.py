@@ -238,7 +238,7 @@ def _render(command: str, result: Any) -> str:
             verdict = f"fits on {a['node']} (score {a['score']:.1f})" if a["fits"] else f"refused: {a['reason']}"
             chosen = "  <- chosen" if a["target"] == r["target"] else ""
             lines.append(f"  {a['target']}: {verdict}{chosen}")
-    elif r.get("answers_error"):
+    elif r["answers_error"]:
         lines.append(f"Targets asked: unknown ({r['answers_error']})")
     elif r["trace_url"]:
         lines.append(f"Targets asked: {NO_ANSWERS_YET}")
