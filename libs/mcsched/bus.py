@@ -47,7 +47,9 @@ DEAD_LETTER_MAX_MESSAGES = 100_000
 # from the clusters, so a message lost this way is re-published if its work is still due).
 MAX_FAILED_DELIVERIES = 10
 # How long a publish is tried again while JetStream does not answer (a NATS cluster electing a leader).
-PUBLISH_RETRY_SECONDS = 10.0
+# A follower waits 4-9 s (nats-server's raft election timeout) before it campaigns for a lost leader,
+# and a split vote takes a second round: 30 s covers two rounds and the answer.
+PUBLISH_RETRY_SECONDS = 30.0
 # How long one pull waits. nats-py holds the messages of a lingering pull until it has
 # its whole batch or this time is up, so it bounds how long a message can sit unhandled.
 FETCH_WAIT_SECONDS = 1.0
@@ -248,8 +250,7 @@ class Bus:
         answered: it is tried again for up to ``PUBLISH_RETRY_SECONDS`` (the message id makes a second
         copy of one that was stored after all a no-op) before the error reaches the caller.
         """
-        loop = asyncio.get_running_loop()
-        deadline, delay, recreated = loop.time() + PUBLISH_RETRY_SECONDS, 0.25, False
+        deadline, delay, recreated = time.monotonic() + PUBLISH_RETRY_SECONDS, 0.25, False
         while True:
             error: Exception
             try:
@@ -260,7 +261,8 @@ class Bus:
                 if not recreated:
                     recreated = True
                     kind = subject_kind(subject)
-                    log.warning("no stream holds %s (deleted?); creating %s again", subject, self.stream(kind))
+                    log.warning("no stream answered for %s (a leader election, or the stream was deleted); "
+                                "ensuring %s", subject, self.stream(kind))
                     try:
                         await self.ensure_streams((kind,))
                         continue
@@ -268,7 +270,7 @@ class Bus:
                         error = again
             except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
                 error = exc
-            if loop.time() + delay > deadline:
+            if time.monotonic() + delay > deadline:
                 raise error
             log.info("publish to %s not answered (%s); trying again", subject, describe(error))
             await asyncio.sleep(delay)  # short and flat: the new leader is there within a few seconds

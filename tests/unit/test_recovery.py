@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from nats.js.errors import NoStreamResponseError
 
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
-from mcsched.bus import ACK, Bus, Outcome
+from mcsched.bus import ACK, PUBLISH_RETRY_SECONDS, Bus, Outcome
 from mcsched.choice import Placement
 from mcsched.constants import (
     NAMESPACE_LABEL,
@@ -145,6 +146,52 @@ async def test_a_stream_deleted_at_runtime_is_created_again_by_its_publisher_and
     await until(lambda: received == ["before", "after"])
     assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
     await until(lambda: scheduler.problems() == [] and watcher.problems() == [])
+
+
+class FakeClock:
+    """The bus's view of time, moved on by its pauses instead of waiting them out."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("election_seconds", [0.5, 9.0, 18.0])
+async def test_a_publish_waits_out_a_stream_leader_election_of_two_rounds(
+        election_seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # nats-server's followers wait 4-9 s for a lost leader before they campaign; a split vote takes
+    # a second round. The publish must outlast both rather than fail the stage's handler.
+    clock = FakeClock()
+    monkeypatch.setattr("mcsched.bus.time", clock)
+    monkeypatch.setattr("mcsched.bus.asyncio", clock)
+    js = FakeJetStream(clock=clock.monotonic)
+    bus = connect_bus(Bus("nats://fake", "mcs", "watcher"), js)
+    await bus.ensure_streams(("elect",))
+    js.leaderless_until = election_seconds
+    await bus.publish(bus.subject("elect", "c1"), elect("p"), "elect:p")
+    assert [m.subject for m in js.messages["MCS_ELECT"]] == ["mcs.elect.c1"]
+    assert election_seconds <= clock.now < election_seconds + 1
+
+
+async def test_a_publish_no_stream_answers_for_fails_once_the_retry_budget_is_spent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("mcsched.bus.time", clock)
+    monkeypatch.setattr("mcsched.bus.asyncio", clock)
+    js = FakeJetStream(clock=clock.monotonic)
+    bus = connect_bus(Bus("nats://fake", "mcs", "watcher"), js)
+    await bus.ensure_streams(("elect",))
+    js.leaderless_until = float("inf")
+    with pytest.raises(NoStreamResponseError):
+        await bus.publish(bus.subject("elect", "c1"), elect("p"), "elect:p")
+    assert PUBLISH_RETRY_SECONDS - 1 <= clock.now <= PUBLISH_RETRY_SECONDS
+    assert js.messages["MCS_ELECT"] == []
 
 
 async def test_the_bus_tells_which_published_messages_still_wait_for_another_process_s_consumer(

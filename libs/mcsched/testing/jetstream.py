@@ -21,7 +21,10 @@ is modelled, and only that:
 * what an operator or a crash does: :meth:`FakeJetStream.delete_stream` and
   :meth:`FakeJetStream.delete_consumer`; ``unavailable``: JetStream cannot
   answer its API (no quorum, say), every stream and consumer call raises
-  ``ServiceUnavailableError``.
+  ``ServiceUnavailableError``; ``leaderless_until``: the servers of every
+  stream elect a new leader until that time (by ``clock``), and a publish
+  raises ``NoStreamResponseError`` meanwhile, as nats-py does when no
+  server answers for the stream.
 
 Not modelled: de-duplication by message id, subject wildcards other than a
 trailing ``>``, max_deliver, flow control, headers beyond storing them.
@@ -156,6 +159,7 @@ class FakeJetStream:
         self.delivered: dict[tuple[str, str], int] = {}  # (stream, durable) -> highest sequence handed out
         self.api_calls: list[str] = []
         self.unavailable = False
+        self.leaderless_until = 0.0  # until then (by ``clock``) a publish finds no stream leader to answer it
 
     def _api(self, call: str) -> None:
         self.api_calls.append(call)
@@ -181,6 +185,8 @@ class FakeJetStream:
     async def publish(self, subject: str, payload: bytes = b"", headers: dict[str, str] | None = None,
                       **_: Any) -> FakePubAck:
         await asyncio.sleep(0)
+        if self.clock() < self.leaderless_until:  # the stream's servers are electing a leader: nobody answers
+            raise NoStreamResponseError
         for name, config in self.streams.items():
             if any(_holds(s, subject) for s in config.subjects or []):
                 seq = next(self.sequence)
