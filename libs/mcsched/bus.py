@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # instead of being redelivered forever.
 DEAD_LETTER_MAX_AGE_SECONDS = 7 * 24 * 3600.0
 DEAD_LETTER_MAX_MESSAGES = 100_000
+# A message to dead-letter while JetStream does not answer comes back after this long to try again.
+DEAD_LETTER_RETRY_SECONDS = 30.0
 # A message whose handler raised this many times is dead-lettered (a resync re-derives the work
 # from the clusters, so a message lost this way is re-published if its work is still due).
 MAX_FAILED_DELIVERIES = 10
@@ -50,6 +52,17 @@ MAX_FAILED_DELIVERIES = 10
 # A follower waits 4-9 s (nats-server's raft election timeout) before it campaigns for a lost leader,
 # and a split vote takes a second round: 30 s covers two rounds and the answer.
 PUBLISH_RETRY_SECONDS = 30.0
+# A server that died without closing its connections (a host lost, a network cut) is noticed when
+# this many pings in a row go unanswered, one every so many seconds (nats-py's default: 2 min):
+# then the client moves to another server of the cluster.
+PING_INTERVAL_SECONDS = 5
+MAX_OUTSTANDING_PINGS = 3
+# How many publishes of one batch (a resync's) wait for their acks at a time.
+PUBLISHES_IN_FLIGHT = 256
+# What JetStream answers (or fails to) while it has no leader for a stream or for its API, and what
+# the client says while it reconnects to another server with its buffer for the meantime full.
+JETSTREAM_UNANSWERED = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError,
+                        OutboundBufferLimitError)
 # How long one pull waits. nats-py holds the messages of a lingering pull until it has
 # its whole batch or this time is up, so it bounds how long a message can sit unhandled.
 FETCH_WAIT_SECONDS = 1.0
@@ -111,6 +124,7 @@ class Bus:
         self._consumer_problems: dict[str, str] = {}  # durable -> why it does not deliver now
         self._waiting: dict[str, int] = {}  # durable -> messages waiting for it, as of its last check
         self._handling: dict[str, set[asyncio.Task[None]]] = {}  # durable -> its messages being handled here
+        self._ensuring: dict[str, asyncio.Future[None]] = {}  # stream kind -> its re-creation in flight
         self._grace = 0.0  # at close: how long handlers in flight may take to finish (set by close)
 
     # -- naming ------------------------------------------------------------------
@@ -132,6 +146,7 @@ class Bus:
                 self.nc = await nats.connect(
                     self.servers, name=self.client_name, max_reconnect_attempts=-1, reconnect_time_wait=1,
                     connect_timeout=3, allow_reconnect=True,
+                    ping_interval=PING_INTERVAL_SECONDS, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
                     error_cb=self._on_error, **self._identity(),
                 )
@@ -203,6 +218,20 @@ class Bus:
                     duplicate_window=120.0, num_replicas=self.stream_replicas)
             await self._add_or_update(js, config)
 
+    async def ensure_streams_patiently(self, kinds: tuple[str, ...]) -> None:
+        """:meth:`ensure_streams`, tried again with back-off for as long as JetStream does not answer
+        (a NATS cluster electing its meta leader, JetStream starting); other errors are raised."""
+        delay = 0.5
+        while True:
+            try:
+                await self.ensure_streams(kinds)
+                return
+            except JETSTREAM_UNANSWERED as exc:
+                log.warning("JetStream at %s does not answer (%s) while creating streams; retrying in %.1fs",
+                            self.url, describe(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+
     @staticmethod
     async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
         try:
@@ -260,24 +289,33 @@ class Bus:
                 error = exc
                 if not recreated:
                     recreated = True
-                    kind = subject_kind(subject)
-                    log.warning("no stream answered for %s (a leader election, or the stream was deleted); "
-                                "ensuring %s", subject, self.stream(kind))
                     try:
-                        await self.ensure_streams((kind,))
+                        await self._stream_again(subject)
                         continue
-                    except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as again:
+                    except JETSTREAM_UNANSWERED as again:
                         error = again
-            except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+            except JETSTREAM_UNANSWERED as exc:
                 error = exc
             if time.monotonic() + delay > deadline:
                 raise error
             log.info("publish to %s not answered (%s); trying again", subject, describe(error))
             await asyncio.sleep(delay)  # short and flat: the new leader is there within a few seconds
 
-    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> list[int]:
-        """Publish several messages with their acks awaited together; their sequences, in order."""
-        return list(await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items)))
+    async def _stream_again(self, subject: str) -> None:
+        """Ensure the stream of ``subject``'s kind, once for all the publishes that found none meanwhile
+        (a thousand publishes of a resync meeting an election make one request, not a thousand)."""
+        kind = subject_kind(subject)
+        ensuring = self._ensuring.get(kind)
+        if ensuring is None or ensuring.done():
+            log.warning("no stream answered for %s (a leader election, or the stream was deleted); "
+                        "ensuring %s", subject, self.stream(kind))
+            ensuring = self._ensuring[kind] = asyncio.ensure_future(self.ensure_streams((kind,)))
+        await asyncio.shield(ensuring)
+
+    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> list[int | None]:
+        """Publish several messages, up to ``PUBLISHES_IN_FLIGHT`` acks awaited at a time; their
+        sequences, in order, and None for each one that could not be stored (logged here)."""
+        return await publish_all(self.publish, items)
 
     async def notify(self, subject: str, message: Message) -> None:
         """Fire and forget over core NATS (for hints whose loss costs only a timeout)."""
@@ -506,15 +544,28 @@ class Bus:
             otel_context.detach(token)
 
     async def _dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
-        """Move a message that cannot be handled to the dead-letter stream, then end its delivery."""
+        """Move a message that cannot be handled to the dead-letter stream, then end its delivery.
+
+        While JetStream does not answer (an election), the message is handed back to be dead-lettered
+        on a later delivery rather than ended without its copy; any other failure to store the copy
+        still ends it, as a poison message must not loop forever. The copy's id (its stream sequence)
+        makes a second process's copy of the same delivery a no-op.
+        """
         kind = subject_kind(msg.subject)
         log.error("dead-lettering a %s message on %s (%s): %s", kind, msg.subject, reason, detail)
-        MESSAGES_DEAD.labels(kind, reason).inc()
         headers = {"Mcs-Subject": msg.subject, "Mcs-Reason": reason, "Mcs-Detail": detail[:1000]}
+        if msg.metadata is not None and msg.metadata.sequence is not None:
+            headers["Nats-Msg-Id"] = f"dead:{msg.metadata.stream}:{msg.metadata.sequence.stream}"
         try:
             await self._store(self.subject(DEAD_LETTER_KIND, kind), msg.data, headers)
-        except Exception as exc:  # the message is still ended: a poison message must not loop forever
+        except JETSTREAM_UNANSWERED as exc:
+            log.warning("could not store the dead-lettered message from %s (%s); it comes back in %.0fs to be "
+                        "dead-lettered then", msg.subject, describe(exc), DEAD_LETTER_RETRY_SECONDS)
+            await msg.nak(delay=DEAD_LETTER_RETRY_SECONDS)
+            return
+        except Exception as exc:
             log.warning("could not store the dead-lettered message from %s: %s", msg.subject, describe(exc))
+        MESSAGES_DEAD.labels(kind, reason).inc()
         await msg.term()
 
     @staticmethod
@@ -525,6 +576,28 @@ class Bus:
 def _self_explaining(exc: BaseException) -> bool:
     """Errors whose message says it all (network trouble, an API server's HTTP answer): no traceback."""
     return isinstance(exc, (OSError, asyncio.TimeoutError)) or isinstance(getattr(exc, "status", None), int)
+
+
+async def publish_all(publish: Callable[[str, Message, str], Awaitable[int]],
+                      items: Sequence[tuple[str, Message, str]]) -> list[int | None]:
+    """``publish`` each of ``items`` with at most ``PUBLISHES_IN_FLIGHT`` at a time; the sequences in
+    order, None where it failed. One failure does not hide which of the others were stored."""
+    room = asyncio.Semaphore(PUBLISHES_IN_FLIGHT)
+
+    async def one(subject: str, message: Message, msg_id: str) -> int | None:
+        async with room:
+            try:
+                return await publish(subject, message, msg_id)
+            except Exception as exc:
+                failures.append(exc)
+                return None
+
+    failures: list[Exception] = []
+    sequences = list(await asyncio.gather(*(one(s, m, i) for s, m, i in items)))
+    if failures:
+        log.warning("%d of %d messages not stored (%s); they go again later", len(failures), len(items),
+                    describe(failures[0]))
+    return sequences
 
 
 def describe(exc: BaseException) -> str:

@@ -321,9 +321,13 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
     bus = Bus(settings.nats_url, settings.subject_prefix, process_identity(service),
               max_failed_deliveries=settings.max_failed_deliveries, credentials=credentials,
               stream_replicas=settings.stream_replicas)
-    if not await _connected_unless_stopped(bus, stop):
+    if not await _unless_stopped(bus.connect(), stop):
         return None
-    await bus.ensure_streams(STAGE_STREAMS[service])
+    # While a NATS cluster elects its JetStream leader, creating streams goes unanswered: wait for it
+    # rather than exit (a restart would only land in the same election).
+    if not await _unless_stopped(bus.ensure_streams_patiently(STAGE_STREAMS[service]), stop):
+        await bus.close(0.0)
+        return None
     clusters: dict[str, KubeClient] = {}
     usable = []
     for cluster in settings.clusters:
@@ -343,15 +347,17 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
     return runtime
 
 
-async def _connected_unless_stopped(bus: Bus, stop: asyncio.Event) -> bool:
-    """Connect ``bus`` (NATS may take a while to answer); False if ``stop`` came first."""
-    connecting = asyncio.create_task(bus.connect())
+async def _unless_stopped(step: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await ``step`` (connecting, creating streams: NATS may take a while to answer); False if
+    ``stop`` came first."""
+    stepping = asyncio.ensure_future(step)
     stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait([stepping, stopping], return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
-    if connecting not in done:
-        connecting.cancel()
+    if stepping not in done:
+        stepping.cancel()
         return False
+    stepping.result()  # its error, if any
     return True
 
 
@@ -360,7 +366,7 @@ async def _membership(service: str, settings: Settings, credentials: Credentials
     """This process's membership of its stage, on a connection of its own (it outlives compositions);
     None if stopped before NATS answered."""
     bus = Bus(settings.nats_url, settings.subject_prefix, f"{member}/members", credentials=credentials)
-    if not await _connected_unless_stopped(bus, stop):
+    if not await _unless_stopped(bus.connect(), stop):
         return None
     membership = Membership(bus, service, member, settings.shard_lease_seconds)
     await membership.start()

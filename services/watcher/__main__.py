@@ -212,7 +212,7 @@ class ElectPublisher:
             log.info("resync: %d proxy pods still need a target", len(batch))
             sequences = await self.rt.bus.publish_many(batch)
             for (_, message, _), seq in zip(batch, sequences, strict=True):
-                if (cached := self._cached(message.proxy)) is not None:
+                if seq is not None and (cached := self._cached(message.proxy)) is not None:
                     self.published[message.proxy.uid] = (Placement.of(cached).round, now, seq)
         RESYNC_SECONDS.labels("watcher").set(time.monotonic() - now)
 

@@ -16,7 +16,7 @@ import pytest
 from nats.js.errors import NoStreamResponseError
 
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
-from mcsched.bus import ACK, PUBLISH_RETRY_SECONDS, Bus, Outcome
+from mcsched.bus import ACK, DEAD_LETTER_RETRY_SECONDS, PUBLISH_RETRY_SECONDS, Bus, Outcome
 from mcsched.choice import Placement
 from mcsched.constants import (
     NAMESPACE_LABEL,
@@ -29,6 +29,7 @@ from mcsched.constants import (
 )
 from mcsched.kube import JSON, pod_path
 from mcsched.models import DelegateSummary, ElectMessage, PodRef, decode
+from mcsched.natsauth import DEAD_LETTER_KIND
 from mcsched.podspec import delegate_name, mirror_patch, mirrored_status, status_differs
 from mcsched.settings import WebhookSettings
 from mcsched.testing import (
@@ -149,10 +150,14 @@ async def test_a_stream_deleted_at_runtime_is_created_again_by_its_publisher_and
 
 
 class FakeClock:
-    """The bus's view of time, moved on by its pauses instead of waiting them out."""
+    """The bus's view of time (its ``time`` and ``asyncio``), moved on by its pauses instead of
+    waiting them out; the rest of ``asyncio`` is the real one."""
 
     def __init__(self) -> None:
         self.now = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
 
     def monotonic(self) -> float:
         return self.now
@@ -192,6 +197,49 @@ async def test_a_publish_no_stream_answers_for_fails_once_the_retry_budget_is_sp
         await bus.publish(bus.subject("elect", "c1"), elect("p"), "elect:p")
     assert PUBLISH_RETRY_SECONDS - 1 <= clock.now <= PUBLISH_RETRY_SECONDS
     assert js.messages["MCS_ELECT"] == []
+
+
+async def test_a_message_to_dead_letter_while_no_stream_answers_comes_back_instead_of_ending_without_its_copy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("mcsched.bus.time", clock)
+    monkeypatch.setattr("mcsched.bus.asyncio", clock)
+    js = FakeJetStream(clock=clock.monotonic)
+    bus = connect_bus(Bus("nats://fake", "mcs", "proxy-scheduler"), js)
+    await bus.ensure_streams(("elect", DEAD_LETTER_KIND))
+    await bus.publish(bus.subject("elect", "c1"), elect("poison"), "elect:poison")
+    [poison] = js.messages["MCS_ELECT"]
+
+    js.leaderless_until = float("inf")
+    await bus._dead_letter(poison, "failing", "10 failed deliveries")  # type: ignore[arg-type]
+    assert poison.acks == ["nak"] and js.messages["MCS_ELECT"] == [poison]
+    assert poison.due >= clock.now + DEAD_LETTER_RETRY_SECONDS
+    assert js.messages[bus.stream(DEAD_LETTER_KIND)] == []
+
+    js.leaderless_until = 0.0  # a leader again: the next delivery is dead-lettered for good
+    await bus._dead_letter(poison, "failing", "10 failed deliveries")  # type: ignore[arg-type]
+    assert poison.acks == ["nak", "term"] and js.messages["MCS_ELECT"] == []
+    [copy] = js.messages[bus.stream(DEAD_LETTER_KIND)]
+    assert copy.data == poison.data and copy.headers["Nats-Msg-Id"] == f"dead:MCS_ELECT:{poison.seq}"
+
+
+async def test_a_resync_s_publishes_meeting_an_election_ask_for_their_stream_once_and_report_each_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("mcsched.bus.time", clock)
+    monkeypatch.setattr("mcsched.bus.asyncio", clock)
+    js = FakeJetStream(clock=clock.monotonic)
+    bus = connect_bus(Bus("nats://fake", "mcs", "watcher"), js)
+    await bus.ensure_streams(("elect",))
+    js.leaderless_until = 5.0
+    items = [(bus.subject("elect", "c1"), elect(f"p{i}"), f"elect:p{i}") for i in range(500)]
+    sequences = await bus.publish_many(items)
+    assert all(isinstance(seq, int) for seq in sequences) and len(js.messages["MCS_ELECT"]) == 500
+    assert js.api_calls.count("STREAM.CREATE.MCS_ELECT") == 2  # the first ensure_streams, then one for all
+
+    js.leaderless_until = float("inf")  # an election that outlasts the budget: each message says so
+    sequences = await bus.publish_many(items[:3])
+    assert sequences == [None, None, None]
 
 
 async def test_the_bus_tells_which_published_messages_still_wait_for_another_process_s_consumer(

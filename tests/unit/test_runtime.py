@@ -1,9 +1,16 @@
-"""What every service process sets up before it composes itself (mcsched.runtime)."""
+"""What every service process sets up before it composes itself, and how it waits for NATS (mcsched.runtime)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+
+import pytest
+
+from mcsched.bus import Bus
+from mcsched.runtime import _unless_stopped
+from mcsched.testing.jetstream import FakeJetStream, connect_bus
 
 
 def test_a_service_process_collects_garbage_rarely_and_never_rescans_what_it_imported() -> None:
@@ -14,3 +21,30 @@ def test_a_service_process_collects_garbage_rarely_and_never_rescans_what_it_imp
     before, frozen, threshold = run.stdout.split()
     assert before == "0" and int(frozen) > 10_000  # the imports' objects: never traversed again
     assert threshold == "True"
+
+
+async def test_a_service_composing_while_jetstream_elects_its_leader_waits_for_it_and_stops_when_told() -> None:
+    # Creating the stage's streams goes unanswered during a NATS cluster's election: the process must
+    # wait (an error here ended it before), and a stop meanwhile must not wait for the election.
+    js = FakeJetStream()
+    bus = connect_bus(Bus("nats://fake", "mcs", "watcher"), js)
+    js.unavailable = True
+    stop = asyncio.Event()
+    ensuring = asyncio.create_task(_unless_stopped(bus.ensure_streams_patiently(("elect",)), stop))
+    await asyncio.sleep(1.2)  # two attempts, both unanswered
+    assert not ensuring.done() and js.api_calls.count("STREAM.CREATE.MCS_ELECT") >= 2
+    js.unavailable = False
+    assert await asyncio.wait_for(ensuring, 5) is True
+    assert "MCS_ELECT" in js.streams
+
+    js.unavailable = True
+    stop.set()
+    assert await asyncio.wait_for(_unless_stopped(bus.ensure_streams_patiently(("delegate",)), stop), 1) is False
+
+
+async def test_a_step_s_own_error_is_raised_not_taken_for_success() -> None:
+    async def refused() -> None:
+        raise PermissionError("no")
+
+    with pytest.raises(PermissionError):
+        await _unless_stopped(refused(), asyncio.Event())

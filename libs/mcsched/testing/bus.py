@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..bus import Bus, Handler, Outcome
+from ..bus import Bus, Handler, Outcome, publish_all
 from ..models import Message, SchemaError, decode
 from ..natsauth import STREAM_KINDS
 
@@ -225,8 +225,8 @@ class FakeBus(Bus):
             raise RuntimeError(f"nats: no response from stream: no stream holds {subject}")
         return self.broker.store(self.stream(kind), subject, message, msg_id, self.client_name)
 
-    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> list[int]:
-        return list(await asyncio.gather(*(self.publish(s, m, i) for s, m, i in items)))
+    async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> list[int | None]:
+        return await publish_all(self.publish, items)
 
     async def notify(self, subject: str, message: Message) -> None:
         if self.closed:

@@ -51,8 +51,16 @@ def _holds(pattern: str, subject: str) -> bool:
 
 
 @dataclass
+class FakeSequencePair:
+    consumer: int
+    stream: int
+
+
+@dataclass
 class FakeMetadata:
     num_delivered: int
+    stream: str
+    sequence: FakeSequencePair
 
 
 @dataclass(eq=False)
@@ -72,7 +80,7 @@ class FakeMsg:
 
     @property
     def metadata(self) -> FakeMetadata:
-        return FakeMetadata(self.deliveries)
+        return FakeMetadata(self.deliveries, self.stream, FakeSequencePair(self.seq, self.seq))
 
     async def ack(self) -> None:
         self.acks.append("ack")
