@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -429,7 +430,7 @@ class Bus:
         Whether it still exists is asked every few seconds (with its lag) and
         at once after a fetch failed.
         """
-        checked = 0.0
+        checked = -math.inf  # never yet (the monotonic clock may be younger than the check's period)
         idle = False  # the last pull found nothing: wait for one message, handed over as it comes
         while True:
             if time.monotonic() - checked > CONSUMER_CHECK_SECONDS:
@@ -455,7 +456,7 @@ class Bus:
             except Exception as exc:  # connection trouble, or the consumer is gone: asked at once
                 log.warning("fetch on %s failed (%s); retrying", durable, exc)
                 self._consumer_problems[durable] = f"fetching from consumer {durable} fails: {describe(exc)}"
-                checked = 0.0
+                checked = -math.inf
                 await asyncio.sleep(1)
                 continue
             idle = not messages

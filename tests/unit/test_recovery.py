@@ -9,7 +9,9 @@ the fakes of ``mcsched.testing``, as ``test_placement_protocol.py`` does.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -130,6 +132,25 @@ async def test_a_consumer_deleted_at_runtime_is_created_again_and_readiness_says
     await until(lambda: received == ["before", "after"])
     assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
     await until(lambda: bus.problems() == [])
+
+
+async def test_a_consumer_deleted_on_a_machine_booted_moments_ago_is_asked_for_after_its_failing_fetch(
+        jetstream: tuple[FakeJetStream, list[Bus]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The monotonic clock counts from boot: on a young machine it is below the periodic check's period,
+    # which "never checked" must not be mistaken for "checked at boot".
+    booted = time.monotonic() - 5.0
+    monkeypatch.setattr("mcsched.bus.time", SimpleNamespace(monotonic=lambda: time.monotonic() - booted))
+    monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 3600.0)  # only the checks a failed fetch asks for
+    js, buses = jetstream
+    bus = await started(js, buses, "p1")
+    received: list[str] = []
+    bus.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received))
+    await bus.publish(bus.subject("elect", "c1"), elect("before"), "elect:before")
+    await until(lambda: received == ["before"])
+
+    js.delete_consumer("MCS_ELECT", "proxy-scheduler")
+    await bus.publish(bus.subject("elect", "c1"), elect("after"), "elect:after")
+    await until(lambda: received == ["before", "after"])
 
 
 async def test_a_stream_deleted_at_runtime_is_created_again_by_its_publisher_and_its_consumer(
