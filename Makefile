@@ -9,7 +9,7 @@ CLUSTERS ?= c1,c2
 NODES ?= 3
 export MCS_LOCAL_DIR ?= $(CURDIR)/.local
 
-.PHONY: help venv tools up down status demo test unit integration e2e lint clean bench chaos namespaces image compose-up compose-down
+.PHONY: help venv tools podman up down status demo test unit integration e2e lint clean bench chaos namespaces image compose-up compose-down
 
 help:
 	@echo "make demo    - build tools if needed, start the local environment and show it"
@@ -37,6 +37,20 @@ tools: venv
 	@echo "==> Control-plane tools (built once, then cached)"
 	@$(PY) -m localenv tools
 
+# The image and compose tests need podman (Debian's, run as root); installed from Debian when it is
+# missing and this is root with apt-get, else those tests are skipped and say why.
+PODMAN_PACKAGES := podman debootstrap runc
+podman:
+	@if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null || ! command -v runc >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "==> $(PODMAN_PACKAGES) from Debian with apt-get (for the image and compose tests; about a minute)"; \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(PODMAN_PACKAGES); } >/dev/null 2>&1 \
+	      || echo "    apt-get failed: the image and compose tests will be skipped"; \
+	  else \
+	    echo "==> podman is missing and cannot be installed here (root with apt-get only): the image and compose tests will be skipped"; \
+	  fi; \
+	fi
+
 up: tools
 	@$(PY) -m localenv up --clusters $(CLUSTERS) --nodes $(NODES)
 
@@ -54,11 +68,11 @@ bench: tools
 	@echo "==> benchmark: BENCH_PODS=$${BENCH_PODS:-1000} pods, baseline, the pipeline, the baseline again, then 2 and 3 processes of each stage (not with BENCH_SCALING=0)"
 	@$(PY) -m localenv bench
 
-image: venv
+image: venv podman
 	@echo "==> the project's image with podman, from the Dockerfile (a Debian stand-in for python:3.11-slim made once)"
 	@$(PY) -m localenv image
 
-compose-up: tools
+compose-up: tools podman
 	@echo "==> docker-compose.yml through podman on the running environment (make up first; replaces its services)"
 	@$(PY) -m localenv compose up
 
@@ -87,7 +101,7 @@ integration: tools
 e2e: tools
 	@$(VENV)/bin/pytest -q tests/e2e
 
-test: lint tools
+test: lint tools podman
 	@echo "==> tests (the integration and e2e layers start their own local environment)"
 	@$(VENV)/bin/pytest -q -ra tests
 
