@@ -113,15 +113,21 @@ def collecting(into: list[str]) -> Callable[[ElectMessage], Awaitable[Outcome]]:
     return handle
 
 
-async def test_a_consumer_deleted_at_runtime_is_created_again_and_readiness_says_so_meanwhile(
-        jetstream: tuple[FakeJetStream, list[Bus]], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 0.1, raising=False)
-    js, buses = jetstream
+async def consuming_after_one(js: FakeJetStream, buses: list[Bus]) -> tuple[Bus, list[str]]:
+    """A proxy-scheduler's bus consuming the elect stream, once it has handled one message ("before")."""
     bus = await started(js, buses, "p1")
     received: list[str] = []
     bus.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received))
     await bus.publish(bus.subject("elect", "c1"), elect("before"), "elect:before")
     await until(lambda: received == ["before"])
+    return bus, received
+
+
+async def test_a_consumer_deleted_at_runtime_is_created_again_and_readiness_says_so_meanwhile(
+        jetstream: tuple[FakeJetStream, list[Bus]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 0.1, raising=False)
+    js, buses = jetstream
+    bus, received = await consuming_after_one(js, buses)
     assert bus.problems() == []
 
     js.unavailable = True  # the consumer cannot be created again yet
@@ -142,11 +148,7 @@ async def test_a_consumer_deleted_on_a_machine_booted_moments_ago_is_asked_for_a
     monkeypatch.setattr("mcsched.bus.time", SimpleNamespace(monotonic=lambda: time.monotonic() - booted))
     monkeypatch.setattr("mcsched.bus.CONSUMER_CHECK_SECONDS", 3600.0)  # only the checks a failed fetch asks for
     js, buses = jetstream
-    bus = await started(js, buses, "p1")
-    received: list[str] = []
-    bus.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received))
-    await bus.publish(bus.subject("elect", "c1"), elect("before"), "elect:before")
-    await until(lambda: received == ["before"])
+    bus, received = await consuming_after_one(js, buses)
 
     js.delete_consumer("MCS_ELECT", "proxy-scheduler")
     await bus.publish(bus.subject("elect", "c1"), elect("after"), "elect:after")
@@ -188,17 +190,24 @@ class FakeClock:
         await asyncio.sleep(0)
 
 
+async def on_a_fake_clock(monkeypatch: pytest.MonkeyPatch, name: str,
+                          kinds: tuple[str, ...]) -> tuple[FakeClock, FakeJetStream, Bus]:
+    """A bus (process ``name``) on a fake JetStream with these streams, both on one fake clock."""
+    clock = FakeClock()
+    monkeypatch.setattr("mcsched.bus.time", clock)
+    monkeypatch.setattr("mcsched.bus.asyncio", clock)
+    js = FakeJetStream(clock=clock.monotonic)
+    bus = connect_bus(Bus("nats://fake", "mcs", name), js)
+    await bus.ensure_streams(kinds)
+    return clock, js, bus
+
+
 @pytest.mark.parametrize("election_seconds", [0.5, 9.0, 18.0])
 async def test_a_publish_waits_out_a_stream_leader_election_of_two_rounds(
         election_seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
     # nats-server's followers wait 4-9 s for a lost leader before they campaign; a split vote takes
     # a second round. The publish must outlast both rather than fail the stage's handler.
-    clock = FakeClock()
-    monkeypatch.setattr("mcsched.bus.time", clock)
-    monkeypatch.setattr("mcsched.bus.asyncio", clock)
-    js = FakeJetStream(clock=clock.monotonic)
-    bus = connect_bus(Bus("nats://fake", "mcs", "watcher"), js)
-    await bus.ensure_streams(("elect",))
+    clock, js, bus = await on_a_fake_clock(monkeypatch, "watcher", ("elect",))
     js.leaderless_until = election_seconds
     await bus.publish(bus.subject("elect", "c1"), elect("p"), "elect:p")
     assert [m.subject for m in js.messages["MCS_ELECT"]] == ["mcs.elect.c1"]
@@ -207,12 +216,7 @@ async def test_a_publish_waits_out_a_stream_leader_election_of_two_rounds(
 
 async def test_a_publish_no_stream_answers_for_fails_once_the_retry_budget_is_spent(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr("mcsched.bus.time", clock)
-    monkeypatch.setattr("mcsched.bus.asyncio", clock)
-    js = FakeJetStream(clock=clock.monotonic)
-    bus = connect_bus(Bus("nats://fake", "mcs", "watcher"), js)
-    await bus.ensure_streams(("elect",))
+    clock, js, bus = await on_a_fake_clock(monkeypatch, "watcher", ("elect",))
     js.leaderless_until = float("inf")
     with pytest.raises(NoStreamResponseError):
         await bus.publish(bus.subject("elect", "c1"), elect("p"), "elect:p")
@@ -222,12 +226,7 @@ async def test_a_publish_no_stream_answers_for_fails_once_the_retry_budget_is_sp
 
 async def test_a_message_to_dead_letter_while_no_stream_answers_comes_back_instead_of_ending_without_its_copy(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr("mcsched.bus.time", clock)
-    monkeypatch.setattr("mcsched.bus.asyncio", clock)
-    js = FakeJetStream(clock=clock.monotonic)
-    bus = connect_bus(Bus("nats://fake", "mcs", "proxy-scheduler"), js)
-    await bus.ensure_streams(("elect", DEAD_LETTER_KIND))
+    clock, js, bus = await on_a_fake_clock(monkeypatch, "proxy-scheduler", ("elect", DEAD_LETTER_KIND))
     await bus.publish(bus.subject("elect", "c1"), elect("poison"), "elect:poison")
     [poison] = js.messages["MCS_ELECT"]
 
@@ -246,12 +245,7 @@ async def test_a_message_to_dead_letter_while_no_stream_answers_comes_back_inste
 
 async def test_a_resync_s_publishes_meeting_an_election_ask_for_their_stream_once_and_report_each_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr("mcsched.bus.time", clock)
-    monkeypatch.setattr("mcsched.bus.asyncio", clock)
-    js = FakeJetStream(clock=clock.monotonic)
-    bus = connect_bus(Bus("nats://fake", "mcs", "watcher"), js)
-    await bus.ensure_streams(("elect",))
+    _, js, bus = await on_a_fake_clock(monkeypatch, "watcher", ("elect",))
     js.leaderless_until = 5.0
     items = [(bus.subject("elect", "c1"), elect(f"p{i}"), f"elect:p{i}") for i in range(500)]
     sequences = await bus.publish_many(items)
