@@ -80,7 +80,7 @@ class WorkQueue(Generic[K]):
     async def _retry_later(self, key: K) -> None:
         failures = self._failures.get(key, 0) + 1
         self._failures[key] = failures
-        await asyncio.sleep(min(0.2 * 2**failures, 30))
+        await asyncio.sleep(min(0.2 * 2 ** min(failures, 8), 30))  # (2**1024 would overflow a float)
         self.add(key)
 
     async def _work(self) -> None:

@@ -37,7 +37,7 @@ from mcsched.natsauth import candidate_durable, candidate_queue
 from mcsched.placement import first_fit, pod_requests, target_score
 from mcsched.podspec import delegate_manifest, delegate_original, is_proxy
 from mcsched.proxystatus import mark_unscheduled, record_refusal
-from mcsched.runtime import Runtime, periodic, run_service
+from mcsched.runtime import Runtime, run_service
 from mcsched.telemetry import observe_since, trace_annotations, tracer
 from mcsched.workqueue import KeyedLocks
 
@@ -190,12 +190,15 @@ class TargetScheduler:
         """Copy what the pod uses into the target; a reason when the delegate must wait.
 
         In a namespace created moments ago, the default ServiceAccount is about to
-        appear: that is waited for here rather than reported to the user.
+        appear: that is waited for here rather than reported to the user. The
+        namespace's age is taken once (the target's clock against ours, clamped),
+        and the wait is bounded on this process's own clock, whatever the skew.
         """
-        created = created_at(namespace) or 0.0
+        age = min(max(time.time() - (created_at(namespace) or 0.0), 0.0), NEW_NAMESPACE_SECONDS)
+        deadline = time.monotonic() + NEW_NAMESPACE_SECONDS - age
         while True:
             waiting = await self.follower.ensure(ref.cluster, ref.namespace, original.get("spec") or {})
-            if waiting is None or time.time() - created > NEW_NAMESPACE_SECONDS:
+            if waiting is None or time.monotonic() >= deadline:
                 return waiting
             await asyncio.sleep(0.5)
 
@@ -266,8 +269,6 @@ async def compose(rt: Runtime) -> None:
                              scheduler.on_candidate)
         rt.bus.consume("delegate", candidate_durable(target), rt.bus.subject("delegate", target),
                        DelegateRequest, scheduler.on_delegate)
-        rt.spawn(periodic(rt.settings.resync_period_seconds, scheduler.follower.sweep, f"unused copies in {target}"),
-                 f"follow into {target}")
 
 
 if __name__ == "__main__":

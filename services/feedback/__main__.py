@@ -565,6 +565,10 @@ class Feedback:
         previous = self.assigned_slot.get(uid)
         if previous == slot:
             return
+        # Another placement: what the digests said of the last one (a delegate missing since, a
+        # status not mirrored) says nothing of this one.
+        self.missing_since.pop(uid, None)
+        self.unmirrored.pop(uid, None)
         if previous is not None:
             members = self.assigned[previous]
             members.pop(uid, None)

@@ -124,9 +124,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context", action="append", help="a target's context (repeat for several targets)")
     parser.add_argument("--role-prefix", default="multicluster-scheduler",
                         help="prefix of the accepted-source ClusterRoles (the chart's fullname)")
-    parser.add_argument("--resync-seconds", type=float, default=60.0)
+    parser.add_argument("--resync-seconds", type=float, default=60.0,
+                        help="how often every binding is applied again, whatever the watches said (> 0)")
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    if arguments.resync_seconds <= 0:
+        parser.error(f"--resync-seconds must be more than 0, not {arguments.resync_seconds:g}")
+    return arguments
 
 
 if __name__ == "__main__":

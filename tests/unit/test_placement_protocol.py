@@ -421,6 +421,27 @@ async def test_a_delegate_scheduled_and_running_in_one_message_costs_one_binding
     assert "DelegateWaiting" not in {c["type"] for c in status["conditions"]}
 
 
+async def test_a_delegate_waits_for_a_new_namespace_s_service_account_no_longer_than_its_bound_whatever_the_skew(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The namespace's age comes from the target's clock; the wait is bounded on ours. A target whose
+    clock is an hour ahead made the handler wait an hour for a reason that never clears."""
+    monkeypatch.setattr("services.candidate_scheduler.__main__.NEW_NAMESPACE_SECONDS", 0.3)
+    scheduler = world.target_schedulers["c2"]
+    asked: list[float] = []
+
+    async def never_ready(source: str, namespace: str, spec: Any) -> str:
+        asked.append(time.monotonic())
+        return "ServiceAccount builder not found in c2"
+
+    monkeypatch.setattr(scheduler.follower, "ensure", never_ready)
+    ahead = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    namespace = {"metadata": {"name": NS, "creationTimestamp": ahead}}
+    proxy = PodRef(cluster=SOURCE, namespace=NS, name="p", uid="p")
+    reason = await asyncio.wait_for(scheduler._follow(proxy, {"spec": {}}, namespace), 3)
+    assert reason == "ServiceAccount builder not found in c2"
+    assert 0.25 <= asked[-1] - asked[0] <= 1.5 and len(asked) >= 2
+
+
 # -- racing choices ------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ the fakes of ``mcsched.testing``, as ``test_placement_protocol.py`` does.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from mcsched.constants import (
     PARENT_NAME_LABEL,
     PARENT_NAMESPACE_LABEL,
     PARENT_UID_LABEL,
+    PLACEMENT_ANNOTATION,
     PROXY_SCHEDULER_NAME,
 )
 from mcsched.kube import JSON, pod_path
@@ -44,6 +46,7 @@ from mcsched.testing import (
     merge_patch,
     settle,
 )
+from mcsched.workqueue import WorkQueue
 from services.feedback.__main__ import DELEGATE_GRACE_SECONDS, RESYNC_CONCURRENCY, Feedback
 from services.feedback.__main__ import compose as feedback
 from services.watcher.__main__ import compose as watcher
@@ -255,6 +258,30 @@ async def test_a_resync_s_publishes_meeting_an_election_ask_for_their_stream_onc
     js.leaderless_until = float("inf")  # an election that outlasts the budget: each message says so
     sequences = await bus.publish_many(items[:3])
     assert sequences == [None, None, None]
+
+
+async def test_a_key_that_failed_a_thousand_times_is_still_retried_every_30_seconds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a target down for hours while its proxies are finalised): 0.2 * 2**1024 s overflowed a float.
+    clock = FakeClock()
+    monkeypatch.setattr("mcsched.workqueue.asyncio", clock)
+    tries: list[float] = []
+
+    async def reconcile(key: str) -> None:
+        tries.append(clock.now)
+        if len(tries) < 3:
+            raise RuntimeError("target unreachable")
+
+    queue = WorkQueue("finalize", reconcile, workers=1)
+    queue._failures["proxy"] = 1100
+    queue.start()
+    try:
+        queue.add("proxy")
+        await until(lambda: len(tries) == 3)
+        assert [b - a for a, b in itertools.pairwise(tries)] == [30, 30]
+        await until(lambda: "proxy" not in queue._failures)
+    finally:
+        await queue.stop()
 
 
 async def test_the_bus_tells_which_published_messages_still_wait_for_another_process_s_consumer(
@@ -484,6 +511,21 @@ async def _succeeded_in_its_target(world: World) -> tuple[JSON, str]:
     world.clusters[target].set_pod_phase(NS, name, "Succeeded")
     await world.settle()
     return proxy, target
+
+
+async def test_what_the_digests_said_under_one_placement_is_forgotten_when_the_proxy_is_placed_again(
+        world: World) -> None:
+    """A delegate missed under the last placement must not cut the next placement's grace short (its
+    request was sent again at once, with a misleading "has no delegate there")."""
+    proxy, target = await world.place()
+    uid = proxy["metadata"]["uid"]
+    world.feedback.missing_since[uid] = time.monotonic() - 3600
+    world.feedback.unmirrored[uid] = "41"
+    other = next(t for t in TARGETS if t != target)
+    world.c1.modify("pods", NS, proxy["metadata"]["name"], lambda pod: pod["metadata"]["annotations"].update(
+        {PLACEMENT_ANNOTATION: Placement.of(pod).reject(target, "full", time.time()).choose(other).annotation()}))
+    await world.settle()
+    assert uid not in world.feedback.missing_since and uid not in world.feedback.unmirrored
 
 
 async def test_a_lost_status_message_is_mirrored_after_two_digests_show_the_same_delegate_version(

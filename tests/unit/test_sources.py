@@ -1,8 +1,12 @@
-"""Admiralty's Source and ClusterSource turned into RBAC bindings (mcsched.sources)."""
+"""Admiralty's Source and ClusterSource turned into RBAC bindings (mcsched.sources), and the
+source-controller's command line."""
 
 from __future__ import annotations
 
+import pytest
+
 from mcsched.sources import AcceptanceRoles, cluster_source_bindings, source_binding, subjects, viewer_binding
+from services.source_controller.__main__ import parse as parse_source_controller
 
 ROLES = AcceptanceRoles.named("mcs")
 
@@ -55,3 +59,12 @@ def test_the_viewer_binding_lists_every_accepted_identity_once() -> None:
         {"kind": "ServiceAccount", "name": "c3", "namespace": "admiralty"},
         {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "c1"}]
     assert viewer_binding([], ROLES)["subjects"] == []  # the last Source gone: nobody keeps reading
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5"])
+def test_the_source_controller_refuses_a_resync_period_that_would_spin(
+        seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        parse_source_controller(["--resync-seconds", seconds])
+    assert exit_status.value.code == 2 and "--resync-seconds must be more than 0" in capsys.readouterr().err
+    assert parse_source_controller(["--resync-seconds", "0.5"]).resync_seconds == 0.5
