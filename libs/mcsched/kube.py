@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -35,6 +36,8 @@ JSON = dict[str, Any]
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
 WATCH_SECONDS = 300
+# A watch that ends cleanly sooner than this, having said nothing, is not one the server timed out.
+QUICK_WATCH_END_SECONDS = 1.0
 
 
 class KubeError(Exception):
@@ -307,8 +310,9 @@ class Informer:
                 if not resource_version:
                     resource_version = await self._relist()
                 # Back after an outage without a re-list (the resourceVersion was still good): healthy again.
+                watched, events = time.monotonic(), 0
                 async for event in self.client.watch(self.path, resource_version, self._connected, **self.params):
-                    backoff = 0.5
+                    backoff, events = 0.5, events + 1
                     kind, obj = event["type"], event["object"]
                     if kind == "ERROR":
                         if obj.get("code") == 410:  # too old: list again
@@ -326,6 +330,13 @@ class Informer:
                     else:
                         self.store[key] = obj
                     await self._dispatch(kind, obj, old)
+                if not events and time.monotonic() - watched < QUICK_WATCH_END_SECONDS:
+                    # Ended cleanly at once with nothing said (a proxy in the way closing every watch):
+                    # watching again at once would spin on the API server.
+                    log.warning("%s: the watch ended at once without an event; watching again in %.1fs",
+                                self.name, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10)
             except asyncio.CancelledError:
                 raise
             except KubeError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from mcsched.kube import JSON, Informer, KubeClient
@@ -34,3 +36,30 @@ async def test_a_pod_replaced_under_the_same_name_while_the_watch_was_away_is_de
     client.items = [pod("u2", "6")]
     await informer._relist()
     assert events[-1] == ("MODIFIED", "u2")
+
+
+class ClosingClient(ListingClient):
+    """An API server behind a proxy that ends every watch at once, cleanly, saying nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches = 0
+
+    async def watch(self, path: str, resource_version: str, connected: Any = None,
+                    **params: Any) -> AsyncIterator[JSON]:
+        self.watches += 1
+        if connected is not None:
+            connected()
+        for event in ():
+            yield event
+
+
+async def test_watches_ended_at_once_without_a_word_are_retried_with_back_off_not_in_a_spin() -> None:
+    client = ClosingClient()
+    informer = Informer(cast(KubeClient, client), "/api/v1/pods")
+    running = asyncio.create_task(informer._run())
+    await asyncio.sleep(1.2)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    assert 2 <= client.watches <= 3  # at 0, 0.5 and 1.5 s: back-off, where it spun thousands of times
+    assert informer.synced.is_set()
