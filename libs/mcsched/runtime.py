@@ -247,8 +247,7 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
             directory.changed.clear()
             composed = settings.with_targets(directory.current.targets)
         def assignment(members: tuple[str, ...], composed: Settings = composed) -> Shares:
-            return Shares(stage_assignment(service, composed.source_names, composed.served_targets(), members,
-                                           member), members)
+            return stage_shares(service, composed, members, member)
 
         shares = Shares()
         if membership is not None:
@@ -311,6 +310,12 @@ async def _main(service: str, settings: Settings, credentials: Credentials,
         await http.cleanup()
     if provider is not None:
         provider.shutdown()  # flush the spans still buffered
+
+
+def stage_shares(service: str, settings: Settings, members: tuple[str, ...], member: str) -> Shares:
+    """What ``member`` of ``service``'s stage owns among ``members``, under these settings."""
+    return Shares(stage_assignment(service, settings.source_names, settings.target_names, members, member,
+                                   served_targets=settings.served_targets()), members)
 
 
 async def _compose(service: str, settings: Settings, credentials: Credentials,

@@ -29,6 +29,7 @@ from .constants import DOMAIN
 PARTITIONS = 12
 PARTITION_LABEL = f"{DOMAIN}/partition"
 ALL_PARTITIONS = frozenset(range(PARTITIONS))
+PARTITION_VALUES = frozenset(map(str, ALL_PARTITIONS))
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,23 @@ SHARDED_STAGES = ("watcher", "candidate-scheduler", "feedback")
 
 
 def stage_assignment(stage: str, sources: Iterable[str], targets: Iterable[str], members: Iterable[str],
-                     me: str) -> frozenset[Share]:
+                     me: str, served_targets: Iterable[str] | None = None) -> frozenset[Share]:
     """What ``me`` takes of ``stage``'s work among ``members``.
 
     * watcher: partitions of the sources' proxies;
-    * candidate-scheduler: whole targets (each one's nodes and pods make its estimates), several
-      processes to a target when there are more processes than targets;
+    * candidate-scheduler: whole targets of ``served_targets`` (default: all ``targets``; each
+      one's nodes and pods make its estimates), several processes to a target when there are
+      more processes than targets. Every process of the stage must serve the same targets: they
+      divide that one list among themselves;
     * feedback: partitions of the sources' proxies (the source side: binding, mirroring, ending
-      them) and whole targets (the target side: their delegates and virtual nodes).
+      them) and whole targets, every one of them whatever the candidate-schedulers serve (the
+      target side: their delegates and virtual nodes).
     """
     members = list(members)
     if stage == "watcher":
         return assign(partitions_of(sources), members, me)
     if stage == "candidate-scheduler":
-        return assign(wholes(targets), members, me, replicate=True)
+        return assign(wholes(targets if served_targets is None else served_targets), members, me, replicate=True)
     if stage == "feedback":
         return assign(partitions_of(sources), members, me) | assign(wholes(targets), members, me)
     raise ValueError(f"stage {stage!r} is not sharded")
@@ -175,9 +179,10 @@ def partition_selector(partitions: frozenset[int] | None, *others: str) -> dict[
 
 
 def partition_of(labels: Mapping[str, str] | None) -> int:
-    """A pod's partition (0 without a readable label)."""
+    """A pod's partition: 0 without a label spelt as :func:`draw_partition` spells one, as the label
+    selectors of :func:`selector` compare strings ("01" is not "1": its pod is partition 0's)."""
     value = (labels or {}).get(PARTITION_LABEL, "")
-    return int(value) if value.isdigit() and int(value) < PARTITIONS else 0
+    return int(value) if value in PARTITION_VALUES else 0
 
 
 def draw_partition() -> str:

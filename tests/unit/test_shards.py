@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 from mcsched.membership import Membership
+from mcsched.runtime import stage_shares
 from mcsched.shards import (
     PARTITION_LABEL,
     PARTITIONS,
@@ -26,6 +27,7 @@ from mcsched.shards import (
 )
 from mcsched.testing.bus import FakeBroker, FakeBus
 from mcsched.testing.cluster import labels_match
+from mcsched.testing.runtime import fake_settings
 
 MEMBERS = ("feedback@a:1", "feedback@b:2", "feedback@c:3")
 
@@ -74,6 +76,18 @@ def test_stage_assignments() -> None:
         stage_assignment("proxy-scheduler", sources, targets, MEMBERS, MEMBERS[0])
 
 
+def test_serving_some_targets_narrows_the_candidate_schedulers_only_feedback_keeps_every_target() -> None:
+    # serve_targets is in the settings every service reads (Helm's candidateScheduler.serveTargets):
+    # feedback narrowed by it left the other targets' delegates unwatched and their virtual nodes
+    # without heartbeats.
+    settings = fake_settings(sources=("c1",), targets=("c1", "c2", "c3"), serve_targets=["c2"])
+    feedback = stage_shares("feedback", settings, MEMBERS[:1], MEMBERS[0])
+    assert feedback.clusters(settings.target_names) == ["c1", "c2", "c3"]
+    assert feedback.owns_every_partition("c1")
+    candidate = stage_shares("candidate-scheduler", settings, MEMBERS[:1], MEMBERS[0])
+    assert candidate.clusters(settings.target_names) == ["c2"]
+
+
 def pod(partition: str | None) -> dict[str, object]:
     return {"metadata": {"labels": {} if partition is None else {PARTITION_LABEL: partition}}}
 
@@ -82,7 +96,7 @@ def test_selectors_select_exactly_the_owned_partitions_and_unlabelled_pods_belon
     assert selector(None) is None and selector(frozenset(range(PARTITIONS))) is None
     for owned in (frozenset({0, 1, 2, 3}), frozenset({4, 5, 6, 7}), frozenset({11})):
         chosen = selector(owned)
-        for partition in [*map(str, range(PARTITIONS)), None]:
+        for partition in [*map(str, range(PARTITIONS)), None, "01", "007", "12", "x", ""]:
             expected = partition_of(pod(partition)["metadata"]["labels"]) in owned  # type: ignore[arg-type]
             assert labels_match(chosen, pod(partition)) == expected, (owned, partition)
     both = partition_selector(frozenset({5}), "parent-uid", "parent-cluster=c1")["label_selector"]
