@@ -48,16 +48,26 @@ log = logging.getLogger("watcher")
 REGISTER_RETRY_SECONDS = 2.0
 
 
+# host called -> the self-signed serving material made for it, kept for the life of the process: a
+# composition after a change of members or targets registers the CA the API servers trust already,
+# rather than a new one they would refuse until its registration lands (failurePolicy Fail).
+_SELF_SIGNED: dict[str, tuple[ssl.SSLContext, bytes]] = {}
+
+
 def _serving_material(settings: WebhookSettings) -> tuple[ssl.SSLContext, bytes]:
     """TLS context for the webhook and the CA bundle the API servers must trust."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    if settings.cert_file and settings.key_file:
+    if settings.cert_file and settings.key_file:  # read again each time: they may have been renewed
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(settings.cert_file, settings.key_file)
         ca_file = settings.ca_file or settings.cert_file
         return context, Path(ca_file).read_bytes()
-    ca = pki.new_ca(pki.WEBHOOK_CA_NAME)
-    pki.serving(ca, settings.called_host()).load_into(context)
-    return context, ca.cert_pem
+    host = settings.called_host()
+    if host not in _SELF_SIGNED:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca = pki.new_ca(pki.WEBHOOK_CA_NAME)
+        pki.serving(ca, host).load_into(context)
+        _SELF_SIGNED[host] = (context, ca.cert_pem)
+    return _SELF_SIGNED[host]
 
 
 async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:

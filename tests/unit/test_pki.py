@@ -10,6 +10,8 @@ from cryptography import x509
 
 from mcsched import pki
 from mcsched.cli import main as mcsctl
+from mcsched.settings import WebhookSettings
+from services.watcher.__main__ import _serving_material
 
 
 def _names(cert_file: Path) -> list[str]:
@@ -61,3 +63,14 @@ def test_mcsctl_writes_the_webhook_certificate_for_the_host_of_webhook_url(
     monkeypatch.setenv("MCS_CONFIG", str(config))  # mcsctl --config sets it: restored after the test
     assert mcsctl(["--config", str(config), "webhook-certificate", str(tmp_path / "webhook")]) == 0
     assert _names(tmp_path / "webhook" / "tls.crt") == ["watcher", "127.0.0.1"]
+
+
+def test_a_watcher_composed_again_serves_and_registers_the_self_signed_ca_it_made_first() -> None:
+    # A new CA at each composition (a member joined, a target was added) left the API servers calling
+    # a certificate they did not trust until the new registration landed: pods refused meanwhile.
+    settings = WebhookSettings(url="https://watcher.mcs.svc:8443")
+    first_context, first_ca = _serving_material(settings)
+    again_context, again_ca = _serving_material(settings)
+    assert again_ca == first_ca and again_context is first_context
+    other_ca = _serving_material(WebhookSettings(url="https://elsewhere.example:8443"))[1]
+    assert other_ca != first_ca
