@@ -96,14 +96,16 @@ class Runtime:
         self.tasks.append(asyncio.create_task(guarded(), name=name))
 
     async def close(self, drain_seconds: float = 5.0) -> None:
+        """Stop: its tasks, then its consumers (handlers at work finish and ack, with the caches and
+        queues they use still running), then those caches and queues, then its clients."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.bus.close(drain_seconds)
         for informer in self.informers:
             await informer.stop()
         for closer in reversed(self.closers):
             await closer()
-        await self.bus.close(drain_seconds)
         for client in self.clusters.values():
             await client.close()
 

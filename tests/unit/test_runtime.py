@@ -8,9 +8,12 @@ import sys
 
 import pytest
 
-from mcsched.bus import Bus
-from mcsched.runtime import _unless_stopped
+from mcsched.bus import ACK, Bus, Outcome
+from mcsched.models import ElectMessage, PodRef
+from mcsched.runtime import Runtime, _unless_stopped
 from mcsched.testing.jetstream import FakeJetStream, connect_bus
+from mcsched.testing.runtime import fake_settings
+from mcsched.workqueue import WorkQueue
 
 
 def test_a_service_process_collects_garbage_rarely_and_never_rescans_what_it_imported() -> None:
@@ -48,3 +51,37 @@ async def test_a_step_s_own_error_is_raised_not_taken_for_success() -> None:
 
     with pytest.raises(PermissionError):
         await _unless_stopped(refused(), asyncio.Event())
+
+
+async def test_closing_lets_a_handler_at_work_finish_with_the_queues_it_hands_work_to_still_running() -> None:
+    # (feedback's status handler hands a proxy to finalize to a work queue, then acks): with the queues
+    # stopped first, the work was acked and never done by this process.
+    js = FakeJetStream()
+    bus = connect_bus(Bus("nats://fake", "mcs", "feedback"), js)
+    await bus.ensure_streams(("elect",))
+    done: list[str] = []
+
+    async def finalize(key: str) -> None:
+        done.append(key)
+
+    queue = WorkQueue("finalize", finalize, workers=1)
+    queue.start()
+    rt = Runtime("feedback", fake_settings(), bus, {}, closers=[queue.stop])
+    handling, go_on = asyncio.Event(), asyncio.Event()
+
+    async def handle(message: ElectMessage) -> Outcome:
+        handling.set()
+        await go_on.wait()
+        queue.add(message.proxy.uid)
+        await asyncio.sleep(0.2)  # its work goes on while the handler acks
+        return ACK
+
+    bus.consume("elect", "feedback", "mcs.elect.>", ElectMessage, handle)
+    await bus.publish("mcs.elect.c1", ElectMessage(proxy=PodRef(cluster="c1", namespace="ns", name="p", uid="p")),
+                      "elect:p")
+    await asyncio.wait_for(handling.wait(), 5)
+    closing = asyncio.create_task(rt.close(drain_seconds=2.0))
+    await asyncio.sleep(0.1)
+    go_on.set()
+    await asyncio.wait_for(closing, 5)
+    assert done == ["p"] and js.messages["MCS_ELECT"] == []
