@@ -330,11 +330,6 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
               stream_replicas=settings.stream_replicas)
     if not await _unless_stopped(bus.connect(), stop):
         return None
-    # While a NATS cluster elects its JetStream leader, creating streams goes unanswered: wait for it
-    # rather than exit (a restart would only land in the same election).
-    if not await _unless_stopped(bus.ensure_streams_patiently(STAGE_STREAMS[service]), stop):
-        await bus.close(0.0)
-        return None
     clusters: dict[str, KubeClient] = {}
     usable = []
     for cluster in settings.clusters:
@@ -350,6 +345,10 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
         usable.append(cluster)
     settings = settings.model_copy(update={"clusters": usable})
     runtime = Runtime(service, settings, bus, clusters, informers, directory=directory, shares=shares)
+    # Not awaited: while JetStream does not answer (a NATS cluster electing its leader) the Kubernetes
+    # side of the shares (virtual nodes' heartbeats, finalizers) goes on; consumers and publishes
+    # create a stream they miss themselves, and this retries until it has them all.
+    runtime.spawn(bus.ensure_streams_patiently(STAGE_STREAMS[service]), "ensure streams")
     await compose(runtime)
     return runtime
 
