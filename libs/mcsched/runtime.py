@@ -354,8 +354,8 @@ async def _compose(service: str, settings: Settings, credentials: Credentials,
 
 
 async def _unless_stopped(step: Awaitable[None], stop: asyncio.Event) -> bool:
-    """Await ``step`` (connecting, creating streams: NATS may take a while to answer); False if
-    ``stop`` came first."""
+    """Await ``step`` (connecting: NATS may take a while to answer); False if ``stop`` came first,
+    its error if it failed."""
     stepping = asyncio.ensure_future(step)
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stepping, stopping], return_when=asyncio.FIRST_COMPLETED)
