@@ -19,6 +19,8 @@ import functools
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +48,9 @@ log = logging.getLogger("watcher")
 
 # A source that refused the webhook's registration (or cannot be reached) is asked again this often.
 REGISTER_RETRY_SECONDS = 2.0
+# How long the webhook's listener outlives the composition that served it, for the next one to take
+# it over (composing again takes a moment); a process that stops exits before then.
+WEBHOOK_HANDOVER_SECONDS = 30.0
 
 
 # host called -> the self-signed serving material made for it, kept for the life of the process: a
@@ -70,11 +75,56 @@ def _serving_material(settings: WebhookSettings) -> tuple[ssl.SSLContext, bytes]
     return _SELF_SIGNED[host]
 
 
+@dataclass
+class _Listener:
+    """The webhook's listener, kept from one composition to the next (a change of members or
+    targets): each composition hands it its settings, so no pod is refused while it recomposes."""
+
+    key: tuple[str, int, int]  # listen host, port, and the TLS context it serves with
+    runner: web.AppRunner
+    failover_seconds: int | None
+    closing: asyncio.Task[None] | None = None
+
+    def release(self) -> None:
+        """The composition that served it closes: it closes too unless the next one takes it over."""
+        self.closing = asyncio.get_running_loop().create_task(self._close_later())
+
+    async def _close_later(self) -> None:
+        await asyncio.sleep(WEBHOOK_HANDOVER_SECONDS)
+        await self.close()
+
+    async def close(self) -> None:
+        global _listener
+        if _listener is self:
+            _listener = None
+        await self.runner.cleanup()
+
+
+_listener: _Listener | None = None
+
+
 async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
-    """Serve the admission webhook; the URL the API servers call and the CA bundle they must trust."""
+    """Serve the admission webhook; the URL the API servers call and the CA bundle they must trust.
+
+    The listener of the previous composition is taken over when it listens the same way (the
+    self-signed material is the process's); otherwise it is closed and a new one started.
+    """
+    global _listener
     settings = rt.settings.webhook
     url = settings.called_url()
     context, ca_bundle = _serving_material(settings)
+    key = (settings.listen_host, settings.port, id(context))
+    previous = _listener
+    if previous is not None:
+        if previous.closing is not None:
+            previous.closing.cancel()
+            previous.closing = None
+        if previous.key == key:
+            previous.failover_seconds = rt.settings.failover_seconds
+            rt.closers.append(_release(previous))
+            log.info("admission webhook still listening on %s:%d", settings.listen_host, settings.port)
+            return url, ca_bundle
+        await previous.close()
 
     async def mutate(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
@@ -84,7 +134,7 @@ async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
         with tracer.start_as_current_span("admit pod", context=otel_context.Context(), attributes={
                 "k8s.namespace": str((body.get("request") or {}).get("namespace", "")),
                 "k8s.pod.generate_name": str(meta.get("generateName") or meta.get("name") or "")}):
-            answer = review(body, trace_annotations(), rt.settings.failover_seconds)
+            answer = review(body, trace_annotations(), listener.failover_seconds)
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     async def healthz(_: web.Request) -> web.Response:
@@ -97,9 +147,16 @@ async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
     await runner.setup()
     await web.TCPSite(runner, settings.listen_host, settings.port, ssl_context=context,
                       reuse_port=settings.reuse_port or None).start()
-    rt.closers.append(runner.cleanup)
+    listener = _listener = _Listener(key, runner, rt.settings.failover_seconds)
+    rt.closers.append(_release(listener))
     log.info("admission webhook listening on %s:%d", settings.listen_host, settings.port)
     return url, ca_bundle
+
+
+def _release(listener: _Listener) -> Callable[[], Awaitable[None]]:
+    async def release() -> None:
+        listener.release()
+    return release
 
 
 def register_webhook(rt: Runtime, url: str, ca_bundle: bytes) -> None:

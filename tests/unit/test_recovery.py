@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from nats.js.errors import NoStreamResponseError
 
@@ -49,6 +52,7 @@ from mcsched.testing import (
 from mcsched.workqueue import WorkQueue
 from services.feedback.__main__ import DELEGATE_GRACE_SECONDS, RESYNC_CONCURRENCY, Feedback
 from services.feedback.__main__ import compose as feedback
+from services.watcher import __main__ as watcher_module
 from services.watcher.__main__ import compose as watcher
 from tests.unit.test_placement_protocol import NS, SOURCE, TARGETS, World, admitted, node, ref, user_pod
 
@@ -344,6 +348,50 @@ async def test_a_pod_that_fits_nowhere_holds_no_ack_pending_slot_and_piles_up_no
     assert not any(d.retried for d in world.broker.deliveries)
 
 
+# -- the webhook while a watcher composes itself again -----------------------------------------------------
+
+
+async def test_the_webhook_listens_on_while_the_watcher_composes_itself_again_and_closes_once_nobody_takes_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change of members or targets closes one composition and starts the next: the listener of the
+    first must serve until the next takes it over (a pod created meanwhile was refused)."""
+    monkeypatch.setattr(watcher_module, "_listener", None)
+    monkeypatch.setattr(watcher_module, "WEBHOOK_HANDOVER_SECONDS", 0.3)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    webhook = WebhookSettings(enabled=True, register_webhook=False, listen_host="127.0.0.1", port=port)
+    client_tls = ssl.create_default_context()
+    client_tls.check_hostname, client_tls.verify_mode = False, ssl.CERT_NONE
+
+    async def answers() -> bool:
+        try:
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"https://127.0.0.1:{port}/healthz", ssl=client_tls) as response:
+                return response.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    def composition(failover_seconds: int) -> FakeRuntime:
+        settings = fake_settings(sources=("c1",), targets=("c2",), webhook=webhook, failover_seconds=failover_seconds)
+        return FakeRuntime("watcher", settings, FakeBus(), {"c1": FakeCluster("c1"), "c2": FakeCluster("c2")})
+
+    first = composition(100)
+    _, ca = await watcher_module.serve_webhook(first)
+    assert await answers()
+    await first.close()
+    assert await answers()  # between two compositions
+    second = composition(200)
+    _, again = await watcher_module.serve_webhook(second)
+    assert again == ca and await answers()
+    assert watcher_module._listener is not None and watcher_module._listener.failover_seconds == 200
+    await asyncio.sleep(0.5)  # the first composition's hand-over time is over: taken over, still served
+    assert await answers()
+    await second.close()  # and nobody takes it over
+    await asyncio.sleep(0.5)
+    assert not await answers() and watcher_module._listener is None
+
+
 # -- a cluster unreachable at start-up -------------------------------------------------------------------
 
 
@@ -357,6 +405,7 @@ async def test_a_source_unreachable_at_start_holds_up_neither_the_other_sources_
             return None
 
     monkeypatch.setattr("aiohttp.web.TCPSite", NoSocket)
+    monkeypatch.setattr(watcher_module, "_listener", None)  # no listener of another test's to take over
     monkeypatch.setattr("services.watcher.__main__.REGISTER_RETRY_SECONDS", 0.05, raising=False)
     clusters = {name: FakeCluster(name) for name in ("c0", "c1", "c2")}
     for source in ("c0", "c1"):
