@@ -401,8 +401,8 @@ class Bus:
     async def _subscribe(self, kind: str, durable: str, subject: str, ack_wait: float,
                          recreate_stream: bool) -> JetStreamContext.PullSubscription:
         """Ensure the durable consumer exists, and pull from it. The stream is ensured too when it may
-        have been deleted (``recreate_stream``: the consumer went missing; or subscribing failed): at
-        start the service ensured its streams already."""
+        have been deleted (``recreate_stream``: the consumer went missing; or subscribing failed); at
+        start the runtime ensures the service's streams beside it, so a first failure finds them."""
         stream = self.stream(kind)
         config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_deliver=-1,
                                 max_ack_pending=10_000, deliver_policy=DeliverPolicy.ALL,

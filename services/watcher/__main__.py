@@ -19,7 +19,6 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -85,8 +84,9 @@ class _Listener:
     failover_seconds: int | None
     closing: asyncio.Task[None] | None = None
 
-    def release(self) -> None:
-        """The composition that served it closes: it closes too unless the next one takes it over."""
+    async def release(self) -> None:
+        """The composition that served it closes (one of its closers): it closes too unless the next
+        one takes it over."""
         self.closing = asyncio.get_running_loop().create_task(self._close_later())
 
     async def _close_later(self) -> None:
@@ -121,7 +121,7 @@ async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
             previous.closing = None
         if previous.key == key:
             previous.failover_seconds = rt.settings.failover_seconds
-            rt.closers.append(_release(previous))
+            rt.closers.append(previous.release)
             log.info("admission webhook still listening on %s:%d", settings.listen_host, settings.port)
             return url, ca_bundle
         await previous.close()
@@ -148,15 +148,9 @@ async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
     await web.TCPSite(runner, settings.listen_host, settings.port, ssl_context=context,
                       reuse_port=settings.reuse_port or None).start()
     listener = _listener = _Listener(key, runner, rt.settings.failover_seconds)
-    rt.closers.append(_release(listener))
+    rt.closers.append(listener.release)
     log.info("admission webhook listening on %s:%d", settings.listen_host, settings.port)
     return url, ca_bundle
-
-
-def _release(listener: _Listener) -> Callable[[], Awaitable[None]]:
-    async def release() -> None:
-        listener.release()
-    return release
 
 
 def register_webhook(rt: Runtime, url: str, ca_bundle: bytes) -> None:
