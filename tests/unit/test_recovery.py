@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from nats.errors import OutboundBufferLimitError
 from nats.js.errors import NoStreamResponseError
 
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
@@ -219,6 +220,36 @@ async def test_a_publish_waits_out_a_stream_leader_election_of_two_rounds(
     await bus.publish(bus.subject("elect", "c1"), elect("p"), "elect:p")
     assert [m.subject for m in js.messages["MCS_ELECT"]] == ["mcs.elect.c1"]
     assert election_seconds <= clock.now < election_seconds + 1
+
+
+async def test_a_publish_made_while_the_client_reconnects_with_a_full_buffer_is_tried_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, js, bus = await on_a_fake_clock(monkeypatch, "watcher", ("elect",))
+    stored = js.publish
+    refusals = [OutboundBufferLimitError(), OutboundBufferLimitError()]
+
+    async def buffer_full_at_first(*args: Any, **kwargs: Any) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return await stored(*args, **kwargs)
+
+    monkeypatch.setattr(js, "publish", buffer_full_at_first)
+    await bus.publish(bus.subject("elect", "c1"), elect("p"), "elect:p")
+    assert len(js.messages["MCS_ELECT"]) == 1 and 0 < clock.now < 1
+
+
+async def test_the_bus_pings_its_server_often_enough_to_notice_a_silent_death_in_seconds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # nats-py's default (a ping every 2 min, 2 unanswered) kept a client on a dead server for minutes.
+    asked: dict[str, Any] = {}
+
+    async def connect(servers: list[str], **options: Any) -> object:
+        asked.update(options)
+        return object()
+
+    monkeypatch.setattr("mcsched.bus.nats.connect", connect)
+    await Bus("nats://a:4222,nats://b:4222", "mcs", "watcher").connect(attempts=1)
+    assert asked["ping_interval"] * (asked["max_outstanding_pings"] + 1) <= 20
 
 
 async def test_a_publish_no_stream_answers_for_fails_once_the_retry_budget_is_spent(
