@@ -7,7 +7,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -119,6 +119,14 @@ class Upstream:
         writer.close()
 
 
+class Served(NamedTuple):
+    port: int
+    upstream: Upstream
+    source: SourceClient
+    certs: Path
+    server: KubeletServer
+
+
 class TargetClient:
     def __init__(self, port: int) -> None:
         self.port = port
@@ -143,7 +151,7 @@ class SourceClient:
 
 
 @pytest.fixture
-async def endpoint(tmp_path: Path) -> AsyncIterator[tuple[int, Upstream, SourceClient, Path]]:
+async def endpoint(tmp_path: Path) -> AsyncIterator[Served]:
     upstream = Upstream()
     target_server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     target_port = target_server.sockets[0].getsockname()[1]
@@ -160,7 +168,7 @@ async def endpoint(tmp_path: Path) -> AsyncIterator[tuple[int, Upstream, SourceC
     await server.start("127.0.0.1", 0, serving_context(None, None, [str(tmp_path / "ca.crt")]))
     assert server._server is not None
     port = server._server.sockets[0].getsockname()[1]
-    yield port, upstream, source, tmp_path
+    yield Served(port, upstream, source, tmp_path, server)
     await server.stop()
     target_server.close()
 
@@ -173,9 +181,8 @@ async def _connect(port: int, certs: Path, user: str | None) -> tuple[asyncio.St
     return await asyncio.open_connection("127.0.0.1", port, ssl=context)
 
 
-async def test_an_exec_stream_is_spliced_both_ways_after_the_target_s_101(
-        endpoint: tuple[int, Upstream, SourceClient, Path]) -> None:
-    port, upstream, source, certs = endpoint
+async def _open_exec(port: int, certs: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An exec session as the API server opens it, past the target's 101 and its first bytes."""
     reader, writer = await _connect(port, certs, "kube-apiserver-kubelet-client")
     writer.write(b"POST /exec/ns/web/app?command=sh&input=1&output=1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                  b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n")
@@ -183,6 +190,13 @@ async def test_an_exec_stream_is_spliced_both_ways_after_the_target_s_101(
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101 ") and b"x-stream-protocol-version: v4.channel.k8s.io" in head.lower()
     assert await asyncio.wait_for(reader.readexactly(16), 5) == b"spdy-from-target"
+    return reader, writer
+
+
+async def test_an_exec_stream_is_spliced_both_ways_after_the_target_s_101(
+        endpoint: Served) -> None:
+    port, upstream, source, certs, _ = endpoint
+    reader, writer = await _open_exec(port, certs)
     writer.write(b"frames")
     await writer.drain()
     assert await asyncio.wait_for(reader.readexactly(6), 5) == b"FRAMES"
@@ -196,9 +210,24 @@ async def test_an_exec_stream_is_spliced_both_ways_after_the_target_s_101(
     await asyncio.wait_for(upstream.closed.wait(), 5)  # the caller left: the target's side is closed too
 
 
+async def test_an_open_exec_session_outlives_the_endpoint_s_stop(endpoint: Served) -> None:
+    """A recomposition stops the endpoint (docs/architecture.md): new calls are refused meanwhile,
+    but a session already open goes on."""
+    port, upstream, _, certs, server = endpoint
+    reader, writer = await _open_exec(port, certs)
+    await server.stop()
+    with pytest.raises(OSError):
+        await _connect(port, certs, "kube-apiserver-kubelet-client")
+    writer.write(b"still here")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readexactly(10), 5) == b"STILL HERE"
+    writer.close()
+    await asyncio.wait_for(upstream.closed.wait(), 5)
+
+
 async def test_a_followed_log_streams_until_the_caller_leaves(
-        endpoint: tuple[int, Upstream, SourceClient, Path]) -> None:
-    port, upstream, _, certs = endpoint
+        endpoint: Served) -> None:
+    port, upstream, _, certs, _ = endpoint
     reader, writer = await _connect(port, certs, "kube-apiserver-kubelet-client")
     writer.write(b"GET /containerLogs/ns/web/app?follow=true HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
@@ -219,8 +248,8 @@ async def test_a_followed_log_streams_until_the_caller_leaves(
     ("kube-apiserver-kubelet-client", "/runningpods/", b"404"),
 ])
 async def test_callers_without_rights_and_pods_without_delegates_are_answered_plainly(
-        endpoint: tuple[int, Upstream, SourceClient, Path], user: str, path: str, status: bytes) -> None:
-    port, upstream, _, certs = endpoint
+        endpoint: Served, user: str, path: str, status: bytes) -> None:
+    port, upstream, _, certs, _ = endpoint
     reader, writer = await _connect(port, certs, user)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
@@ -230,8 +259,8 @@ async def test_callers_without_rights_and_pods_without_delegates_are_answered_pl
 
 
 async def test_a_caller_without_a_client_certificate_is_refused(
-        endpoint: tuple[int, Upstream, SourceClient, Path]) -> None:
-    port, upstream, _, certs = endpoint
+        endpoint: Served) -> None:
+    port, upstream, _, certs, _ = endpoint
     with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
         reader, writer = await _connect(port, certs, None)
         writer.write(b"GET /containerLogs/ns/web/app HTTP/1.1\r\nHost: x\r\n\r\n")
