@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import ssl
@@ -77,6 +78,9 @@ PUBLISHERS = 32
 CONSUMER_CHECK_SECONDS = 10.0
 # How long a question about another process's consumer (how far it got) may take.
 CONSUMER_INFO_SECONDS = 2.0
+# The settings of a durable consumer that this code chooses and the server lets change on a
+# consumer that exists (made by an earlier version of the services, say).
+CONSUMER_SETTINGS_KEPT_UP = ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject")
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 
@@ -414,6 +418,7 @@ class Bus:
                 if recreate_stream:
                     await self.ensure_streams((kind,))
                 sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+                await self._bring_up_to_date(js, sub, stream, config)
                 self._consumer_problems.pop(durable, None)
                 return sub
             except (TimeoutError, OSError, nats.errors.Error) as exc:  # NATS away, or JetStream refusing
@@ -421,6 +426,24 @@ class Bus:
                 self._consumer_problems[durable] = f"cannot subscribe {durable} to {subject}: {describe(exc)}"
                 log.warning("cannot subscribe %s to %s (%s); retrying", durable, subject, exc)
                 await asyncio.sleep(1)
+
+    @staticmethod
+    async def _bring_up_to_date(js: JetStreamContext, sub: JetStreamContext.PullSubscription, stream: str,
+                                config: ConsumerConfig) -> None:
+        """``pull_subscribe`` only creates a missing consumer: one that exists keeps the settings it was
+        made with. Update those that differ from ours; a server that refuses keeps the old ones (said)."""
+        current = (await sub.consumer_info()).config
+        changed = {name: (getattr(current, name), getattr(config, name)) for name in CONSUMER_SETTINGS_KEPT_UP
+                   if getattr(current, name) != getattr(config, name)}
+        if not changed:
+            return
+        described = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
+        try:  # by name, as nats-py creates it: the subject a stage may use (mcsched.natsauth)
+            await js.add_consumer(stream, dataclasses.replace(config, name=config.durable_name))
+            log.info("consumer %s on %s updated: %s", config.durable_name, stream, described)
+        except nats.errors.Error as exc:
+            log.warning("consumer %s on %s keeps its settings (%s): %s", config.durable_name, stream, described,
+                        describe(exc))
 
     async def _pull(self, sub: JetStreamContext.PullSubscription, durable: str, model: type[M],
                     handler: Handler[M], in_flight: int, ack_wait: float,

@@ -16,6 +16,7 @@ import msgpack
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import REGISTRY
 
 from localenv.environment import free_port
@@ -352,3 +353,27 @@ async def test_a_stream_deleted_at_runtime_is_created_again_by_a_publish_and_its
         assert (await js.consumer_info(stream, stage.durable)).config.filter_subject == stage.filter_subject
         assert consumer.problems() == [] and publisher.problems() == []
 
+
+
+@pytest.mark.parametrize(("kind", "stage_users"), CASES)
+async def test_a_consumer_made_with_other_settings_takes_this_version_s(tmp_path: Path, kind: str,
+                                                                        stage_users: bool) -> None:
+    """A durable made earlier (by an older version of the services) with another ack_wait and
+    max_ack_pending is updated when a stage subscribes, with only that stage's permissions."""
+    stage = STAGES[kind]
+    stream = stream_name(RECOVERY_PREFIX, kind)
+    async with nats_server(tmp_path, stage_users) as server:
+        admin = await server.admin()
+        try:
+            bus = server.bus(stage.publisher)
+            await bus.connect(attempts=1)
+            await bus.ensure_streams(STAGE_STREAMS[stage.publisher.removesuffix("-c2")])
+            await bus.close()
+            await admin.jetstream().add_consumer(stream, ConsumerConfig(
+                durable_name=stage.durable, ack_wait=5.0, max_deliver=-1, max_ack_pending=100,
+                deliver_policy=DeliverPolicy.ALL, filter_subject=stage.filter_subject))
+            async with running(server, stage):  # subscribed, and took a message
+                config = (await admin.jetstream().consumer_info(stream, stage.durable)).config
+            assert (config.ack_wait, config.max_ack_pending) == (30.0, 10_000)
+        finally:
+            await admin.close()

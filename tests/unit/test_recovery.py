@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from nats.errors import OutboundBufferLimitError
+from nats.js.api import ConsumerConfig
 from nats.js.errors import NoStreamResponseError
 
 from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
@@ -146,6 +147,21 @@ async def test_a_consumer_deleted_at_runtime_is_created_again_and_readiness_says
     await until(lambda: received == ["before", "after"])
     assert ("MCS_ELECT", "proxy-scheduler") in js.consumers
     await until(lambda: bus.problems() == [])
+
+
+async def test_a_consumer_made_by_an_earlier_version_takes_the_settings_of_this_one(
+        jetstream: tuple[FakeJetStream, list[Bus]]) -> None:
+    js, buses = jetstream
+    bus = await started(js, buses, "p1")
+    earlier = ConsumerConfig(durable_name="proxy-scheduler", ack_wait=5.0, max_deliver=3, max_ack_pending=100,
+                             filter_subject="mcs.elect.>")
+    await js.add_consumer("MCS_ELECT", earlier)
+    received: list[str] = []
+    bus.consume("elect", "proxy-scheduler", "mcs.elect.>", ElectMessage, collecting(received), ack_wait=45.0)
+    await bus.publish(bus.subject("elect", "c1"), elect("one"), "elect:one")
+    await until(lambda: received == ["one"])
+    config = js.consumers[("MCS_ELECT", "proxy-scheduler")][0]
+    assert (config.ack_wait, config.max_deliver, config.max_ack_pending) == (45.0, -1, 10_000)
 
 
 async def test_a_consumer_deleted_on_a_machine_booted_moments_ago_is_asked_for_after_its_failing_fetch(

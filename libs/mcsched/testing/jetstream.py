@@ -114,6 +114,7 @@ class FakeConsumerInfo:
     num_pending: int
     num_ack_pending: int = 0
     delivered: FakeSequenceInfo | None = None
+    config: ConsumerConfig | None = None
 
 
 class FakePullSubscription:
@@ -223,7 +224,17 @@ class FakeJetStream:
         stored = self.messages[stream]
         never = sum(1 for m in stored if m.deliveries == 0)
         return FakeConsumerInfo(never, len(stored) - never,
-                                delivered=FakeSequenceInfo(self.delivered.get((stream, durable), 0)))
+                                delivered=FakeSequenceInfo(self.delivered.get((stream, durable), 0)),
+                                config=self.consumers[(stream, durable)][0])
+
+    async def add_consumer(self, stream: str, config: ConsumerConfig, timeout: float | None = None) -> None:
+        """Create the durable, or update one that exists (the server's create-or-update)."""
+        durable = str(config.durable_name)
+        self._api(f"CONSUMER.DURABLE.CREATE.{stream}.{durable}")
+        if stream not in self.streams:
+            raise NotFoundError(code=404, err_code=10059, description="stream not found")
+        existing = self.consumers.get((stream, durable))
+        self.consumers[(stream, durable)] = (config, existing[1] if existing else next(self.sequence))
 
     # -- bookkeeping and what the test does -------------------------------------------------------------
 
