@@ -78,6 +78,13 @@ PUBLISHERS = 32
 CONSUMER_CHECK_SECONDS = 10.0
 # How long a question about another process's consumer (how far it got) may take.
 CONSUMER_INFO_SECONDS = 2.0
+# How long a stream remembers a message id, to drop a second copy published within it. An elect
+# message's id (its proxy's uid and placement round) names one piece of work for good, so the elect
+# stream remembers longer: a watcher composed anew (its shares moved, the targets changed) publishes
+# the backlog it finds again under the same ids, and those copies are dropped unless the backlog is
+# older than this.
+DUPLICATE_WINDOW_SECONDS = 120.0
+ELECT_DUPLICATE_WINDOW_SECONDS = 900.0
 # The settings of a durable consumer that this code chooses and the server lets change on a
 # consumer that exists (made by an earlier version of the services, say).
 CONSUMER_SETTINGS_KEPT_UP = ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject")
@@ -220,7 +227,7 @@ class Bus:
                 config = StreamConfig(
                     name=self.stream(kind), subjects=[f"{self.prefix}.{kind}.>"],
                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                    duplicate_window=120.0, num_replicas=self.stream_replicas)
+                    duplicate_window=duplicate_window(kind), num_replicas=self.stream_replicas)
             await self._add_or_update(js, config)
 
     async def ensure_streams_patiently(self, kinds: tuple[str, ...]) -> None:
@@ -595,6 +602,11 @@ class Bus:
     @staticmethod
     def _count(ok: bool, subject: str) -> None:
         (MESSAGES_HANDLED if ok else MESSAGES_FAILED).labels(subject_kind(subject)).inc()
+
+
+def duplicate_window(kind: str) -> float:
+    """How long the stream of this kind of work drops a message whose id it has seen."""
+    return ELECT_DUPLICATE_WINDOW_SECONDS if kind == "elect" else DUPLICATE_WINDOW_SECONDS
 
 
 def _self_explaining(exc: BaseException) -> bool:

@@ -521,6 +521,23 @@ async def test_the_watcher_s_resync_queues_again_only_what_is_no_longer_waiting_
         assert target is not None and world.delegate(target, proxy) is not None
 
 
+async def test_a_watcher_composed_again_republishes_a_ten_minute_backlog_under_ids_the_stream_still_drops(
+        world: World) -> None:
+    """A new composition (shares moved, targets changed) has published nothing yet and lists every proxy
+    still waiting: its copies of a backlog ten minutes old must not double the proxy-scheduler's work."""
+    proxies = [await world.create_proxy(f"web-{i}") for i in range(2)]
+    assert len(world.bus.pending("elect")) == 2
+    started = time.monotonic()
+    world.broker.clock = lambda: time.monotonic() - started + 600.0
+    await watcher(world.runtime("watcher"))
+    await world.settle()
+    assert sorted(msg_id for _, msg_id in world.broker.duplicates) == sorted(
+        f"elect:{p['metadata']['uid']}:0" for p in proxies)
+    assert len(world.bus.pending("elect")) == 2
+    await world.run()
+    assert all(Placement.of(world.proxy(p)).target is not None for p in proxies)
+
+
 async def test_the_watcher_hears_nothing_of_a_proxy_from_its_choice_to_its_binding_unless_it_is_refused(
         world: World) -> None:
     """The choice marks the proxy (label cluster-chosen, in the same write), and the watcher's selector

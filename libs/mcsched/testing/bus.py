@@ -8,7 +8,7 @@ modelled, and only that:
 * ``publish``: a message on ``<prefix>.<kind>.<cluster>`` with ``kind`` one of
   the work-queue streams (``elect``, ``delegate``, ``status``) is stored, encoded
   as on the wire; another subject is refused as NATS would (no stream). A
-  message id seen in the stream within the duplicate window (120 s) is
+  message id seen in the stream within its duplicate window (15 min for elect, 2 min for the others) is
   dropped (recorded in ``FakeBroker.duplicates``);
 * ``consume``: a durable consumer with a subject filter (``*`` and ``>``
   wildcards); processes that register the same durable are its replicas;
@@ -39,15 +39,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..bus import Bus, Handler, Outcome, publish_all
+from ..bus import Bus, Handler, Outcome, duplicate_window, publish_all
 from ..models import Message, SchemaError, decode
 from ..natsauth import STREAM_KINDS
 
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
-
-DUPLICATE_WINDOW_SECONDS = 120.0
-
 
 def subject_matches(pattern: str, subject: str) -> bool:
     """NATS subject matching: ``*`` is one token, ``>`` the rest (one token at least)."""
@@ -141,7 +138,7 @@ class _Listener:
 class FakeBroker:
     """The NATS server: streams, consumers, responders, and what went through them."""
 
-    duplicate_window: float = DUPLICATE_WINDOW_SECONDS
+    duplicate_window: float | None = None  # None: the real streams' (mcsched.bus.duplicate_window)
     clock: Callable[[], float] = time.monotonic
     pending: list[Envelope] = field(default_factory=list)
     published: list[Envelope] = field(default_factory=list)
@@ -159,13 +156,15 @@ class FakeBroker:
         """As if the duplicate window had passed for every message id."""
         self.ids.clear()
 
-    def store(self, stream: str, subject: str, message: Message, msg_id: str | None, publisher: str) -> int:
+    def store(self, kind: str, stream: str, subject: str, message: Message, msg_id: str | None,
+              publisher: str) -> int:
         """Keep a published message, unless its id was seen in the stream within the duplicate window;
         its sequence (the first copy's for a duplicate)."""
         now = self.clock()
         if msg_id:
             seen = self.ids.get((stream, msg_id))
-            if seen is not None and now - seen[0] < self.duplicate_window:
+            window = duplicate_window(kind) if self.duplicate_window is None else self.duplicate_window
+            if seen is not None and now - seen[0] < window:
                 self.duplicates.append((subject, msg_id))
                 return seen[1]
         seq = next(self.sequences.setdefault(stream, itertools.count(1)))
@@ -223,7 +222,7 @@ class FakeBus(Bus):
         kind = subject.split(".")[1] if subject.startswith(f"{self.prefix}.") and subject.count(".") >= 2 else ""
         if kind not in STREAM_KINDS:
             raise RuntimeError(f"nats: no response from stream: no stream holds {subject}")
-        return self.broker.store(self.stream(kind), subject, message, msg_id, self.client_name)
+        return self.broker.store(kind, self.stream(kind), subject, message, msg_id, self.client_name)
 
     async def publish_many(self, items: Sequence[tuple[str, Message, str]]) -> list[int | None]:
         return await publish_all(self.publish, items)
