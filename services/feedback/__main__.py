@@ -402,9 +402,19 @@ class Feedback:
             return ACK  # a source this process no longer serves (its shares moved meanwhile)
         # The proxy cache may lag behind the delegate's: then the API server answers.
         proxy = await pod_by_uid(informer, ref.namespace, ref.name, ref.uid)
-        if update.gone:
+        if update.gone and not (proxy is not None and is_finished({"status": update.status})
+                                and (update.delegate_node or proxy["spec"].get("nodeName"))):
             await self._delegate_gone(update, proxy)
             return ACK
+        # A delegate that finished and then went (pod garbage collection, a clean-up) is not a pod
+        # ending early: its final status, which may not be mirrored yet (that message still being
+        # retried, or folded into this one), is, and the proxy keeps it.
+        return await self._apply_status(update, proxy)
+
+    async def _apply_status(self, update: StatusUpdate, proxy: JSON | None) -> Outcome:
+        """Bind the proxy once its delegate is scheduled, mirror the delegate's status onto it, or
+        record the target's refusal."""
+        ref = update.proxy
         if proxy is None:
             # Gone (its API server said so: the cache did not have it): a delegate created by a request
             # handled late, after the proxy's finalizer let it go.

@@ -1206,6 +1206,43 @@ async def test_a_finished_proxy_keeps_its_status_when_its_delegate_is_deleted(wo
     assert world.bus.pending() == []  # the resync asks for no delegate
 
 
+async def test_a_delegate_deleted_once_finished_ends_nothing_even_before_its_final_status_is_mirrored(
+        world: World) -> None:
+    """Its "gone" message carries the final status; the Succeeded message is handled after it (it failed
+    once, say): the proxy shows Succeeded and lives on, so its Job counts it done and runs nothing again."""
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    world.clusters[target].set_pod_phase(NS, name, "Succeeded")
+    await world.settle()
+    await world.clusters[target].delete(pod_path(NS, name))  # pod garbage collection, moments later
+    await world.settle()
+    [gone] = [e for e in world.bus.pending("status") if isinstance(e.message, StatusUpdate) and e.message.gone]
+    assert isinstance(gone.message, StatusUpdate) and gone.message.status.get("phase") == "Succeeded"
+    assert (await world.bus.deliver(gone)).acked
+    await world.settle()
+    assert world.proxy(proxy)["status"]["phase"] == "Succeeded"
+    await world.run()  # the Succeeded message, late
+    kept = world.proxy(proxy)
+    assert kept["status"]["phase"] == "Succeeded" and not kept["metadata"].get("deletionTimestamp")
+
+
+async def test_a_delegate_that_finishes_and_goes_at_once_gives_its_proxy_the_final_status(world: World) -> None:
+    """Both changes reach feedback's delegate cache together, so only the deletion is published."""
+    proxy, target = await world.running()
+    name = delegate_name(proxy["metadata"]["name"], proxy["metadata"]["uid"])
+    delegates = world.informer(world.feedback_rt, target)
+    delegates.lag()
+    world.clusters[target].set_pod_phase(NS, name, "Succeeded")
+    await world.clusters[target].delete(pod_path(NS, name))
+    await world.settle()
+    await delegates.flush()
+    await world.settle()
+    assert [m.gone for m in (e.message for e in world.bus.pending("status")) if isinstance(m, StatusUpdate)] == [True]
+    await world.run()
+    kept = world.proxy(proxy)
+    assert kept["status"]["phase"] == "Succeeded" and not kept["metadata"].get("deletionTimestamp")
+
+
 async def test_a_redelivered_delegate_request_never_recreates_the_delegate_of_a_finished_pod(world: World) -> None:
     proxy, target = await world.running()
     [request] = [e for e in world.broker.published if e.kind == "delegate"]
