@@ -81,6 +81,10 @@ CONFIRM_SECONDS = 5.0
 
 # How long the first pod that counts the source's proxies waits for their list (then it is retried).
 PROXY_CACHE_SYNC_SECONDS = 30.0
+# How long a pod waits for the source's virtual nodes and namespaces to be listed (at start, after a
+# recomposition) before it is handed back: deciding without them would ignore cordons and cluster
+# constraints (an unknown virtual node excludes nothing) and namespaces' cluster weights.
+SOURCE_CACHE_SYNC_SECONDS = 10.0
 # When no candidate-scheduler answered in time (all busy, under a backlog) and no cluster was left out
 # for a reason, the pod is asked about again this many times (no sooner than a pod that fits nowhere,
 # so busy candidate-schedulers are not asked more often) before it is said to fit nowhere: saying so is
@@ -185,6 +189,12 @@ class ProxyScheduler:
         if ref.cluster not in self.rt.settings.source_names:
             log.error("elect message for unknown source %s; dropping", ref.cluster)
             return ACK
+        try:
+            await asyncio.wait_for(asyncio.gather(self.virtual_nodes[ref.cluster].wait_synced(),
+                                                  self.namespaces[ref.cluster].wait_synced()),
+                                   SOURCE_CACHE_SYNC_SECONDS)
+        except TimeoutError:
+            return retry_later(SOURCE_CACHE_SYNC_SECONDS, f"{ref.cluster}'s virtual nodes are not listed yet")
         original, placement, version = message.manifest, Placement.parse(message.placement), message.resource_version
         controller = message.controller
         if original is None or version is None:  # not from our watcher: read the proxy itself

@@ -62,6 +62,7 @@ from services.candidate_scheduler.__main__ import TargetScheduler
 from services.candidate_scheduler.__main__ import compose as candidate_scheduler
 from services.feedback.__main__ import Feedback
 from services.feedback.__main__ import compose as feedback
+from services.proxy_scheduler import __main__ as proxy_scheduler_module
 from services.proxy_scheduler.__main__ import UNANSWERED_RETRIES, ProxyScheduler
 from services.proxy_scheduler.__main__ import compose as proxy_scheduler
 from services.watcher.__main__ import ElectPublisher
@@ -886,6 +887,35 @@ async def test_cluster_constraints_and_a_cordon_leave_clusters_out_and_say_why(w
     await world.settle()
     await world.retry_unschedulable()
     assert Placement.of(world.proxy(waiting)).target == "c2"
+
+
+async def test_a_proxy_scheduler_decides_nothing_before_it_has_listed_the_virtual_nodes(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start and after each recomposition the cache of virtual nodes is empty for a moment; a
+    cordon and the pod's cluster constraints must hold then too (an unknown node excludes nothing)."""
+    monkeypatch.setattr(proxy_scheduler_module, "SOURCE_CACHE_SYNC_SECONDS", 0.2)
+    world.c1.put("nodes", virtual_node("c2", unschedulable=True))  # an operator cordoned c2
+    world.c1.put("nodes", virtual_node("c3"))
+    await world.settle()
+    rt = world.runtime("proxy-scheduler")  # a process composed just now
+    await proxy_scheduler(rt)
+    [nodes] = rt.fake_informers(SOURCE, "nodes")
+    nodes.lag()  # its list is still on its way
+    pinned = user_pod("pinned")  # may only run in region-c2, which is cordoned
+    pinned["metadata"]["annotations"][PROXY_CONSTRAINTS_ANNOTATION] = \
+        "nodeSelector:\n  topology.kubernetes.io/region: region-c2\n"
+    await world.c1.create(pod_path(NS), admitted(pinned))
+    await world.settle()
+    [elect] = world.bus.pending("elect")
+    delivery = await world.bus.deliver(elect, replica=1)
+    assert not delivery.acked and "not listed yet" in delivery.outcome.note
+    assert Placement.of(world.c1.pod(NS, "pinned") or {}).target is None
+    await nodes.flush()
+    [elect] = world.bus.pending("elect")
+    assert (await world.bus.deliver(elect, replica=1)).acked
+    assert Placement.of(world.c1.pod(NS, "pinned") or {}).target is None
+    scheduled = condition(world.c1.pod(NS, "pinned") or {}, "PodScheduled")
+    assert scheduled is not None and "c2: excluded: its virtual node is cordoned" in scheduled["message"]
 
 
 async def test_preferred_cluster_affinity_fills_the_preferred_cluster_then_bursts(world: World) -> None:
