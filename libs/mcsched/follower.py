@@ -98,6 +98,9 @@ class Follower:
         ``grace_seconds`` and ``clock`` (seconds since the epoch) are for tests.
         """
         self.rt, self.target, self.delegates = rt, target, delegates
+        # The sources that are this target's cluster itself (a ``self: true`` Target is the source under
+        # a key of its own): their pods' objects are there already, and are never ours to copy or remove.
+        self.local = frozenset({target, *(c.same_as for c in rt.settings.clusters if c.name == target and c.same_as)})
         self.client = rt.clusters[target]
         self.grace_seconds = grace_seconds
         self._clock = clock
@@ -111,7 +114,7 @@ class Follower:
         self._rechecks: set[FollowKey] = set()  # unused copies to look at again after their grace period
         self._sources: dict[tuple[str, str], Informer] = {}  # (source, kind) -> informer
         for source in rt.settings.source_names:
-            if source == target:
+            if source in self.local:
                 continue  # a pod of the target itself already has its objects
             for kind, resource in FOLLOWED_KINDS.items():
                 informer = shared_informer(rt, source, f"/api/v1/{resource}")
@@ -139,7 +142,7 @@ class Follower:
         ``Secret db-password exists in c2/ns and was not made by multicluster-scheduler`` or
         ``ServiceAccount builder does not exist in c2/ns``. Call it once the namespace exists.
         """
-        if source == self.target:
+        if source in self.local:
             return None
         reason = await self._service_account_reason(namespace, spec)
         if reason is not None:
@@ -321,7 +324,7 @@ class Follower:
 
     async def _reconcile(self, key: FollowKey) -> None:
         source, namespace, kind, name = key
-        if source == self.target:
+        if source in self.local:
             return
         informer = self._sources.get((source, kind))
         if informer is not None and not informer.synced.is_set():
@@ -362,7 +365,7 @@ class Follower:
         for kind, informer in self.copies.items():
             for obj in informer.items():
                 key = copy_key(obj, kind)
-                if key is None or key[0] == self.target:
+                if key is None or key[0] in self.local:
                     continue
                 if not collect or key in used or self._used[key]:
                     self.queue.add(key)  # still in use: compare with its source
@@ -391,7 +394,7 @@ class Follower:
             if event == "DELETED":
                 self._gone.pop(str(obj["metadata"].get("uid")), None)
             key = copy_key(obj, kind)
-            if key is not None and key[0] != self.target:
+            if key is not None and key[0] not in self.local:
                 self.queue.add(key)  # changed or deleted by someone: restore it if delegates use it
 
         return on_copy
@@ -409,5 +412,5 @@ class Follower:
         for key in uses - previous:
             self._used[key] += 1
         for key in uses ^ previous:  # new users: make sure the copy is there; former: collect
-            if key[0] != self.target:
+            if key[0] not in self.local:
                 self.queue.add(key)

@@ -215,9 +215,11 @@ def stamp(seconds: float) -> str:
 
 
 class FakeRuntime:
-    def __init__(self, clusters: dict[str, FakeCluster], sources: list[str]) -> None:
+    def __init__(self, clusters: dict[str, FakeCluster], sources: list[str],
+                 same_as: dict[str, str] | None = None) -> None:
         self.clusters = clusters
-        self.settings = SimpleNamespace(source_names=sources, resync_period_seconds=3600.0)
+        self.settings = SimpleNamespace(source_names=sources, resync_period_seconds=3600.0, clusters=[
+            SimpleNamespace(name=name, same_as=(same_as or {}).get(name)) for name in clusters])
         self.informers: list[FakeInformer] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.closers: list[Callable[[], Awaitable[None]]] = []
@@ -741,3 +743,18 @@ async def test_queued_work_waits_for_the_source_cache(env: Env) -> None:
     assert env.c2.find("secrets", "ns", "db") is not None
     informer.synced.set()
     await env.settle()
+
+
+async def test_a_target_that_is_the_source_under_a_key_of_its_own_copies_nothing() -> None:
+    """A ``self: true`` Target (key ``me``, the cluster c1): the pod's own ConfigMap is there already;
+    copying it onto itself would find it "not made by multicluster-scheduler" and hold the delegate."""
+    clock = Clock()
+    c1 = FakeCluster("c1", clock)
+    rt = FakeRuntime({"c1": c1, "me": c1}, ["c1"], same_as={"me": "c1"})
+    try:
+        c1.put("configmaps", configmap())
+        follower = Follower(rt, "me", rt.informer("me", "/api/v1/pods"), clock=clock)  # type: ignore[arg-type]
+        assert await follower.ensure("c1", "ns", pod_spec()) is None
+        assert [call for call in c1.calls if call[0] != "GET"] == []
+    finally:
+        await rt.close()
