@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
 from .placement import CORDONED, matches_node_selector, preferred_weight, scheduling_blocks
@@ -48,6 +49,80 @@ _TARGET_FIELDS_MOVED = ("nodeSelector", "affinity", "topologySpreadConstraints")
 
 class ConstraintError(ValueError):
     """The proxy-pod-scheduling-constraints annotation cannot be read."""
+
+
+# -- the shape of the fragment, as the API server would check it on a pod (types only; what the
+# fields mean is checked where they are read) -------------------------------------------------------
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _Requirement(_Shape):
+    key: str
+    operator: str
+    values: list[str] | None = None
+
+
+class _NodeSelectorTerm(_Shape):
+    matchExpressions: list[_Requirement] | None = None
+    matchFields: list[_Requirement] | None = None
+
+
+class _NodeSelector(_Shape):
+    nodeSelectorTerms: list[_NodeSelectorTerm]
+
+
+class _PreferredTerm(_Shape):
+    weight: int = Field(ge=1, le=100)
+    preference: _NodeSelectorTerm
+
+
+class _NodeAffinity(_Shape):
+    requiredDuringSchedulingIgnoredDuringExecution: _NodeSelector | None = None
+    preferredDuringSchedulingIgnoredDuringExecution: list[_PreferredTerm] | None = None
+
+
+class _Affinity(_Shape):
+    nodeAffinity: _NodeAffinity | None = None
+
+
+class _Toleration(_Shape):
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+    tolerationSeconds: int | None = None
+
+
+class _LabelSelector(_Shape):
+    matchLabels: dict[str, str] | None = None
+    matchExpressions: list[_Requirement] | None = None
+
+
+class _SpreadConstraint(_Shape):
+    labelSelector: _LabelSelector | None = None
+
+
+class _Fragment(_Shape):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    nodeSelector: dict[str, str] | None = None
+    affinity: _Affinity | None = None
+    tolerations: list[_Toleration] | None = None
+    topologySpreadConstraints: list[_SpreadConstraint] | None = None
+
+
+_SAID = {"dict_type": "must be a mapping", "model_type": "must be a mapping", "list_type": "must be a list",
+         "int_type": "must be an integer", "string_type": "must be a string", "missing": "is required",
+         "extra_forbidden": "is not a constraint field"}
+
+
+def _shape_error(error: ValidationError) -> str:
+    """The first problem and where: ``affinity.nodeAffinity.preferred...[0].weight must be an integer``."""
+    first = error.errors()[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+    said = _SAID.get(first["type"]) or str(first["msg"]).replace("Input should be", "must be", 1)
+    return f"{where} {said}"
 
 
 def split(original: Mapping[str, Any]) -> tuple[JSON, JSON]:
@@ -83,12 +158,11 @@ def _parse(raw: str) -> JSON:
     unknown = sorted(set(fragment) - set(CONSTRAINT_FIELDS))
     if unknown:
         raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION} has fields other than "
-                              f"{', '.join(CONSTRAINT_FIELDS)}: {', '.join(unknown)}")
-    expected = {"nodeSelector": dict, "affinity": dict, "tolerations": list, "topologySpreadConstraints": list}
-    for name, value in fragment.items():
-        if not isinstance(value, expected[name]):
-            raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION}: {name} must be a "
-                                  f"{'mapping' if expected[name] is dict else 'list'}")
+                              f"{', '.join(CONSTRAINT_FIELDS)}: {', '.join(map(str, unknown))}")
+    try:
+        _Fragment.model_validate(fragment)
+    except ValidationError as exc:
+        raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION}: {_shape_error(exc)}") from exc
     if "topologySpreadConstraints" in fragment:
         try:
             check_spread_constraints(fragment["topologySpreadConstraints"])

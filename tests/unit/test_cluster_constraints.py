@@ -86,6 +86,19 @@ def test_a_cordoned_or_tainted_virtual_node_takes_no_new_pods_unless_tolerated()
     ("containers: []", "fields other than"),
     ("nodeSelector: [a]", "must be a mapping"),
     ("tolerations: {}", "must be a list"),
+    # well-formed at the top, not inside: each of these used to pass and then fail the proxy-scheduler
+    ("tolerations: [everything]", r"tolerations\[0\] must be a mapping"),
+    ("affinity: {nodeAffinity: {preferredDuringSchedulingIgnoredDuringExecution: [{weight: high, preference: {}}]}}",
+     r"preferredDuringSchedulingIgnoredDuringExecution\[0\].weight must be an integer"),
+    ("affinity: {nodeAffinity: {preferredDuringSchedulingIgnoredDuringExecution: [{weight: 101, preference: {}}]}}",
+     "weight must be less than or equal to 100"),
+    ("affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: c2}}}",
+     "nodeSelectorTerms must be a list"),
+    ("affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions:"
+     " [{key: a, operator: In, values: [1]}]}]}}}", r"values\[0\] must be a string"),
+    ("topologySpreadConstraints: [{maxSkew: 1, topologyKey: k, whenUnsatisfiable: DoNotSchedule, labelSelector:"
+     " {matchExpressions: [app=web]}}]", r"labelSelector.matchExpressions\[0\] must be a mapping"),
+    ("nodeSelector: {gpu: true}", "nodeSelector.gpu must be a string"),
 ])
 def test_a_malformed_constraints_annotation_is_refused_with_what_is_wrong(raw: str, message: str) -> None:
     with pytest.raises(ConstraintError, match=message):
