@@ -277,8 +277,11 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
     every scheduling rule of the pod applies there (``scheduler_name`` names a
     scheduler of the target's other than the pod's own). Fields the target's
     admission would refuse or add again are removed: the source's
-    service-account token volume, ``priority`` (recomputed from the class) and
-    any node binding. ``owner`` (the target's Namespace) becomes the delegate's
+    service-account token volume, ``priority`` and ``preemptionPolicy`` (set
+    from the source's PriorityClass: the target's class of that name decides),
+    ``overhead`` (set from the source's RuntimeClass: the target's decides),
+    scheduling gates (lifted on the proxy before any delegate exists: nothing
+    in the target would lift them) and any node binding. ``owner`` (the target's Namespace) becomes the delegate's
     controller, so no controller in the target adopts it. ``target`` is the
     cluster key it is created for (:func:`belongs_to`).
     """
@@ -294,7 +297,7 @@ def delegate_manifest(original: Mapping[str, Any], *, source: str, namespace: st
                     container["volumeMounts"] = mounts
                 else:
                     container.pop("volumeMounts", None)
-    for field in ("priority", "nodeName"):
+    for field in ("priority", "preemptionPolicy", "overhead", "nodeName", "schedulingGates"):
         spec.pop(field, None)
     if spec.get("schedulerName") == PROXY_SCHEDULER_NAME:
         spec.pop("schedulerName")
@@ -493,6 +496,11 @@ def unschedulable_reason(pod: Mapping[str, Any]) -> str | None:
                 and condition.get("reason") == "Unschedulable"):
             return str(condition.get("message") or "unschedulable")
     return None
+
+
+def is_gated(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod has scheduling gates: no scheduler considers it until they are lifted."""
+    return bool((pod.get("spec") or {}).get("schedulingGates"))
 
 
 def is_finished(pod: Mapping[str, Any]) -> bool:

@@ -53,7 +53,7 @@ from mcsched.events import EventRecorder
 from mcsched.kube import JSON, KubeError, pod_path, read_pod
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef
 from mcsched.natsauth import proxy_scheduler_durable
-from mcsched.podspec import delegate_original
+from mcsched.podspec import delegate_original, is_gated
 from mcsched.proxycounts import ProxyCounts
 from mcsched.proxystatus import mark_unscheduled
 from mcsched.runtime import Runtime, run_service
@@ -339,9 +339,10 @@ class ProxyScheduler:
             self.counts[ref.cluster].forget(ref.uid)
 
     async def _undecided(self, ref: PodRef) -> JSON | None:
-        """The proxy as its API server has it, unless it is gone, being deleted or bound already."""
+        """The proxy as its API server has it, unless it is gone, being deleted, bound already or gated
+        (elected again once its gates are lifted)."""
         pod = await self._read_proxy(ref)
-        if pod is None or pod["metadata"].get("deletionTimestamp") or pod["spec"].get("nodeName"):
+        if pod is None or pod["metadata"].get("deletionTimestamp") or pod["spec"].get("nodeName") or is_gated(pod):
             return None
         return pod
 

@@ -35,7 +35,7 @@ from mcsched.constants import CLUSTER_CHOSEN_LABEL, PLACEMENT_ANNOTATION, PROXY_
 from mcsched.kube import JSON, Informer, KubeError
 from mcsched.models import ElectMessage, PodRef
 from mcsched.natsauth import proxy_scheduler_durable
-from mcsched.podspec import delegate_original
+from mcsched.podspec import delegate_original, is_gated
 from mcsched.runtime import Runtime, periodic, run_service
 from mcsched.settings import WebhookSettings
 from mcsched.shards import partition_selector
@@ -188,9 +188,10 @@ class ElectPublisher:
 
     @staticmethod
     def pending(pod: JSON) -> bool:
-        """Unbound, alive, and no cluster chosen (or the chosen one refused it)."""
+        """Unbound, alive, not gated (its gates lifted: a MODIFIED event), and no cluster chosen (or the
+        chosen one refused it)."""
         return not pod["spec"].get("nodeName") and not pod["metadata"].get("deletionTimestamp") and \
-            Placement.of(pod).target is None
+            not is_gated(pod) and Placement.of(pod).target is None
 
     def _due(self, pod: JSON) -> bool:
         """Pending, and not yet published for its current placement round."""

@@ -194,6 +194,14 @@ class World:
         return [f"{rt.service}: {e!r}" for rt in self.runtimes for e in rt.errors()] + \
             [f"{d.envelope}: {d.error!r}" for d in self.broker.deliveries if d.error is not None]
 
+    def watcher_publisher(self) -> ElectPublisher:
+        """The first watcher's publisher of elect messages (its informer calls ``on_event(source, ...)``)."""
+        rt = next(rt for rt in self.runtimes if rt.service == "watcher")
+        [publisher] = {h.func.__self__ for i in rt.fake_informers(SOURCE, "pods") for h in i.handlers
+                       if isinstance(h, functools.partial)}
+        assert isinstance(publisher, ElectPublisher)
+        return publisher
+
     def informer(self, rt: FakeRuntime, cluster: str, resource: str = "pods") -> FakeInformer:
         """The process's main cache of ``resource`` in ``cluster`` (not the watch of pods strayed onto
         virtual nodes feedback also keeps)."""
@@ -495,10 +503,7 @@ async def test_the_watcher_s_resync_queues_again_only_what_is_no_longer_waiting_
     """A backlog is not a loss: a proxy whose elect message still waits for the proxy-scheduler gets no
     copy however long it waits (each copy would ask every cluster about a pod chosen for meanwhile);
     one whose message is gone from the stream does, three periods after it was last seen waiting."""
-    [watcher_rt] = [rt for rt in world.runtimes if rt.service == "watcher"]
-    [publisher] = {h.func.__self__ for i in watcher_rt.fake_informers(SOURCE, "pods") for h in i.handlers
-                   if isinstance(h, functools.partial)}  # its informer calls publisher.on_event(source, ...)
-    assert isinstance(publisher, ElectPublisher)
+    publisher = world.watcher_publisher()
     waiting, lost = await world.create_proxy("web-0"), await world.create_proxy("web-1")
     elects = world.bus.pending("elect")
     assert len(elects) == 2
@@ -887,6 +892,26 @@ async def test_cluster_constraints_and_a_cordon_leave_clusters_out_and_say_why(w
     await world.settle()
     await world.retry_unschedulable()
     assert Placement.of(world.proxy(waiting)).target == "c2"
+
+
+async def test_a_gated_pod_waits_unelected_until_its_gates_are_lifted(world: World) -> None:
+    """As kube-scheduler ignores a gated pod (Kueue's admission, say), so does the pipeline; the delegate
+    of a pod whose gates were lifted on the proxy has none either (nothing in the target would lift them)."""
+    gated = user_pod("gated")
+    gated["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+    proxy = await world.c1.create(pod_path(NS), admitted(gated))
+    await world.settle()
+    assert world.bus.pending("elect") == []
+    await world.watcher_publisher().resync()
+    assert world.bus.pending("elect") == []
+
+    world.c1.modify("pods", NS, "gated", lambda pod: pod["spec"].pop("schedulingGates"))  # admitted by its queue
+    await world.settle()
+    await world.run()
+    target = Placement.of(world.proxy(proxy)).target
+    assert target is not None
+    delegate = world.delegate(target, proxy)
+    assert delegate is not None and "schedulingGates" not in delegate["spec"]
 
 
 async def test_a_proxy_scheduler_decides_nothing_before_it_has_listed_the_virtual_nodes(

@@ -211,6 +211,16 @@ def test_delegate_scheduler_name_per_target() -> None:
     assert "nodeName" not in delegate["spec"] and "ownerReferences" not in delegate["metadata"]
 
 
+def test_what_the_source_s_admission_filled_in_is_left_for_the_target_s_to_decide() -> None:
+    """overhead (RuntimeClass), preemptionPolicy and priority (PriorityClass) came from the source's classes;
+    the target's admission refuses a pod whose values differ from its own classes'."""
+    spec = {"containers": [], "priorityClassName": "high", "priority": 1000, "preemptionPolicy": "Never",
+            "runtimeClassName": "gvisor", "overhead": {"cpu": "250m"}, "schedulingGates": [{"name": "x"}]}
+    delegate = delegate_manifest({"metadata": {}, "spec": spec}, source="c1", namespace="n", proxy_name="p",
+                                 proxy_uid="u")
+    assert delegate["spec"] == {"containers": [], "priorityClassName": "high", "runtimeClassName": "gvisor"}
+
+
 def test_names_of_any_legal_length_link_proxy_and_delegate() -> None:
     long_name = "a" * 200 + "-" + "b" * 49  # 250 characters, a legal pod name
     delegate = delegate_manifest({"metadata": {}, "spec": {"containers": []}}, source="c1", namespace="n",
