@@ -16,7 +16,7 @@ from typing import Any
 from .constants import PROXY_SCHEDULER_NAME, VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
 from .kube import JSON, Informer
 from .placement import Resources, node_allocatable, pod_requests
-from .podspec import delegate_name, parent_ref
+from .podspec import delegate_name, is_gated, parent_ref, unschedulable_reason
 
 _TERMINAL = ("Succeeded", "Failed")
 
@@ -71,8 +71,11 @@ class TargetView:
         spec = pod.get("spec") or {}
         node_name: str = spec.get("nodeName") or ""
         live = kind != "DELETED" and (pod.get("status") or {}).get("phase") not in _TERMINAL
-        # An unbound proxy (the target is also a source) waits for a target, not for this cluster's nodes.
-        if live and (node_name or spec.get("schedulerName") != PROXY_SCHEDULER_NAME):
+        # An unbound proxy (the target is also a source) waits for a target, not for this cluster's nodes;
+        # a gated pod waits for its gates, and one its scheduler found no room for takes none: neither
+        # is about to use the room an estimate looks for.
+        if live and (node_name or (spec.get("schedulerName") != PROXY_SCHEDULER_NAME and not is_gated(pod)
+                                   and unschedulable_reason(pod) is None)):
             requests = pod_requests(pod)
             self._pod_usage[uid] = (node_name, requests)
             if node_name:

@@ -242,3 +242,22 @@ def test_a_pod_that_only_copies_a_delegates_labels_is_not_taken_for_it() -> None
     assert target.delegates["p-a"]["metadata"]["uid"] == real["metadata"]["uid"]
     pods.emit("DELETED", copy)
     assert "p-a" in target.delegates
+
+
+def test_pending_leaves_out_gated_pods_and_pods_their_scheduler_found_no_room_for() -> None:
+    """Neither is about to take the room an estimate looks for: a queue's gated 100-CPU job must not
+    make a roomy target look full."""
+    target, pods = view([node("w0")])
+    gated = pod("gated", cpu="100")
+    gated["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+    pods.emit("ADDED", gated)
+    refused = pod("too-big", cpu="100")
+    refused["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes are available"}]}
+    pods.emit("ADDED", refused)
+    assert target.pending == Resources()
+    pods.emit("ADDED", pod("waiting"))
+    assert target.pending == request(500)
+    ungated = pod("gated", cpu="100")  # its gates lifted: now it is on its way to a node
+    pods.emit("MODIFIED", ungated)
+    assert target.pending == request(100_500, count=2)
