@@ -221,10 +221,13 @@ class TargetScheduler:
         except KubeError as exc:
             if exc.status != 403:
                 raise
-            # The target's RBAC refuses our identity here (its Sources changed since the estimate):
-            # recorded as this target's refusal, so the pod goes on to the other clusters.
-            self.acceptance[ref.namespace] = (False, time.monotonic())
-            reason = f"{self.not_accepted(ref.namespace)}: {exc.message}"
+            # Refused: by the target's RBAC (its Sources changed since the estimate: the whole namespace
+            # is refused now), or by its admission for this pod alone (a quota, Pod Security, an unknown
+            # PriorityClass), which a fresh access review tells apart. Either way recorded as this
+            # target's refusal, so the pod goes on to the other clusters.
+            self.acceptance.pop(ref.namespace, None)
+            reason = exc.message if await self.accepts(ref.namespace) else \
+                f"{self.not_accepted(ref.namespace)}: {exc.message}"
             source = self.rt.clusters[ref.cluster]
             if await record_refusal(source, ref, proxy, self.target, reason) is not None:
                 await self.events.record(source, proxy, "DelegateRefused", reason)

@@ -1175,6 +1175,26 @@ async def test_a_target_that_does_not_accept_the_source_in_a_namespace_is_never_
     assert world.delegate("c2", waiting) is None and world.delegate("c3", waiting) is None
 
 
+async def test_a_target_whose_admission_refuses_one_delegate_refuses_that_pod_not_the_namespace(
+        world: World) -> None:
+    """A 403 from admission (a quota, Pod Security, an unknown PriorityClass) is about this pod: its
+    reason is recorded and the pod goes elsewhere, and the namespace's other pods are still welcome."""
+    proxy = await world.create_proxy()
+    [elect] = world.bus.pending("elect")
+    assert (await world.bus.deliver(elect)).acked
+    await world.settle()
+    target = Placement.of(world.proxy(proxy)).target
+    assert target is not None
+    world.clusters[target].fail("POST", pod_path(NS), status=403, times=1)
+    await world.run("delegate")
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target is None and "does not accept" not in placement.rejections[target].reason
+    other = await world.create_proxy("web-1")
+    answer = await world.target_schedulers[target].on_candidate(CandidateRequest(proxy=ref(other),
+                                                                                  pod=user_pod("web-1")))
+    assert isinstance(answer, CandidateReply) and answer.fits, answer
+
+
 async def test_a_target_whose_rbac_refuses_the_delegate_after_the_estimate_is_recorded_as_refusing(
         world: World) -> None:
     proxy = await world.create_proxy()
