@@ -158,13 +158,21 @@ class KubeClient:
 
     async def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json") -> JSON:
-        response = await self._raw(method, path, params, body, content_type)
-        async with response:
-            data = await response.read()
-            if not 200 <= response.status < 300:
-                suffix = f"?{urlencode(params)}" if params else ""
-                raise KubeError(self.name, method, path + suffix, response.status, data.decode(errors="replace"))
-            return orjson.loads(data) if data else {}
+        """The answer's JSON; :class:`KubeError` for an error status, :class:`OSError` when there is no
+        answer (aiohttp's own errors that are not OSErrors, such as a kept-alive connection the server
+        closed, become ConnectionError: every caller copes with OSError)."""
+        try:
+            response = await self._raw(method, path, params, body, content_type)
+            async with response:
+                data = await response.read()
+        except aiohttp.ClientError as exc:
+            if isinstance(exc, OSError):
+                raise
+            raise ConnectionError(f"{method} {self.name}{path}: {type(exc).__name__}: {exc}") from exc
+        if not 200 <= response.status < 300:
+            suffix = f"?{urlencode(params)}" if params else ""
+            raise KubeError(self.name, method, path + suffix, response.status, data.decode(errors="replace"))
+        return orjson.loads(data) if data else {}
 
     async def get(self, path: str, **params: Any) -> JSON:
         return await self.request("GET", path, params)

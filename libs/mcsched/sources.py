@@ -19,6 +19,7 @@ namespaces cluster-wide: a source's candidate-scheduler estimates from them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,17 @@ RBAC = "rbac.authorization.k8s.io"
 MANAGED_LABEL = "multicluster.admiralty.io/accepted-source"
 
 JSON = dict[str, Any]
+# What RBAC accepts as a ServiceAccount subject's name (a DNS subdomain) and namespace (a DNS label):
+# a binding naming anything else is refused whole, with every other identity in it.
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _service_account(name: object, namespace: object) -> JSON | None:
+    if isinstance(name, str) and isinstance(namespace, str) and len(name) <= 253 and len(namespace) <= 63 \
+            and _SUBDOMAIN.fullmatch(name) and _LABEL.fullmatch(namespace):
+        return {"kind": "ServiceAccount", "name": name, "namespace": namespace}
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,21 +60,20 @@ class AcceptanceRoles:
 
 
 def subjects(obj: Mapping[str, Any]) -> list[JSON]:
-    """The identities a Source or ClusterSource names (none when it names nobody usable)."""
+    """The identities a Source or ClusterSource names (none when it names nobody usable: a
+    ServiceAccount name RBAC would refuse is left out)."""
     spec = obj.get("spec") or {}
     found: list[JSON] = []
     user = spec.get("userName")
     if isinstance(user, str) and user:
         found.append({"kind": "User", "apiGroup": RBAC, "name": user})
     if obj.get("kind") == "Source":
-        account = spec.get("serviceAccountName")
-        if isinstance(account, str) and account:
-            found.append({"kind": "ServiceAccount", "name": account, "namespace": obj["metadata"]["namespace"]})
+        account = _service_account(spec.get("serviceAccountName"), obj["metadata"]["namespace"])
     else:
-        account = spec.get("serviceAccount")
-        if isinstance(account, Mapping) and account.get("name") and account.get("namespace"):
-            found.append({"kind": "ServiceAccount", "name": str(account["name"]),
-                          "namespace": str(account["namespace"])})
+        named = spec.get("serviceAccount")
+        account = _service_account(named.get("name"), named.get("namespace")) if isinstance(named, Mapping) else None
+    if account is not None:
+        found.append(account)
     return found
 
 

@@ -35,6 +35,8 @@ from mcsched.sources import (
 )
 
 log = logging.getLogger("source-controller")
+# How long after a failed pass (an API server away, a binding refused) the next one starts.
+RETRY_SECONDS = 2.0
 
 
 def _path(binding: dict[str, object]) -> str:
@@ -66,9 +68,13 @@ class SourceController:
                 self.changed.clear()
                 try:
                     await self.reconcile()
-                except (KubeError, OSError, TimeoutError) as exc:
+                except (KubeError, OSError) as exc:
                     log.warning("%s: reconciling failed (%s); retrying", self.client.name, exc)
-                    await asyncio.sleep(2)
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                except Exception:  # anything else: said loudly, and tried again (the target's RBAC must follow)
+                    log.exception("%s: reconciling failed; retrying", self.client.name)
+                    await asyncio.sleep(RETRY_SECONDS)
                     continue
                 try:
                     await asyncio.wait_for(self.changed.wait(), self.resync_seconds)
@@ -85,17 +91,26 @@ class SourceController:
                     for obj in informer.items() if not obj["metadata"].get("deletionTimestamp")]
         bindings = [viewer_binding(accepted, self.roles)]
         for obj in accepted:
-            if not subjects(obj):
-                log.warning("%s: %s %s names no identity (userName, serviceAccountName or serviceAccount): "
-                            "it grants nothing", self.client.name, obj["kind"], obj["metadata"]["name"])
-                continue
+            if not subjects(obj):  # its bindings are still applied, empty: what it granted before is taken back
+                log.warning("%s: %s %s names no usable identity (userName, serviceAccountName or "
+                            "serviceAccount): it grants nothing", self.client.name, obj["kind"],
+                            obj["metadata"]["name"])
             if obj["kind"] == "Source":
                 bindings.append(source_binding(obj, self.roles))
             else:
                 bindings += cluster_source_bindings(obj, self.roles)
-        for binding in bindings:
-            await self.client.apply(_path(binding), binding)
-        log.info("%s: %d accepted sources, %d bindings applied", self.client.name, len(accepted), len(bindings))
+        failed: list[Exception] = []
+        for binding in bindings:  # each on its own: one refused binding holds up no other
+            try:
+                await self.client.apply(_path(binding), binding)
+            except KubeError as exc:
+                log.warning("%s: cannot apply %s %s: %s", self.client.name, binding["kind"],
+                            binding["metadata"]["name"], exc.message)
+                failed.append(exc)
+        log.info("%s: %d accepted sources, %d of %d bindings applied", self.client.name, len(accepted),
+                 len(bindings) - len(failed), len(bindings))
+        if failed:
+            raise failed[0]
 
 
 async def main(args: argparse.Namespace) -> None:

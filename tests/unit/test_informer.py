@@ -6,6 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import pytest
+from kubernetes_asyncio.client import Configuration
+
 from mcsched.kube import JSON, Informer, KubeClient
 
 
@@ -63,3 +66,23 @@ async def test_watches_ended_at_once_without_a_word_are_retried_with_back_off_no
     await asyncio.gather(running, return_exceptions=True)
     assert 2 <= client.watches <= 3  # at 0, 0.5 and 1.5 s: back-off, where it spun thousands of times
     assert informer.synced.is_set()
+
+
+async def test_a_server_that_hangs_up_without_an_answer_is_an_oserror_every_caller_copes_with() -> None:
+    """aiohttp says so with errors that are not OSErrors (ServerDisconnectedError): callers that retry
+    on (KubeError, OSError), such as the webhook's registration, must not crash on them."""
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = Configuration()
+    config.host = f"http://127.0.0.1:{port}"
+    client = KubeClient("c1", config)
+    try:
+        with pytest.raises(ConnectionError, match="GET c1/api/v1/pods: ServerDisconnectedError"):
+            await client.get("/api/v1/pods")
+    finally:
+        await client.close()
+        server.close()

@@ -3,9 +3,16 @@ source-controller's command line."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
 import pytest
 
+from mcsched.kube import KubeError
 from mcsched.sources import AcceptanceRoles, cluster_source_bindings, source_binding, subjects, viewer_binding
+from mcsched.testing import FakeCluster
+from services.source_controller.__main__ import SourceController
 from services.source_controller.__main__ import parse as parse_source_controller
 
 ROLES = AcceptanceRoles.named("mcs")
@@ -68,3 +75,85 @@ def test_the_source_controller_refuses_a_resync_period_that_would_spin(
         parse_source_controller(["--resync-seconds", seconds])
     assert exit_status.value.code == 2 and "--resync-seconds must be more than 0" in capsys.readouterr().err
     assert parse_source_controller(["--resync-seconds", "0.5"]).resync_seconds == 0.5
+
+
+class ListedInformer:
+    """The controller's informer of Sources or ClusterSources, already listed."""
+
+    def __init__(self, objs: list[dict[str, Any]]) -> None:
+        self.objs = objs
+        self.synced = asyncio.Event()
+        self.synced.set()
+
+    def items(self) -> list[dict[str, Any]]:
+        return list(self.objs)
+
+    def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        return None
+
+
+def controller_of(target: FakeCluster, *sources: dict[str, object]) -> SourceController:
+    controller = SourceController(target, ROLES, 60.0)
+    controller.sources = ListedInformer(list(sources))  # type: ignore[assignment]
+    controller.cluster_sources = ListedInformer([])  # type: ignore[assignment]
+    return controller
+
+
+async def test_a_source_edited_to_name_nobody_takes_back_what_it_granted() -> None:
+    target = FakeCluster("c2", namespaces=("team-a",))
+    await controller_of(target, source("c1", "team-a", serviceAccountName="c1-sa")).reconcile()
+    assert target.find("rolebindings", "team-a", "multicluster-scheduler-source-c1")["subjects"]
+    await controller_of(target, source("c1", "team-a")).reconcile()  # its administrator removed the identity
+    assert target.find("rolebindings", "team-a", "multicluster-scheduler-source-c1")["subjects"] == []
+
+
+async def test_a_source_naming_an_account_rbac_refuses_holds_up_no_other_grant() -> None:
+    target = FakeCluster("c2", namespaces=("team-a", "team-b"))
+    refused: list[str] = []
+    applying = target.apply
+
+    async def apply(path: str, body: Any, force: bool = True) -> Any:  # as RBAC validates subjects
+        if any(not str(s["name"]).islower() for s in body.get("subjects") or []):
+            refused.append(path)
+            raise KubeError("c2", "PATCH", path, 422, json.dumps({"reason": "Invalid", "message": "bad subject"}))
+        return await applying(path, body, force)
+
+    target.apply = apply  # type: ignore[method-assign]
+    await controller_of(target, source("c1", "team-a", serviceAccountName="c1-sa"),
+                        source("typo", "team-b", serviceAccountName="My_SA")).reconcile()
+    assert refused == []
+    assert target.find("rolebindings", "team-a", "multicluster-scheduler-source-c1")["subjects"] == [
+        {"kind": "ServiceAccount", "name": "c1-sa", "namespace": "team-a"}]
+    assert target.find("rolebindings", "team-b", "multicluster-scheduler-source-typo")["subjects"] == []
+
+
+async def test_the_source_controller_outlives_an_unexpected_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.source_controller.__main__.RETRY_SECONDS", 0.05)
+    target = FakeCluster("c2", namespaces=("team-a",))
+    controller = controller_of(target, source("c1", "team-a", serviceAccountName="c1-sa"))
+    applying, calls = target.apply, []
+
+    async def apply(path: str, body: Any, force: bool = True) -> Any:
+        calls.append(path)
+        if len(calls) == 1:
+            raise RuntimeError("something nobody foresaw")
+        return await applying(path, body, force)
+
+    target.apply = apply  # type: ignore[method-assign]
+    running = asyncio.create_task(controller.run())
+    try:
+        for _ in range(100):
+            if target.find("rolebindings", "team-a", "multicluster-scheduler-source-c1") is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert not running.done()
+        assert target.find("rolebindings", "team-a", "multicluster-scheduler-source-c1") is not None
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
