@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -118,6 +119,11 @@ STATUS_IN_FLIGHT = 192
 RESYNC_CONCURRENCY = 16
 # A status just written is not written again for this long, even if the proxy cache does not show it yet.
 MIRROR_MEMORY_SECONDS = 10.0
+# Every heartbeat asks each target's API server something small: a watch cut off without a reset (a
+# partition, a host gone) says nothing for minutes. A target that answered nothing (an error status is
+# an answer) within this long is unreachable, whatever its caches say.
+PROBE_TIMEOUT_SECONDS = 10.0
+SILENT_TARGET_SECONDS = 30.0
 
 
 def _now() -> str:
@@ -182,6 +188,7 @@ class Feedback:
         # virtual nodes it keeps) and every delegate there of a source they serve.
         self.nodes: dict[str, Informer] = {target: rt.informer(target, "/api/v1/nodes")
                                            for target in shares.clusters(rt.settings.target_names)}
+        self.answered: dict[str, float] = {}  # target -> when (monotonic) its API server last answered a probe
         self.delegates: dict[str, Informer] = {
             target: rt.informer(target, "/api/v1/pods", label_selector=(
                 f"{PARENT_UID_LABEL},{PARENT_CLUSTER_LABEL} in ({','.join(rt.settings.sources_of(target))})"))
@@ -959,7 +966,8 @@ class Feedback:
 
     def _ready_condition(self, target: str) -> JSON:
         now = _now()
-        if self._synced(self.nodes[target]):
+        heard = time.monotonic() - self.answered.get(target, -math.inf) < SILENT_TARGET_SECONDS
+        if heard and self._synced(self.nodes[target]):
             return {"type": "Ready", "status": "True", "reason": "TargetReachable",
                     "message": f"cluster {target} is reachable", "lastHeartbeatTime": now}
         return {"type": "Ready", "status": "False", "reason": "TargetUnreachable",
@@ -972,6 +980,7 @@ class Feedback:
     async def heartbeat_target(self, target: str) -> None:
         """``target``'s virtual node in every source it serves, each on its own: one that fails is logged,
         not waited for."""
+        await self._probe(target)
         sources = self.rt.settings.sources_of(target)
         results = await asyncio.gather(*(self._heartbeat(source, target) for source in sources),
                                        return_exceptions=True)
@@ -979,6 +988,17 @@ class Feedback:
             if isinstance(result, Exception):
                 log.warning("heartbeat of virtual node %s in %s failed: %s", virtual_node_name(target), source,
                             result)
+
+    async def _probe(self, target: str) -> None:
+        """Ask the target's API server for its version: any answer, an error status too, is one."""
+        try:
+            await asyncio.wait_for(self.rt.clusters[target].get("/version"), PROBE_TIMEOUT_SECONDS)
+        except KubeError:
+            pass
+        except OSError as exc:  # no answer (a timeout is one of these)
+            log.debug("cluster %s did not answer: %s", target, exc)
+            return
+        self.answered[target] = time.monotonic()
 
     async def _heartbeat(self, source: str, target: str) -> None:
         client = self.rt.clusters[source]

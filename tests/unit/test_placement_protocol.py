@@ -60,6 +60,7 @@ from mcsched.testing import (
 )
 from services.candidate_scheduler.__main__ import TargetScheduler
 from services.candidate_scheduler.__main__ import compose as candidate_scheduler
+from services.feedback import __main__ as feedback_module
 from services.feedback.__main__ import Feedback
 from services.feedback.__main__ import compose as feedback
 from services.proxy_scheduler import __main__ as proxy_scheduler_module
@@ -349,6 +350,38 @@ async def test_compose_wires_every_stage_on_the_fake_runtime(world: World) -> No
         assert [c["status"] for c in virtual["status"]["conditions"]] == ["True"]
         lease = world.c1.find("leases", "kube-node-lease", f"admiralty-{target}")
         assert lease is not None and lease["metadata"]["ownerReferences"][0]["uid"] == virtual["metadata"]["uid"]
+
+
+async def test_a_target_that_falls_silent_is_not_ready_though_its_watches_never_said_so(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition without a reset leaves every watch open and quiet for minutes; the heartbeat's own
+    question to the target's API server is what notices."""
+    monkeypatch.setattr(feedback_module, "PROBE_TIMEOUT_SECONDS", 0.05)
+    await world.feedback.heartbeat()
+    silent = world.clusters["c2"]
+    answering = silent.get
+
+    async def get(path: str, **params: Any) -> JSON:
+        if path == "/version":
+            await asyncio.sleep(3600)  # nothing comes back
+        return await answering(path, **params)
+
+    monkeypatch.setattr(silent, "get", get)
+    await world.feedback.heartbeat()  # one unanswered probe is not yet silence
+    assert ready_status(world.c1.find("nodes", "", "admiralty-c2")) == "True"
+    world.feedback.answered["c2"] -= feedback_module.SILENT_TARGET_SECONDS
+    await world.feedback.heartbeat()
+    assert world.feedback.nodes["c2"].healthy, "its watches say nothing"
+    assert ready_status(world.c1.find("nodes", "", "admiralty-c2")) == "False"
+    assert ready_status(world.c1.find("nodes", "", "admiralty-c3")) == "True"
+    monkeypatch.setattr(silent, "get", answering)  # heard again
+    await world.feedback.heartbeat()
+    assert ready_status(world.c1.find("nodes", "", "admiralty-c2")) == "True"
+
+
+def ready_status(node: JSON | None) -> str | None:
+    return next((c["status"] for c in ((node or {}).get("status") or {}).get("conditions") or []
+                 if c["type"] == "Ready"), None)
 
 
 async def test_the_heartbeat_never_brings_back_a_taint_the_node_lifecycle_controller_just_removed(
