@@ -196,7 +196,7 @@ class Feedback:
         }
         # proxy uid -> the status last written onto it, from which delegate version, the proxy's resourceVersion
         # after the write, and when (the proxy cache lags)
-        self.mirrored: dict[str, tuple[JSON, str | None, str | None, float]] = {}
+        self.mirrored: dict[str, tuple[JSON, str, str | None, str | None, float]] = {}
         # proxy uid -> the target this process bound it to, and when (until the proxy cache shows it)
         self.bound: dict[str, tuple[str, float]] = {}
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
@@ -347,9 +347,11 @@ class Feedback:
 
     # -- status: source side -------------------------------------------------------
 
-    def _written_already(self, uid: str, wanted: JSON, version: str | None, proxy: JSON) -> bool:
-        """Whether this process wrote, moments ago, a status from a later delegate version (a late
-        message is never written over it), or this very status onto a later proxy than ``proxy``.
+    def _written_already(self, uid: str, wanted: JSON, delegate_uid: str, version: str | None,
+                         proxy: JSON) -> bool:
+        """Whether this process wrote a status from a later version of this same delegate (a late
+        message, whenever it comes, is never written over it), or, moments ago, this very status onto
+        a later proxy than ``proxy``.
 
         The proxy cache may not show that write yet: then the same status is not
         written again. A proxy that shows the write, or a later change (another
@@ -357,13 +359,15 @@ class Feedback:
         change is corrected.
         """
         written = self.mirrored.get(uid)
-        if written is None or time.monotonic() - written[3] > MIRROR_MEMORY_SECONDS:
+        if written is None:
             return False
-        status, written_version, proxy_version, _ = written
+        status, written_delegate, written_version, proxy_version, at = written
+        if written_delegate != delegate_uid:
+            return False  # another delegate (a later round): its versions are not comparable
         if newer_resource_version(written_version, version):
             return True
-        return status == wanted and written_version == version and \
-            newer_resource_version(proxy_version, proxy["metadata"].get("resourceVersion"))
+        return time.monotonic() - at <= MIRROR_MEMORY_SECONDS and status == wanted and written_version == version \
+            and newer_resource_version(proxy_version, proxy["metadata"].get("resourceVersion"))
 
     async def _mirror(self, ref: PodRef, target: str, proxy: JSON, wanted: JSON,
                       after_binding: bool = False) -> JSON | None:
@@ -393,6 +397,8 @@ class Feedback:
                 return None
             if not status_differs(current.get("status") or {}, wanted):
                 return current
+            if is_finished(current) and not is_finished({"status": wanted}):
+                return None  # finished meanwhile (another process wrote it): final
             proxy = current
         raise RuntimeError(f"{ref}: the proxy kept changing while mirroring its delegate's status")
 
@@ -465,13 +471,14 @@ class Feedback:
         if is_finished(proxy) and wanted.get("phase") not in ("Succeeded", "Failed"):
             return ACK  # a finished pod's status is final (an older message handled after a newer one)
         if status_differs(proxy.get("status") or {}, wanted) and \
-                not self._written_already(ref.uid, wanted, version, proxy):
+                not self._written_already(ref.uid, wanted, update.delegate_uid, version, proxy):
             with tracer.start_as_current_span("mirror status", attributes={
                     "pod": str(ref), "phase": str(wanted.get("phase")), "pod_ip": str(wanted.get("podIP"))}):
                 written = await self._mirror(ref, update.target, proxy, wanted, after_binding=just_bound)
             if written is None:
                 return ACK
-            self.mirrored[ref.uid] = (wanted, version, written["metadata"].get("resourceVersion"), time.monotonic())
+            self.mirrored[ref.uid] = (wanted, update.delegate_uid, version, written["metadata"].get("resourceVersion"),
+                                      time.monotonic())
             if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
                 observe_since_creation("proxy_running", proxy)
         return ACK

@@ -1401,6 +1401,21 @@ async def test_an_older_status_message_handled_after_a_newer_one_changes_nothing
     assert world.proxy(proxy) == running
 
 
+async def test_an_older_status_message_handled_long_after_a_newer_one_changes_nothing(world: World) -> None:
+    """It failed a few times first (back-off 1, 2, 4, 8, 16 s): later than the memory of a write made
+    moments ago, but still older than what was written."""
+    proxy, _target, (older, newer) = await running_in_two_steps(world)
+    assert (await world.bus.deliver(newer)).acked
+    await world.settle()
+    running = world.proxy(proxy)
+    uid = proxy["metadata"]["uid"]
+    *written, at = world.feedback.mirrored[uid]
+    world.feedback.mirrored[uid] = (*written, at - 60.0)  # type: ignore[assignment]
+    assert (await world.bus.deliver(older)).acked
+    await world.settle()
+    assert world.proxy(proxy) == running
+
+
 async def test_a_late_status_message_never_turns_a_finished_pod_back(world: World) -> None:
     proxy, target = await world.running()
     [running] = [e for e in world.broker.published if isinstance(e.message, StatusUpdate)
