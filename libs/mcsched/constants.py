@@ -18,6 +18,8 @@ PROXY_CONSTRAINTS_ANNOTATION = f"{DOMAIN}/proxy-pod-scheduling-constraints"
 USE_SPEC_CONSTRAINTS_ANNOTATION = f"{DOMAIN}/use-constraints-from-spec-for-proxy-pod-scheduling"
 # A weighted split of a workload's pods across clusters ("c1=1,c2=3"), on a pod or its namespace (mcsched.spread).
 CLUSTER_WEIGHTS_ANNOTATION = f"{DOMAIN}/cluster-weights"
+# On a virtual node: the label keys its heartbeat set last (those it may remove when they no longer apply).
+VIRTUAL_NODE_LABELS_ANNOTATION = f"{DOMAIN}/heartbeat-labels"
 # Label keys (comma-separated) a delegate keeps as they are instead of moving them into our domain.
 SKIP_PREFIXING_ANNOTATION = f"{DOMAIN}/label-keys-to-skip-prefixing"
 

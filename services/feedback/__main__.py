@@ -66,6 +66,7 @@ from mcsched.constants import (
     PARENT_UID_LABEL,
     PROXY_FINALIZER,
     PROXY_SCHEDULER_NAME,
+    VIRTUAL_NODE_LABELS_ANNOTATION,
     VIRTUAL_NODE_TAINT_KEY,
     VIRTUAL_NODE_TAINT_VALUE,
     VIRTUAL_NODE_TARGET_LABEL,
@@ -1031,16 +1032,24 @@ class Feedback:
         condition["lastTransitionTime"] = previous.get("lastTransitionTime") if same else condition["lastHeartbeatTime"]
         # Only what the heartbeat owns: its labels (a merge patch leaves others alone) and its own
         # taint. A cordon (spec.unschedulable) and taints an operator added are kept as they are.
+        # Its labels are the ones it set last (the annotation says which): a label that no longer applies
+        # (no longer common to the target's nodes, removed from the settings) is removed.
         labels, taints = node["metadata"]["labels"], current["spec"].get("taints") or []
         [own_taint] = node["spec"]["taints"]
         wanted_taints = taints if own_taint in taints else [*taints, own_taint]
         current_labels = current["metadata"].get("labels") or {}
-        if (known and any(current_labels.get(k) != v for k, v in labels.items())) or wanted_taints != taints:
+        owned_before = [k for k in ((current["metadata"].get("annotations") or {})
+                                    .get(VIRTUAL_NODE_LABELS_ANNOTATION) or "").split(",") if k]
+        stale = {k: None for k in owned_before if k not in labels and k in current_labels}
+        owned = ",".join(sorted(labels))
+        if (known and (stale or owned != ",".join(owned_before) or
+                       any(current_labels.get(k) != v for k, v in labels.items()))) or wanted_taints != taints:
             # Only onto the node as read: the node lifecycle controller adds and removes its
             # not-ready/unreachable taints meanwhile, and an old list must not bring one back.
             try:
                 await client.merge_patch(path, {
-                    "metadata": {"labels": labels if known else {},
+                    "metadata": {"labels": {**labels, **stale} if known else {},
+                                 "annotations": {VIRTUAL_NODE_LABELS_ANNOTATION: owned} if known else {},
                                  "resourceVersion": current["metadata"]["resourceVersion"]},
                     "spec": {"taints": wanted_taints}})
             except KubeError as exc:

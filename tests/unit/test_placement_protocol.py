@@ -384,6 +384,24 @@ def ready_status(node: JSON | None) -> str | None:
                  if c["type"] == "Ready"), None)
 
 
+async def test_a_label_that_no_longer_describes_the_whole_target_leaves_its_virtual_node(world: World) -> None:
+    """Cluster constraints and spread match virtual-node labels: one left behind sends pods where it no
+    longer holds. A label an operator put on the virtual node is not the heartbeat's, and stays."""
+    zone = "topology.kubernetes.io/zone"
+    world.clusters["c2"].modify("nodes", "", "c2-n1", lambda n: n["metadata"]["labels"].update({zone: "a"}))
+    await world.settle()
+    await world.feedback.heartbeat()
+    world.c1.modify("nodes", "", "admiralty-c2", lambda n: n["metadata"]["labels"].update({"team": "ours"}))
+    assert world.c1.find("nodes", "", "admiralty-c2")["metadata"]["labels"][zone] == "a"  # type: ignore[index]
+    other = node("c2-n2")
+    other["metadata"]["labels"][zone] = "b"  # a second node, in another zone
+    world.clusters["c2"].put("nodes", other)
+    await world.settle()
+    await world.feedback.heartbeat()
+    labels = world.c1.find("nodes", "", "admiralty-c2")["metadata"]["labels"]  # type: ignore[index]
+    assert zone not in labels and labels["team"] == "ours"
+
+
 async def test_the_heartbeat_never_brings_back_a_taint_the_node_lifecycle_controller_just_removed(
         world: World) -> None:
     await world.feedback.heartbeat()
