@@ -212,6 +212,8 @@ class Feedback:
         self.missing_since: dict[str, float] = {}
         # proxy uid -> since when (monotonic) the cluster it chose cannot take it (not a target, unreachable)
         self.unusable_since: dict[str, float] = {}
+        # proxy uid -> the target whose last whole digest listed its delegate (it exists there)
+        self.delegate_listed: dict[str, str] = {}
         # proxy uid -> the delegate resourceVersion whose status a digest found not mirrored
         self.unmirrored: dict[str, str] = {}
         # (source, partition, target) -> the proxies of that partition whose delegate belongs in that target
@@ -594,6 +596,7 @@ class Feedback:
         # status not mirrored) says nothing of this one.
         self.missing_since.pop(uid, None)
         self.unmirrored.pop(uid, None)
+        self.delegate_listed.pop(uid, None)
         if previous is not None:
             members = self.assigned[previous]
             members.pop(uid, None)
@@ -612,6 +615,7 @@ class Feedback:
             self.mirrored.pop(uid, None)
             self.missing_since.pop(uid, None)
             self.unusable_since.pop(uid, None)
+            self.delegate_listed.pop(uid, None)
             self.unmirrored.pop(uid, None)
             self.bound.pop(uid, None)
             return
@@ -818,9 +822,14 @@ class Feedback:
             self.unusable_since.pop(meta["uid"], None)
             return
         # Chosen, but the cluster is unknown or unreachable: no delegate can come from it. After the
-        # grace period the pod is freed for the others, as if that cluster had refused it.
+        # grace period the pod is freed for the others, as if that cluster had refused it. One whose
+        # delegate exists there already (the digests listed it) may still be bound and run there, cut
+        # off from us: it is freed only after failover_seconds, as a bound pod is evicted.
+        grace: float | None = DELEGATE_GRACE_SECONDS
+        if self.delegate_listed.get(meta["uid"]) == target and target in self.rt.settings.target_names:
+            grace = self.rt.settings.failover_seconds
         first_missed = self.unusable_since.setdefault(meta["uid"], time.monotonic())
-        if time.monotonic() - first_missed >= DELEGATE_GRACE_SECONDS:
+        if grace is not None and time.monotonic() - first_missed >= grace:
             ref = _ref(source, proxy)
             assert target is not None
             if await record_refusal(self.rt.clusters[source], ref, proxy, target, problem) is not None:
@@ -908,6 +917,10 @@ class Feedback:
             proxy = informer.get(key)
             if proxy is None or proxy["metadata"]["uid"] != uid:
                 continue
+            if uid in listed:
+                self.delegate_listed[uid] = target
+            elif self.delegate_listed.get(uid) == target:
+                del self.delegate_listed[uid]
             if uid in listed or proxy["metadata"].get("deletionTimestamp") or is_finished(proxy):
                 self.missing_since.pop(uid, None)
                 continue

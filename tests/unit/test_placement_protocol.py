@@ -907,6 +907,28 @@ async def test_a_pod_placed_in_a_cluster_that_cannot_take_it_is_freed_for_the_ot
     assert Placement.of(world.proxy(proxy)).target in world.targets, "placed in a cluster that can take it"
 
 
+async def test_a_pod_whose_delegate_waits_in_a_lost_cluster_is_freed_only_after_failover_seconds(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """That delegate may still be bound and run there, cut off from us: freeing the pod at once (as one
+    whose cluster never got a delegate) could run it twice. It waits as a bound pod waits to be evicted."""
+    monkeypatch.setattr(feedback_module, "DELEGATE_GRACE_SECONDS", 0.0)
+    proxy, target = await world.place()
+    await world.feedback.resync()  # the digests list its delegate
+    await world.settle()
+    world.clusters[target].set_reachable(False)  # a partition: the cluster itself goes on
+    await world.settle()
+    await world.feedback.heartbeat()  # its virtual node turns NotReady
+    for _ in range(2):
+        await world.feedback.resync()
+        await world.settle()
+    assert Placement.of(world.proxy(proxy)).target == target, "freed while its delegate may run there"
+    world.feedback.unusable_since[proxy["metadata"]["uid"]] -= world.settings.failover_seconds or 0
+    await world.feedback.resync()
+    await world.settle()
+    placement = Placement.of(world.proxy(proxy))
+    assert placement.target is None and "unreachable" in placement.rejections[target].reason
+
+
 # -- choosing clusters ----------------------------------------------------------------------------------------------
 
 
