@@ -162,7 +162,14 @@ class ProxyScheduler:
             return ACK  # fits nowhere, and tried again here soon: a copy adds nothing
         with tracer.start_as_current_span("schedule proxy", attributes={"pod": str(message.proxy),
                                                                         "reason": message.reason}):
-            return await self._schedule(message)
+            outcome = await self._schedule(message)
+        self._forget_unless_waiting(message.proxy.uid)
+        return outcome
+
+    def _forget_unless_waiting(self, uid: str) -> None:
+        """A pod decided for (or gone) is no longer counted as unanswered: only one waiting is."""
+        if uid not in self.waiting:
+            self.unanswered.pop(uid, None)
 
     async def _retry(self, uid: str) -> None:
         """Try a pod that fit nowhere again, from the proxy as its API server has it now."""
@@ -179,6 +186,7 @@ class ProxyScheduler:
             raise
         if not outcome.ack:
             self._retry_after(fresh, outcome.delay)
+        self._forget_unless_waiting(uid)
 
     def _retry_after(self, message: ElectMessage, delay: float) -> None:
         self.waiting[message.proxy.uid] = message

@@ -56,12 +56,18 @@ WEBHOOK_HANDOVER_SECONDS = 30.0
 # composition after a change of members or targets registers the CA the API servers trust already,
 # rather than a new one they would refuse until its registration lands (failurePolicy Fail).
 _SELF_SIGNED: dict[str, tuple[ssl.SSLContext, bytes]] = {}
+_FROM_FILES: dict[tuple[str, str], ssl.SSLContext] = {}  # (certificate file, key file) -> their context
+# The largest AdmissionReview taken: a pod may be as large as the API server takes a request (3 MiB).
+WEBHOOK_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 def _serving_material(settings: WebhookSettings) -> tuple[ssl.SSLContext, bytes]:
     """TLS context for the webhook and the CA bundle the API servers must trust."""
-    if settings.cert_file and settings.key_file:  # read again each time: they may have been renewed
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if settings.cert_file and settings.key_file:
+        # One context per pair of files for the life of the process (so the next composition takes the
+        # listener over), the files read into it again each time: they may have been renewed.
+        files = (str(settings.cert_file), str(settings.key_file))
+        context = _FROM_FILES.setdefault(files, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
         context.load_cert_chain(settings.cert_file, settings.key_file)
         ca_file = settings.ca_file or settings.cert_file
         return context, Path(ca_file).read_bytes()
@@ -140,7 +146,7 @@ async def serve_webhook(rt: Runtime) -> tuple[str, bytes]:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
+    app = web.Application(client_max_size=WEBHOOK_MAX_REQUEST_BYTES)
     app.router.add_post(WEBHOOK_PATH, mutate)
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)

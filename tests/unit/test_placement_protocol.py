@@ -967,6 +967,22 @@ async def test_cluster_constraints_and_a_cordon_leave_clusters_out_and_say_why(w
     assert Placement.of(world.proxy(waiting)).target == "c2"
 
 
+async def test_pods_nobody_answered_about_are_forgotten_once_gone(world: World) -> None:
+    """The count of unanswered questions about a pod is kept while it waits, not after it is deleted."""
+    for rt in [rt for rt in world.runtimes if rt.service == "candidate-scheduler"]:
+        await rt.close()  # every candidate-scheduler away
+    scheduler = owner(next(rt for rt in world.runtimes if rt.service == "proxy-scheduler").fake_bus,
+                      "proxy-scheduler", ProxyScheduler)
+    uids = [(await world.create_proxy(f"web-{i}"))["metadata"]["uid"] for i in range(3)]
+    await world.run("elect")
+    assert set(scheduler.unanswered) == set(uids)
+    for i in range(3):
+        await world.c1.delete(pod_path(NS, f"web-{i}"))
+    await world.settle()
+    await world.retry_unschedulable()
+    assert scheduler.waiting == {} and scheduler.unanswered == {}
+
+
 async def test_a_gated_pod_waits_unelected_until_its_gates_are_lifted(world: World) -> None:
     """As kube-scheduler ignores a gated pod (Kueue's admission, say), so does the pipeline; the delegate
     of a pod whose gates were lifted on the proxy has none either (nothing in the target would lift them)."""

@@ -14,6 +14,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,7 +24,8 @@ from nats.errors import OutboundBufferLimitError
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NoStreamResponseError
 
-from mcsched.admission import WEBHOOK_CONFIGURATION_NAME
+from mcsched import pki
+from mcsched.admission import WEBHOOK_CONFIGURATION_NAME, WEBHOOK_PATH
 from mcsched.bus import ACK, DEAD_LETTER_RETRY_SECONDS, PUBLISH_RETRY_SECONDS, Bus, Outcome
 from mcsched.choice import Placement
 from mcsched.constants import (
@@ -437,6 +439,90 @@ async def test_the_webhook_listens_on_while_the_watcher_composes_itself_again_an
     await second.close()  # and nobody takes it over
     await asyncio.sleep(0.5)
     assert not await answers() and watcher_module._listener is None
+
+
+async def test_a_webhook_with_certificate_files_is_taken_over_too_and_serves_the_renewed_certificate(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The Helm chart and compose give the webhook certificate files: the next composition must take the
+    listener over as well (it was closed and opened again), reading the files anew."""
+    monkeypatch.setattr(watcher_module, "_listener", None)
+    monkeypatch.setattr(watcher_module, "WEBHOOK_HANDOVER_SECONDS", 0.3)
+    ca = pki.new_ca("webhook-ca")
+    pki.serving(ca, "127.0.0.1").write(tmp_path / "tls.crt", tmp_path / "tls.key")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    webhook = WebhookSettings(enabled=True, register_webhook=False, listen_host="127.0.0.1", port=port,
+                              cert_file=tmp_path / "tls.crt", key_file=tmp_path / "tls.key")
+
+    async def served_certificate() -> bytes | None:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_unverified_tls())
+        except OSError:
+            return None
+        certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return bytes(certificate)
+
+    def composition() -> FakeRuntime:
+        settings = fake_settings(sources=("c1",), targets=("c2",), webhook=webhook)
+        return FakeRuntime("watcher", settings, FakeBus(), {"c1": FakeCluster("c1"), "c2": FakeCluster("c2")})
+
+    async def healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: watcher\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+
+    first = composition()
+    await watcher_module.serve_webhook(first)
+    before = await served_certificate()
+    assert before is not None
+    # An API server keeps its connections to the webhook open between calls.
+    kept = await asyncio.open_connection("127.0.0.1", port, ssl=_unverified_tls())
+    assert (await healthz(*kept)).startswith(b"HTTP/1.1 200")
+    await first.close()
+    assert await served_certificate() == before  # between two compositions
+    pki.serving(ca, "127.0.0.1").write(tmp_path / "tls.crt", tmp_path / "tls.key")  # renewed meanwhile
+    second = composition()
+    await watcher_module.serve_webhook(second)
+    renewed = await served_certificate()
+    assert renewed is not None and renewed != before
+    assert (await healthz(*kept)).startswith(b"HTTP/1.1 200"), "the listener was closed and opened again"
+    kept[1].close()
+    await second.close()
+    await asyncio.sleep(0.5)
+    assert await served_certificate() is None
+
+
+async def test_the_webhook_takes_an_admission_review_of_a_pod_as_large_as_the_api_server_takes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watcher_module, "_listener", None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    webhook = WebhookSettings(enabled=True, register_webhook=False, listen_host="127.0.0.1", port=port)
+    rt = FakeRuntime("watcher", fake_settings(sources=("c1",), targets=("c2",), webhook=webhook), FakeBus(),
+                     {"c1": FakeCluster("c1"), "c2": FakeCluster("c2")})
+    await watcher_module.serve_webhook(rt)
+    pod = user_pod("big")
+    pod["metadata"]["annotations"]["notes"] = "x" * (2 * 1024 * 1024)  # 2 MiB, under the API server's 3 MiB
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "r1", "kind": {"kind": "Pod"}, "operation": "CREATE", "namespace": NS, "object": pod}}
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"https://127.0.0.1:{port}{WEBHOOK_PATH}", json=review, ssl=_unverified_tls()) as response:
+            assert response.status == 200
+            assert (await response.json())["response"]["uid"] == "r1"
+    finally:
+        await rt.close()
+        assert watcher_module._listener is not None
+        await watcher_module._listener.close()
+
+
+def _unverified_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
 
 
 # -- a cluster unreachable at start-up -------------------------------------------------------------------
