@@ -72,11 +72,23 @@ def _container_references(container: Mapping[str, Any]) -> Iterable[Reference]:
             yield SECRET, name
 
 
+# Volume sources that name a Secret of the pod's namespace for their driver: (source, field).
+_DRIVER_SECRETS = (("csi", "nodePublishSecretRef"), ("cephfs", "secretRef"), ("rbd", "secretRef"),
+                   ("iscsi", "secretRef"), ("flexVolume", "secretRef"), ("scaleIO", "secretRef"),
+                   ("storageos", "secretRef"))
+
+
 def _volume_references(volume: Mapping[str, Any]) -> Iterable[Reference]:
     if name := _named(volume.get("configMap")):
         yield CONFIG_MAP, name
     if name := _named(volume.get("secret"), "secretName"):
         yield SECRET, name
+    if name := _named(volume.get("azureFile"), "secretName"):
+        yield SECRET, name
+    for kind, field in _DRIVER_SECRETS:
+        driver = volume.get(kind)
+        if isinstance(driver, Mapping) and (name := _named(driver.get(field))):
+            yield SECRET, name
     for source in (volume.get("projected") or {}).get("sources") or []:
         if name := _named((source or {}).get("configMap")):
             yield CONFIG_MAP, name
@@ -88,7 +100,9 @@ def referenced_objects(spec: Mapping[str, Any]) -> frozenset[Reference]:
     """The ("ConfigMap" | "Secret", name) pairs a pod spec uses.
 
     From volumes (``configMap``, ``secret``, projected ``configMap``/``secret``
-    sources), ``env[].valueFrom`` (``configMapKeyRef``/``secretKeyRef``),
+    sources, the Secrets of volume drivers: ``csi.nodePublishSecretRef``,
+    ``azureFile.secretName``, ``secretRef`` of cephfs, rbd, iscsi, flexVolume,
+    scaleIO and storageos), ``env[].valueFrom`` (``configMapKeyRef``/``secretKeyRef``),
     ``envFrom`` (``configMapRef``/``secretRef``) of containers, init containers
     and ephemeral containers, and ``imagePullSecrets``. Entries without a name
     are ignored; optional references are included (a missing one is skipped

@@ -278,3 +278,15 @@ def test_delegates_using_unions_live_delegates() -> None:
     assert delegates_using(pods) == {("c1", "ns", "Secret", "r"), ("c3", "ns", "Secret", "r"),
                                      ("c1", "other", "Secret", "r")}
     assert delegates_using([]) == set()
+
+
+def test_the_secrets_of_volume_drivers_are_followed() -> None:
+    spec = {"containers": [{"name": "app"}], "volumes": [
+        {"name": "a", "csi": {"driver": "secrets-store", "nodePublishSecretRef": {"name": "csi-creds"}}},
+        {"name": "b", "azureFile": {"secretName": "azure-creds", "shareName": "s"}},
+        {"name": "c", "cephfs": {"monitors": ["m"], "secretRef": {"name": "ceph-creds"}}},
+        {"name": "d", "rbd": {"image": "i", "monitors": ["m"], "secretRef": {"name": "rbd-creds"}}},
+        {"name": "e", "flexVolume": {"driver": "x", "secretRef": {}}},  # no name: nothing
+        {"name": "f", "iscsi": "not a mapping"}]}
+    assert referenced_objects(spec) == {("Secret", "csi-creds"), ("Secret", "azure-creds"), ("Secret", "ceph-creds"),
+                                        ("Secret", "rbd-creds")}
