@@ -109,6 +109,7 @@ class Follower:
         self._used: Counter[FollowKey] = Counter()  # key -> how many live delegates use it
         self._touched: dict[FollowKey, float] = {}  # key -> when ensure() last wanted it
         self._gone: dict[str, float] = {}  # uid of a copy we deleted -> when (until the cache sees it go)
+        self._first_seen: dict[str, float] = {}  # uid of a copy -> when this process's cache first had it
         self._locks: weakref.WeakValueDictionary[FollowKey, asyncio.Lock] = weakref.WeakValueDictionary()
         self._service_accounts: dict[tuple[str, str], float] = {}  # (namespace, name) -> when seen
         self._rechecks: set[FollowKey] = set()  # unused copies to look at again after their grace period
@@ -311,9 +312,12 @@ class Follower:
         """0 when an unused copy may be deleted now, seconds until it may, None when it may not."""
         if self._used[key] or not self._collectable_now():
             return None
-        born = created_at(copy)
-        if born is None:
+        created = created_at(copy)
+        if created is None:
             return None
+        # Its age by our clock too: made by another process serving this target a moment ago, a copy
+        # whose target's clock runs behind ours would look old by its creationTimestamp alone.
+        born = max(created, self._first_seen.get(str(copy.get("metadata", {}).get("uid")), created))
         now = self._clock()
         # Young (its delegate may be on its way), or ensure() wanted it a moment ago.
         last_wanted = max(born, self._touched.get(key, float("-inf")))
@@ -391,8 +395,12 @@ class Follower:
 
     def _copy_handler(self, kind: str) -> Handler:
         def on_copy(event: str, obj: JSON, _old: JSON | None) -> None:
+            uid = str(obj["metadata"].get("uid"))
             if event == "DELETED":
-                self._gone.pop(str(obj["metadata"].get("uid")), None)
+                self._gone.pop(uid, None)
+                self._first_seen.pop(uid, None)
+            else:
+                self._first_seen.setdefault(uid, self._clock())
             key = copy_key(obj, kind)
             if key is not None and key[0] not in self.local:
                 self.queue.add(key)  # changed or deleted by someone: restore it if delegates use it

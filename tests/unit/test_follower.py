@@ -758,3 +758,20 @@ async def test_a_target_that_is_the_source_under_a_key_of_its_own_copies_nothing
         assert [call for call in c1.calls if call[0] != "GET"] == []
     finally:
         await rt.close()
+
+
+async def test_a_copy_another_process_just_made_is_young_by_this_one_s_clock_whatever_the_target_s_says(
+        env: Env) -> None:
+    """Two processes serve one target; the target's clock runs a minute behind theirs. The copy one makes
+    for the delegate it is about to create must not look a minute old to the other, which would delete it."""
+    env.c1.put("configmaps", configmap())
+    other = Follower(env.rt, "c2", env.delegates, grace_seconds=GRACE,  # type: ignore[arg-type]
+                     clock=lambda: env.clock.now + 60)
+    assert await env.follower.ensure("c1", "ns", pod_spec()) is None
+    await env.settle()
+    deadline = time.monotonic() + 5
+    while len(other.queue) or other.queue._active:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    await other.sweep()
+    assert env.c2.find("configmaps", "ns", "cfg") is not None, "deleted by the other process"
