@@ -125,6 +125,8 @@ MIRROR_MEMORY_SECONDS = 10.0
 # an answer) within this long is unreachable, whatever its caches say.
 PROBE_TIMEOUT_SECONDS = 10.0
 SILENT_TARGET_SECONDS = 30.0
+# How often the delegate of a proxy being deleted is tried again while its target is unreachable.
+UNREACHABLE_RETRY_SECONDS = 10.0
 
 
 def _now() -> str:
@@ -691,6 +693,11 @@ class Feedback:
             if awaits_replacement(proxy, node, siblings, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")):
                 # Drained: the delegate runs on until its controller's replacement is Ready (or the grace ends).
                 self.finalizing.add_after((source, meta["namespace"], meta["name"]), 1.0)
+                return
+            if self._target_problem(source, target) is not None:
+                # Unreachable (its virtual node says so): asked again later rather than holding one of the
+                # queue's workers for a request's whole timeout, while other targets' proxies wait behind.
+                self.finalizing.add_after((source, meta["namespace"], meta["name"]), UNREACHABLE_RETRY_SECONDS)
                 return
             try:
                 grace = meta.get("deletionGracePeriodSeconds")

@@ -929,6 +929,38 @@ async def test_a_pod_whose_delegate_waits_in_a_lost_cluster_is_freed_only_after_
     assert placement.target is None and "unreachable" in placement.rejections[target].reason
 
 
+async def test_proxies_deleted_on_a_lost_cluster_hold_up_no_deletion_elsewhere(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each delete of a delegate in a cluster that does not answer waits out a request's timeout: while
+    its virtual node says it is unreachable, those proxies are tried again later instead."""
+    running = [await world.running(f"web-{i}") for i in range(12)]
+    lost = running[0][1]
+    on_lost = [p for p, t in running if t == lost]
+    elsewhere = [p for p, t in running if t != lost]
+    assert len(on_lost) > 0 and elsewhere
+    world.clusters[lost].set_reachable(False)
+    await world.feedback.heartbeat()  # its virtual node turns NotReady
+    await world.settle()
+    world.clusters[lost].set_reachable(True)  # until the next heartbeat, it still says so
+    answering = world.clusters[lost].delete
+    hung: list[str] = []
+
+    async def delete(path: str, body: JSON | None = None) -> JSON:
+        hung.append(path)
+        await asyncio.sleep(3600)  # a request that will time out
+        return await answering(path, body)
+
+    monkeypatch.setattr(world.clusters[lost], "delete", delete)
+    for proxy in on_lost + elsewhere:
+        await world.c1.delete(pod_path(NS, proxy["metadata"]["name"]))
+    await world.run()
+    assert hung == []
+    for proxy in elsewhere:
+        assert world.c1.pod(NS, proxy["metadata"]["name"]) is None, "held up behind the lost cluster"
+    for proxy in on_lost:
+        assert world.proxy(proxy)["metadata"].get("deletionTimestamp"), "released with its delegate left"
+
+
 # -- choosing clusters ----------------------------------------------------------------------------------------------
 
 
