@@ -47,6 +47,9 @@ log = logging.getLogger("candidate-scheduler")
 NEW_NAMESPACE_SECONDS = 10.0
 # How long what the target's RBAC said about a namespace is taken as still true.
 ACCEPTANCE_MEMORY_SECONDS = 30.0
+# A delegate whose preparation (namespace, ServiceAccount, copies) took longer than this is made only if
+# its proxy, read again, still wants it here.
+STALE_PROXY_SECONDS = 1.0
 
 
 class TargetScheduler:
@@ -236,8 +239,14 @@ class TargetScheduler:
 
     async def _create_delegate(self, request: DelegateRequest, proxy: JSON, original: JSON) -> Outcome:
         ref = request.proxy
+        started = time.monotonic()
         namespace = await self._namespace(ref.namespace)
         waiting = await self._follow(ref, original, namespace)
+        if waiting is None and time.monotonic() - started > STALE_PROXY_SECONDS:
+            # That took a while (a new namespace's ServiceAccount, copies): the proxy may have gone, or
+            # been sent elsewhere, meanwhile; a delegate made for it now would be an orphan.
+            if await self._assigned_proxy(ref, proxy["metadata"].get("resourceVersion")) is None:
+                return ACK
         if waiting is not None:
             message = f"{self.target}: the delegate waits: {waiting}"
             await mark_unscheduled(self.rt.clusters[ref.cluster], self.events, proxy, message,

@@ -54,6 +54,7 @@ from mcsched.testing import (
     settle,
 )
 from mcsched.workqueue import WorkQueue
+from services.candidate_scheduler import __main__ as candidate_module
 from services.feedback.__main__ import DELEGATE_GRACE_SECONDS, RESYNC_CONCURRENCY, Feedback
 from services.feedback.__main__ import compose as feedback
 from services.watcher import __main__ as watcher_module
@@ -636,7 +637,15 @@ async def test_a_resync_handles_proxies_and_delegates_concurrently_but_bounded()
 
 async def late_delegate(world: World) -> tuple[JSON, str]:
     """A delegate created after its proxy was let go: its request read the proxy before the user
-    deleted it, and copying what it uses took a while."""
+    deleted it, and copying what it uses took a moment (too short to read the proxy again)."""
+    proxy, target = await delegate_requested_by_a_proxy_deleted_meanwhile(world)
+    assert world.delegate(target, proxy) is not None  # an orphan: unscheduled, nothing was published yet
+    return proxy, target
+
+
+async def delegate_requested_by_a_proxy_deleted_meanwhile(world: World) -> tuple[JSON, str]:
+    """A delegate request whose handler read the proxy, which the user deleted while what it uses was
+    being copied: (the proxy, its target) once the request is handled."""
     proxy = await world.create_proxy()
     await world.run("elect")
     target = Placement.of(world.proxy(proxy)).target
@@ -660,8 +669,16 @@ async def late_delegate(world: World) -> tuple[JSON, str]:
     release.set()
     assert (await handling).acked
     await world.run()
-    assert world.delegate(target, proxy) is not None  # an orphan: unscheduled, nothing was published yet
     return proxy, target
+
+
+async def test_a_delegate_whose_preparation_took_a_while_is_not_made_for_a_proxy_deleted_meanwhile(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When copying what the pod uses (or a new namespace's ServiceAccount) took long, the proxy is read
+    again first: one deleted meanwhile gets no delegate, which could start before anything removes it."""
+    monkeypatch.setattr(candidate_module, "STALE_PROXY_SECONDS", 0.0)
+    proxy, target = await delegate_requested_by_a_proxy_deleted_meanwhile(world)
+    assert world.delegate(target, proxy) is None
 
 
 async def test_a_delegate_created_after_its_proxy_was_let_go_is_removed_once_its_target_schedules_it(
