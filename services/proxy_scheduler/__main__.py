@@ -68,7 +68,7 @@ from mcsched.spread import (
     weights_of,
 )
 from mcsched.telemetry import observe_since, tracer
-from mcsched.workqueue import WorkQueue
+from mcsched.workqueue import KeyedLocks, WorkQueue
 
 log = logging.getLogger("proxy-scheduler")
 
@@ -109,6 +109,7 @@ class ProxyScheduler:
             for source in rt.settings.source_names}
         self.namespaces = {source: rt.informer(source, "/api/v1/namespaces") for source in rt.settings.source_names}
         self.choosing = {source: asyncio.Lock() for source in rt.settings.source_names}
+        self.deciding: KeyedLocks[str] = KeyedLocks()  # proxy uid: one decision at a time
         # proxy uid -> its elect message, while the pod fits nowhere and waits for its retry here
         self.waiting: dict[str, ElectMessage] = {}
         # proxy uid -> how many times in a row no candidate-scheduler answered about it
@@ -166,6 +167,12 @@ class ProxyScheduler:
         self._forget_unless_waiting(message.proxy.uid)
         return outcome
 
+    async def _schedule(self, message: ElectMessage) -> Outcome:
+        """One decision per pod at a time in this process: a copy of its message (a redelivery) waits for
+        the first to finish, checks of its choice included, then finds the choice made."""
+        async with self.deciding.hold(message.proxy.uid):
+            return await self._decide(message)
+
     def _forget_unless_waiting(self, uid: str) -> None:
         """A pod decided for (or gone) is no longer counted as unanswered: only one waiting is."""
         if uid not in self.waiting:
@@ -192,7 +199,7 @@ class ProxyScheduler:
         self.waiting[message.proxy.uid] = message
         self.retries.add_after(message.proxy.uid, delay)
 
-    async def _schedule(self, message: ElectMessage) -> Outcome:
+    async def _decide(self, message: ElectMessage) -> Outcome:
         ref = message.proxy
         if ref.cluster not in self.rt.settings.source_names:
             log.error("elect message for unknown source %s; dropping", ref.cluster)

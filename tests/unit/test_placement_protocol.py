@@ -1161,6 +1161,33 @@ def split_of(proxies: list[JSON]) -> dict[str | None, int]:
     return {t: targets.count(t) for t in sorted(set(targets), key=str)}
 
 
+async def test_two_copies_of_an_elect_message_in_one_process_decide_one_after_the_other(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy handled while the first still waits for its choice to come back through the watch (the
+    spread check) must not take that wait over: the first would wait for ever, its choice unchecked."""
+    monkeypatch.setattr(proxy_scheduler_module, "CONFIRM_SECONDS", 3600.0)
+    for target in TARGETS:
+        world.c1.put("nodes", virtual_node(target))
+    await world.settle()
+    scheduler = owner(world.runtimes[1].fake_bus, "proxy-scheduler", ProxyScheduler)
+    await scheduler.counts[SOURCE].activate(5.0)
+    cache = world.informer(world.runtimes[1], SOURCE)
+    proxy = await world.c1.create(pod_path(NS), admitted(replica_pod(
+        "web-abc-0", {PROXY_CONSTRAINTS_ANNOTATION: SPREAD_BY_CLUSTER})))
+    await world.settle()
+    [elect] = world.bus.pending("elect")
+    cache.lag()
+    handling = asyncio.ensure_future(world.bus.deliver_together((elect, 0), (world.bus.duplicate(elect), 0)))
+    for _ in range(5000):  # the copy tries to write too, if nothing holds it back, before the watch shows any
+        await asyncio.sleep(0)
+        if len(world.placement_writes(proxy)) == 2:
+            break
+    await cache.flush()
+    deliveries = await asyncio.wait_for(handling, 10)
+    assert all(d.acked for d in deliveries)
+    assert Placement.of(world.proxy(proxy)).target is not None
+
+
 async def test_a_burst_of_8_replicas_spread_with_max_skew_1_splits_4_4(world: World) -> None:
     for target in TARGETS:
         world.c1.put("nodes", virtual_node(target))
