@@ -51,6 +51,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -156,6 +157,20 @@ def _summary(delegate: JSON) -> DelegateSummary:
                            round=delegate_round(delegate), deleting=bool(meta.get("deletionTimestamp")))
 
 
+@dataclass(frozen=True)
+class Mirrored:
+    """A status this process wrote onto a proxy."""
+
+    status: JSON  # what it wrote
+    delegate_uid: str  # from which delegate
+    delegate_version: str | None  # and which version of it
+    proxy_version: str | None  # the proxy's resourceVersion after the write
+    at: float  # when (monotonic): the proxy cache lags behind the write for a moment
+    # The status as the source's API server stored it: one that drops fields it does not know (an older
+    # version than the target's) never shows the delegate's fingerprint, only this one.
+    stored_fingerprint: str
+
+
 def _mirrors(proxy: JSON, entry: DelegateSummary) -> bool:
     """Whether the proxy shows what its digest says of its delegate: bound once scheduled (or still
     free when not), its status mirrored; a finished pod keeps its final status."""
@@ -197,9 +212,8 @@ class Feedback:
                 f"{PARENT_UID_LABEL},{PARENT_CLUSTER_LABEL} in ({','.join(rt.settings.sources_of(target))})"))
             for target in self.nodes if rt.settings.sources_of(target)
         }
-        # proxy uid -> the status last written onto it, from which delegate version, the proxy's resourceVersion
-        # after the write, and when (the proxy cache lags)
-        self.mirrored: dict[str, tuple[JSON, str, str | None, str | None, float]] = {}
+        # proxy uid -> the status this process last wrote onto it (until the proxy is deleted)
+        self.mirrored: dict[str, Mirrored] = {}
         # proxy uid -> the target this process bound it to, and when (until the proxy cache shows it)
         self.bound: dict[str, tuple[str, float]] = {}
         self.proxy_locks: KeyedLocks[str] = KeyedLocks()
@@ -364,15 +378,13 @@ class Feedback:
         change is corrected.
         """
         written = self.mirrored.get(uid)
-        if written is None:
-            return False
-        status, written_delegate, written_version, proxy_version, at = written
-        if written_delegate != delegate_uid:
-            return False  # another delegate (a later round): its versions are not comparable
-        if newer_resource_version(written_version, version):
+        if written is None or written.delegate_uid != delegate_uid:
+            return False  # nothing, or from another delegate (a later round): its versions are not comparable
+        if newer_resource_version(written.delegate_version, version):
             return True
-        return time.monotonic() - at <= MIRROR_MEMORY_SECONDS and status == wanted and written_version == version \
-            and newer_resource_version(proxy_version, proxy["metadata"].get("resourceVersion"))
+        return time.monotonic() - written.at <= MIRROR_MEMORY_SECONDS and written.status == wanted and \
+            written.delegate_version == version and \
+            newer_resource_version(written.proxy_version, proxy["metadata"].get("resourceVersion"))
 
     async def _mirror(self, ref: PodRef, target: str, proxy: JSON, wanted: JSON,
                       after_binding: bool = False) -> JSON | None:
@@ -482,8 +494,9 @@ class Feedback:
                 written = await self._mirror(ref, update.target, proxy, wanted, after_binding=just_bound)
             if written is None:
                 return ACK
-            self.mirrored[ref.uid] = (wanted, update.delegate_uid, version, written["metadata"].get("resourceVersion"),
-                                      time.monotonic())
+            self.mirrored[ref.uid] = Mirrored(wanted, update.delegate_uid, version,
+                                              written["metadata"].get("resourceVersion"), time.monotonic(),
+                                              status_fingerprint(written.get("status") or {}))
             if wanted.get("phase") == "Running" and proxy.get("status", {}).get("phase") != "Running":
                 observe_since_creation("proxy_running", proxy)
         return ACK
@@ -913,7 +926,7 @@ class Feedback:
             elif _assigned_target(proxy) != target:
                 if not proxy["metadata"].get("deletionTimestamp"):
                     repairs.append(functools.partial(self._remove_stray, target, entry.proxy, entry.name, entry.uid))
-            elif _mirrors(proxy, entry) or backlog:
+            elif _mirrors(proxy, entry) or backlog or self._mirrored_as_stored(proxy, entry):
                 self.unmirrored.pop(entry.proxy.uid, None)
             elif self.unmirrored.get(entry.proxy.uid) == entry.resource_version:
                 # Not mirrored in two digests in a row of the same delegate version: a lost message.
@@ -938,6 +951,15 @@ class Feedback:
             await repair()
 
         await for_each(repairs, run, RESYNC_CONCURRENCY, "repair from a digest")
+
+    def _mirrored_as_stored(self, proxy: JSON, entry: DelegateSummary) -> bool:
+        """Whether the proxy's status is still the one this process wrote from exactly that version of
+        that delegate, as the source's API server stored it (it may have dropped fields it does not know:
+        writing it again would change nothing)."""
+        written = self.mirrored.get(entry.proxy.uid)
+        return written is not None and written.delegate_uid == entry.uid and \
+            written.delegate_version == entry.resource_version and \
+            status_fingerprint(proxy.get("status") or {}) == written.stored_fingerprint
 
     async def _mirror_from_target(self, target: str, entry: DelegateSummary) -> None:
         """A delegate whose status its proxy does not mirror: read from its target and handled as a message."""
