@@ -46,7 +46,7 @@ from mcsched.kube import JSON, pod_path
 from mcsched.models import CandidateReply, CandidateRequest, DelegateRequest, ElectMessage, PodRef, StatusUpdate
 from mcsched.placement import cpu_milli
 from mcsched.podspec import apply_patch, delegate_manifest, delegate_name, source_manifest
-from mcsched.shards import PARTITIONS, Shares, partition_of, stage_assignment
+from mcsched.shards import PARTITIONS, Share, Shares, partition_of, stage_assignment
 from mcsched.targetdirectory import Resolution, TargetDirectory
 from mcsched.testing import (
     Delivery,
@@ -1530,6 +1530,26 @@ async def test_an_older_status_message_handled_long_after_a_newer_one_changes_no
     assert (await world.bus.deliver(older)).acked
     await world.settle()
     assert world.proxy(proxy) == running
+
+
+async def test_a_drained_proxy_s_siblings_in_other_partitions_are_listed_once_a_second_from_the_watch_cache(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process owning some partitions lists the namespace's proxies to count a drained pod's siblings;
+    every drained proxy asks every second, so the list is shared and read from the API server's cache."""
+    proxies = [await world.create_proxy(f"web-{i}") for i in range(3)]
+    monkeypatch.setattr(world.feedback.rt, "shares", Shares(frozenset({Share(SOURCE, 0)}), ("a", "b")))
+    gets: list[tuple[str, Any]] = []
+    answering = world.c1.get
+
+    async def get(path: str, **params: Any) -> JSON:
+        gets.append((path, params.get("resourceVersion")))
+        return await answering(path, **params)
+
+    monkeypatch.setattr(world.c1, "get", get)
+    for _ in range(5):
+        siblings = await world.feedback._proxies_of_namespace(SOURCE, NS)
+    assert sorted(p["metadata"]["name"] for p in siblings) == sorted(p["metadata"]["name"] for p in proxies)
+    assert gets == [(f"/api/v1/namespaces/{NS}/pods", "0")]
 
 
 async def test_a_source_that_drops_status_fields_it_does_not_know_is_not_written_again_at_every_digest(
