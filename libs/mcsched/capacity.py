@@ -64,7 +64,11 @@ class TargetView:
         if previous is not None:
             node, requests = previous
             if node:
-                self.usage[node] = self.usage.get(node, Resources()) - requests
+                left = self.usage.get(node, Resources()) - requests
+                if left == Resources():
+                    self.usage.pop(node, None)  # nothing there: no entry (nodes come and go)
+                else:
+                    self.usage[node] = left
                 self._count_used(node, requests, -1)
             else:
                 self.pending = self.pending - requests

@@ -200,9 +200,12 @@ class Follower:
                 cached = informer.get(f"{namespace}/{name}")
                 if cached is not None:
                     return cached
+        client = self.rt.clusters.get(source)
+        if client is None:  # a copy from a source no longer in the settings: nothing to keep it in step with
+            return None
         # Not synced yet, or not in the cache (possibly only just created): ask.
         try:
-            return await self.rt.clusters[source].get(_object_path(kind, namespace, name))
+            return await client.get(_object_path(kind, namespace, name))
         except KubeError as exc:
             if exc.not_found:
                 return None

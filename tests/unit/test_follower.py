@@ -775,3 +775,22 @@ async def test_a_copy_another_process_just_made_is_young_by_this_one_s_clock_wha
         await asyncio.sleep(0.005)
     await other.sweep()
     assert env.c2.find("configmaps", "ns", "cfg") is not None, "deleted by the other process"
+
+
+async def test_a_copy_from_a_source_no_longer_in_the_settings_stays_while_used_then_goes_without_errors(
+        env: Env) -> None:
+    """c9 was a source of this target; composed again without it, its copies have nothing to follow."""
+    env.c2.put("configmaps", configmap(labels={FOLLOWED_LABEL: "true", PARENT_CLUSTER_LABEL: "c9"},
+                                       annotations={SOURCE_UID_ANNOTATION: "uid-in-c9"}))
+    add_delegate(env.c2, pod_spec(), source="c9")  # its delegate runs on
+    await env.settle()
+    env.clock.now += GRACE
+    await env.follower.sweep()
+    await env.settle()
+    assert env.c2.find("configmaps", "ns", "cfg") is not None
+    assert env.follower.queue._failures == {}, "reading a source that is not there any more failed"
+    env.c2.remove("pods", "ns", "web-p1")
+    await env.settle()
+    await env.follower.sweep()
+    await env.settle()
+    assert env.c2.find("configmaps", "ns", "cfg") is None
