@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .constants import PROXY_CONSTRAINTS_ANNOTATION, USE_SPEC_CONSTRAINTS_ANNOTATION
 from .placement import CORDONED, matches_node_selector, preferred_weight, scheduling_blocks
@@ -54,14 +54,29 @@ class ConstraintError(ValueError):
 # -- the shape of the fragment, as the API server would check it on a pod (types only; what the
 # fields mean is checked where they are read) -------------------------------------------------------
 
+def _stringly(value: object) -> object:
+    """A YAML scalar where Kubernetes wants a string, as Admiralty reads it (sigs.k8s.io/yaml turns a
+    number or a boolean into a string for a string field: ``gpu: true``, ``rack: 1``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_stringly)]
+
+
 class _Shape(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
 class _Requirement(_Shape):
-    key: str
-    operator: str
-    values: list[str] | None = None
+    key: Text
+    operator: Text
+    values: list[Text] | None = None
 
 
 class _NodeSelectorTerm(_Shape):
@@ -88,15 +103,15 @@ class _Affinity(_Shape):
 
 
 class _Toleration(_Shape):
-    key: str | None = None
-    operator: str | None = None
-    value: str | None = None
-    effect: str | None = None
+    key: Text | None = None
+    operator: Text | None = None
+    value: Text | None = None
+    effect: Text | None = None
     tolerationSeconds: int | None = None
 
 
 class _LabelSelector(_Shape):
-    matchLabels: dict[str, str] | None = None
+    matchLabels: dict[str, Text] | None = None
     matchExpressions: list[_Requirement] | None = None
 
 
@@ -106,7 +121,7 @@ class _SpreadConstraint(_Shape):
 
 class _Fragment(_Shape):
     model_config = ConfigDict(strict=True, extra="forbid")
-    nodeSelector: dict[str, str] | None = None
+    nodeSelector: dict[str, Text] | None = None
     affinity: _Affinity | None = None
     tolerations: list[_Toleration] | None = None
     topologySpreadConstraints: list[_SpreadConstraint] | None = None
@@ -159,8 +174,8 @@ def _parse(raw: str) -> JSON:
     if unknown:
         raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION} has fields other than "
                               f"{', '.join(CONSTRAINT_FIELDS)}: {', '.join(map(str, unknown))}")
-    try:
-        _Fragment.model_validate(fragment)
+    try:  # numbers and booleans in string fields read as strings, as Admiralty reads them
+        fragment = _Fragment.model_validate(fragment).model_dump(exclude_unset=True)
     except ValidationError as exc:
         raise ConstraintError(f"annotation {PROXY_CONSTRAINTS_ANNOTATION}: {_shape_error(exc)}") from exc
     if "topologySpreadConstraints" in fragment:

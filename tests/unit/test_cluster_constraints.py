@@ -95,14 +95,26 @@ def test_a_cordoned_or_tainted_virtual_node_takes_no_new_pods_unless_tolerated()
     ("affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: c2}}}",
      "nodeSelectorTerms must be a list"),
     ("affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions:"
-     " [{key: a, operator: In, values: [1]}]}]}}}", r"values\[0\] must be a string"),
+     " [{key: a, operator: In, values: [[1]]}]}]}}}", r"values\[0\] must be a string"),
     ("topologySpreadConstraints: [{maxSkew: 1, topologyKey: k, whenUnsatisfiable: DoNotSchedule, labelSelector:"
      " {matchExpressions: [app=web]}}]", r"labelSelector.matchExpressions\[0\] must be a mapping"),
-    ("nodeSelector: {gpu: true}", "nodeSelector.gpu must be a string"),
+    ("nodeSelector: {gpu: {yes: 1}}", "nodeSelector.gpu must be a string"),
 ])
 def test_a_malformed_constraints_annotation_is_refused_with_what_is_wrong(raw: str, message: str) -> None:
     with pytest.raises(ConstraintError, match=message):
         split(user_pod({PROXY_CONSTRAINTS_ANNOTATION: raw}))
+
+
+def test_numbers_and_booleans_where_kubernetes_wants_strings_read_as_strings_as_admiralty_reads_them() -> None:
+    """sigs.k8s.io/yaml turns them into strings for string fields: ``gpu: true`` selects label value "true"."""
+    fragment = ("nodeSelector: {gpu: true, rack: 1}\n"
+                "tolerations: [{key: k, operator: Equal, value: 2, effect: NoSchedule}]")
+    constraints, _ = split(user_pod({PROXY_CONSTRAINTS_ANNOTATION: fragment}))
+    assert constraints["spec"]["nodeSelector"] == {"gpu": "true", "rack": "1"}
+    assert constraints["spec"]["tolerations"][0]["value"] == "2"
+    node = virtual_node("c2", "us")
+    node["metadata"]["labels"].update({"gpu": "true", "rack": "1"})
+    assert refusal(constraints, node) is None
 
 
 def test_preferred_affinity_ranks_clusters_and_the_best_ones_are_kept() -> None:
