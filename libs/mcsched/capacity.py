@@ -139,9 +139,23 @@ def schedulable_allocatable(nodes: Iterable[JSON]) -> Resources:
     return total
 
 
+# The taint a cloud provider's node controller keeps on a new node until it has labelled it.
+UNINITIALIZED_TAINT = "node.cloudprovider.kubernetes.io/uninitialized"
+
+
+def _settled(node: JSON) -> bool:
+    """Ready, and initialized by its cloud provider: its labels are the ones it keeps."""
+    conditions = (node.get("status") or {}).get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return ready and not any(t.get("key") == UNINITIALIZED_TAINT for t in node.get("spec", {}).get("taints") or [])
+
+
 def common_labels(nodes: Iterable[JSON]) -> dict[str, str]:
-    """Labels every real node of ``nodes`` carries with the same value."""
+    """Labels every real node of ``nodes`` carries with the same value: every settled one (Ready and
+    initialized; a node that has just joined gets its zone and region labels moments later), or every
+    one when none is settled."""
     real = real_nodes(nodes)
+    real = [n for n in real if _settled(n)] or real
     if not real:
         return {}
     common = dict(real[0]["metadata"].get("labels") or {})

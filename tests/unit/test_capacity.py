@@ -7,7 +7,7 @@ from typing import Any, cast
 
 import pytest
 
-from mcsched.capacity import TargetView
+from mcsched.capacity import TargetView, common_labels
 from mcsched.kube import JSON, Handler, Informer
 from mcsched.placement import Resources
 from mcsched.podspec import delegate_name
@@ -261,3 +261,23 @@ def test_pending_leaves_out_gated_pods_and_pods_their_scheduler_found_no_room_fo
     ungated = pod("gated", cpu="100")  # its gates lifted: now it is on its way to a node
     pods.emit("MODIFIED", ungated)
     assert target.pending == request(100_500, count=2)
+
+
+def test_common_labels_wait_for_a_new_node_to_be_ready_and_initialized() -> None:
+    """A node that has just joined gets its zone and region moments later (from its cloud provider): until
+    then it must not take them off the virtual node, which cluster constraints and spread match."""
+    def ready(n: dict[str, Any], *, taints: tuple[str, ...] = ()) -> dict[str, Any]:
+        n["metadata"]["labels"]["topology.kubernetes.io/region"] = "eu"
+        n["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        n["spec"]["taints"] = [{"key": key, "effect": "NoSchedule"} for key in taints]
+        return n
+
+    settled = [ready(node("w0")), ready(node("w1"))]
+    joining = node("w2")  # not Ready yet, no region
+    initializing = ready(node("w3"), taints=("node.cloudprovider.kubernetes.io/uninitialized",))
+    initializing["metadata"]["labels"].pop("topology.kubernetes.io/region")
+    assert common_labels([*settled, joining, initializing])["topology.kubernetes.io/region"] == "eu"
+    other = ready(node("w4"))
+    other["metadata"]["labels"]["topology.kubernetes.io/region"] = "us"  # settled, elsewhere: not common
+    assert "topology.kubernetes.io/region" not in common_labels([*settled, other])
+    assert common_labels([joining]) == {"type": "kwok"}  # none settled: all of them count
