@@ -709,9 +709,10 @@ class Feedback:
                 # Drained: the delegate runs on until its controller's replacement is Ready (or the grace ends).
                 self.finalizing.add_after((source, meta["namespace"], meta["name"]), 1.0)
                 return
-            if self._target_problem(source, target) is not None:
-                # Unreachable (its virtual node says so): asked again later rather than holding one of the
-                # queue's workers for a request's whole timeout, while other targets' proxies wait behind.
+            if self._said_unreachable(source, target):
+                # Unreachable, as the heartbeat of its owner says: asked again later rather than holding one
+                # of the queue's workers for a request's whole timeout, while other targets' proxies wait.
+                # (A virtual node Unknown, its owner silent, is no such evidence: the delete is tried.)
                 self.finalizing.add_after((source, meta["namespace"], meta["name"]), UNREACHABLE_RETRY_SECONDS)
                 return
             try:
@@ -838,6 +839,12 @@ class Feedback:
         if ready is not None and ready.get("status") != "True":
             return f"cluster {target} is unreachable"
         return None
+
+    def _said_unreachable(self, source: str, target: str) -> bool:
+        """Whether the heartbeat of ``target``'s owner says the target does not answer."""
+        node = self.virtual_nodes[source].get(virtual_node_name(target)) or {}
+        return any(c.get("type") == "Ready" and c.get("status") == "False" and c.get("reason") == "TargetUnreachable"
+                   for c in (node.get("status") or {}).get("conditions") or [])
 
     async def _resync_proxy(self, source: str, proxy: JSON) -> None:
         meta = proxy["metadata"]

@@ -962,6 +962,24 @@ async def test_proxies_deleted_on_a_lost_cluster_hold_up_no_deletion_elsewhere(
         assert world.proxy(proxy)["metadata"].get("deletionTimestamp"), "released with its delegate left"
 
 
+async def test_a_proxy_deleted_while_its_virtual_node_is_unknown_has_its_delegate_deleted_all_the_same(
+        world: World) -> None:
+    """Unknown says that the target's owner stopped heartbeating (it is down, or cut off from this source),
+    not that the target does not answer: waiting would leave the delegate running beside its replacement."""
+    proxy, target = await world.running()
+    await world.feedback.heartbeat()
+
+    def unknown(node: JSON) -> None:  # as the node lifecycle controller marks a node whose heartbeats stopped
+        node["status"]["conditions"] = [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]
+
+    world.c1.modify("nodes", "", f"admiralty-{target}", unknown)
+    await world.settle()
+    await world.c1.delete(pod_path(NS, proxy["metadata"]["name"]))
+    await world.run()
+    assert world.delegate(target, proxy) is None
+    assert world.c1.pod(NS, proxy["metadata"]["name"]) is None
+
+
 # -- choosing clusters ----------------------------------------------------------------------------------------------
 
 
