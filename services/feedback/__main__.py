@@ -487,6 +487,8 @@ class Feedback:
                 return ACK  # bound elsewhere before: this delegate is a stray, removed by its own status
             if wanted.get("phase") == "Pending" and not wanted.get("containerStatuses"):
                 return ACK  # only just scheduled: the proxy shows Pending already; Running follows
+        if update.round is not None and Placement.of(proxy).round != update.round:
+            return ACK  # late news of an earlier round's delegate (refused there, then that cluster chosen again)
         if is_finished(proxy) and wanted.get("phase") not in ("Succeeded", "Failed"):
             return ACK  # a finished pod's status is final (an older message handled after a newer one)
         if status_differs(proxy.get("status") or {}, wanted) and \

@@ -1592,6 +1592,21 @@ async def test_a_source_that_drops_status_fields_it_does_not_know_is_not_written
     assert len([c for c in world.c1.writes() if c.path.endswith("/status")]) == status_writes
 
 
+async def test_a_late_status_message_of_an_earlier_round_s_delegate_changes_nothing(world: World) -> None:
+    """Refused in a cluster, then sent there again: news of the first delegate, late, is not the pod's."""
+    proxy, _target, (_, newer) = await running_in_two_steps(world)
+    assert (await world.bus.deliver(newer)).acked
+    await world.settle()
+    running = world.proxy(proxy)
+    assert isinstance(newer.message, StatusUpdate) and newer.message.round is not None
+    earlier = newer.message.model_copy(update={
+        "round": newer.message.round - 1, "delegate_uid": "uid-of-the-refused-delegate",
+        "delegate_resource_version": "999999", "status": {**newer.message.status, "phase": "Pending"}})
+    await world.bus.publish(newer.subject, earlier, "status:earlier")
+    await world.run()
+    assert world.proxy(proxy) == running
+
+
 async def test_a_late_status_message_never_turns_a_finished_pod_back(world: World) -> None:
     proxy, target = await world.running()
     [running] = [e for e in world.broker.published if isinstance(e.message, StatusUpdate)
