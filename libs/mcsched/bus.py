@@ -438,8 +438,13 @@ class Bus:
     async def _bring_up_to_date(js: JetStreamContext, sub: JetStreamContext.PullSubscription, stream: str,
                                 config: ConsumerConfig) -> None:
         """``pull_subscribe`` only creates a missing consumer: one that exists keeps the settings it was
-        made with. Update those that differ from ours; a server that refuses keeps the old ones (said)."""
-        current = (await sub.consumer_info()).config
+        made with. Update those that differ from ours; a server that refuses keeps the old ones (said).
+        Never raises: the subscription is made, and settings are not worth leaking it for."""
+        try:
+            current = (await sub.consumer_info()).config
+        except (TimeoutError, nats.errors.Error) as exc:  # best effort: asked again at the next subscription
+            log.warning("cannot read consumer %s's settings on %s: %s", config.durable_name, stream, describe(exc))
+            return
         changed = {name: (getattr(current, name), getattr(config, name)) for name in CONSUMER_SETTINGS_KEPT_UP
                    if getattr(current, name) != getattr(config, name)}
         if not changed:
@@ -448,7 +453,7 @@ class Bus:
         try:  # by name, as nats-py creates it: the subject a stage may use (mcsched.natsauth)
             await js.add_consumer(stream, dataclasses.replace(config, name=config.durable_name))
             log.info("consumer %s on %s updated: %s", config.durable_name, stream, described)
-        except nats.errors.Error as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             log.warning("consumer %s on %s keeps its settings (%s): %s", config.durable_name, stream, described,
                         describe(exc))
 

@@ -204,12 +204,13 @@ class ProxyScheduler:
         if ref.cluster not in self.rt.settings.source_names:
             log.error("elect message for unknown source %s; dropping", ref.cluster)
             return ACK
-        try:
-            await asyncio.wait_for(asyncio.gather(self.virtual_nodes[ref.cluster].wait_synced(),
-                                                  self.namespaces[ref.cluster].wait_synced()),
-                                   SOURCE_CACHE_SYNC_SECONDS)
-        except TimeoutError:
-            return retry_later(SOURCE_CACHE_SYNC_SECONDS, f"{ref.cluster}'s virtual nodes are not listed yet")
+        listed = (self.virtual_nodes[ref.cluster], self.namespaces[ref.cluster])
+        if not all(informer.synced.is_set() for informer in listed):  # (listed once: no wait on the way)
+            try:
+                await asyncio.wait_for(asyncio.gather(*(informer.wait_synced() for informer in listed)),
+                                       SOURCE_CACHE_SYNC_SECONDS)
+            except TimeoutError:
+                return retry_later(SOURCE_CACHE_SYNC_SECONDS, f"{ref.cluster}'s virtual nodes are not listed yet")
         original, placement, version = message.manifest, Placement.parse(message.placement), message.resource_version
         controller = message.controller
         if original is None or version is None:  # not from our watcher: read the proxy itself
