@@ -145,6 +145,7 @@ def test_schema_rejects_invalid_values(helm: Callable[..., subprocess.CompletedP
     (["--set", "targetSelf=false"], "no target cluster"),
     (["--set", "targets[0].name=c1,targets[0].kubeconfigSecret=s"], 'cluster name "c1" is used twice'),
     (["--set", "candidateScheduler.serveTargets={c9}"], 'serveTargets names "c9", which is not a target'),
+    (["--set", "nats.auth.tlsClientCert=true"], "nats.auth.tlsClientCert needs nats.auth.tlsSecret"),
 ])
 def test_render_fails_with_a_clear_message(helm: Callable[..., subprocess.CompletedProcess[str]],
                                            args: list[str], message: str) -> None:
@@ -152,6 +153,14 @@ def test_render_fails_with_a_clear_message(helm: Callable[..., subprocess.Comple
                   *([] if not args else ["--set", "nats.url=nats://nats:4222"]), *args)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_the_bundled_single_nats_server_cannot_hold_streams_of_three_replicas(
+        helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    result = helm("template", RELEASE, str(CHART), "--set", "clusterName=c1", "--set", "nats.bundled.enabled=true",
+                  "--set", "nats.streamReplicas=3")
+    assert result.returncode != 0
+    assert "nats.streamReplicas > 1 needs a NATS cluster" in result.stderr
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -317,6 +326,11 @@ def test_config_options(render: Callable[..., Docs]) -> None:
                                "nats.url=nats://n0.nats:4222\\,nats://n1.nats:4222\\,nats://n2.nats:4222"))
     assert cluster["stream_replicas"] == 3
     assert Settings.model_validate(cluster | {"nats_auth": {}}).nats_url.count("nats://") == 3
+    tls = config_of(render(*BASE, "--set", "nats.auth.tlsSecret=nats-tls", "--set", "nats.auth.tlsClientCert=true"))
+    assert {k: str(v) for k, v in tls["nats_auth"].items() if k.startswith("tls_")} == {
+        "tls_ca_file": "/etc/mcs/nats-tls/ca.crt", "tls_cert_file": "/etc/mcs/nats-tls/tls.crt",
+        "tls_key_file": "/etc/mcs/nats-tls/tls.key"}
+    assert "tls_cert_file" not in config_of(render(*BASE, "--set", "nats.auth.tlsSecret=nats-tls"))["nats_auth"]
 
 
 # -- RBAC --------------------------------------------------------------------------------------
@@ -431,8 +445,10 @@ def test_target_only_install_renders_rbac_and_no_services(render: Callable[..., 
     assert [d["metadata"]["name"] for d in find(docs, "Deployment")] == [f"{FULLNAME}-source-controller"]
     assert not find(docs, "StatefulSet")
     assert not find(docs, "MutatingWebhookConfiguration") and not find(docs, "ConfigMap")
+    # Whom it accepts, Sources and ClusterSources say (NOTES.txt): the chart's own ServiceAccount gets no
+    # target rights here, where no service of it runs.
     assert sorted(b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding")) == [
-        f"{FULLNAME}-source-controller", f"{FULLNAME}-target"]
+        f"{FULLNAME}-source-controller"]
     assert one(docs, "ServiceAccount", FULLNAME)
 
 

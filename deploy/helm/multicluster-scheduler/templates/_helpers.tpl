@@ -150,6 +150,12 @@ MutatingWebhookConfiguration's caBundle and the watcher's checksum agree within 
 {{- if and .Values.source (not $targetNames) -}}
 {{- fail "no target cluster: set targetSelf=true or list remote clusters in targets" -}}
 {{- end -}}
+{{- if and .Values.nats.bundled.enabled (not .Values.nats.url) (gt (int .Values.nats.streamReplicas) 1) -}}
+{{- fail "nats.streamReplicas > 1 needs a NATS cluster of as many servers (nats.url); the bundled NATS is one server" -}}
+{{- end -}}
+{{- if and .Values.nats.auth.tlsClientCert (not .Values.nats.auth.tlsSecret) -}}
+{{- fail "nats.auth.tlsClientCert needs nats.auth.tlsSecret (its tls.crt and tls.key)" -}}
+{{- end -}}
 {{- range .Values.candidateScheduler.serveTargets -}}
 {{- if not (has . $targetNames) -}}
 {{- fail (printf "candidateScheduler.serveTargets names %q, which is not a target (targets: %s)" . (join ", " $targetNames)) -}}
@@ -212,6 +218,10 @@ reached in-cluster (no kubeconfig); remote targets through their mounted kubecon
 {{- end -}}
 {{- if .Values.nats.auth.tlsSecret -}}
 {{- $_ := set $natsAuth "tls_ca_file" "/etc/mcs/nats-tls/ca.crt" -}}
+{{- if .Values.nats.auth.tlsClientCert -}}
+{{- $_ := set $natsAuth "tls_cert_file" "/etc/mcs/nats-tls/tls.crt" -}}
+{{- $_ := set $natsAuth "tls_key_file" "/etc/mcs/nats-tls/tls.key" -}}
+{{- end -}}
 {{- end -}}
 {{- $_ := set $config "nats_auth" $natsAuth -}}
 {{- $config = merge $config (deepCopy (default dict .Values.extraConfig)) -}}
