@@ -9,6 +9,7 @@ process it recorded; ``status()`` reports what runs.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -139,6 +140,23 @@ def single_kubeconfig(entry: dict[str, Any]) -> dict[str, Any]:
     """A kubeconfig of one cluster entry (:meth:`LocalCluster.kubeconfig_entry`), its context current."""
     return {"apiVersion": "v1", "kind": "Config", "clusters": [entry["cluster"]], "users": [entry["user"]],
             "contexts": [entry["context"]], "current-context": entry["context"]["name"]}
+
+
+def inline_kubeconfig(kubeconfig: dict[str, Any]) -> dict[str, Any]:
+    """``kubeconfig`` with the files it names (CA, client certificate and key) inlined as their ``-data``
+    fields, as a kubeconfig in a Target's Secret must be (mcsched.targets.kubeconfig_problem)."""
+    def inlined(entry: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+        entry = dict(entry)
+        for name in fields:
+            if name in entry:
+                entry[f"{name}-data"] = base64.b64encode(Path(entry.pop(name)).read_bytes()).decode()
+        return entry
+
+    return {**kubeconfig,
+            "clusters": [{**c, "cluster": inlined(c["cluster"], ("certificate-authority",))}
+                         for c in kubeconfig["clusters"]],
+            "users": [{**u, "user": inlined(u["user"], ("client-certificate", "client-key"))}
+                      for u in kubeconfig["users"]]}
 
 
 class LocalEnvironment:

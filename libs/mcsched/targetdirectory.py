@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 from .kube import JSON, Informer, KubeClient, KubeError
 from .settings import ClusterSettings, Settings
@@ -60,7 +61,7 @@ async def _list(client: KubeClient, path: str) -> list[JSON] | None:
 
 async def _secret(client: KubeClient, namespace: str, name: str) -> JSON | None:
     try:
-        return await client.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        return await client.get(f"/api/v1/namespaces/{quote(namespace, safe='')}/secrets/{quote(name, safe='')}")
     except KubeError as exc:
         if exc.not_found:
             return None

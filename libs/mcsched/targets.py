@@ -32,6 +32,8 @@ import yaml
 from .constants import DOMAIN
 from .settings import ClusterSettings, is_cluster_name
 
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
 API_VERSION = f"{DOMAIN}/v1alpha1"
 CLUSTER_TARGETS_PATH = f"/apis/{API_VERSION}/clustertargets"
 TARGETS_PATH = f"/apis/{API_VERSION}/targets"
@@ -98,14 +100,16 @@ def secret_ref(obj: Mapping[str, Any]) -> SecretRef | None:
         raise TargetError("InvalidSpec", "set exactly one of spec.self: true and spec.kubeconfigSecret")
     if secret is None:
         return None
-    if not isinstance(secret, Mapping) or not isinstance(secret.get("name"), str) or not secret["name"]:
-        raise TargetError("InvalidSpec", "spec.kubeconfigSecret.name must name a Secret")
+    if not isinstance(secret, Mapping) or not isinstance(secret.get("name"), str) or \
+            not _SECRET_NAME.fullmatch(secret["name"]) or len(secret["name"]) > 253:
+        raise TargetError("InvalidSpec", "spec.kubeconfigSecret.name must name a Secret (a DNS subdomain)")
     namespace = where.namespace or secret.get("namespace")
     if where.namespace and secret.get("namespace") not in (None, where.namespace):
         raise TargetError("InvalidSpec", "a Target's kubeconfig Secret is in the Target's own namespace: "
                           "remove spec.kubeconfigSecret.namespace")
-    if not isinstance(namespace, str) or not namespace:
-        raise TargetError("InvalidSpec", "spec.kubeconfigSecret.namespace must name the Secret's namespace")
+    if not isinstance(namespace, str) or not is_cluster_name(namespace):
+        raise TargetError("InvalidSpec", "spec.kubeconfigSecret.namespace must name the Secret's namespace "
+                          "(a DNS label)")
     key = secret.get("key") or DEFAULT_SECRET_KEY
     if not isinstance(key, str):
         raise TargetError("InvalidSpec", "spec.kubeconfigSecret.key must be a string")
@@ -152,8 +156,19 @@ def resolve(origin: TargetObject, obj: Mapping[str, Any], secret: Mapping[str, A
     return ClusterSettings(**common, kubeconfig_data=kubeconfig, context=context)
 
 
+# What a kubeconfig from a Secret may not hold: whoever writes a Target would otherwise have the services
+# run a command (exec, auth-provider) or read their own files (paths: the services' token, say) and send
+# what they read to a server of the writer's choosing.
+_USER_FIELDS_REFUSED = ("exec", "auth-provider", "tokenFile", "client-certificate", "client-key")
+_CLUSTER_FIELDS_REFUSED = ("certificate-authority",)
+
+
 def kubeconfig_problem(kubeconfig: Any, context: str | None) -> str | None:
-    """What keeps ``kubeconfig`` from naming a cluster in ``context`` (default: its current one), or None."""
+    """What keeps ``kubeconfig`` from naming a cluster in ``context`` (default: its current one), or None.
+
+    Its credentials must be inline (``token``, ``client-certificate-data``, ``certificate-authority-data``):
+    it comes from a Secret that whoever writes a Target names.
+    """
     if not isinstance(kubeconfig, Mapping):
         return "not a kubeconfig (a YAML mapping with clusters, contexts and users)"
     contexts = {c.get("name"): c.get("context") or {} for c in kubeconfig.get("contexts") or []
@@ -168,6 +183,13 @@ def kubeconfig_problem(kubeconfig: Any, context: str | None) -> str | None:
     cluster = clusters.get(contexts[name].get("cluster"))
     if not cluster or not cluster.get("server"):
         return f"context {name!r} names no cluster with a server"
+    refused = [field for field in _CLUSTER_FIELDS_REFUSED if field in cluster]
+    users = {u.get("name"): u.get("user") or {} for u in kubeconfig.get("users") or [] if isinstance(u, Mapping)}
+    user = users.get(contexts[name].get("user")) or {}
+    refused += [field for field in _USER_FIELDS_REFUSED if isinstance(user, Mapping) and field in user]
+    if refused:
+        return (f"context {name!r} uses {', '.join(refused)}: a kubeconfig in a Secret carries its credentials "
+                "inline (token, client-certificate-data, certificate-authority-data), and runs no command")
     return None
 
 

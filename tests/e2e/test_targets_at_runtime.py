@@ -23,7 +23,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.config import new_client_from_config
 
 from localenv import LocalEnvironment
-from localenv.environment import single_kubeconfig
+from localenv.environment import inline_kubeconfig, single_kubeconfig
 from mcsched.constants import (
     CLUSTER_TARGET_NAME_LABEL,
     CLUSTER_WEIGHTS_ANNOTATION,
@@ -49,7 +49,8 @@ class Third:
 
     def __init__(self, cluster: Any, api: k8s.ApiClient) -> None:
         self.cluster, self.api = cluster, api
-        self.secret_data = {"config": encode_kubeconfig(single_kubeconfig(cluster.kubeconfig_entry("services")))}
+        self.secret_data = {"config": encode_kubeconfig(inline_kubeconfig(single_kubeconfig(
+            cluster.kubeconfig_entry("services"))))}
 
 
 async def virtual_nodes(core: k8s.CoreV1Api) -> dict[str, bool]:

@@ -33,6 +33,13 @@ KUBECONFIG = {"apiVersion": "v1", "kind": "Config", "current-context": "c2",
                            {"name": "empty", "context": {"cluster": "nowhere", "user": "c1-in-c2"}}]}
 
 
+def _with(kubeconfig: dict[str, Any], *, user: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
+    """``kubeconfig`` with these fields added to its current context's user and cluster."""
+    return {**kubeconfig,
+            "users": [{"name": "c1-in-c2", "user": {"token": "t", **user}}],
+            "clusters": [{"name": "c2", "cluster": {"server": "https://c2.example:6443", **cluster}}]}
+
+
 def cluster_target(name: str, spec: dict[str, Any], created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
     return {"apiVersion": "multicluster.admiralty.io/v1alpha1", "kind": "ClusterTarget",
             "metadata": {"name": name, "creationTimestamp": created}, "spec": spec}
@@ -99,6 +106,20 @@ def test_a_self_target_is_the_source_itself() -> None:
     ({"kubeconfigSecret": {"name": "x", "namespace": "y", "context": "empty"}},
      {"config": encode_kubeconfig(KUBECONFIG)}, "InvalidKubeconfig", "no cluster with a server"),
     ({"self": True, "excludedLabelsRegexp": "("}, None, "InvalidSpec", "excludedLabelsRegexp"),
+    # a name that climbs out of the Secret's namespace in the request path (kube-system's admin kubeconfig)
+    ({"kubeconfigSecret": {"name": "../../kube-system/secrets/admin", "namespace": "y"}}, None, "InvalidSpec",
+     "DNS subdomain"),
+    ({"kubeconfigSecret": {"name": "x", "namespace": "y/secrets"}}, None, "InvalidSpec", "DNS label"),
+    # credentials that are not inline: a command to run, or files of the services to read and send on
+    *((({"kubeconfigSecret": {"name": "x", "namespace": "y"}},
+        {"config": encode_kubeconfig(_with(KUBECONFIG, user=user, cluster=cluster))}, "InvalidKubeconfig", word)
+       for user, cluster, word in [
+           ({"exec": {"command": "sh", "apiVersion": "client.authentication.k8s.io/v1"}}, {}, "uses exec"),
+           ({"auth-provider": {"name": "oidc"}}, {}, "uses auth-provider"),
+           ({"tokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token"}, {}, "uses tokenFile"),
+           ({"client-certificate": "/etc/mcs/a.crt", "client-key": "/etc/mcs/a.key"}, {}, "client-certificate"),
+           ({}, {"certificate-authority": "/etc/ssl/ca.crt"}, "uses certificate-authority"),
+       ])),
 ])
 def test_a_misconfigured_cluster_target_says_why(spec: dict[str, Any], the_secret: dict[str, str] | None,
                                                  reason: str, words: str) -> None:
