@@ -269,15 +269,14 @@ def nats_config(settings: Settings, directory: Path, per_target_candidates: bool
     for user in ("admin", *(user for _, user, _ in grants)):
         path = directory / user
         if not path.exists():
-            path.write_text(secrets.token_urlsafe(24))
-            path.chmod(0o600)
+            pki.write_private(path, secrets.token_urlsafe(24).encode())
         passwords[user] = path.read_text().strip()
     users = [NatsUser("admin", passwords["admin"], None)]
     users += [NatsUser(user, passwords[user], stage_permissions(stage, user, prefix, sources, targets))
               for stage, user, targets in grants]
     config = directory / "auth.conf"
-    config.write_text(json.dumps(authorization(users), indent=1))  # nats-server reads JSON as its own format
-    config.chmod(0o600)
+    # nats-server reads JSON as its own format
+    pki.write_private(config, json.dumps(authorization(users), indent=1).encode())
     return config
 
 

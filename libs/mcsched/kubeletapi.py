@@ -26,7 +26,8 @@ CallKind = Literal["containerLogs", "exec", "attach", "portForward"]
 
 # kubelet query -> pod subresource query (the API server names them differently for the kubelet).
 _STREAM_PARAMS = {"input": "stdin", "output": "stdout", "error": "stderr", "tty": "tty"}
-_LOG_PARAMS = ("follow", "previous", "timestamps", "tailLines", "sinceSeconds", "sinceTime", "limitBytes")
+_LOG_PARAMS = ("follow", "previous", "timestamps", "tailLines", "sinceSeconds", "sinceTime", "limitBytes",
+               "stream")  # stream: Stdout, Stderr or All (the PodLogsQuerySplitStreams feature)
 _SUBRESOURCE = {"containerLogs": "log", "exec": "exec", "attach": "attach", "portForward": "portforward"}
 
 
@@ -46,6 +47,7 @@ class KubeletCall:
     container: str | None  # None for portForward
     query: tuple[tuple[str, str], ...]
     uid: str | None = None  # the pod's uid, when the path names it
+    method: str = "POST"  # as the API server called: GET for a WebSocket upgrade, POST for SPDY
 
     @property
     def streaming(self) -> bool:
@@ -76,7 +78,8 @@ def parse(method: str, target: str) -> KubeletCall:
         raise KubeletCallError(400, f"{split.path}: namespace, pod and container must be Kubernetes names")
     if method not in ("GET", "POST") or (kind == "containerLogs" and method != "GET"):
         raise KubeletCallError(405, f"{method} is not allowed on {kind}")
-    return KubeletCall(kind, namespace, pod, container, tuple(parse_qsl(split.query, keep_blank_values=True)), uid)
+    return KubeletCall(kind, namespace, pod, container, tuple(parse_qsl(split.query, keep_blank_values=True)), uid,
+                       method)
 
 
 @dataclass(frozen=True)
@@ -132,4 +135,6 @@ def target_request(call: KubeletCall, delegate: str) -> tuple[str, str]:
         elif call.kind == "portForward" and key == "port":
             query.append(("ports", value))
     path = f"/api/v1/namespaces/{call.namespace}/pods/{quote(delegate)}/{_SUBRESOURCE[call.kind]}"
-    return ("GET" if call.kind == "containerLogs" else "POST"), path + (f"?{urlencode(query)}" if query else "")
+    # A stream keeps its method: a WebSocket upgrade is a GET (RFC 6455), which the target's API server
+    # and kubelet refuse as a POST; SPDY comes as a POST.
+    return ("GET" if call.kind == "containerLogs" else call.method), path + (f"?{urlencode(query)}" if query else "")

@@ -48,6 +48,10 @@ _FORWARDED = {b"upgrade", b"connection", b"x-stream-protocol-version", b"sec-web
 # Response headers that describe this hop only: h11 frames the answer again.
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade"}
 _CHUNK = 64 * 1024
+# How long the target's API server may take to accept the connection, and then to answer the call
+# (its response head: a log stream or a stream upgrade starts at once); a call past them is answered 502/504.
+CONNECT_SECONDS = 10.0
+ANSWER_SECONDS = 30.0
 
 
 Resolver = Callable[[KubeletCall], Awaitable[Delegate | str]]  # the call's delegate, or why there is none
@@ -123,6 +127,11 @@ class KubeletServer:
             await self._forward(conn, reader, writer, request, call, found)
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.debug("kubelet call ended: %s", exc)
+        except Exception as exc:  # the source or the target failed us (an error status, no answer): said
+            log.warning("kubelet call on %s's virtual node failed: %s", self.source, exc)
+            if conn.our_state is h11.SEND_RESPONSE:  # nothing answered yet: a status, not a dropped connection
+                with contextlib.suppress(Exception):
+                    await _answer(conn, writer, 504 if isinstance(exc, TimeoutError) else 502, str(exc) or repr(exc))
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -146,9 +155,9 @@ class KubeletServer:
             return
         method, path = target_request(call, delegate.name)
         try:
-            up_reader, up_writer, host, prefix = await client.open_connection()
-        except OSError as exc:
-            await _answer(conn, writer, 502, f"cluster {delegate.target} cannot be reached: {exc}")
+            up_reader, up_writer, host, prefix = await asyncio.wait_for(client.open_connection(), CONNECT_SECONDS)
+        except OSError as exc:  # (a timeout too)
+            await _answer(conn, writer, 502, f"cluster {delegate.target} cannot be reached: {exc!r}")
             return
         try:
             upstream = h11.Connection(h11.CLIENT)
@@ -162,7 +171,7 @@ class KubeletServer:
             up_writer.write(upstream.send(h11.Request(method=method, target=prefix + path, headers=headers)) or b"")
             up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
             await up_writer.drain()
-            answer = await _next_event(upstream, up_reader)
+            answer = await asyncio.wait_for(_next_event(upstream, up_reader), ANSWER_SECONDS)
             if isinstance(answer, h11.InformationalResponse) and answer.status_code == 101:
                 writer.write(conn.send(h11.InformationalResponse(
                     status_code=101, headers=list(answer.headers), reason=answer.reason)) or b"")

@@ -35,7 +35,7 @@ class KeyPair:
 
     def write(self, cert_path: Path, key_path: Path) -> None:
         cert_path.write_bytes(self.cert_pem)
-        _write_private(key_path, self.key_pem)
+        write_private(key_path, self.key_pem)
 
     def load_into(self, context: ssl.SSLContext) -> None:
         """Serve with this pair (``ssl`` reads certificates only from files: a private temporary directory)."""
@@ -45,8 +45,8 @@ class KeyPair:
             context.load_cert_chain(cert, key)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a key readable by its owner only, from the first byte."""
+def write_private(path: Path, data: bytes) -> None:
+    """Write a key or a password readable by its owner only, from the first byte."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:

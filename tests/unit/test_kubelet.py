@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from mcsched import pki
+from mcsched.kube import KubeError
 from mcsched.kubeletapi import Delegate, KubeletCallError, access_review, delegate_of, parse, target_request
 from mcsched.kubeletserver import KubeletServer, identity, serving_context
 from mcsched.podspec import delegate_name
@@ -38,8 +39,13 @@ PROXY = {"metadata": {"name": "web", "namespace": "ns", "uid": "u-1"},
      ("POST", f"/api/v1/namespaces/ns/pods/{delegate_name('web', 'u-1')}/attach?container=app&stdin=true"
               "&stdout=true&tty=true")),
     ("POST", "/portForward/ns/web", ("POST", f"/api/v1/namespaces/ns/pods/{delegate_name('web', 'u-1')}/portforward")),
+    # A WebSocket upgrade comes as a GET and must go on as one (RFC 6455; the target refuses a POST).
     ("GET", "/portForward/ns/web/u-1?port=8080",
-     ("POST", f"/api/v1/namespaces/ns/pods/{delegate_name('web', 'u-1')}/portforward?ports=8080")),
+     ("GET", f"/api/v1/namespaces/ns/pods/{delegate_name('web', 'u-1')}/portforward?ports=8080")),
+    ("GET", "/exec/ns/web/app?command=ls&output=1",
+     ("GET", f"/api/v1/namespaces/ns/pods/{delegate_name('web', 'u-1')}/exec?container=app&command=ls&stdout=true")),
+    ("GET", "/containerLogs/ns/web/app?stream=Stderr&tailLines=5",
+     ("GET", f"/api/v1/namespaces/ns/pods/{delegate_name('web', 'u-1')}/log?container=app&stream=Stderr&tailLines=5")),
 ])
 def test_kubelet_calls_map_to_the_delegate_s_subresource(method: str, target: str, expected: tuple[str, str]) -> None:
     call = parse(method, target)
@@ -268,3 +274,71 @@ async def test_a_caller_without_a_client_certificate_is_refused(
         if not await asyncio.wait_for(reader.read(100), 5):
             raise ConnectionError("closed")
     assert upstream.heads == []
+
+
+async def _serving(tmp_path: Path, resolve: Any, source: Any, target_port: int = 1) -> tuple[int, KubeletServer]:
+    """An endpoint of c1 whose proxies are resolved by ``resolve`` and reviewed by ``source``."""
+    ca = pki.new_ca("c1-ca")
+    ca.write(tmp_path / "ca.crt", tmp_path / "ca.key")
+    pki.issue(ca, "kube-apiserver-kubelet-client", client=True).write(
+        tmp_path / "kube-apiserver-kubelet-client.crt", tmp_path / "kube-apiserver-kubelet-client.key")
+    server = KubeletServer("c1", source, {"c2": TargetClient(target_port)}, resolve)  # type: ignore[arg-type,dict-item]
+    await server.start("127.0.0.1", 0, serving_context(None, None, [str(tmp_path / "ca.crt")]))
+    assert server._server is not None
+    return server._server.sockets[0].getsockname()[1], server
+
+
+async def _first_line(port: int, certs: Path, request: bytes) -> bytes:
+    reader, writer = await _connect(port, certs, "kube-apiserver-kubelet-client")
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+
+async def test_a_source_that_fails_is_answered_with_a_status_not_a_dropped_connection(tmp_path: Path) -> None:
+    async def failing(call: Any) -> Delegate | str:
+        raise KubeError("c1", "GET", "/api/v1/namespaces/ns/pods/web", 500, "etcdserver: request timed out")
+
+    class Unanswered(SourceClient):
+        async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            raise TimeoutError("the source's API server did not answer")
+
+    async def found(call: Any) -> Delegate | str:
+        return delegate_of(PROXY, call)
+
+    request = b"GET /containerLogs/ns/web/app HTTP/1.1\r\nHost: x\r\n\r\n"
+    for resolve, source, status in ((failing, SourceClient(), b"502"), (found, Unanswered(), b"504")):
+        port, server = await _serving(tmp_path, resolve, source)
+        try:
+            assert (await _first_line(port, tmp_path, request)).split(b" ")[1] == status
+        finally:
+            await server.stop()
+
+
+async def test_a_target_that_never_answers_is_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mcsched.kubeletserver.ANSWER_SECONDS", 0.2)
+    let_go = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # never answers; returns once the endpoint lets go
+        let_go.set()
+        writer.close()
+
+    target = await asyncio.start_server(silent, "127.0.0.1", 0)
+
+    async def found(call: Any) -> Delegate | str:
+        return delegate_of(PROXY, call)
+
+    port, server = await _serving(tmp_path, found, SourceClient(), target.sockets[0].getsockname()[1])
+    try:
+        request = b"GET /containerLogs/ns/web/app?follow=true HTTP/1.1\r\nHost: x\r\n\r\n"
+        line = await _first_line(port, tmp_path, request)
+        assert line.split(b" ")[1] == b"504"
+        await asyncio.wait_for(let_go.wait(), 5)
+    finally:
+        await server.stop()
+        target.close()
