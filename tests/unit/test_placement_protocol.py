@@ -229,6 +229,16 @@ class World:
     def delegates(self, target: str) -> list[JSON]:
         return self.clusters[target].select("pods", label_selector=PARENT_UID_LABEL)
 
+    async def chosen(self, name: str = "web-0") -> tuple[JSON, str]:
+        """A new proxy whose cluster is chosen, its delegate request not handled yet: (proxy, target)."""
+        proxy = await self.create_proxy(name)
+        [elect] = self.bus.pending("elect")
+        assert (await self.bus.deliver(elect)).acked
+        await self.settle()
+        target = Placement.of(self.proxy(proxy)).target
+        assert target is not None
+        return proxy, target
+
     async def place(self, name: str = "web-0") -> tuple[JSON, str]:
         """A new proxy, run until its delegate waits in the chosen target: (proxy, target)."""
         proxy = await self.create_proxy(name)
@@ -1346,12 +1356,7 @@ async def test_a_target_whose_admission_refuses_one_delegate_refuses_that_pod_no
         world: World) -> None:
     """A 403 from admission (a quota, Pod Security, an unknown PriorityClass) is about this pod: its
     reason is recorded and the pod goes elsewhere, and the namespace's other pods are still welcome."""
-    proxy = await world.create_proxy()
-    [elect] = world.bus.pending("elect")
-    assert (await world.bus.deliver(elect)).acked
-    await world.settle()
-    target = Placement.of(world.proxy(proxy)).target
-    assert target is not None
+    proxy, target = await world.chosen()
     world.clusters[target].fail("POST", pod_path(NS), status=403, times=1)
     await world.run("delegate")
     placement = Placement.of(world.proxy(proxy))
@@ -1364,12 +1369,7 @@ async def test_a_target_whose_admission_refuses_one_delegate_refuses_that_pod_no
 
 async def test_a_target_whose_rbac_refuses_the_delegate_after_the_estimate_is_recorded_as_refusing(
         world: World) -> None:
-    proxy = await world.create_proxy()
-    [elect] = world.bus.pending("elect")
-    assert (await world.bus.deliver(elect)).acked
-    await world.settle()
-    target = Placement.of(world.proxy(proxy)).target
-    assert target is not None
+    proxy, target = await world.chosen()
     world.clusters[target].forbidden_namespaces.add(NS)  # its Source was deleted between estimate and create
     await world.run("delegate")
     placement = Placement.of(world.proxy(proxy))
