@@ -272,7 +272,8 @@ class Informer:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def wait_synced(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self.synced.wait(), timeout)
+        async with asyncio.timeout(timeout):  # (not wait_for, which can lose its caller's cancellation)
+            await self.synced.wait()
 
     async def _dispatch(self, kind: str, obj: JSON, old: JSON | None) -> None:
         for handler in self.handlers:

@@ -98,9 +98,7 @@ class Runtime:
     async def close(self, drain_seconds: float = 5.0) -> None:
         """Stop: its tasks, then its consumers (handlers at work finish and ack, with the caches and
         queues they use still running), then those caches and queues, then its clients."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_all(self.tasks)
         await self.bus.close(drain_seconds)
         for informer in self.informers:
             await informer.stop()
@@ -108,6 +106,21 @@ class Runtime:
             await closer()
         for client in self.clusters.values():
             await client.close()
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]], again_after: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until all have ended, cancelling again those that go on: a
+    cancellation can be lost (Python 3.11's ``asyncio.wait_for`` returns the result of what it awaits
+    when that finishes as the cancellation arrives), and one task going on would hold up a
+    recomposition for ever."""
+    for task in tasks:
+        task.cancel()
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=again_after)
+        for task in pending:
+            log.warning("task %s went on after it was cancelled; cancelling it again", task.get_name())
+            task.cancel()
 
 
 def setup_logging(level: str, service: str) -> None:

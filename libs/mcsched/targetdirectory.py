@@ -239,7 +239,8 @@ class TargetDirectory:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._poked.wait(), self.poll_seconds())
+                async with asyncio.timeout(self.poll_seconds()):
+                    await self._poked.wait()
                 await asyncio.sleep(FOLD_SECONDS)
             except TimeoutError:
                 pass

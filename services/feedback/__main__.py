@@ -1060,7 +1060,8 @@ class Feedback:
     async def _probe(self, target: str) -> None:
         """Ask the target's API server for its version: any answer, an error status too, is one."""
         try:
-            await asyncio.wait_for(self.rt.clusters[target].get("/version"), PROBE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):  # (wait_for can lose a cancellation)
+                await self.rt.clusters[target].get("/version")
         except KubeError:
             pass
         except OSError as exc:  # no answer (a timeout is one of these)

@@ -77,7 +77,8 @@ class SourceController:
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
                 try:
-                    await asyncio.wait_for(self.changed.wait(), self.resync_seconds)
+                    async with asyncio.timeout(self.resync_seconds):
+                        await self.changed.wait()
                 except TimeoutError:
                     pass
         finally:

@@ -89,3 +89,26 @@ async def test_closing_lets_a_handler_at_work_finish_with_the_queues_it_hands_wo
     go_on.set()
     await asyncio.wait_for(closing, 5)
     assert done == ["p"] and js.messages["MCS_ELECT"] == []
+
+
+async def test_closing_ends_a_task_that_went_on_after_its_cancellation() -> None:
+    """asyncio.wait_for (Python 3.11) returns what it awaited when that finishes as the cancellation
+    comes: the task goes on, and a recomposition that waited for it waited for ever."""
+    bus = connect_bus(Bus("nats://fake", "mcs", "feedback"), FakeJetStream())
+    rt = Runtime("feedback", fake_settings(), bus, {})
+    ended = asyncio.Event()
+
+    async def heartbeat() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # lost, as in wait_for
+        try:
+            await asyncio.Event().wait()  # its loop goes on
+        finally:
+            ended.set()
+
+    rt.spawn(heartbeat(), "heartbeat")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(rt.close(drain_seconds=0.1), 10)
+    assert ended.is_set()
