@@ -37,6 +37,7 @@ from .models import Message, SchemaError, decode
 from .natsauth import DEAD_LETTER_KIND, STREAM_KINDS, inbox_prefix, stream_name
 from .natsauth import subject as subject_name
 from .telemetry import CONSUMER_LAG, MESSAGES_DEAD, MESSAGES_FAILED, MESSAGES_HANDLED, subject_kind
+from .workqueue import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -256,9 +257,7 @@ class Bus:
         the messages of those still at work then are handed back at once (nak), not after ack_wait;
         what is buffered is flushed for up to ``drain_seconds`` too."""
         self._grace = drain_seconds
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)  # (nats-py's fetch waits with wait_for, which can lose a cancellation)
         if self.nc is not None and not self.nc.is_closed:
             if not self.nc.is_connected:  # nothing to drain into: do not wait for a reconnect
                 await self.nc.close()

@@ -29,6 +29,7 @@ from kubernetes_asyncio.config import load_incluster_config, load_kube_config, l
 from .constants import FIELD_MANAGER
 from .settings import ClusterSettings
 from .telemetry import API_REQUESTS
+from .workqueue import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,7 @@ class Informer:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_all([self._task])
 
     async def wait_synced(self, timeout: float | None = None) -> None:
         async with asyncio.timeout(timeout):  # (not wait_for, which can lose its caller's cancellation)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from .bus import Bus
 from .models import MemberHeartbeat
+from .workqueue import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ class Membership:
         """Say goodbye (the others take this member's shares at once) and stop beating and answering."""
         self._stopped = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_all([self._task])
         try:
             await self.bus.notify(self.subject, MemberHeartbeat(member=self.member, leaving=True))
         except Exception as exc:  # the others notice when its lease ends

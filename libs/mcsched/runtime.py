@@ -33,6 +33,7 @@ from .settings import Settings, load_settings
 from .shards import SHARDED_STAGES, Shares, stage_assignment
 from .targetdirectory import TargetDirectory
 from .telemetry import SHARES_OWNED, STAGE_MEMBERS, setup_tracing, start_http
+from .workqueue import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +107,6 @@ class Runtime:
             await closer()
         for client in self.clusters.values():
             await client.close()
-
-
-async def cancel_all(tasks: list[asyncio.Task[None]], again_after: float = 1.0) -> None:
-    """Cancel ``tasks`` and wait until all have ended, cancelling again those that go on: a
-    cancellation can be lost (Python 3.11's ``asyncio.wait_for`` returns the result of what it awaits
-    when that finishes as the cancellation arrives), and one task going on would hold up a
-    recomposition for ever."""
-    for task in tasks:
-        task.cancel()
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        _, pending = await asyncio.wait(pending, timeout=again_after)
-        for task in pending:
-            log.warning("task %s went on after it was cancelled; cancelling it again", task.get_name())
-            task.cancel()
 
 
 def setup_logging(level: str, service: str) -> None:

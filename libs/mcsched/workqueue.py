@@ -5,7 +5,8 @@ queued many times while waiting is processed once, and a key is never worked
 on by two workers at once. A failed reconcile is retried with back-off.
 :class:`KeyedLocks` gives the same one-at-a-time rule to message handlers,
 which a consumer runs many at once. :func:`for_each` runs a pass over many
-keys (a resync) a bounded number at a time.
+keys (a resync) a bounded number at a time. :func:`cancel_all` stops tasks
+for good.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ async def for_each(items: Iterable[T], action: Callable[[T], Awaitable[None]], l
     await asyncio.gather(*(worker() for _ in range(limit)))
 
 
+async def cancel_all(tasks: list[asyncio.Task[None]], again_after: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until all have ended, cancelling again those that go on: a
+    cancellation can be lost (Python 3.11's ``asyncio.wait_for`` returns the result of what it awaits
+    when that finishes as the cancellation arrives), and one task going on would hold up a
+    recomposition for ever."""
+    for task in tasks:
+        task.cancel()
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=again_after)
+        for task in pending:
+            log.warning("task %s went on after it was cancelled; cancelling it again", task.get_name())
+            task.cancel()
+
+
 class WorkQueue(Generic[K]):
     def __init__(self, name: str, reconcile: Callable[[K], Awaitable[None]], workers: int = 8) -> None:
         self.name, self.reconcile, self.workers = name, reconcile, workers
@@ -73,9 +89,7 @@ class WorkQueue(Generic[K]):
         self._tasks = [asyncio.create_task(self._work(), name=f"{self.name} worker {i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
 
     async def _retry_later(self, key: K) -> None:
         failures = self._failures.get(key, 0) + 1
