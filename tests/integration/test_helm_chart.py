@@ -455,6 +455,30 @@ def test_target_only_install_renders_rbac_and_no_services(render: Callable[..., 
 # -- NATS --------------------------------------------------------------------------------------
 
 
+def test_a_stage_mounts_the_files_its_settings_name(render: Callable[..., Docs]) -> None:
+    """The kubelet endpoint's certificate files, say: feedback gets the volume, the others do not."""
+    docs = render(*BASE, "--set-json", 'feedback.extraVolumes=[{"name": "kubelet-tls", "secret": {"secretName": "k"}}]',
+                  "--set-json", 'feedback.extraVolumeMounts=[{"name": "kubelet-tls", "mountPath": "/etc/mcs/kt"}]')
+    feedback = one(docs, "Deployment", f"{FULLNAME}-feedback")
+    assert {"name": "kubelet-tls", "secret": {"secretName": "k"}} in feedback["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "kubelet-tls", "mountPath": "/etc/mcs/kt"} in container(feedback)["volumeMounts"]
+    watcher = one(docs, "Deployment", f"{FULLNAME}-watcher")
+    assert all(v["name"] != "kubelet-tls" for v in watcher["spec"]["template"]["spec"]["volumes"])
+
+
+def test_the_bundled_nats_can_meet_pod_security_restricted(render: Callable[..., Docs]) -> None:
+    base = ["--set", "clusterName=c1", "--set", "nats.bundled.enabled=true"]
+    default = one(render(*base), "StatefulSet", f"{FULLNAME}-nats")
+    assert container(default)["securityContext"] == {"allowPrivilegeEscalation": False}
+    assert "securityContext" not in default["spec"]["template"]["spec"]
+    restricted = one(render(*base, "--set-json", 'nats.bundled.podSecurityContext={"runAsNonRoot": true, '
+                            '"runAsUser": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}',
+                            "--set-json", 'nats.bundled.securityContext={"allowPrivilegeEscalation": false, '
+                            '"capabilities": {"drop": ["ALL"]}}'), "StatefulSet", f"{FULLNAME}-nats")
+    assert restricted["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container(restricted)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_bundled_nats_only_when_enabled(render: Callable[..., Docs]) -> None:
     assert not find(render(*BASE), "StatefulSet")
 
