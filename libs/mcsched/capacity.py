@@ -15,7 +15,7 @@ from typing import Any
 
 from .constants import PROXY_SCHEDULER_NAME, VIRTUAL_NODE_TYPE_LABEL, VIRTUAL_NODE_TYPE_VALUE
 from .kube import JSON, Informer
-from .placement import Resources, node_allocatable, pod_requests
+from .placement import Resources, node_allocatable, node_ready, pod_requests
 from .podspec import delegate_name, is_gated, parent_ref, unschedulable_reason
 
 _TERMINAL = ("Succeeded", "Failed")
@@ -145,9 +145,8 @@ UNINITIALIZED_TAINT = "node.cloudprovider.kubernetes.io/uninitialized"
 
 def _settled(node: JSON) -> bool:
     """Ready, and initialized by its cloud provider: its labels are the ones it keeps."""
-    conditions = (node.get("status") or {}).get("conditions") or []
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-    return ready and not any(t.get("key") == UNINITIALIZED_TAINT for t in node.get("spec", {}).get("taints") or [])
+    taints = node.get("spec", {}).get("taints") or []
+    return node_ready(node) and not any(t.get("key") == UNINITIALIZED_TAINT for t in taints)
 
 
 def common_labels(nodes: Iterable[JSON]) -> dict[str, str]:

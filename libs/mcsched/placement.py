@@ -477,7 +477,8 @@ def matches_node_selector(pod: Mapping[str, Any], node: Mapping[str, Any]) -> bo
 # ---------------------------------------------------------------------------
 
 
-def _is_ready(node: Mapping[str, Any]) -> bool:
+def node_ready(node: Mapping[str, Any]) -> bool:
+    """Whether the node's Ready condition is True."""
     status: Mapping[str, Any] = node.get("status") or {}
     return any(
         condition.get("type") == "Ready" and condition.get("status") == "True"
@@ -517,7 +518,7 @@ def node_unfit_reasons(pod: Mapping[str, Any], node: Mapping[str, Any], used: Re
     tolerations: list[Mapping[str, Any]] = pod_spec.get("tolerations") or []
     blocks = scheduling_blocks(tolerations, node)
     reasons: list[str] = ["node is unschedulable"] if blocks[:1] == [CORDONED] else []
-    if not _is_ready(node):
+    if not node_ready(node):
         reasons.append("node is not Ready")
     reasons += [f"untolerated taint {block}" for block in blocks if block != CORDONED]
     if not matches_node_selector(pod, node):

@@ -59,6 +59,9 @@ async def cancel_all(tasks: list[asyncio.Task[None]], again_after: float = 1.0) 
         for task in pending:
             log.warning("task %s went on after it was cancelled; cancelling it again", task.get_name())
             task.cancel()
+    for task in tasks:  # their failures were theirs to log; taken here so asyncio does not report them again
+        if not task.cancelled():
+            task.exception()
 
 
 class WorkQueue(Generic[K]):

@@ -835,18 +835,20 @@ class Feedback:
         node says (its Ready condition is kept by the process owning the target); None otherwise."""
         if target not in self.rt.settings.target_names:
             return f"cluster {target} is not a target"
-        node = self.virtual_nodes[source].get(virtual_node_name(target)) or {}
-        ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
-                     None)
+        ready = self._virtual_node_ready(source, target)
         if ready is not None and ready.get("status") != "True":
             return f"cluster {target} is unreachable"
         return None
 
     def _said_unreachable(self, source: str, target: str) -> bool:
         """Whether the heartbeat of ``target``'s owner says the target does not answer."""
+        ready = self._virtual_node_ready(source, target) or {}
+        return ready.get("status") == "False" and ready.get("reason") == "TargetUnreachable"
+
+    def _virtual_node_ready(self, source: str, target: str) -> JSON | None:
+        """The Ready condition of ``target``'s virtual node in ``source``, as this process's cache has it."""
         node = self.virtual_nodes[source].get(virtual_node_name(target)) or {}
-        return any(c.get("type") == "Ready" and c.get("status") == "False" and c.get("reason") == "TargetUnreachable"
-                   for c in (node.get("status") or {}).get("conditions") or [])
+        return next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
 
     async def _resync_proxy(self, source: str, proxy: JSON) -> None:
         meta = proxy["metadata"]

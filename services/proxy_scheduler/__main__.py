@@ -207,8 +207,9 @@ class ProxyScheduler:
         listed = (self.virtual_nodes[ref.cluster], self.namespaces[ref.cluster])
         if not all(informer.synced.is_set() for informer in listed):  # (listed once: no wait on the way)
             try:
-                await asyncio.wait_for(asyncio.gather(*(informer.wait_synced() for informer in listed)),
-                                       SOURCE_CACHE_SYNC_SECONDS)
+                async with asyncio.timeout(SOURCE_CACHE_SYNC_SECONDS):
+                    for informer in listed:
+                        await informer.wait_synced()
             except TimeoutError:
                 return retry_later(SOURCE_CACHE_SYNC_SECONDS, f"{ref.cluster}'s virtual nodes are not listed yet")
         original, placement, version = message.manifest, Placement.parse(message.placement), message.resource_version
